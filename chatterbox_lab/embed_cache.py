@@ -1,0 +1,34 @@
+"""Embedding cache: the next step's input embedding as two table lookups.
+
+Upstream builds each step's input with `speech_emb(token)` plus
+`speech_pos_emb.get_fixed_embedding(i + 1)`, which turns the Python int `i + 1`
+into a new device tensor (a host-to-device copy) every token, then concatenates
+the result twice for the CFG pair. Here both tables are gathered with device
+indices and expanded, not copied, to the CFG batch: no host data per token, so
+the step can live inside a CUDA graph.
+
+A single table indexed by (position, token) would be positions x 8194 x 1024
+values (over 4 GB in bf16 for 256 positions); the sum of two lookups is the same
+number and costs one fused add.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class SpeechEmbeddingCache:
+    def __init__(self, t3, cfg_batch: int = 2):
+        self.tokens = t3.speech_emb.weight.detach()
+        self.positions = t3.speech_pos_emb.emb.weight.detach()
+        self.cfg_batch = cfg_batch
+
+    def __call__(self, token: torch.Tensor, speech_position: torch.Tensor) -> torch.Tensor:
+        """token (1, 1) long, speech_position (1,) long -> (cfg_batch, 1, dim)."""
+        embed = self.tokens[token[:, 0]] + self.positions[speech_position]
+        return embed[None].expand(self.cfg_batch, -1, -1)
+
+
+def upstream_step_embedding(t3, token: torch.Tensor, speech_position: int, cfg_batch: int = 2):
+    """What upstream's loop does for the same step (kept for the rungs below the cache)."""
+    embed = t3.speech_emb(token) + t3.speech_pos_emb.get_fixed_embedding(speech_position)
+    return torch.cat([embed] * cfg_batch)

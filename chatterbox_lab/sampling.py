@@ -1,0 +1,104 @@
+"""Next-token probabilities with upstream's exact arithmetic, values held on the device.
+
+Upstream's loop runs transformers' logits processors (repetition penalty,
+temperature, min-p, top-p) on the CFG-combined logits, then `softmax` and
+`torch.multinomial`. This module computes the same numbers with the same
+operations in the same order, so an fp32 run gives the same tokens as upstream
+for the same seed, but in a form a CUDA graph can hold:
+
+- the sampling values are 0-d device tensors, not Python floats, so changing
+  them between requests changes data, not the captured program (a Python float
+  would be baked in as a constant and force a recompile);
+- the repetition penalty reads a boolean "already generated" mask over the
+  vocabulary instead of a growing list of ids: the same elements are penalised,
+  and the shapes never change.
+
+Sampling itself (`torch.multinomial`) stays outside: it consumes the global RNG
+exactly as upstream does, which is what makes seeded runs comparable.
+
+The arithmetic runs in float32 whatever the model's dtype. For an fp32 model that
+is upstream's arithmetic bit for bit; for a bf16 model upstream rounds the CFG
+mix and the penalties to bf16 (1.2 becomes 1.203125), which this does not copy.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Upstream `ChatterboxTTS.generate` defaults."""
+    temperature: float = 0.8
+    cfg_weight: float = 0.5
+    repetition_penalty: float = 1.2
+    min_p: float = 0.05
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, got {value!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.cfg_weight < 0:
+            raise ValueError(f"cfg_weight must be >= 0, got {self.cfg_weight}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+class DeviceSampling:
+    """Sampling values as 0-d float32 tensors on the device, updated in place per request."""
+
+    NAMES = ("temperature", "cfg_weight", "repetition_penalty", "min_p", "one_minus_top_p")
+
+    def __init__(self, device):
+        self.values = {n: torch.zeros((), device=device, dtype=torch.float32) for n in self.NAMES}
+        for t in self.values.values():
+            torch._dynamo.mark_static_address(t)
+
+    def set(self, params: SamplingParams) -> None:
+        for name, t in self.values.items():
+            # 1 - top_p is formed in double precision, as transformers' TopP warper does.
+            value = 1 - params.top_p if name == "one_minus_top_p" else getattr(params, name)
+            t.fill_(value)
+
+    def __getitem__(self, name):
+        return self.values[name]
+
+
+def next_token_probs(logits: torch.Tensor, seen: torch.Tensor, sampling: DeviceSampling) -> torch.Tensor:
+    """logits (2, V) for the (conditional, unconditional) pair -> probabilities (1, V)."""
+    logits = logits.float()
+    cond, uncond = logits[0:1], logits[1:2]
+    scores = cond + sampling["cfg_weight"] * (cond - uncond)
+
+    # transformers' RepetitionPenaltyLogitsProcessor on every id generated so far.
+    penalty = sampling["repetition_penalty"]
+    penalised = torch.where(scores < 0, scores * penalty, scores / penalty)
+    scores = torch.where(seen, penalised, scores)
+
+    scores = scores / sampling["temperature"]
+
+    # MinPLogitsWarper: drop tokens less likely than min_p times the best one.
+    probs = torch.softmax(scores, dim=-1)
+    top = probs.amax(dim=-1, keepdim=True)
+    scores = scores.masked_fill(probs < sampling["min_p"] * top, -float("inf"))
+
+    # TopPLogitsWarper: drop the least likely tokens whose mass stays within 1 - top_p,
+    # always keeping the most likely one.
+    sorted_scores, order = torch.sort(scores, descending=False)
+    cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted = cumulative <= sampling["one_minus_top_p"]
+    drop_sorted[..., -1:] = False
+    drop = drop_sorted.scatter(1, order, drop_sorted)
+    scores = scores.masked_fill(drop, -float("inf"))
+
+    return torch.softmax(scores, dim=-1)

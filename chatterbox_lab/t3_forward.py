@@ -1,0 +1,80 @@
+"""T3's transformer forward over a static KV cache, reusing upstream's own modules.
+
+The Llama layers, norms, MLPs, rotary tables and speech head are upstream's
+(`t3.tfmr`, `t3.speech_head`); only attention is written here, because it must
+read and write the fixed cache buffers and take positions as device tensors.
+That is what makes the one-token step capturable as a CUDA graph.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from .kv_cache import StaticKVCache
+
+
+def rotary_tables(t3, capacity: int, dtype: torch.dtype):
+    """cos, sin for every position of the cache, as upstream's rotary module computes them."""
+    device = t3.speech_head.weight.device
+    positions = torch.arange(capacity, device=device)[None]
+    probe = torch.zeros(1, dtype=dtype, device=device)
+    cos, sin = t3.tfmr.rotary_emb(probe, position_ids=positions)
+    return cos[0], sin[0]  # (capacity, head_dim)
+
+
+class StaticT3Forward:
+    def __init__(self, t3, capacity: int, batch: int = 2):
+        cfg = t3.cfg
+        self.t3 = t3
+        self.layers = t3.tfmr.layers
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        weight = t3.speech_head.weight
+        self.cache = StaticKVCache(len(self.layers), batch, self.n_kv_heads, capacity, self.head_dim,
+                                   weight.dtype, weight.device)
+        self.cos, self.sin = rotary_tables(t3, capacity, weight.dtype)
+
+    @property
+    def capacity(self) -> int:
+        return self.cache.capacity
+
+    def _attention(self, i: int, attn, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor):
+        B, T, _ = x.shape
+        q = attn.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, self.cos[positions][None], self.sin[positions][None])
+        keys, values = self.cache.update(i, positions, k, v)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                             enable_gqa=self.n_heads != self.n_kv_heads)
+        return attn.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+    def __call__(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """embeds (B, T, dim) at cache positions (T,) -> speech logits of the last position (B, V)."""
+        mask = self.cache.mask(positions)
+        x = embeds
+        for i, layer in enumerate(self.layers):
+            x = x + self._attention(i, layer.self_attn, layer.input_layernorm(x), positions, mask)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        x = self.t3.tfmr.norm(x[:, -1])
+        return self.t3.speech_head(x)
+
+
+class DynamicT3Forward:
+    """Upstream's way: transformers' LlamaModel with a cache that grows every token."""
+
+    def __init__(self, t3):
+        import inspect
+
+        self.t3 = t3
+        # transformers 5.24 renamed `past_key_values` to `cache` (the old name warns).
+        params = inspect.signature(t3.tfmr.forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.cache = None
+
+    def __call__(self, embeds: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.t3.tfmr(inputs_embeds=embeds, use_cache=True, **{self.cache_kw: self.cache})
+        self.cache = getattr(out, self.cache_kw, None) or out.past_key_values
+        return self.t3.speech_head(out.last_hidden_state[:, -1])
