@@ -58,6 +58,18 @@ def text_tokens_for(tts, text: str) -> torch.Tensor:
     return F.pad(tokens, (0, 1), value=tts.t3.hp.stop_text_token)
 
 
+def cond_len(t3) -> int:
+    """Length of the conditioning prefix: speaker, perceiver queries (or prompt tokens), emotion."""
+    perceiver = t3.cond_enc.perceiver
+    prompt = perceiver.pre_attention_query.shape[1] if perceiver is not None else t3.hp.speech_cond_prompt_len
+    return 1 + prompt + int(t3.hp.emotion_adv)
+
+
+def prompt_len_for(t3, text_tokens: torch.Tensor) -> int:
+    """Prefill length: conditioning, text with its start/stop ids, and upstream's two start tokens."""
+    return cond_len(t3) + text_tokens.size(-1) + 2
+
+
 @dataclass
 class DecodeResult:
     tokens: torch.Tensor  # (1, n) as upstream returns them, stop token included if sampled
@@ -100,40 +112,42 @@ class T3Decoder:
         self.cache_positions = None
         if "static_cache" in self.steps:
             if max_cache_len is None:
-                max_cache_len = cache_len_for(self.cond_len() + max_text_tokens + 3, max_new_tokens)
+                max_cache_len = cache_len_for(cond_len(self.t3) + max_text_tokens + 4, max_new_tokens)
             self.forward = StaticT3Forward(self.t3, max_cache_len)
             self.cache_positions = torch.arange(max_cache_len, device=self.device)
         self._active_forward = self.forward
+        self.prompt_len = 0
         self.step_fn = self._step
-        if "compiled" in self.steps:
+        self.compiled = "compiled" in self.steps
+        if self.compiled:
             from .compiled_step import compile_step
 
             self.step_fn = compile_step(self._step)
-
-    def cond_len(self) -> int:
-        """Length of the conditioning prefix (speaker, perceiver tokens, emotion)."""
-        hp = self.t3.hp
-        perceiver = self.t3.cond_enc.perceiver
-        prompt = perceiver.pre_attention_query.shape[1] if perceiver is not None else hp.speech_cond_prompt_len
-        return 1 + prompt + int(hp.emotion_adv)
 
     @property
     def capacity(self) -> int | None:
         return self.forward.capacity if self.forward is not None else None
 
+    def _embed(self, token: torch.Tensor, speech_position):
+        if self.embedding is not None:
+            return self.embedding(token, speech_position)
+        return upstream_step_embedding(self.t3, token, speech_position)
+
     def _step(self, token: torch.Tensor, position, speech_position):
         """One token in, next-token probabilities out; with the caches on, all of it graph-safe."""
         self.seen.index_fill_(1, token[0], True)
-        if self.embedding is not None:
-            embeds = self.embedding(token, speech_position)
-        else:
-            embeds = upstream_step_embedding(self.t3, token, speech_position)
-        logits = self._active_forward(embeds, position)
+        logits = self._active_forward(self._embed(token, speech_position), position)
         return next_token_probs(logits, self.seen, self.sampling)
 
-    @torch.inference_mode()
-    def generate(self, t3_cond, text_tokens: torch.Tensor, max_new_tokens: int,
-                 sampling: SamplingParams = SamplingParams(), stop_on_eos: bool = True) -> DecodeResult:
+    def _positions(self, i: int):
+        """Cache position and speech position of the token sampled at step i."""
+        cache = self.cache_positions
+        position = None if cache is None else cache[self.prompt_len + i: self.prompt_len + i + 1]
+        speech = self.speech_positions[i + 1: i + 2] if self.embedding is not None else i + 1
+        return position, speech
+
+    def prefill(self, t3_cond, text_tokens: torch.Tensor, max_new_tokens: int, cfg_weight: float) -> torch.Tensor:
+        """Run the prompt (conditioning, text, start token); returns its logits (2, V)."""
         limit = self.speech_positions.numel() - 1
         if not 1 <= max_new_tokens <= limit:
             raise ValueError(f"max_new_tokens must be between 1 and {limit} (T3's speech position table), "
@@ -141,29 +155,37 @@ class T3Decoder:
         t3, hp, device = self.t3, self.t3.hp, self.device
         if t3_cond.speaker_emb.dtype != self.dtype:
             t3_cond = type(t3_cond)(**vars(t3_cond)).to(dtype=self.dtype)
-        self.sampling.set(sampling)
-        _sync(device)
-        start = time.perf_counter()
-
         text_tokens = torch.atleast_2d(text_tokens).to(dtype=torch.long, device=device)
         bos = torch.full((1, 1), hp.start_speech_token, dtype=torch.long, device=device)
         embeds, _ = t3.prepare_input_embeds(t3_cond=t3_cond, text_tokens=text_tokens,
                                             speech_tokens=bos.expand(text_tokens.size(0), 1),
-                                            cfg_weight=sampling.cfg_weight)
-        bos_embed = upstream_step_embedding(t3, bos, 0)
-        prompt = torch.cat([embeds, bos_embed], dim=1)
-        prompt_len = prompt.size(1)
-        cache_positions = self.cache_positions
+                                            cfg_weight=cfg_weight)
+        # Upstream appends a second start token after the one prepare_input_embeds adds.
+        prompt = torch.cat([embeds, upstream_step_embedding(t3, bos, 0)], dim=1)
+        self.prompt_len = prompt.size(1)
         if self.forward is not None:
-            check_fits(prompt_len, max_new_tokens, self.capacity)
+            check_fits(self.prompt_len, max_new_tokens, self.capacity)
         else:
             self._active_forward = DynamicT3Forward(t3)
-
         self.seen.zero_()
         self.seen[0, hp.start_speech_token] = True
-        logits = self._active_forward(prompt, None if cache_positions is None else cache_positions[:prompt_len])
+        positions = None if self.cache_positions is None else self.cache_positions[: self.prompt_len]
+        return self._active_forward(prompt, positions)
+
+    def forward_step(self, token: torch.Tensor, i: int) -> torch.Tensor:
+        """Logits (2, V) after feeding the token sampled at step i (eager; for checks)."""
+        position, speech = self._positions(i)
+        return self._active_forward(self._embed(token, speech), position)
+
+    @torch.inference_mode()
+    def generate(self, t3_cond, text_tokens: torch.Tensor, max_new_tokens: int,
+                 sampling: SamplingParams = SamplingParams(), stop_on_eos: bool = True) -> DecodeResult:
+        self.sampling.set(sampling)
+        _sync(self.device)
+        start = time.perf_counter()
+        logits = self.prefill(t3_cond, text_tokens, max_new_tokens, sampling.cfg_weight)
         probs = next_token_probs(logits, self.seen, self.sampling)
-        _sync(device)
+        _sync(self.device)
         prefill_end = time.perf_counter()
 
         generated = []
@@ -174,15 +196,15 @@ class T3Decoder:
                 break
             if i + 1 == max_new_tokens:
                 break  # upstream runs one more forward here and never uses its output
-            position = None if cache_positions is None else cache_positions[prompt_len + i: prompt_len + i + 1]
-            speech_position = self.speech_positions[i + 1: i + 2] if self.embedding is not None else i + 1
-            probs = self.step_fn(token, position, speech_position)
+            if self.compiled:
+                torch.compiler.cudagraph_mark_step_begin()
+            probs = self.step_fn(token, *self._positions(i))
         tokens = torch.cat(generated, dim=1)
-        _sync(device)
+        _sync(self.device)
         end = time.perf_counter()
 
         if stop_on_eos:
-            hits = (tokens[0] == hp.stop_speech_token).nonzero()
+            hits = (tokens[0] == self.t3.hp.stop_speech_token).nonzero()
             if len(hits):
                 tokens = tokens[:, : int(hits[0]) + 1]
         return DecodeResult(tokens=tokens, prefill_s=prefill_end - start, decode_s=end - prefill_end,

@@ -1,0 +1,64 @@
+"""Command line: `python -m chatterbox_lab bench [--ladder] ...` (what `make bench` runs)."""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import re
+import sys
+from pathlib import Path
+
+from . import results
+from .architecture import PRESETS
+from .bench import RUNGS, BenchConfig, run, summary_table
+
+LOCAL_RESULTS = Path("bench-results")
+
+
+def default_output(doc: dict) -> Path:
+    prov = doc["provenance"]
+    stamp = dt.datetime.fromisoformat(prov["date_utc"]).strftime("%Y%m%dT%H%M%SZ")
+    if prov.get("gpu"):
+        slug = re.sub(r"[^a-z0-9]+", "-", prov["gpu"].lower()).strip("-")
+        return results.RESULTS_DIR / f"{slug}-{prov['preset']}-{stamp}.json"
+    # CPU runs are for checking the harness, not for the committed record.
+    return LOCAL_RESULTS / f"cpu-{prov['preset']}-{stamp}.json"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m chatterbox_lab")
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("bench", help="measure rungs of the ladder; prints a table, writes one JSON file")
+    b.add_argument("--ladder", action="store_true", help="every rung: " + ", ".join(RUNGS))
+    b.add_argument("--rungs", nargs="+", choices=RUNGS, help="rungs to run (default: upstream_fp32)")
+    b.add_argument("--preset", choices=PRESETS, help="synthetic model size (default: full on GPU, tiny on CPU)")
+    b.add_argument("--checkpoint", default="synthetic", help="'synthetic', 'hub' or a checkpoint directory")
+    b.add_argument("--device", help="cuda, cpu, mps or cuda:N (default: cuda when available)")
+    b.add_argument("--tokens", type=int, help="speech tokens per utterance (default: 256 GPU, 32 CPU)")
+    b.add_argument("--repeats", type=int, help="timed repeats per rung (default: 5 GPU, 2 CPU)")
+    b.add_argument("--voice", default="alto", help="bundled voice name or audio path")
+    b.add_argument("--checks", action="store_true", help="also check fp32 token identity and bf16 logits")
+    b.add_argument("--no-profile", action="store_true", help="skip the per-token launch counts")
+    b.add_argument("--trace-dir", help="write a short trace per rung under this directory")
+    b.add_argument("--out", type=Path, help="results JSON path (default: data/results/ on a GPU)")
+    b.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    args = parser.parse_args(argv)
+
+    rungs = RUNGS if args.ladder else tuple(args.rungs or ("upstream_fp32",))
+    try:
+        config = BenchConfig(source=args.checkpoint, preset=args.preset, device=args.device, tokens=args.tokens,
+                             repeats=args.repeats, rungs=rungs, voice=args.voice, checks=args.checks,
+                             profile=not args.no_profile, trace_dir=args.trace_dir)
+        config.resolved()
+    except (ValueError, FileNotFoundError) as exc:
+        parser.error(str(exc))
+    doc = run(config)
+    out = results.write(doc, args.out or default_output(doc), overwrite=args.overwrite)
+    print(summary_table(doc))
+    if doc["checks"]:
+        print("checks:", {k: v for k, v in doc["checks"].items()})
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""The benchmark: every rung in one process, on one device, with the same text, voice and token count.
+
+For each rung: one warm-up synthesis (its extra time over a warm run is the
+compile / warm-up cost), then `repeats` timed syntheses (median reported), the
+peak device memory over them, and per-token kernel and launch counts from two
+profiled T3 runs (never timed). T3 is reported as true speech tokens per second
+of decode (25 tokens = 1 s of audio); end to end separately.
+
+Rungs run in ladder order. The bf16 rung casts the model's T3 in place (one copy
+of the weights on the device, so peak memory is that rung's own), which is why
+upstream fp32 and the fp32 equivalence checks run first.
+"""
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import equivalence, profiling, results
+from .decoder import LADDER, T3Decoder, ladder_prefix, prompt_len_for, text_tokens_for
+from .kv_cache import cache_len_for
+from .models import load_tts, resolve_device
+from .pipeline import TOKENS_PER_SECOND, synthesize, upstream_t3
+from .sampling import SamplingParams
+from .voices import voice_path
+
+RUNGS = ("upstream_fp32", *LADDER)
+DEFAULT_TEXT = ("Every step of this workbook is measured, profiled and checked against the "
+                "upstream path, so a speed-up you read here is one you can reproduce.")
+
+
+@dataclass
+class BenchConfig:
+    source: str = "synthetic"
+    preset: str | None = None      # full on a GPU, tiny on a CPU
+    device: str | None = None
+    tokens: int | None = None      # 256 on a GPU, 32 on a CPU
+    repeats: int | None = None     # 5 on a GPU, 2 on a CPU
+    rungs: tuple = ("upstream_fp32",)
+    text: str = DEFAULT_TEXT
+    voice: str = "alto"
+    seed: int = 0
+    profile: bool = True
+    checks: bool = False
+    trace_dir: str | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+    def resolved(self) -> "BenchConfig":
+        device = resolve_device(self.device)
+        on_gpu = device.startswith("cuda")
+        unknown = [r for r in self.rungs if r not in RUNGS]
+        if unknown:
+            raise ValueError(f"unknown rungs {unknown}: choose from {', '.join(RUNGS)}")
+        tokens = self.tokens or (256 if on_gpu else 32)
+        if tokens < 1:
+            raise ValueError(f"tokens must be >= 1, got {tokens}")
+        repeats = self.repeats or (5 if on_gpu else 2)
+        if repeats < 1:
+            raise ValueError(f"repeats must be >= 1, got {repeats}")
+        ordered = tuple(r for r in RUNGS if r in self.rungs)
+        return BenchConfig(**{**asdict(self), "device": device, "tokens": tokens, "repeats": repeats,
+                              "rungs": ordered, "sampling": self.sampling})
+
+
+def _peak_mib(device: str) -> float | None:
+    if not device.startswith("cuda"):
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def _reset_peak(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _median(values):
+    return statistics.median(values) if values else None
+
+
+def measure_rung(tts, rung: str, cfg: BenchConfig, voice: Path, bar=None) -> dict:
+    """Warm up, time `cfg.repeats` syntheses and profile one rung; returns its figures."""
+    decoder = None
+    build_start = time.perf_counter()
+    if rung != "upstream_fp32":
+        prompt_len = prompt_len_for(tts.t3, text_tokens_for(tts, cfg.text))
+        decoder = T3Decoder(tts.t3, ladder_prefix(rung), max_cache_len=cache_len_for(prompt_len, cfg.tokens))
+    build_s = time.perf_counter() - build_start
+
+    def run(n_tokens=cfg.tokens, seed=cfg.seed):
+        torch.manual_seed(seed)
+        return synthesize(tts, cfg.text, voice=voice, decoder=decoder, max_new_tokens=n_tokens,
+                          sampling=cfg.sampling)
+
+    first = run()
+    if bar:
+        bar.update()
+    _reset_peak(cfg.device)
+    runs = []
+    for i in range(cfg.repeats):
+        runs.append(run(seed=cfg.seed + i))
+        if bar:
+            bar.update()
+    peak = _peak_mib(cfg.device)
+
+    t3_s = [r.seconds["t3"] for r in runs]
+    figures = dict(
+        t3_decode_tok_s=_median([r.t3_steps / r.t3_decode_s for r in runs]),
+        t3_prefill_s=_median([r.t3_prefill_s for r in runs]),
+        e2e_s=_median([r.e2e_s for r in runs]),
+        audio_s=_median([r.audio_s for r in runs]),
+        rtf=_median([r.e2e_s / r.audio_s for r in runs]),
+        peak_vram_mib=peak,
+        compile_s=max(0.0, build_s + first.seconds["t3"] - _median(t3_s)),
+        tokens=runs[0].t3_steps,
+        audio_s_per_token=1 / TOKENS_PER_SECOND,
+        stages_s={stage: _median([r.seconds[stage] for r in runs]) for stage in runs[0].seconds},
+        raw=dict(
+            warmup_stages_s=first.seconds,
+            stages_s=[r.seconds for r in runs],
+            t3_prefill_s=[r.t3_prefill_s for r in runs],
+            t3_decode_s=[r.t3_decode_s for r in runs],
+            t3_steps=[r.t3_steps for r in runs],
+        ),
+    )
+    if decoder is not None:
+        figures["kv_cache_mib"] = decoder.forward.cache.nbytes() / 2**20 if decoder.forward else None
+    if cfg.profile:
+        text_tokens = text_tokens_for(tts, cfg.text)
+
+        def t3_only(n):
+            torch.manual_seed(cfg.seed)
+            if decoder is None:
+                upstream_t3(tts, text_tokens, n, cfg.sampling)
+            else:
+                decoder.generate(tts.conds.t3, text_tokens, n, cfg.sampling)
+
+        trace = profiling.trace_path_for(cfg.trace_dir, rung) if cfg.trace_dir else None
+        counts = profiling.per_token_counts(t3_only, trace_path=trace)
+        figures["gpu_kernels_per_token"] = counts["gpu_kernels"] if cfg.device.startswith("cuda") else None
+        figures["host_launches_per_token"] = counts["host_launches"] if cfg.device.startswith("cuda") else None
+        figures["graph_launches_per_token"] = counts["graph_launches"]
+        figures["cpu_ops_per_token"] = counts["cpu_ops"]
+        if trace:
+            figures["trace"] = str(trace)
+    return figures
+
+
+def run_checks(tts, cfg: BenchConfig) -> dict:
+    """fp32 token identity of every step set below bf16 (run before the model is cast)."""
+    text_tokens = text_tokens_for(tts, cfg.text)
+    n = min(cfg.tokens, 64)
+    step_sets = [(), ("static_cache",), ("embed_cache",), ("static_cache", "embed_cache"),
+                 ("static_cache", "embed_cache", "compiled")]
+    identity = equivalence.token_identity(tts, text_tokens, step_sets, n, seed=cfg.seed)
+    forced = equivalence.seeded_tokens(tts, text_tokens, n, cfg.seed)
+    reference = equivalence.reference_logits(tts, text_tokens, forced)
+    return dict(fp32_token_identity=identity, fp32_tokens_checked=n, forced=forced, reference=reference)
+
+
+def bf16_logit_error(tts, text_tokens, forced, reference) -> float:
+    decoder = T3Decoder(tts.t3, ("bf16", "static_cache", "embed_cache"))
+    return equivalence.relative_error(
+        equivalence.forced_logits(decoder, tts.conds.t3, text_tokens, forced), reference)
+
+
+def run(config: BenchConfig, progress: bool = True, tts=None) -> dict:
+    cfg = config.resolved()
+    start = time.perf_counter()
+    if tts is None:
+        tts = load_tts(cfg.source, preset=cfg.preset, device=cfg.device)
+    load_s = time.perf_counter() - start
+    voice = voice_path(cfg.voice)
+    doc = dict(schema=results.SCHEMA, provenance=results.provenance(
+        device=cfg.device, preset=tts.preset, text=cfg.text, tokens=cfg.tokens, repeats=cfg.repeats,
+        voice=voice.name, seed=cfg.seed, source=str(cfg.source), synthetic=tts.synthetic,
+        sampling=asdict(cfg.sampling), load_s=load_s), rungs={}, checks={})
+
+    checks = None
+    if cfg.checks:
+        tts.prepare_conditionals(str(voice))
+        checks = run_checks(tts, cfg)
+        doc["checks"]["fp32_token_identity"] = checks["fp32_token_identity"]
+        doc["checks"]["fp32_tokens_checked"] = checks["fp32_tokens_checked"]
+
+    total = len(cfg.rungs) * (cfg.repeats + 1)
+    with tqdm(total=total, desc="bench", disable=not progress) as bar:
+        for rung in cfg.rungs:
+            bar.set_postfix_str(rung)
+            if rung != "upstream_fp32" and checks is not None and "bf16_logit_rel_error" not in doc["checks"]:
+                text_tokens = text_tokens_for(tts, cfg.text)
+                err = bf16_logit_error(tts, text_tokens, checks["forced"], checks["reference"])
+                doc["checks"].update(bf16_logit_rel_error=err, bf16_logit_tolerance=equivalence.BF16_LOGIT_TOLERANCE,
+                                     bf16_within_tolerance=err <= equivalence.BF16_LOGIT_TOLERANCE)
+            doc["rungs"][rung] = measure_rung(tts, rung, cfg, voice, bar)
+    if "upstream_fp32" in doc["rungs"]:
+        base = doc["rungs"]["upstream_fp32"]["t3_decode_tok_s"]
+        for figures in doc["rungs"].values():
+            figures["t3_speedup_vs_upstream"] = figures["t3_decode_tok_s"] / base
+    return results.validate(doc)
+
+
+def summary_table(doc: dict) -> str:
+    cols = ("t3_decode_tok_s", "t3_prefill_s", "e2e_s", "rtf", "peak_vram_mib", "compile_s",
+            "gpu_kernels_per_token", "host_launches_per_token", "cpu_ops_per_token")
+    prov = doc["provenance"]
+    where = prov.get("gpu") or f"CPU ({prov.get('cpu')})"
+    title = f"{where}, preset {prov['preset']}, {prov['tokens']} tokens, median of {prov.get('repeats')}"
+    return title + "\n" + results.markdown_table(doc, cols)

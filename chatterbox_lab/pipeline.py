@@ -1,0 +1,127 @@
+"""Text to watermarked waveform through upstream's modules, with each stage timed.
+
+Upstream's `ChatterboxTTS.generate` runs conditioning, T3, S3Gen's flow, HiFi-GAN
+and the watermark in one call. This runs the same stages in the same order,
+timing each one with a device sync at its end, and lets the T3 stage be either
+upstream's `T3.inference` or a `T3Decoder` with ladder steps.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .decoder import T3Decoder, _sync, text_tokens_for
+from .sampling import SamplingParams
+from .validation import check_text
+
+TOKENS_PER_SECOND = 25  # S3 speech tokens: 640 samples at 16 kHz each
+
+
+@dataclass
+class Synthesis:
+    wav: np.ndarray
+    sample_rate: int
+    speech_tokens: torch.Tensor
+    seconds: dict = field(default_factory=dict)  # stage -> wall seconds
+    t3_prefill_s: float = 0.0
+    t3_decode_s: float = 0.0
+    t3_steps: int = 0
+
+    @property
+    def audio_s(self) -> float:
+        return len(self.wav) / self.sample_rate
+
+    @property
+    def e2e_s(self) -> float:
+        return sum(self.seconds.values())
+
+
+class _Stopwatch:
+    def __init__(self, device, seconds: dict):
+        self.device, self.seconds = device, seconds
+
+    def __call__(self, stage):
+        watch = self
+
+        class _Stage:
+            def __enter__(self):
+                _sync(watch.device)
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                _sync(watch.device)
+                watch.seconds[stage] = time.perf_counter() - self.start
+
+        return _Stage()
+
+
+def upstream_t3(tts, text_tokens, max_new_tokens, sampling: SamplingParams, stop_on_eos=True):
+    """Upstream `T3.inference` with its prefill timed apart from its decode loop."""
+    marks = []
+
+    def after_forward(module, args, output):
+        if not marks:
+            _sync(tts.device)
+            marks.append(time.perf_counter())
+
+    handle = tts.t3.tfmr.register_forward_hook(after_forward)
+    try:
+        _sync(tts.device)
+        start = time.perf_counter()
+        tokens = tts.t3.inference(
+            t3_cond=tts.conds.t3, text_tokens=text_tokens, max_new_tokens=max_new_tokens,
+            stop_on_eos=stop_on_eos, temperature=sampling.temperature, cfg_weight=sampling.cfg_weight,
+            repetition_penalty=sampling.repetition_penalty, min_p=sampling.min_p, top_p=sampling.top_p,
+        )
+        _sync(tts.device)
+        end = time.perf_counter()
+    finally:
+        handle.remove()
+    return tokens, marks[0] - start, end - marks[0], tokens.size(1)
+
+
+def synthesize(tts, text: str, *, voice=None, decoder: T3Decoder | None = None, max_new_tokens: int = 1000,
+               sampling: SamplingParams = SamplingParams(), exaggeration: float = 0.5,
+               stop_on_eos: bool = True, watermark: bool = True) -> Synthesis:
+    """One utterance. `voice`: a reference audio path (conditioning is then timed), or
+    None to use the voice prepared last. `decoder=None` runs upstream's T3 loop."""
+    from chatterbox.models.s3tokenizer import drop_invalid_tokens
+    from chatterbox.models.s3gen.const import S3GEN_SR
+
+    from .voices import prepare_voice
+
+    text = check_text(text)
+    seconds = {}
+    clock = _Stopwatch(tts.device, seconds)
+    with torch.inference_mode():
+        with clock("conditioning"):
+            if voice is not None:
+                prepare_voice(tts, voice, exaggeration=exaggeration)
+            elif tts.conds is None:
+                raise ValueError("no voice prepared yet: pass voice=<reference audio path>")
+        with clock("t3"):
+            text_tokens = text_tokens_for(tts, text)
+            if decoder is None:
+                tokens, prefill_s, decode_s, steps = upstream_t3(tts, text_tokens, max_new_tokens, sampling, stop_on_eos)
+            else:
+                result = decoder.generate(tts.conds.t3, text_tokens, max_new_tokens, sampling, stop_on_eos)
+                tokens, prefill_s, decode_s, steps = result.tokens, result.prefill_s, result.decode_s, result.steps_run
+            speech_tokens = drop_invalid_tokens(tokens[0])
+            speech_tokens = speech_tokens[speech_tokens < 6561].to(tts.device)
+        if speech_tokens.numel() == 0:
+            raise RuntimeError("T3 produced no valid speech tokens (it stopped at once); nothing to synthesize")
+        s3gen = tts.s3gen
+        with clock("s3gen_flow"):
+            mels = s3gen.flow_inference(speech_tokens, ref_dict=tts.conds.gen, finalize=True)
+        with clock("hifigan"):
+            wav, _ = s3gen.hift_inference(mels.to(dtype=s3gen.dtype), None)
+            wav[:, : len(s3gen.trim_fade)] *= s3gen.trim_fade
+            wav = wav.squeeze(0).float().cpu().numpy()
+        if watermark:
+            with clock("watermark"):
+                wav = tts.watermarker.apply_watermark(wav, sample_rate=S3GEN_SR)
+    return Synthesis(wav=wav, sample_rate=S3GEN_SR, speech_tokens=speech_tokens, seconds=seconds,
+                     t3_prefill_s=prefill_s, t3_decode_s=decode_s, t3_steps=steps)

@@ -1,0 +1,153 @@
+"""Per-token launch counts and short traces of the decode loop.
+
+Counts come from two profiled generations of different lengths: the difference
+divided by the difference in tokens is the per-token cost, with the prefill and
+fixed costs cancelled out. Profiling perturbs timing, so nothing here is timed;
+speeds come from `bench.py`.
+
+Host launches are counted at both CUDA APIs: the runtime (`cudaLaunchKernel`,
+used by ATen) and the driver (`cuLaunchKernel`/`cuLaunchKernelEx`, used by
+Triton), plus graph launches. GPU kernels are device-side kernel events, so a
+replayed CUDA graph shows 1 host launch and hundreds of kernels.
+
+Traces are Chrome-trace JSON (`*.pt.trace.json`): open them at ui.perfetto.dev,
+or in TensorBoard's profiler plugin (torch-tb-profiler, deprecated upstream,
+reads the same files from `<logdir>/<run>/`).
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import socket
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+RUNTIME_LAUNCHES = {"cudaLaunchKernel", "cudaLaunchKernelExC", "cudaLaunchCooperativeKernel"}
+DRIVER_LAUNCHES = {"cuLaunchKernel", "cuLaunchKernelEx"}
+GRAPH_LAUNCHES = {"cudaGraphLaunch", "cuGraphLaunch"}
+
+
+def _activities():
+    acts = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        acts.append(ProfilerActivity.CUDA)
+    return acts
+
+
+def count_events(events) -> dict:
+    counts = dict(gpu_kernels=0, runtime_launches=0, driver_launches=0, graph_launches=0, cpu_ops=0)
+    for e in events:
+        name = e.name
+        if e.device_type == DeviceType.CUDA:
+            if not name.startswith(("Memcpy", "Memset")):
+                counts["gpu_kernels"] += 1
+        elif name in RUNTIME_LAUNCHES:
+            counts["runtime_launches"] += 1
+        elif name in DRIVER_LAUNCHES:
+            counts["driver_launches"] += 1
+        elif name in GRAPH_LAUNCHES:
+            counts["graph_launches"] += 1
+        elif name.startswith("aten::"):
+            counts["cpu_ops"] += 1
+    counts["host_launches"] = counts["runtime_launches"] + counts["driver_launches"] + counts["graph_launches"]
+    return counts
+
+
+def profile_run(fn: Callable[[], object], trace_path: Path | None = None) -> dict:
+    with profile(activities=_activities()) as prof:
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    if trace_path is not None:
+        write_trace(prof, trace_path)
+    return count_events(prof.events())
+
+
+def per_token_counts(generate: Callable[[int], object], short: int = 8, long: int = 24,
+                     trace_path: Path | None = None) -> dict:
+    """`generate(n)` decodes n tokens; returns launch and kernel counts per extra token."""
+    if long <= short:
+        raise ValueError("long must exceed short")
+    first = profile_run(lambda: generate(short), trace_path)
+    second = profile_run(lambda: generate(long))
+    return {k: (second[k] - first[k]) / (long - short) for k in first}
+
+
+def write_trace(prof, path: Path) -> Path:
+    """Chrome trace, gzip-compressed when the name ends in .gz (Perfetto and TensorBoard read both)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".gz":
+        tmp = path.with_suffix("")
+        prof.export_chrome_trace(str(tmp))
+        with open(tmp, "rb") as src, gzip.open(path, "wb") as dst:
+            dst.write(src.read())
+        tmp.unlink()
+    else:
+        prof.export_chrome_trace(str(path))
+    return path
+
+
+def trace_path_for(logdir: Path, run: str, compressed: bool = True) -> Path:
+    """TensorBoard's layout: <logdir>/<run>/<worker>.pt.trace.json[.gz]."""
+    suffix = ".pt.trace.json.gz" if compressed else ".pt.trace.json"
+    return Path(logdir) / run / f"{socket.gethostname()}{suffix}"
+
+
+def load_trace(path: Path) -> dict:
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt") as f:
+        return json.load(f)
+
+
+def kernel_spans(trace: dict) -> list[tuple[str, float, float]]:
+    """(name, start_us, duration_us) of GPU kernels in a trace, in time order."""
+    spans = [(e["name"], float(e["ts"]), float(e.get("dur", 0)))
+             for e in trace.get("traceEvents", [])
+             if e.get("ph") == "X" and e.get("cat") == "kernel"]
+    return sorted(spans, key=lambda s: s[1])
+
+
+def plot_timeline(trace: dict, ax=None, title: str = ""):
+    """GPU kernels (top) and host-side CPU ops (bottom) on one time axis."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(10, 2.2))
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e]
+    if not events:
+        ax.set_title(title + " (empty trace)")
+        return ax
+    t0 = min(float(e["ts"]) for e in events)
+    rows = {"kernel": (1, "tab:green"), "cpu_op": (0, "tab:blue")}
+    for cat, (row, color) in rows.items():
+        spans = [((float(e["ts"]) - t0) / 1e3, max(float(e["dur"]) / 1e3, 1e-4))
+                 for e in events if e.get("cat") == cat]
+        ax.broken_barh(spans, (row - 0.4, 0.8), color=color)
+    ax.set_yticks([0, 1], ["host ops", "GPU kernels"])
+    ax.set_xlabel("ms")
+    ax.set_title(title)
+    return ax
+
+
+def plot_counts(rungs: dict, keys=("gpu_kernels_per_token", "host_launches_per_token"), ax=None):
+    """Bar chart of per-token counts for each rung of a results document."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 3))
+    names = list(rungs)
+    x = np.arange(len(names))
+    width = 0.8 / len(keys)
+    for i, key in enumerate(keys):
+        values = [rungs[n].get(key) or 0 for n in names]
+        ax.bar(x + i * width, values, width, label=key.replace("_", " "))
+    ax.set_xticks(x + width * (len(keys) - 1) / 2, names, rotation=20)
+    ax.set_yscale("symlog")
+    ax.legend()
+    return ax

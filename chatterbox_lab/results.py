@@ -1,0 +1,141 @@
+"""The results format: one JSON document per run, with its provenance and raw timings.
+
+    {"schema": 1,
+     "provenance": {gpu, driver, cuda, torch, transformers, chatterbox_tts, git_commit,
+                    command, date_utc, preset, text, tokens, device, ...},
+     "rungs": {"upstream_fp32": {"t3_decode_tok_s": ..., "raw": {...}}, ...},
+     "checks": {...}}
+
+Rung figures use these names where they apply (later rungs may add more):
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+SCHEMA = 1
+RUNG_FIGURES = ("t3_decode_tok_s", "t3_prefill_s", "e2e_s", "audio_s", "rtf", "peak_vram_mib",
+                "compile_s", "gpu_kernels_per_token", "host_launches_per_token")
+PROVENANCE_KEYS = ("gpu", "driver", "cuda", "torch", "transformers", "chatterbox_tts", "git_commit",
+                   "command", "date_utc", "preset", "text", "tokens")
+RESULTS_DIR = Path(__file__).resolve().parent.parent / "data" / "results"
+
+__doc__ += "\n".join(f"    {name}" for name in RUNG_FIGURES)
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=10, cwd=Path(__file__).resolve().parent).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _driver() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def provenance(*, device: str, preset: str, text: str, tokens: int, **extra) -> dict:
+    on_gpu = device.startswith("cuda")
+    return dict(
+        gpu=torch.cuda.get_device_name(device) if on_gpu else None,
+        driver=_driver() if on_gpu else None,
+        cuda=torch.version.cuda,
+        torch=torch.__version__,
+        transformers=_version("transformers"),
+        chatterbox_tts=_version("chatterbox-tts"),
+        git_commit=_git_commit(),
+        command=" ".join([Path(sys.executable).name, *sys.argv]),
+        date_utc=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        preset=preset,
+        text=text,
+        tokens=tokens,
+        device=device,
+        cpu=platform.processor() or platform.machine(),
+        python=platform.python_version(),
+        **extra,
+    )
+
+
+def validate(doc: dict) -> dict:
+    """Raise ValueError naming what is missing or malformed; return doc."""
+    problems = []
+    if doc.get("schema") != SCHEMA:
+        problems.append(f"schema must be {SCHEMA}")
+    prov = doc.get("provenance", {})
+    problems += [f"provenance.{k} missing" for k in PROVENANCE_KEYS if k not in prov]
+    rungs = doc.get("rungs")
+    if not isinstance(rungs, dict) or not rungs:
+        problems.append("rungs must be a non-empty mapping")
+    else:
+        for name, figures in rungs.items():
+            for key, value in figures.items():
+                if key in RUNG_FIGURES and value is not None and not isinstance(value, (int, float)):
+                    problems.append(f"rungs.{name}.{key} must be a number")
+    if problems:
+        raise ValueError("invalid results document: " + "; ".join(problems))
+    return doc
+
+
+def write(doc: dict, path: Path, overwrite: bool = False) -> Path:
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) or choose another name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(validate(doc), indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def load(path: Path) -> dict:
+    return validate(json.loads(Path(path).read_text()))
+
+
+def committed(gpu_only: bool = True) -> list[tuple[Path, dict]]:
+    """Committed result documents, oldest first."""
+    docs = [(p, load(p)) for p in sorted(RESULTS_DIR.glob("*.json"))]
+    if gpu_only:
+        docs = [(p, d) for p, d in docs if d["provenance"].get("gpu")]
+    return sorted(docs, key=lambda pd: pd[1]["provenance"]["date_utc"])
+
+
+def latest_gpu_result() -> dict | None:
+    docs = committed(gpu_only=True)
+    return docs[-1][1] if docs else None
+
+
+def _fmt(value, digits=3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+def markdown_table(doc: dict, figures=RUNG_FIGURES) -> str:
+    head = "| rung | " + " | ".join(figures) + " |"
+    rule = "|---|" + "---|" * len(figures)
+    rows = [f"| {name} | " + " | ".join(_fmt(r.get(f)) for f in figures) + " |"
+            for name, r in doc["rungs"].items()]
+    return "\n".join([head, rule, *rows])

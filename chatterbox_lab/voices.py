@@ -1,0 +1,72 @@
+"""Reference voices: the bundled ones, checks on user audio, and a cache of prepared voices."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+VOICES_DIR = Path(__file__).resolve().parent.parent / "data" / "voices"
+MIN_SECONDS = 1.0
+SILENCE_PEAK = 1e-4  # about -80 dBFS
+
+
+def bundled_voices() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(VOICES_DIR.glob("*.wav"))}
+
+
+def voice_path(name_or_path) -> Path:
+    """A bundled voice by name ('alto', 'tenor') or any audio file path."""
+    voices = bundled_voices()
+    if str(name_or_path) in voices:
+        return voices[str(name_or_path)]
+    path = Path(name_or_path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"reference audio {path} not found; bundled voices: {', '.join(voices) or 'none'}")
+    return path
+
+
+def check_reference_audio(path) -> Path:
+    """Refuse audio that upstream would turn into garbage conditioning without a word."""
+    import soundfile as sf
+
+    path = voice_path(path)
+    try:
+        wav, sr = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as exc:  # soundfile raises several types for bad files
+        raise ValueError(f"cannot read {path} as audio ({exc}); give a WAV, FLAC or OGG file") from exc
+    seconds = len(wav) / sr if sr else 0.0
+    if seconds < MIN_SECONDS:
+        raise ValueError(f"reference audio {path} is {seconds:.2f} s long; it must be at least "
+                         f"{MIN_SECONDS:.0f} s of speech (6-10 s works best)")
+    if not np.isfinite(wav).all() or float(np.abs(wav).max()) < SILENCE_PEAK:
+        raise ValueError(f"reference audio {path} is silent (or holds NaN); give a recording of speech")
+    return path
+
+
+def prepare_voice(tts, voice, exaggeration: float = 0.5):
+    """Check `voice` and prepare upstream's conditionals from it; returns them."""
+    tts.prepare_conditionals(str(check_reference_audio(voice)), exaggeration=exaggeration)
+    return tts.conds
+
+
+class VoiceCache:
+    """Prepared conditionals for the last few voices; switching is an assignment, not a re-run."""
+
+    def __init__(self, tts, capacity: int = 4):
+        self.tts, self.capacity = tts, capacity
+        self._prepared: OrderedDict = OrderedDict()
+        self.prepared_count = 0
+
+    def use(self, voice, exaggeration: float = 0.5):
+        path = voice_path(voice)
+        key = (str(path.resolve()), path.stat().st_mtime_ns, float(exaggeration))
+        if key in self._prepared:
+            self._prepared.move_to_end(key)
+            self.tts.conds = self._prepared[key]
+        else:
+            self._prepared[key] = prepare_voice(self.tts, path, exaggeration)
+            self.prepared_count += 1
+            if len(self._prepared) > self.capacity:
+                self._prepared.popitem(last=False)
+        return self.tts.conds
