@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     b.add_argument("--checkpoint", default="synthetic", help="'synthetic', 'hub' or a checkpoint directory")
     b.add_argument("--device", help="cuda, cpu, mps or cuda:N (default: cuda when available)")
     b.add_argument("--tokens", type=int, help="speech tokens per utterance (default: 256 GPU, 32 CPU)")
-    b.add_argument("--repeats", type=int, help="timed repeats per rung (default: 5 GPU, 2 CPU)")
+    b.add_argument("--repeats", type=int, help="timed repeats per rung (default: 3 GPU, 2 CPU)")
     b.add_argument("--voice", default="alto", help="bundled voice name or audio path")
     b.add_argument("--checks", action="store_true", help="also check fp32 token identity and bf16 logits")
     b.add_argument("--no-profile", action="store_true", help="skip the per-token launch counts")

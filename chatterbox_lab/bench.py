@@ -40,7 +40,7 @@ class BenchConfig:
     preset: str | None = None      # full on a GPU, tiny on a CPU
     device: str | None = None
     tokens: int | None = None      # 256 on a GPU, 32 on a CPU
-    repeats: int | None = None     # 5 on a GPU, 2 on a CPU
+    repeats: int | None = None     # 3 on a GPU, 2 on a CPU
     rungs: tuple = ("upstream_fp32",)
     text: str = DEFAULT_TEXT
     voice: str = "alto"
@@ -59,7 +59,7 @@ class BenchConfig:
         tokens = self.tokens or (256 if on_gpu else 32)
         if tokens < 1:
             raise ValueError(f"tokens must be >= 1, got {tokens}")
-        repeats = self.repeats or (5 if on_gpu else 2)
+        repeats = self.repeats or (3 if on_gpu else 2)
         if repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {repeats}")
         ordered = tuple(r for r in RUNGS if r in self.rungs)

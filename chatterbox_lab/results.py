@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -38,6 +39,9 @@ def _version(dist: str) -> str | None:
 
 
 def _git_commit() -> str | None:
+    # A copy of the tree without .git (a container build, say) can name its commit here.
+    if env := os.environ.get("CHATTERBOX_LAB_GIT_COMMIT"):
+        return env
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
                              cwd=Path(__file__).resolve().parent)

@@ -1,0 +1,30 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run `pytest -m gpu` on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_tts():
+    from chatterbox_lab.models import load_tts
+
+    tts = load_tts(preset="tiny", device="cpu")
+    tts.prepare_conditionals(str(_voice("alto")))
+    return tts
+
+
+def _voice(name):
+    from chatterbox_lab.voices import voice_path
+
+    return voice_path(name)

@@ -1,0 +1,86 @@
+import json
+
+import pytest
+
+from chatterbox_lab import checkpoint
+from chatterbox_lab.architecture import build_t3, check_preset
+from chatterbox_lab.models import SPECIAL_TOKEN_BIAS, is_guarded, load_tts, resolve_device
+
+
+def test_same_seed_same_weights(tmp_path):
+    a = checkpoint.build_synthetic("tiny", tmp_path / "a", seed=5)
+    b = checkpoint.build_synthetic("tiny", tmp_path / "b", seed=5)
+    c = checkpoint.build_synthetic("tiny", tmp_path / "c", seed=6)
+    digest = checkpoint.read_marker(a)["sha256"]
+    assert digest == checkpoint.read_marker(b)["sha256"] == checkpoint.weights_digest(a)
+    assert digest != checkpoint.read_marker(c)["sha256"]
+    assert sorted(p.name for p in a.iterdir()) == sorted([*checkpoint.REQUIRED_FILES, checkpoint.MARKER])
+
+
+def test_build_refuses_to_overwrite(tmp_path):
+    (tmp_path / "x").mkdir()
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        checkpoint.build_synthetic("tiny", tmp_path / "x")
+
+
+def test_round_trip_through_upstream_loader(tiny_tts):
+    """The synthetic files load through ChatterboxTTS.from_local into the tiny architecture."""
+    import torch
+    from safetensors.torch import load_file
+
+    saved = load_file(tiny_tts.checkpoint_dir / "t3_cfg.safetensors")
+    state = tiny_tts.t3.state_dict()
+    for name, tensor in saved.items():
+        assert torch.equal(state[name].float(), tensor.float()), name
+    assert tiny_tts.synthetic and tiny_tts.preset == "tiny"
+
+
+def test_guard_only_on_synthetic(tiny_tts, tmp_path):
+    assert is_guarded(tiny_tts.t3)
+    bias = tiny_tts.t3.speech_head.bias
+    assert float(bias[6561:].max()) == SPECIAL_TOKEN_BIAS and float(bias[:6561].abs().max()) == 0
+    real = tmp_path / "real"
+    checkpoint.build_synthetic("tiny", real)
+    (real / checkpoint.MARKER).unlink()  # now indistinguishable from a user's checkpoint
+    # A real checkpoint is the full architecture; the tiny weights cannot load into it.
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        load_tts(real, device="cpu")
+
+
+def test_missing_and_empty_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_tts(tmp_path / "nowhere", device="cpu")
+    (tmp_path / "t3_cfg.safetensors").write_bytes(b"")
+    (tmp_path / "ve.safetensors").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError) as err:
+        load_tts(tmp_path, device="cpu")
+    message = str(err.value)
+    assert "missing s3gen.safetensors, tokenizer.json" in message and "empty t3_cfg.safetensors" in message
+
+
+def test_unknown_preset_and_device():
+    with pytest.raises(ValueError, match="choose one of full, tiny"):
+        check_preset("huge")
+    with pytest.raises(ValueError, match="choose one of cpu, cuda, mps"):
+        resolve_device("tpu")
+
+
+def test_cache_dir_is_overridable(monkeypatch, tmp_path):
+    monkeypatch.setenv("CHATTERBOX_LAB_CACHE", str(tmp_path))
+    assert checkpoint.synthetic_dir("tiny").parent == tmp_path
+
+
+def test_tokenizer_layout():
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(checkpoint._tokenizer_json())
+    vocab = tok.get_vocab()
+    assert len(vocab) == checkpoint.TEXT_VOCAB_SIZE
+    assert vocab["[START]"] == 255 and vocab["[STOP]"] == 0
+    assert tok.encode("Hi[SPACE]you").ids == [vocab["H"], vocab["i"], vocab["[SPACE]"], vocab["y"], vocab["o"], vocab["u"]]
+
+
+def test_tiny_t3_is_small():
+    from chatterbox_lab.architecture import count_parameters
+
+    assert count_parameters(build_t3("tiny")) < 5_000_000

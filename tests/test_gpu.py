@@ -1,0 +1,53 @@
+"""GPU behaviour, full preset: run with `pytest -m gpu` on a CUDA machine."""
+import pytest
+import torch
+
+from chatterbox_lab import profiling
+from chatterbox_lab.compiled_step import compile_counters
+from chatterbox_lab.decoder import LADDER, T3Decoder, text_tokens_for
+from chatterbox_lab.sampling import SamplingParams
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def full_tts():
+    from chatterbox_lab.models import load_tts
+
+    tts = load_tts(preset="full", device="cuda")
+    tts.prepare_conditionals("data/voices/alto.wav")
+    return tts
+
+
+@pytest.fixture(scope="module")
+def compiled(full_tts):
+    decoder = T3Decoder(full_tts.t3, LADDER, max_cache_len=512)
+    decoder.generate(full_tts.conds.t3, text_tokens_for(full_tts, "Warm up the compiled step."), 16)
+    return decoder
+
+
+def test_compiled_step_replays_cuda_graphs(full_tts, compiled):
+    text_tokens = text_tokens_for(full_tts, "Count the launches of each decode step.")
+    counts = profiling.per_token_counts(lambda n: compiled.generate(full_tts.conds.t3, text_tokens, n))
+    assert counts["graph_launches"] == pytest.approx(1.0)
+    assert counts["host_launches"] <= 10, counts  # the graph, multinomial, input copies
+    assert counts["gpu_kernels"] > 100, counts
+
+
+def test_no_recompile_across_speakers_texts_and_sampling(full_tts, compiled):
+    from chatterbox_lab.voices import VoiceCache
+
+    voices = VoiceCache(full_tts)
+    before = compile_counters()
+    for voice, text, sampling in [("tenor", "A different speaker now.", SamplingParams()),
+                                  ("alto", "Longer text changes the prompt length but not the step.",
+                                   SamplingParams(temperature=0.6, cfg_weight=0.2, top_p=0.8))]:
+        compiled.generate(voices.use(voice).t3, text_tokens_for(full_tts, text), 32, sampling)
+    assert compile_counters() == before
+
+
+def test_compiled_decode_rate(full_tts, compiled):
+    text_tokens = text_tokens_for(full_tts, "Measure the decode rate of the compiled step.")
+    rates = [compiled.generate(full_tts.conds.t3, text_tokens, 256).decode_tok_s for _ in range(3)]
+    print("compiled decode tok/s", rates)
+    assert sorted(rates)[1] > 300
