@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .embed_cache import SpeechEmbeddingCache, upstream_step_embedding
 from .kv_cache import cache_len_for, check_fits
 from .precision import t3_in_dtype
-from .sampling import DeviceSampling, SamplingParams, next_token_probs
+from .sampling import DeviceSampling, SamplingParams, next_token_probs, sample_token
 from .t3_forward import DynamicT3Forward, StaticT3Forward
 
 LADDER = ("bf16", "static_cache", "embed_cache", "compiled")
@@ -100,25 +100,30 @@ class T3Decoder:
                  max_text_tokens: int = 300):
         self.steps = check_steps(steps)
         self.t3 = t3_in_dtype(t3, torch.bfloat16) if "bf16" in self.steps else t3
-        self.device = self.t3.speech_head.weight.device
+        self.device = device = self.t3.speech_head.weight.device
         self.dtype = self.t3.speech_head.weight.dtype
-        self.sampling = DeviceSampling(self.device)
+        self.sampling = DeviceSampling(device)
         self.embedding = SpeechEmbeddingCache(self.t3) if "embed_cache" in self.steps else None
-        self.seen = torch.zeros(1, self.t3.hp.speech_tokens_dict_size, dtype=torch.bool, device=self.device)
-        torch._dynamo.mark_static_address(self.seen)
-        # Speech positions index the learned position table (upstream's speech_pos_emb).
-        self.speech_positions = torch.arange(self.t3.speech_pos_emb.emb.num_embeddings, device=self.device)
+        # Decode state lives on the device at fixed addresses, so a captured step reads
+        # and advances it without any host data: the tokens sampled so far, a mask of
+        # them for the repetition penalty, the step counter, and a non-finite flag.
+        n_speech_positions = self.t3.speech_pos_emb.emb.num_embeddings
+        self.tokens = torch.zeros(1, n_speech_positions, dtype=torch.long, device=device)
+        self.seen = torch.zeros(1, self.t3.hp.speech_tokens_dict_size, dtype=torch.bool, device=device)
+        self.step_index = torch.zeros(1, dtype=torch.long, device=device)
+        self.prompt_len_t = torch.zeros(1, dtype=torch.long, device=device)
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        for t in (self.tokens, self.seen, self.step_index, self.prompt_len_t, self.nonfinite):
+            torch._dynamo.mark_static_address(t)
         self.forward = None
-        self.cache_positions = None
         if "static_cache" in self.steps:
             if max_cache_len is None:
                 max_cache_len = cache_len_for(cond_len(self.t3) + max_text_tokens + 4, max_new_tokens)
             self.forward = StaticT3Forward(self.t3, max_cache_len)
-            self.cache_positions = torch.arange(max_cache_len, device=self.device)
         self._active_forward = self.forward
         self.prompt_len = 0
-        self.step_fn = self._step
         self.compiled = "compiled" in self.steps
+        self.step_fn = self._step
         if self.compiled:
             from .compiled_step import compile_step
 
@@ -128,27 +133,34 @@ class T3Decoder:
     def capacity(self) -> int | None:
         return self.forward.capacity if self.forward is not None else None
 
-    def _embed(self, token: torch.Tensor, speech_position):
+    def _embed(self, token: torch.Tensor, step: int | None):
+        """Input embedding of the token sampled at `step` (device counter when step is None)."""
         if self.embedding is not None:
-            return self.embedding(token, speech_position)
-        return upstream_step_embedding(self.t3, token, speech_position)
+            return self.embedding(token, self.step_index + 1)
+        return upstream_step_embedding(self.t3, token, step + 1)
 
-    def _step(self, token: torch.Tensor, position, speech_position):
-        """One token in, next-token probabilities out; with the caches on, all of it graph-safe."""
-        self.seen.index_fill_(1, token[0], True)
-        logits = self._active_forward(self._embed(token, speech_position), position)
-        return next_token_probs(logits, self.seen, self.sampling)
+    def _probs(self, logits: torch.Tensor) -> torch.Tensor:
+        probs = next_token_probs(logits, self.seen, self.sampling)
+        self.nonfinite.logical_or_(~torch.isfinite(probs).all())
+        return probs
 
-    def _positions(self, i: int):
-        """Cache position and speech position of the token sampled at step i."""
-        cache = self.cache_positions
-        position = None if cache is None else cache[self.prompt_len + i: self.prompt_len + i + 1]
-        speech = self.speech_positions[i + 1: i + 2] if self.embedding is not None else i + 1
-        return position, speech
+    def _feed(self, step: int | None) -> torch.Tensor:
+        """Logits (2, V) after feeding the token sampled at the current step."""
+        token = self.tokens.index_select(1, self.step_index)
+        position = None if self.forward is None else self.prompt_len_t + self.step_index
+        return self._active_forward(self._embed(token, step), position)
+
+    def _step(self, step: int | None = None) -> torch.Tensor:
+        """Feed the last sampled token, return next-token probabilities. With the caches on
+        (step=None) it reads only device state, so one captured graph serves every step."""
+        self.seen.index_fill_(1, self.tokens.index_select(1, self.step_index)[0], True)
+        logits = self._feed(step)
+        self.step_index.add_(1)
+        return self._probs(logits)
 
     def prefill(self, t3_cond, text_tokens: torch.Tensor, max_new_tokens: int, cfg_weight: float) -> torch.Tensor:
         """Run the prompt (conditioning, text, start token); returns its logits (2, V)."""
-        limit = self.speech_positions.numel() - 1
+        limit = self.tokens.size(1) - 1
         if not 1 <= max_new_tokens <= limit:
             raise ValueError(f"max_new_tokens must be between 1 and {limit} (T3's speech position table), "
                              f"got {max_new_tokens}")
@@ -163,19 +175,24 @@ class T3Decoder:
         # Upstream appends a second start token after the one prepare_input_embeds adds.
         prompt = torch.cat([embeds, upstream_step_embedding(t3, bos, 0)], dim=1)
         self.prompt_len = prompt.size(1)
+        positions = None
         if self.forward is not None:
             check_fits(self.prompt_len, max_new_tokens, self.capacity)
+            positions = torch.arange(self.prompt_len, device=device)
         else:
             self._active_forward = DynamicT3Forward(t3)
+        self.prompt_len_t.fill_(self.prompt_len)
+        self.step_index.zero_()
+        self.nonfinite.zero_()
         self.seen.zero_()
         self.seen[0, hp.start_speech_token] = True
-        positions = None if self.cache_positions is None else self.cache_positions[: self.prompt_len]
         return self._active_forward(prompt, positions)
 
-    def forward_step(self, token: torch.Tensor, i: int) -> torch.Tensor:
-        """Logits (2, V) after feeding the token sampled at step i (eager; for checks)."""
-        position, speech = self._positions(i)
-        return self._active_forward(self._embed(token, speech), position)
+    def forward_step(self, token: torch.Tensor, step: int) -> torch.Tensor:
+        """Logits (2, V) after feeding `token` as the one sampled at `step` (eager; for checks)."""
+        self.step_index.fill_(step)
+        self.tokens[:, step] = token.view(-1)
+        return self._feed(step)
 
     @torch.inference_mode()
     def generate(self, t3_cond, text_tokens: torch.Tensor, max_new_tokens: int,
@@ -183,23 +200,25 @@ class T3Decoder:
         self.sampling.set(sampling)
         _sync(self.device)
         start = time.perf_counter()
-        logits = self.prefill(t3_cond, text_tokens, max_new_tokens, sampling.cfg_weight)
-        probs = next_token_probs(logits, self.seen, self.sampling)
+        probs = self._probs(self.prefill(t3_cond, text_tokens, max_new_tokens, sampling.cfg_weight))
         _sync(self.device)
         prefill_end = time.perf_counter()
 
-        generated = []
+        steps = max_new_tokens
         for i in range(max_new_tokens):
-            token = torch.multinomial(probs, num_samples=1)
-            generated.append(token)
-            if stop_on_eos and (i + 1) % STOP_CHECK_INTERVAL == 0 and self._stopped(generated[-STOP_CHECK_INTERVAL:]):
-                break
+            sample_token(probs, out=self.tokens[:, i:i + 1])
+            if (i + 1) % STOP_CHECK_INTERVAL == 0 or i + 1 == max_new_tokens:
+                if self._should_stop(i + 1, stop_on_eos):
+                    steps = i + 1
+                    break
             if i + 1 == max_new_tokens:
                 break  # upstream runs one more forward here and never uses its output
             if self.compiled:
                 torch.compiler.cudagraph_mark_step_begin()
-            probs = self.step_fn(token, *self._positions(i))
-        tokens = torch.cat(generated, dim=1)
+                probs = self.step_fn()
+            else:
+                probs = self.step_fn(None if self.embedding is not None else i)
+        tokens = self.tokens[:, :steps].clone()
         _sync(self.device)
         end = time.perf_counter()
 
@@ -208,7 +227,16 @@ class T3Decoder:
             if len(hits):
                 tokens = tokens[:, : int(hits[0]) + 1]
         return DecodeResult(tokens=tokens, prefill_s=prefill_end - start, decode_s=end - prefill_end,
-                            steps_run=len(generated))
+                            steps_run=steps)
 
-    def _stopped(self, recent) -> bool:
-        return bool((torch.cat(recent, dim=1) == self.t3.hp.stop_speech_token).any())
+    def _should_stop(self, steps_done: int, stop_on_eos: bool) -> bool:
+        """The one host sync every STOP_CHECK_INTERVAL tokens: stop token seen, or bad numbers."""
+        recent = self.tokens[:, max(0, steps_done - STOP_CHECK_INTERVAL): steps_done]
+        stopped = (recent == self.t3.hp.stop_speech_token).any() & stop_on_eos
+        stopped, nonfinite = torch.stack([stopped, self.nonfinite]).tolist()
+        if nonfinite:
+            raise FloatingPointError(
+                f"T3 produced NaN or infinite probabilities within its first {steps_done} tokens; "
+                f"the model or its dtype is broken (try the fp32 path without 'bf16'). Nothing was returned.")
+        return stopped
+

@@ -18,8 +18,10 @@ import torch
 
 class SpeechEmbeddingCache:
     def __init__(self, t3, cfg_batch: int = 2):
-        self.tokens = t3.speech_emb.weight.detach()
-        self.positions = t3.speech_pos_emb.emb.weight.detach()
+        # The parameters themselves, not copies: a CUDA graph treats parameters as
+        # fixed inputs, while any other tensor would be copied in before every replay.
+        self.tokens = t3.speech_emb.weight
+        self.positions = t3.speech_pos_emb.emb.weight
         self.cfg_batch = cfg_batch
 
     def __call__(self, token: torch.Tensor, speech_position: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,7 @@ class StaticKVCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.slots = torch.arange(capacity, device=device)
-        for t in (*self.keys, *self.values):
+        for t in (*self.keys, *self.values, self.slots):
             # Fixed addresses let a captured graph read and write them in place.
             torch._dynamo.mark_static_address(t)
 

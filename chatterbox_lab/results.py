@@ -52,6 +52,13 @@ def _git_commit() -> str | None:
         return None
 
 
+def _command_line() -> str:
+    argv = list(sys.argv)
+    if argv and Path(argv[0]).name == "__main__.py":
+        argv[0:1] = ["-m", Path(argv[0]).parent.name]
+    return " ".join(["python", *argv])
+
+
 def _driver() -> str | None:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -71,7 +78,7 @@ def provenance(*, device: str, preset: str, text: str, tokens: int, **extra) -> 
         transformers=_version("transformers"),
         chatterbox_tts=_version("chatterbox-tts"),
         git_commit=_git_commit(),
-        command=" ".join([Path(sys.executable).name, *sys.argv]),
+        command=_command_line(),
         date_utc=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         preset=preset,
         text=text,

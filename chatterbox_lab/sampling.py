@@ -13,8 +13,12 @@ for the same seed, but in a form a CUDA graph can hold:
   vocabulary instead of a growing list of ids: the same elements are penalised,
   and the shapes never change.
 
-Sampling itself (`torch.multinomial`) stays outside: it consumes the global RNG
-exactly as upstream does, which is what makes seeded runs comparable.
+Sampling itself stays outside any graph: `sample_token` is the algorithm
+`torch.multinomial` uses for one sample (an exponential race: argmax of p / q with
+q ~ Exp(1)), drawing from the global RNG exactly as upstream's call does, so a
+seeded run picks the same tokens. What it leaves out is multinomial's input
+validation, which reads a flag back to the host and so stalls the CPU every token;
+the decoder checks for non-finite probabilities on the device instead.
 
 The arithmetic runs in float32 whatever the model's dtype. For an fp32 model that
 is upstream's arithmetic bit for bit; for a bf16 model upstream rounds the CFG
@@ -102,3 +106,10 @@ def next_token_probs(logits: torch.Tensor, seen: torch.Tensor, sampling: DeviceS
     scores = scores.masked_fill(drop, -float("inf"))
 
     return torch.softmax(scores, dim=-1)
+
+
+def sample_token(probs: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """torch.multinomial(probs, 1) without its per-call host sync; writes the (1, 1) id into `out`."""
+    race = torch.empty_like(probs).exponential_(1)
+    torch.div(probs, race, out=race)
+    return torch.argmax(race, dim=-1, keepdim=True, out=out)

@@ -35,6 +35,8 @@ class StaticT3Forward:
         self.cache = StaticKVCache(len(self.layers), batch, self.n_kv_heads, capacity, self.head_dim,
                                    weight.dtype, weight.device)
         self.cos, self.sin = rotary_tables(t3, capacity, weight.dtype)
+        torch._dynamo.mark_static_address(self.cos)
+        torch._dynamo.mark_static_address(self.sin)
 
     @property
     def capacity(self) -> int:

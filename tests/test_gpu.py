@@ -30,7 +30,7 @@ def test_compiled_step_replays_cuda_graphs(full_tts, compiled):
     text_tokens = text_tokens_for(full_tts, "Count the launches of each decode step.")
     counts = profiling.per_token_counts(lambda n: compiled.generate(full_tts.conds.t3, text_tokens, n))
     assert counts["graph_launches"] == pytest.approx(1.0)
-    assert counts["host_launches"] <= 10, counts  # the graph, multinomial, input copies
+    assert counts["host_launches"] <= 6, counts  # the graph and sampling's three kernels
     assert counts["gpu_kernels"] > 100, counts
 
 
