@@ -41,7 +41,13 @@ def main(argv=None) -> int:
     b.add_argument("--trace-dir", help="write a short trace per rung under this directory")
     b.add_argument("--out", type=Path, help="results JSON path (default: data/results/ on a GPU)")
     b.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    sub.add_parser("readme", help="regenerate README.md's results section from data/results/")
     args = parser.parse_args(argv)
+    if args.command == "readme":
+        from .report import update_readme
+
+        print("README.md updated" if update_readme() else "README.md already up to date")
+        return 0
 
     rungs = RUNGS if args.ladder else tuple(args.rungs or ("upstream_fp32",))
     try:

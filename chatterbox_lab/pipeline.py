@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from transformers.utils import logging as hf_logging
 
 from .decoder import T3Decoder, _sync, text_tokens_for
 from .sampling import SamplingParams
@@ -68,6 +69,9 @@ def upstream_t3(tts, text_tokens, max_new_tokens, sampling: SamplingParams, stop
             marks.append(time.perf_counter())
 
     handle = tts.t3.tfmr.register_forward_hook(after_forward)
+    verbosity = hf_logging.get_verbosity()
+    # Upstream passes arguments newer transformers log a deprecation for on every call.
+    hf_logging.set_verbosity_error()
     try:
         _sync(tts.device)
         start = time.perf_counter()
@@ -80,6 +84,7 @@ def upstream_t3(tts, text_tokens, max_new_tokens, sampling: SamplingParams, stop
         end = time.perf_counter()
     finally:
         handle.remove()
+        hf_logging.set_verbosity(verbosity)
     return tokens, marks[0] - start, end - marks[0], tokens.size(1)
 
 

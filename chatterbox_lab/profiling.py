@@ -112,17 +112,41 @@ def kernel_spans(trace: dict) -> list[tuple[str, float, float]]:
     return sorted(spans, key=lambda s: s[1])
 
 
-def plot_timeline(trace: dict, ax=None, title: str = ""):
-    """GPU kernels (top) and host-side CPU ops (bottom) on one time axis."""
+def decode_window(trace: dict, last_fraction: float = 0.5) -> tuple[float, float]:
+    """(start_us, end_us) of the last part of the trace's kernels: the decode steps, not the prefill."""
+    spans = kernel_spans(trace)
+    if not spans:
+        raise ValueError("trace has no GPU kernel events (was it recorded on a GPU?)")
+    start, end = spans[0][1], spans[-1][1] + spans[-1][2]
+    return end - (end - start) * last_fraction, end
+
+
+def gpu_busy_fraction(trace: dict, window: tuple[float, float] | None = None) -> float:
+    """Share of wall time in `window` during which some GPU kernel was running."""
+    spans = kernel_spans(trace)
+    lo, hi = window or decode_window(trace, 1.0)
+    busy, cursor = 0.0, lo
+    for _, ts, dur in spans:
+        start, end = max(ts, cursor), min(ts + dur, hi)
+        if end > start:
+            busy += end - start
+            cursor = end
+    return busy / (hi - lo)
+
+
+def plot_timeline(trace: dict, ax=None, title: str = "", window: tuple[float, float] | None = None):
+    """GPU kernels (top) and host-side CPU ops (bottom) on one time axis (ms from the window start)."""
     import matplotlib.pyplot as plt
 
     if ax is None:
         _, ax = plt.subplots(figsize=(10, 2.2))
     events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e]
+    if window:
+        events = [e for e in events if window[0] <= float(e["ts"]) <= window[1]]
     if not events:
         ax.set_title(title + " (empty trace)")
         return ax
-    t0 = min(float(e["ts"]) for e in events)
+    t0 = window[0] if window else min(float(e["ts"]) for e in events)
     rows = {"kernel": (1, "tab:green"), "cpu_op": (0, "tab:blue")}
     for cat, (row, color) in rows.items():
         spans = [((float(e["ts"]) - t0) / 1e3, max(float(e["dur"]) / 1e3, 1e-4))
