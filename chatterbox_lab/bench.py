@@ -30,6 +30,8 @@ from .sampling import SamplingParams
 from .voices import voice_path
 
 RUNGS = ("upstream_fp32", *LADDER)
+# Token counts of the two profiled T3 runs whose difference gives per-token counts.
+PROFILE_TOKENS = (8, 24)
 DEFAULT_TEXT = ("Every step of this workbook is measured, profiled and checked against the "
                 "upstream path, so a speed-up you read here is one you can reproduce.")
 
@@ -56,10 +58,10 @@ class BenchConfig:
         unknown = [r for r in self.rungs if r not in RUNGS]
         if unknown:
             raise ValueError(f"unknown rungs {unknown}: choose from {', '.join(RUNGS)}")
-        tokens = self.tokens or (256 if on_gpu else 32)
+        tokens = self.tokens if self.tokens is not None else (256 if on_gpu else 32)
         if tokens < 1:
             raise ValueError(f"tokens must be >= 1, got {tokens}")
-        repeats = self.repeats or (3 if on_gpu else 2)
+        repeats = self.repeats if self.repeats is not None else (3 if on_gpu else 2)
         if repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {repeats}")
         ordered = tuple(r for r in RUNGS if r in self.rungs)
@@ -90,7 +92,8 @@ def measure_rung(tts, rung: str, cfg: BenchConfig, voice: Path, bar=None) -> dic
     build_start = time.perf_counter()
     if rung != "upstream_fp32":
         prompt_len = prompt_len_for(tts.t3, text_tokens_for(tts, cfg.text))
-        decoder = T3Decoder(tts.t3, ladder_prefix(rung), max_cache_len=cache_len_for(prompt_len, cfg.tokens))
+        capacity = cache_len_for(prompt_len, max(cfg.tokens, PROFILE_TOKENS[1]))
+        decoder = T3Decoder(tts.t3, ladder_prefix(rung), max_cache_len=capacity)
     build_s = time.perf_counter() - build_start
 
     def run(n_tokens=cfg.tokens, seed=cfg.seed):
@@ -142,7 +145,7 @@ def measure_rung(tts, rung: str, cfg: BenchConfig, voice: Path, bar=None) -> dic
                 decoder.generate(tts.conds.t3, text_tokens, n, cfg.sampling)
 
         trace = profiling.trace_path_for(cfg.trace_dir, rung) if cfg.trace_dir else None
-        counts = profiling.per_token_counts(t3_only, trace_path=trace)
+        counts = profiling.per_token_counts(t3_only, *PROFILE_TOKENS, trace_path=trace)
         figures["gpu_kernels_per_token"] = counts["gpu_kernels"] if cfg.device.startswith("cuda") else None
         figures["host_launches_per_token"] = counts["host_launches"] if cfg.device.startswith("cuda") else None
         figures["graph_launches_per_token"] = counts["graph_launches"]

@@ -1,24 +1,27 @@
 """Tables for the README and notebooks, generated from committed results (never typed)."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 from . import results
 
-README = Path(__file__).resolve().parent.parent / "README.md"
-START, END = "<!-- results:start -->", "<!-- results:end -->"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+CATALOG = ROOT / "notebooks" / "catalog.json"
+BLOCKS = {"results": lambda: results_section(), "notebooks": lambda: notebook_section()}
 README_FIGURES = ("t3_decode_tok_s", "t3_speedup_vs_upstream", "t3_prefill_s", "e2e_s", "rtf",
                   "peak_vram_mib", "compile_s", "gpu_kernels_per_token", "host_launches_per_token")
 
 
-def results_section(root: Path | None = None) -> str:
+def results_section() -> str:
     docs = results.committed(gpu_only=True)
     if not docs:
         return "No GPU results committed yet."
     path, doc = docs[-1]
     prov = doc["provenance"]
-    rel = path.relative_to(results.RESULTS_DIR.parent.parent)
+    rel = path.relative_to(ROOT)
     lines = [
         f"Latest GPU run: **{prov['gpu']}**, driver {prov['driver']}, CUDA {prov['cuda']}, torch {prov['torch']}, "
         f"transformers {prov['transformers']}, chatterbox-tts {prov['chatterbox_tts']}; "
@@ -42,11 +45,25 @@ def results_section(root: Path | None = None) -> str:
     return "\n".join(lines)
 
 
+def notebook_catalog() -> list[dict]:
+    return json.loads(CATALOG.read_text())["notebooks"]
+
+
+def notebook_section() -> str:
+    rows = ["| notebook | runner | CPU time | what it checks |", "|---|---|---|---|"]
+    rows += [f"| [`{n['file']}`](notebooks/{n['file']}) | {n['runner']} | ~{n['cpu_minutes']} min | {n['checks']} |"
+             for n in notebook_catalog()]
+    return "\n".join(rows)
+
+
 def render_readme(text: str) -> str:
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-    if not pattern.search(text):
-        raise ValueError(f"README has no {START} ... {END} block")
-    return pattern.sub(lambda _: f"{START}\n{results_section()}\n{END}", text)
+    for name, make in BLOCKS.items():
+        start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+        pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+        if not pattern.search(text):
+            raise ValueError(f"README has no {start} ... {end} block")
+        text = pattern.sub(lambda _: f"{start}\n{make()}\n{end}", text)
+    return text
 
 
 def update_readme(path: Path = README) -> bool:

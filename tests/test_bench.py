@@ -1,0 +1,60 @@
+import json
+
+import pytest
+
+from chatterbox_lab import profiling
+from chatterbox_lab.__main__ import main
+from chatterbox_lab.bench import BenchConfig, run
+from chatterbox_lab.decoder import T3Decoder, text_tokens_for
+
+
+def test_cli_bench_prints_a_table_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "cpu.json"
+    assert main(["bench", "--tokens", "8", "--repeats", "1", "--rungs", "upstream_fp32", "static_cache",
+                 "--out", str(out), "--device", "cpu", "--trace-dir", str(tmp_path / "runs")]) == 0
+    printed = capsys.readouterr().out
+    assert "| upstream_fp32 |" in printed and f"wrote {out}" in printed
+    doc = json.loads(out.read_text())
+    assert list(doc["rungs"]) == ["upstream_fp32", "static_cache"]
+    rung = doc["rungs"]["upstream_fp32"]
+    assert rung["tokens"] == 8 and rung["t3_decode_tok_s"] > 0 and rung["cpu_ops_per_token"] > 50
+    assert rung["audio_s"] == pytest.approx(8 / 25)
+    trace = profiling.load_trace(rung["trace"])
+    assert trace["traceEvents"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--preset", "huge"], "invalid choice: 'huge'"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--tokens", "0"], "tokens must be >= 1"),
+])
+def test_cli_rejects_bad_options(args, message, capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", *args])
+    assert message in capsys.readouterr().err
+
+
+def test_bench_medians_and_stage_split(tiny_tts):
+    # (a rung with bf16 would cast the shared fixture model in place)
+    doc = run(BenchConfig(rungs=("upstream_fp32",), tokens=8, repeats=3, profile=False, device="cpu"),
+              progress=False, tts=tiny_tts)
+    rung = doc["rungs"]["upstream_fp32"]
+    assert set(rung["stages_s"]) == {"conditioning", "t3", "s3gen_flow", "hifigan", "watermark"}
+    assert len(rung["raw"]["t3_decode_s"]) == 3 and rung["raw"]["t3_steps"] == [8, 8, 8]
+    assert rung["e2e_s"] == pytest.approx(sum(rung["stages_s"].values()), rel=0.5)
+
+
+def test_profiler_counts_per_token(tiny_tts):
+    decoder = T3Decoder(tiny_tts.t3, ("static_cache", "embed_cache"))
+    tokens = text_tokens_for(tiny_tts, "Count me.")
+    counts = profiling.per_token_counts(lambda n: decoder.generate(tiny_tts.conds.t3, tokens, n))
+    assert counts["cpu_ops"] > 50
+    with pytest.raises(ValueError, match="long must exceed short"):
+        profiling.per_token_counts(lambda n: None, short=8, long=8)
+
+
+def test_committed_traces_hold_gpu_kernels():
+    root = profiling.Path(__file__).resolve().parent.parent / "data" / "traces" / "h100"
+    for rung in ("upstream_fp32", "compiled"):
+        trace = profiling.load_trace(root / f"{rung}.pt.trace.json.gz")
+        assert len(profiling.kernel_spans(trace)) > 100

@@ -1,0 +1,70 @@
+import copy
+import json
+
+import pytest
+
+from chatterbox_lab import report, results
+
+
+@pytest.fixture
+def doc():
+    return results.load(results.committed()[-1][0])
+
+
+def test_committed_gpu_results_are_valid_and_complete(doc):
+    prov = doc["provenance"]
+    assert prov["gpu"] and prov["driver"] and prov["cuda"] and prov["git_commit"]
+    assert prov["preset"] == "full" and prov["tokens"] == 256
+    base = doc["rungs"]["upstream_fp32"]
+    for key in ("t3_decode_tok_s", "rtf", "peak_vram_mib", "gpu_kernels_per_token", "host_launches_per_token"):
+        assert isinstance(base[key], (int, float)), key
+    assert set(doc["rungs"]) == {"upstream_fp32", "bf16", "static_cache", "embed_cache", "compiled"}
+    for figures in doc["rungs"].values():
+        assert figures["peak_vram_mib"] > 0 and figures["compile_s"] is not None
+        assert len(figures["raw"]["t3_decode_s"]) == prov["repeats"]
+
+
+def test_ladder_targets_hold_in_the_committed_run(doc):
+    compiled, base = doc["rungs"]["compiled"], doc["rungs"]["upstream_fp32"]
+    assert compiled["t3_decode_tok_s"] >= 500
+    assert compiled["host_launches_per_token"] <= 6 and compiled["graph_launches_per_token"] == 1
+    assert base["host_launches_per_token"] > 900
+    assert all(doc["checks"]["fp32_token_identity"].values()) and doc["checks"]["bf16_within_tolerance"]
+
+
+def test_validation_names_what_is_missing(doc):
+    broken = copy.deepcopy(doc)
+    del broken["provenance"]["driver"]
+    broken["rungs"]["bf16"]["rtf"] = "fast"
+    with pytest.raises(ValueError, match=r"provenance.driver missing; rungs.bf16.rtf must be a number"):
+        results.validate(broken)
+    with pytest.raises(ValueError, match="rungs must be a non-empty mapping"):
+        results.validate({**doc, "rungs": {}})
+
+
+def test_write_never_overwrites_silently(doc, tmp_path):
+    path = results.write(doc, tmp_path / "r.json")
+    assert json.loads(path.read_text())["rungs"] == doc["rungs"]
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        results.write(doc, path)
+    results.write(doc, path, overwrite=True)
+
+
+def test_provenance_has_every_required_key():
+    prov = results.provenance(device="cpu", preset="tiny", text="x", tokens=3)
+    assert set(results.PROVENANCE_KEYS) <= set(prov)
+    assert prov["command"].startswith("python")
+
+
+def test_readme_is_generated_from_committed_results():
+    text = report.README.read_text()
+    assert report.render_readme(text) == text, "README is stale: run `python -m chatterbox_lab readme`"
+
+
+def test_notebook_catalog_matches_the_notebooks():
+    listed = {n["file"] for n in report.notebook_catalog()}
+    present = {p.name for p in (report.ROOT / "notebooks").glob("*.ipynb")}
+    assert listed == present
+    sources = {p.stem + ".ipynb" for p in (report.ROOT / "notebooks" / "src").glob("*.py")}
+    assert sources == present
+    assert all(n["runner"] in {"cpu", "gpu"} for n in report.notebook_catalog())
