@@ -151,7 +151,8 @@ def plot_timeline(trace: dict, ax=None, title: str = "", window: tuple[float, fl
     for cat, (row, color) in rows.items():
         spans = [((float(e["ts"]) - t0) / 1e3, max(float(e["dur"]) / 1e3, 1e-4))
                  for e in events if e.get("cat") == cat]
-        ax.broken_barh(spans, (row - 0.4, 0.8), color=color)
+        # No edges: with edges, thin bars merge and hide the idle gaps the plot is for.
+        ax.broken_barh(spans, (row - 0.4, 0.8), color=color, linewidth=0)
     ax.set_yticks([0, 1], ["host ops", "GPU kernels"])
     ax.set_xlabel("ms")
     ax.set_title(title)
@@ -173,5 +174,7 @@ def plot_counts(rungs: dict, keys=("gpu_kernels_per_token", "host_launches_per_t
         ax.bar(x + i * width, values, width, label=key.replace("_", " "))
     ax.set_xticks(x + width * (len(keys) - 1) / 2, names, rotation=20)
     ax.set_yscale("symlog")
-    ax.legend()
+    tallest = max([rungs[n].get(k) or 0 for n in names for k in keys] + [1])
+    ax.set_ylim(0, tallest * 30)  # room above the bars for the legend on the log scale
+    ax.legend(loc="upper right")
     return ax
