@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 .PHONY: bench test setup clean
 
 bench: $(STAMP)
-	$(PY) -m chatterbox_lab bench $(BENCH_ARGS)
+	$(PY) -m chatterbox_lab bench --ladder $(BENCH_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest tests notebooks --nbval-lax -p no:cacheprovider $(TEST_ARGS)

@@ -59,10 +59,15 @@ def main(argv=None) -> int:
         parser.error(str(exc))
     doc = run(config)
     out = results.write(doc, args.out or default_output(doc), overwrite=args.overwrite)
+    from .report import write_companions
+
+    companions = write_companions(doc, out)
     print(summary_table(doc))
+    if "roofline" in doc:
+        print(f"copy bandwidth {doc['roofline']['copy_bandwidth_gb_s']:,.0f} GB/s")
     if doc["checks"]:
         print("checks:", {k: v for k, v in doc["checks"].items()})
-    print(f"wrote {out}")
+    print(f"wrote {out} ({', '.join(p.suffix for p in companions)} beside it)")
     return 0
 
 

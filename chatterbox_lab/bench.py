@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import equivalence, profiling, results
+from . import equivalence, profiling, results, roofline
 from .decoder import LADDER, T3Decoder, ladder_prefix, prompt_len_for, text_tokens_for
 from .kv_cache import cache_len_for
 from .models import load_tts, resolve_device
@@ -86,7 +86,7 @@ def _median(values):
     return statistics.median(values) if values else None
 
 
-def measure_rung(tts, rung: str, cfg: BenchConfig, voice: Path, bar=None) -> dict:
+def measure_rung(tts, rung: str, cfg: BenchConfig, voice: Path, bar=None, bandwidth: float | None = None) -> dict:
     """Warm up, time `cfg.repeats` syntheses and profile one rung; returns its figures."""
     decoder = None
     build_start = time.perf_counter()
@@ -132,6 +132,10 @@ def measure_rung(tts, rung: str, cfg: BenchConfig, voice: Path, bar=None) -> dic
             t3_steps=[r.t3_steps for r in runs],
         ),
     )
+    if bandwidth:
+        prompt_len = prompt_len_for(tts.t3, text_tokens_for(tts, cfg.text))
+        figures.update(roofline.floor(tts.t3, bandwidth, prompt_len, figures["tokens"]))
+        figures["fraction_of_floor"] = figures["t3_decode_tok_s"] / figures["floor_tok_s"]
     if decoder is not None:
         figures["kv_cache_mib"] = decoder.forward.cache.nbytes() / 2**20 if decoder.forward else None
     if cfg.profile:
@@ -185,6 +189,11 @@ def run(config: BenchConfig, progress: bool = True, tts=None) -> dict:
         voice=voice.name, seed=cfg.seed, source=str(cfg.source), synthetic=tts.synthetic,
         sampling=asdict(cfg.sampling), load_s=load_s), rungs={}, checks={})
 
+    bandwidth = roofline.copy_bandwidth(cfg.device)
+    doc["roofline"] = dict(copy_bandwidth_gb_s=bandwidth / 1e9,
+                           method="median of 10 timed copies of a 2 GiB (GPU) / 256 MiB (CPU) "
+                                  "random tensor, bytes read + written")
+
     checks = None
     if cfg.checks:
         tts.prepare_conditionals(str(voice))
@@ -201,7 +210,7 @@ def run(config: BenchConfig, progress: bool = True, tts=None) -> dict:
                 err = bf16_logit_error(tts, text_tokens, checks["forced"], checks["reference"])
                 doc["checks"].update(bf16_logit_rel_error=err, bf16_logit_tolerance=equivalence.BF16_LOGIT_TOLERANCE,
                                      bf16_within_tolerance=err <= equivalence.BF16_LOGIT_TOLERANCE)
-            doc["rungs"][rung] = measure_rung(tts, rung, cfg, voice, bar)
+            doc["rungs"][rung] = measure_rung(tts, rung, cfg, voice, bar, bandwidth)
     if "upstream_fp32" in doc["rungs"]:
         base = doc["rungs"]["upstream_fp32"]["t3_decode_tok_s"]
         for figures in doc["rungs"].values():
@@ -210,8 +219,8 @@ def run(config: BenchConfig, progress: bool = True, tts=None) -> dict:
 
 
 def summary_table(doc: dict) -> str:
-    cols = ("t3_decode_tok_s", "t3_prefill_s", "e2e_s", "rtf", "peak_vram_mib", "compile_s",
-            "gpu_kernels_per_token", "host_launches_per_token", "cpu_ops_per_token")
+    cols = ("t3_decode_tok_s", "fraction_of_floor", "t3_prefill_s", "e2e_s", "rtf", "peak_vram_mib",
+            "compile_s", "gpu_kernels_per_token", "host_launches_per_token", "cpu_ops_per_token")
     prov = doc["provenance"]
     where = prov.get("gpu") or f"CPU ({prov.get('cpu')})"
     title = f"{where}, preset {prov['preset']}, {prov['tokens']} tokens, median of {prov.get('repeats')}"

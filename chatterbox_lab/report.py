@@ -73,3 +73,49 @@ def update_readme(path: Path = README) -> bool:
     if new != old:
         path.write_text(new)
     return new != old
+
+
+def plot_rungs(doc: dict, title: str | None = None):
+    """T3 decode rate per rung against the bandwidth floor, and launches per token."""
+    import matplotlib.pyplot as plt
+
+    from .profiling import plot_counts
+
+    rungs = doc["rungs"]
+    names = list(rungs)
+    fig, (rate, counts) = plt.subplots(1, 2, figsize=(12, 3.6))
+    rate.bar(names, [rungs[n]["t3_decode_tok_s"] for n in names], color="tab:green")
+    floors = [rungs[n].get("floor_tok_s") for n in names]
+    if all(floors):
+        rate.plot(names, floors, "k_", markersize=40, markeredgewidth=2, label="bandwidth floor")
+        for i, n in enumerate(names):
+            rate.annotate(f"{rungs[n]['fraction_of_floor']:.0%}", (i, rungs[n]["t3_decode_tok_s"]),
+                          ha="center", va="bottom", fontsize=8)
+        rate.legend(loc="upper left")
+    rate.set_ylabel("T3 decode tokens/s")
+    rate.tick_params(axis="x", rotation=20)
+    plot_counts(rungs, ax=counts)
+    counts.set_title("per token")
+    prov = doc["provenance"]
+    fig.suptitle(title or f"{prov.get('gpu') or 'CPU'}, preset {prov['preset']}, {prov['tokens']} tokens")
+    fig.tight_layout()
+    return fig
+
+
+def write_companions(doc: dict, json_path: Path) -> list[Path]:
+    """The run's Markdown table and PNG plot, next to its JSON."""
+    from .bench import summary_table
+
+    json_path = Path(json_path)
+    md, png = json_path.with_suffix(".md"), json_path.with_suffix(".png")
+    lines = [summary_table(doc)]
+    if "roofline" in doc:
+        lines += ["", f"Copy bandwidth: {doc['roofline']['copy_bandwidth_gb_s']:,.0f} GB/s "
+                      f"({doc['roofline']['method']})."]
+    md.write_text("\n".join(lines) + "\n")
+    fig = plot_rungs(doc)
+    fig.savefig(png, dpi=90)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return [md, png]

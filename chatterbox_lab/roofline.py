@@ -1,0 +1,62 @@
+"""The memory-bandwidth floor of a T3 decode step, and how close each rung gets to it.
+
+Decoding one token multiplies a CFG pair of vectors by every weight matrix of T3:
+about 2 GFLOP, microseconds of matrix-unit time, against ~1 GB of bf16 weights
+that must cross the memory bus. So the floor of a step is the bytes it must read
+(weights once, plus the filled part of the KV cache) over the card's bandwidth,
+measured here as a large device-to-device copy (bytes read plus bytes written).
+"""
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+
+def copy_bandwidth(device: str, nbytes: int | None = None, repeats: int = 10) -> float:
+    """Bytes per second of a large on-device copy, counting read + write; median of repeats."""
+    device = torch.device(device)
+    on_gpu = device.type == "cuda"
+    nbytes = nbytes or (2 << 30 if on_gpu else 256 << 20)
+    src = torch.randn(nbytes // 4, device=device)  # random data, not zeros: zeros can run faster
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        if on_gpu:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            import time
+
+            t = time.perf_counter()
+            dst.copy_(src)
+            times.append(time.perf_counter() - t)
+    del src, dst
+    return 2 * nbytes / statistics.median(times)
+
+
+def weight_bytes_per_step(t3) -> int:
+    """Weights a step reads: every decoder layer, the final norm and the speech head."""
+    modules = (t3.tfmr.layers, t3.tfmr.norm, t3.speech_head)
+    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+
+
+def kv_bytes_per_step(t3, position: float, batch: int = 2) -> float:
+    """KV cache a step reads at `position` (filled slots), both CFG rows, all layers."""
+    cfg = t3.cfg
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    element = t3.speech_head.weight.element_size()
+    return 2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * head_dim * position * element
+
+
+def floor(t3, bandwidth: float, prompt_len: int, tokens: int) -> dict:
+    """Floor of the decode at its mean position (prompt + half the generated tokens)."""
+    step_bytes = weight_bytes_per_step(t3) + kv_bytes_per_step(t3, prompt_len + tokens / 2)
+    seconds = step_bytes / bandwidth
+    return dict(bytes_per_step=step_bytes, floor_ms_per_token=seconds * 1e3, floor_tok_s=1 / seconds)
