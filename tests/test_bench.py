@@ -41,7 +41,8 @@ def test_bench_medians_and_stage_split(tiny_tts):
     rung = doc["rungs"]["upstream_fp32"]
     assert set(rung["stages_s"]) == {"conditioning", "t3", "s3gen_flow", "hifigan", "watermark"}
     assert len(rung["raw"]["t3_decode_s"]) == 3 and rung["raw"]["t3_steps"] == [8, 8, 8]
-    assert rung["e2e_s"] == pytest.approx(sum(rung["stages_s"].values()), rel=0.5)
+    per_run = sorted(sum(stages.values()) for stages in rung["raw"]["stages_s"])
+    assert rung["e2e_s"] == pytest.approx(per_run[1])  # the median run's own total
 
 
 def test_profiler_counts_per_token(tiny_tts):
