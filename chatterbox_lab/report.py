@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 CATALOG = ROOT / "notebooks" / "catalog.json"
 BLOCKS = {"results": lambda: results_section(), "notebooks": lambda: notebook_section()}
-README_FIGURES = ("t3_decode_tok_s", "t3_speedup_vs_upstream", "t3_prefill_s", "e2e_s", "rtf",
+README_FIGURES = ("t3_decode_tok_s", "t3_speedup_vs_upstream", "fraction_of_floor", "t3_prefill_s", "e2e_s", "rtf",
                   "peak_vram_mib", "compile_s", "gpu_kernels_per_token", "host_launches_per_token")
 
 
@@ -31,10 +31,17 @@ def results_section() -> str:
         "",
         results.markdown_table(doc, README_FIGURES),
     ]
-    checks = doc.get("checks") or {}
-    if checks:
+    if "roofline" in doc:
+        lines += ["", f"Measured copy bandwidth {doc['roofline']['copy_bandwidth_gb_s']:,.0f} GB/s; "
+                      f"`fraction_of_floor` is the decode rate over the rate at which the card could "
+                      f"just read the step's weights and filled KV cache once."]
+    checked = [(p, d) for p, d in docs if d.get("checks")]
+    if checked:
+        check_path, checked_doc = checked[-1]
+        checks = checked_doc["checks"]
         identity = checks.get("fp32_token_identity", {})
-        lines += ["", f"Checks in the same run: fp32 tokens identical to upstream for "
+        where = "the same run" if check_path == path else f"`{check_path.name}`"
+        lines += ["", f"Equivalence checks ({where}): fp32 tokens identical to upstream for "
                       f"{sum(identity.values())}/{len(identity)} step combinations "
                       f"({checks.get('fp32_tokens_checked')} tokens); bf16 teacher-forced logits "
                       f"relative error {checks.get('bf16_logit_rel_error', float('nan')):.2e} "

@@ -136,6 +136,12 @@ def latest_gpu_result() -> dict | None:
     return docs[-1][1] if docs else None
 
 
+def latest_gpu_checks() -> dict | None:
+    """The equivalence checks of the latest committed GPU run made with --checks."""
+    checked = [d for _, d in committed(gpu_only=True) if d.get("checks")]
+    return checked[-1]["checks"] if checked else None
+
+
 def _fmt(value, digits=3) -> str:
     if value is None:
         return "-"

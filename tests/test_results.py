@@ -29,7 +29,14 @@ def test_ladder_targets_hold_in_the_committed_run(doc):
     assert compiled["t3_decode_tok_s"] >= 500
     assert compiled["host_launches_per_token"] <= 6 and compiled["graph_launches_per_token"] == 1
     assert base["host_launches_per_token"] > 900
-    assert all(doc["checks"]["fp32_token_identity"].values()) and doc["checks"]["bf16_within_tolerance"]
+    assert 0 < compiled["fraction_of_floor"] < 1 and doc["roofline"]["copy_bandwidth_gb_s"] > 1000
+
+
+def test_a_committed_gpu_run_recorded_the_equivalence_checks():
+    checked = [d for _, d in results.committed() if d.get("checks")]
+    assert checked, "no committed GPU run with --checks"
+    checks = checked[-1]["checks"]
+    assert all(checks["fp32_token_identity"].values()) and checks["bf16_within_tolerance"]
 
 
 def test_validation_names_what_is_missing(doc):

@@ -84,9 +84,9 @@ print(f"T3 spends {base['stages_s']['t3']:.2f} s of {base['e2e_s']:.2f} s end to
 # ## Why it is slow: one host launch per kernel, a thousand kernels per token
 #
 # Decoding one token with CFG reads all 0.5 B weights once, about 2 GB in
-# fp32. An H100 moves that in well under a millisecond, yet upstream takes
-# ~20 ms per token. The profile says why: every one of the ~1,150 kernels of a
-# step is launched separately from Python (host launches = GPU kernels), and
+# fp32. An H100 moves that in under a millisecond, yet upstream takes tens of
+# milliseconds per token (table above). The profile says why: every one of
+# the more than a thousand kernels of a step is launched separately from Python (host launches = GPU kernels), and
 # each launch costs the CPU several microseconds. The GPU waits for the CPU.
 
 # %%

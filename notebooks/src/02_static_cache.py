@@ -85,15 +85,16 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
-# **What the H100 shows.** Eagerly, the static cache is slower still: about
-# 26 tokens/s against bf16's 32. The profile says why: about 140 more kernels
-# per token (in each of the 30 layers, two cache writes and two gathers from
-# the rotary tables; once per step, the mask) and some 800 more ATen operators
-# on the host, each a trip
+# **What the H100 shows.** Eagerly, the static cache is no faster than bf16
+# alone: the committed runs put it level or behind, within the run-to-run
+# spread of a host-bound loop. The profile says why: more kernels per token
+# (in each of the 30 layers, two cache writes and two gathers from the rotary
+# tables; once per step, the mask) and hundreds more ATen operators on the
+# host, each a trip
 # through the dispatcher, in a loop whose pace the host sets. Attending over
 # the whole capacity costs the GPU a little more too, but the GPU was idle
-# most of the time anyway. The cache itself is about 100 MiB for a 256-token
-# request on the full model, allocated once. Nothing here is faster yet; what
+# most of the time anyway. The cache itself is allocated once, for the job's
+# capacity. Nothing here is faster yet; what
 # changed is that the step now has one shape and one set of addresses.
 
 # %%
@@ -101,7 +102,7 @@ plt.show()
 bf16, static = shown["bf16"], shown["static_cache"]
 print("static cache alone slower than bf16 eager on the H100:", static["t3_decode_tok_s"] < bf16["t3_decode_tok_s"])
 print("more kernels per token than bf16 eager:", static["gpu_kernels_per_token"] > bf16["gpu_kernels_per_token"])
-print("fp32 token identity on the H100:", h100["checks"]["fp32_token_identity"]["static_cache"])
+print("fp32 token identity on the H100:", results.latest_gpu_checks()["fp32_token_identity"]["static_cache"])
 
 # %% [markdown]
 # ## A request that does not fit

@@ -94,9 +94,9 @@ plt.show()
 
 # %% [markdown]
 # **What the H100 shows.** The kernel count does not move (a host-to-device
-# copy is not a kernel), and the host does about ten fewer operators per
-# token out of some 5,300. The medians differ (about 32 against 26 tokens/s),
-# but the repeats scatter over a similar range: the eager loop's speed is at
+# copy is not a kernel), and the host does a few fewer operators per token
+# out of thousands. The medians differ, in either direction from one
+# committed run to the next, and the repeats scatter over a similar range: the eager loop's speed is at
 # the mercy of the host, and a difference this size between two rungs that
 # do nearly the same work is within that noise. Read this rung as a change
 # in *kind*, not in speed: the step's inputs are now all on the device.
@@ -120,7 +120,7 @@ print("same kernels per token as the static cache:", static["gpu_kernels_per_tok
 print("fewer host operators per token:", cached["cpu_ops_per_token"] < static["cpu_ops_per_token"])
 print("fewer host-to-device copies once the step is device-only:", copies["compiled"] < copies["upstream_fp32"])
 print("fp32 token identity on the H100:",
-      {k: h100["checks"]["fp32_token_identity"][k] for k in ("embed_cache", "embed_cache+static_cache")})
+      {k: results.latest_gpu_checks()["fp32_token_identity"][k] for k in ("embed_cache", "embed_cache+static_cache")})
 
 # %% [markdown]
 # ## Listen
