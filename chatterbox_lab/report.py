@@ -35,6 +35,15 @@ def results_section() -> str:
         lines += ["", f"Measured copy bandwidth {doc['roofline']['copy_bandwidth_gb_s']:,.0f} GB/s; "
                       f"`fraction_of_floor` is the decode rate over the rate at which the card could "
                       f"just read the step's weights and filled KV cache once."]
+    if {"upstream_fp32", "compiled"} <= set(doc["rungs"]):
+        from .reference import guide, side_by_side
+
+        t3_row, e2e_row = side_by_side(doc)[:2]
+        lines += ["", f"Compiled over upstream fp32 on the {prov['gpu']}: **{t3_row['ours_speedup']:.1f}x** T3 decode "
+                      f"rate, {e2e_row['ours_speedup']:.1f}x end to end. The guide claims "
+                      f"{guide()['headline_speedup']}x on an RTX 4090, measured end to end with a token "
+                      f"count of audio seconds x 50, on another card and host; "
+                      f"[`05_reproduce`](notebooks/05_reproduce.ipynb) puts both in the same units."]
     checked = [(p, d) for p, d in docs if d.get("checks")]
     if checked:
         check_path, checked_doc = checked[-1]

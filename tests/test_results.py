@@ -75,3 +75,27 @@ def test_notebook_catalog_matches_the_notebooks():
     sources = {p.stem + ".ipynb" for p in (report.ROOT / "notebooks" / "src").glob("*.py")}
     assert sources == present
     assert all(n["runner"] in {"cpu", "gpu"} for n in report.notebook_catalog())
+
+
+def test_every_number_in_readme_prose_is_a_definition_not_a_measurement():
+    """Measured numbers reach the README only through the generated blocks."""
+    import re
+
+    text = report.README.read_text()
+    prose = re.sub(r"<!-- (\w+):start -->.*?<!-- \1:end -->", "", text, flags=re.S)
+    prose = re.sub(r"```.*?```", "", prose, flags=re.S)
+    numbers = set(re.findall(r"(?<![\w.])\d[\d,.]*\d|\b\d\b", prose))
+    definitions = {
+        "0.1.7",  # the upstream chatterbox-tts version
+        "3.10",   # minimum Python
+        "0.5",    # T3's size in billions of parameters
+        "25",     # speech tokens per second of audio (S3_TOKEN_RATE)
+        "50",     # the guide's assumed tokens per second of audio
+        "256",    # the GPU benchmark's default token count
+    }
+    assert numbers <= definitions, f"numbers with no committed source: {sorted(numbers - definitions)}"
+    from chatterbox.models.s3tokenizer import S3_TOKEN_RATE
+
+    from chatterbox_lab.reference import GUIDE_TOKENS_PER_AUDIO_SECOND
+
+    assert S3_TOKEN_RATE == 25 and GUIDE_TOKENS_PER_AUDIO_SECOND == 50
