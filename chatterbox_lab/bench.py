@@ -89,9 +89,10 @@ def _median(values):
 def measure_rung(tts, rung: str, cfg: BenchConfig, voice: Path, bar=None, bandwidth: float | None = None) -> dict:
     """Warm up, time `cfg.repeats` syntheses and profile one rung; returns its figures."""
     decoder = None
+    text_tokens = text_tokens_for(tts, cfg.text)
+    prompt_len = prompt_len_for(tts.t3, text_tokens)
     build_start = time.perf_counter()
     if rung != "upstream_fp32":
-        prompt_len = prompt_len_for(tts.t3, text_tokens_for(tts, cfg.text))
         capacity = cache_len_for(prompt_len, max(cfg.tokens, PROFILE_TOKENS[1]))
         decoder = T3Decoder(tts.t3, ladder_prefix(rung), max_cache_len=capacity)
     build_s = time.perf_counter() - build_start
@@ -133,14 +134,11 @@ def measure_rung(tts, rung: str, cfg: BenchConfig, voice: Path, bar=None, bandwi
         ),
     )
     if bandwidth:
-        prompt_len = prompt_len_for(tts.t3, text_tokens_for(tts, cfg.text))
         figures.update(roofline.floor(tts.t3, bandwidth, prompt_len, figures["tokens"]))
         figures["fraction_of_floor"] = figures["t3_decode_tok_s"] / figures["floor_tok_s"]
     if decoder is not None:
         figures["kv_cache_mib"] = decoder.forward.cache.nbytes() / 2**20 if decoder.forward else None
     if cfg.profile:
-        text_tokens = text_tokens_for(tts, cfg.text)
-
         def t3_only(n):
             torch.manual_seed(cfg.seed)
             if decoder is None:

@@ -144,17 +144,17 @@ class T3Decoder:
         self.nonfinite.logical_or_(~torch.isfinite(probs).all())
         return probs
 
-    def _feed(self, step: int | None) -> torch.Tensor:
-        """Logits (2, V) after feeding the token sampled at the current step."""
-        token = self.tokens.index_select(1, self.step_index)
+    def _feed(self, token: torch.Tensor, step: int | None) -> torch.Tensor:
+        """Logits (2, V) after feeding `token`, the one sampled at the current step."""
         position = None if self.forward is None else self.prompt_len_t + self.step_index
         return self._active_forward(self._embed(token, step), position)
 
     def _step(self, step: int | None = None) -> torch.Tensor:
         """Feed the last sampled token, return next-token probabilities. With the caches on
         (step=None) it reads only device state, so one captured graph serves every step."""
-        self.seen.index_fill_(1, self.tokens.index_select(1, self.step_index)[0], True)
-        logits = self._feed(step)
+        token = self.tokens.index_select(1, self.step_index)
+        self.seen.index_fill_(1, token[0], True)
+        logits = self._feed(token, step)
         self.step_index.add_(1)
         return self._probs(logits)
 
@@ -192,7 +192,7 @@ class T3Decoder:
         """Logits (2, V) after feeding `token` as the one sampled at `step` (eager; for checks)."""
         self.step_index.fill_(step)
         self.tokens[:, step] = token.view(-1)
-        return self._feed(step)
+        return self._feed(token, step)
 
     @torch.inference_mode()
     def generate(self, t3_cond, text_tokens: torch.Tensor, max_new_tokens: int,

@@ -42,12 +42,12 @@ class StaticT3Forward:
     def capacity(self) -> int:
         return self.cache.capacity
 
-    def _attention(self, i: int, attn, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor):
+    def _attention(self, i: int, attn, x: torch.Tensor, positions: torch.Tensor, rotary, mask: torch.Tensor):
         B, T, _ = x.shape
         q = attn.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = attn.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = attn.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, self.cos[positions][None], self.sin[positions][None])
+        q, k = apply_rotary_pos_emb(q, k, *rotary)
         keys, values = self.cache.update(i, positions, k, v)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
                                              enable_gqa=self.n_heads != self.n_kv_heads)
@@ -56,9 +56,10 @@ class StaticT3Forward:
     def __call__(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """embeds (B, T, dim) at cache positions (T,) -> speech logits of the last position (B, V)."""
         mask = self.cache.mask(positions)
+        rotary = self.cos[positions][None], self.sin[positions][None]  # shared by every layer
         x = embeds
         for i, layer in enumerate(self.layers):
-            x = x + self._attention(i, layer.self_attn, layer.input_layernorm(x), positions, mask)
+            x = x + self._attention(i, layer.self_attn, layer.input_layernorm(x), positions, rotary, mask)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         x = self.t3.tfmr.norm(x[:, -1])
         return self.t3.speech_head(x)
