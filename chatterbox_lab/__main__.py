@@ -42,7 +42,23 @@ def main(argv=None) -> int:
     b.add_argument("--out", type=Path, help="results JSON path (default: data/results/ on a GPU)")
     b.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     sub.add_parser("readme", help="regenerate README.md's results section from data/results/")
+    s = sub.add_parser("serve", help="HTTP example: POST /synthesize, PUT /voices/{id}, GET /health")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--preset", choices=PRESETS)
+    s.add_argument("--checkpoint", default="synthetic")
+    s.add_argument("--device")
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        import uvicorn
+
+        from .server import create_app
+        from .session import TTSSession
+
+        session = TTSSession(args.checkpoint, preset=args.preset, device=args.device)
+        print(f"warm-up (compile and capture): {session.warmup():.1f} s")
+        uvicorn.run(create_app(session), host=args.host, port=args.port)
+        return 0
     if args.command == "readme":
         from .report import update_readme
 

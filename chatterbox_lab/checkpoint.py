@@ -155,4 +155,14 @@ def check_checkpoint_dir(directory: Path) -> Path:
             f"incomplete checkpoint in {directory}: {'; '.join(problems)}. A Chatterbox "
             f"checkpoint needs {', '.join(REQUIRED_FILES)} (conds.pt is optional)."
         )
+    from safetensors import safe_open
+
+    for name in REQUIRED_FILES:
+        if name.endswith(".safetensors"):
+            try:
+                with safe_open(str(directory / name), framework="pt") as f:
+                    f.keys()
+            except Exception as exc:  # safetensors raises its own error types for bad headers
+                raise ValueError(f"{directory / name} is not a readable safetensors file ({exc}); "
+                                 f"it may be truncated: download or copy it again") from None
     return directory

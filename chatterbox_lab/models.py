@@ -1,6 +1,7 @@
 """One call to a ready `ChatterboxTTS`: a local checkpoint, the hub, or the synthetic default."""
 from __future__ import annotations
 
+import pickle
 import warnings
 from pathlib import Path
 
@@ -86,7 +87,17 @@ def load_tts(source: str | Path = "synthetic", *, preset: str | None = None, dev
         # Upstream asks for output_attentions=True and newer transformers warn on every call.
         warnings.filterwarnings("ignore", message=".*output_attentions.*")
         with upstream_constructors(model_preset):
-            tts = ChatterboxTTS.from_local(directory, device)
+            try:
+                tts = ChatterboxTTS.from_local(directory, device)
+            except RuntimeError as exc:
+                if "size mismatch" not in str(exc) and "Missing key" not in str(exc):
+                    raise
+                raise ValueError(f"the weights in {directory} do not fit the {model_preset} Chatterbox "
+                                 f"architecture (wrong-shape or missing tensors): "
+                                 f"{str(exc).splitlines()[0]}") from None
+            except pickle.UnpicklingError as exc:
+                raise ValueError(f"{directory / 'conds.pt'} is not a plain tensor file and was refused "
+                                 f"(loaded with weights_only=True): {str(exc).splitlines()[0]}") from None
     tts.checkpoint_dir = Path(directory)
     tts.preset = model_preset
     tts.synthetic = marker is not None

@@ -2,11 +2,32 @@
 from __future__ import annotations
 
 
-def check_text(text) -> str:
+# T3's learned text positions end at 2048 tokens (one per character with the
+# English tokenizer); past a few hundred characters quality drops, and the static
+# cache must hold the whole prompt, so longer text must be split (chunking) first.
+MAX_TEXT_CHARS = 600
+
+
+def check_text(text, max_chars: int = MAX_TEXT_CHARS) -> str:
     # Upstream replaces empty text with a stock sentence and speaks that instead.
+    if isinstance(text, (bytes, bytearray)):
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"text is not valid UTF-8 ({exc.reason} at byte {exc.start}); "
+                             f"send UTF-8 encoded text") from None
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
     if not text.strip():
         raise ValueError("text is empty: give the sentence to speak (upstream would silently "
                          "speak 'You need to add some text for me to talk.' instead)")
+    if len(text) > max_chars:
+        raise ValueError(f"text is {len(text)} characters, over the limit of {max_chars}: split it into "
+                         f"sentences and synthesize them one by one (nothing was generated)")
     return text
+
+
+def check_token_count(max_new_tokens) -> int:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    return max_new_tokens

@@ -1,6 +1,8 @@
 """Reference voices: the bundled ones, checks on user audio, and a cache of prepared voices."""
 from __future__ import annotations
 
+import hashlib
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -8,6 +10,8 @@ import numpy as np
 
 VOICES_DIR = Path(__file__).resolve().parent.parent / "data" / "voices"
 MIN_SECONDS = 1.0
+# Upstream conditions S3Gen on the first 10 s of the reference and T3 on the first 6 s.
+USED_SECONDS = 10.0
 SILENCE_PEAK = 1e-4  # about -80 dBFS
 
 
@@ -41,6 +45,9 @@ def check_reference_audio(path) -> Path:
                          f"{MIN_SECONDS:.0f} s of speech (6-10 s works best)")
     if not np.isfinite(wav).all() or float(np.abs(wav).max()) < SILENCE_PEAK:
         raise ValueError(f"reference audio {path} is silent (or holds NaN); give a recording of speech")
+    if seconds > USED_SECONDS:
+        warnings.warn(f"reference audio {path} is {seconds:.1f} s long; only its first {USED_SECONDS:.0f} s "
+                      f"are used", stacklevel=2)
     return path
 
 
@@ -60,7 +67,9 @@ class VoiceCache:
 
     def use(self, voice, exaggeration: float = 0.5):
         path = voice_path(voice)
-        key = (str(path.resolve()), path.stat().st_mtime_ns, float(exaggeration))
+        # Keyed by content: the same recording under two names is prepared once, and a
+        # file rewritten in place is prepared again.
+        key = (hashlib.sha256(path.read_bytes()).hexdigest(), float(exaggeration))
         if key in self._prepared:
             self._prepared.move_to_end(key)
             self.tts.conds = self._prepared[key]

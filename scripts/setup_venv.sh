@@ -14,7 +14,7 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     $PIP install --quiet "torch==${TORCH_VERSION:-2.13.0}"
 fi
 
-$PIP install --quiet -e ".[notebooks,test]"
+$PIP install --quiet -e ".[notebooks,serve,test]"
 
 # chatterbox-tts pins torch==2.6.0, transformers==5.2.0, numpy<2, gradio and more;
 # pyproject.toml lists what it really imports, so it goes in without its pins.

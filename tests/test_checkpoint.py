@@ -43,8 +43,28 @@ def test_guard_only_on_synthetic(tiny_tts, tmp_path):
     checkpoint.build_synthetic("tiny", real)
     (real / checkpoint.MARKER).unlink()  # now indistinguishable from a user's checkpoint
     # A real checkpoint is the full architecture; the tiny weights cannot load into it.
-    with pytest.raises(RuntimeError, match="size mismatch"):
+    with pytest.raises(ValueError, match="do not fit the full Chatterbox architecture"):
         load_tts(real, device="cpu")
+
+
+def test_truncated_weights_are_named(tmp_path):
+    directory = checkpoint.build_synthetic("tiny", tmp_path / "ckpt")
+    data = (directory / "t3_cfg.safetensors").read_bytes()
+    (directory / "t3_cfg.safetensors").write_bytes(data[:100])
+    with pytest.raises(ValueError, match="t3_cfg.safetensors is not a readable safetensors file"):
+        load_tts(directory, device="cpu")
+
+
+def test_conds_file_that_is_not_tensors_is_refused(tmp_path):
+    import threading
+
+    import torch
+
+    directory = checkpoint.build_synthetic("tiny", tmp_path / "ckpt")
+    torch.save({"t3": {"speaker_emb": torch.zeros(1, 256)}, "gen": {"payload": threading.Lock}},
+               directory / "conds.pt")
+    with pytest.raises(ValueError, match="conds.pt is not a plain tensor file"):
+        load_tts(directory, device="cpu")
 
 
 def test_missing_and_empty_files_are_named(tmp_path):

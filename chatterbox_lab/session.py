@@ -1,0 +1,100 @@
+"""A serving session: one model, one compiled decoder, a bounded cache of prepared voices.
+
+The decoder's captured step, its KV cache and upstream's `tts.conds` are shared,
+mutable state, so requests run one at a time under a lock: concurrent callers
+queue instead of corrupting each other's graphs or voices. Each result is a fresh
+host copy, never a view of a buffer the next request overwrites.
+"""
+from __future__ import annotations
+
+import io
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .decoder import LADDER, T3Decoder
+from .models import load_tts
+from .pipeline import synthesize
+from .sampling import SamplingParams
+from .validation import MAX_TEXT_CHARS, check_text, check_token_count
+from .voices import VoiceCache, check_reference_audio, voice_path
+
+
+@dataclass
+class Speech:
+    wav: np.ndarray
+    sample_rate: int
+    seconds: dict
+
+    def wav_bytes(self) -> bytes:
+        """16-bit PCM WAV."""
+        import soundfile as sf
+
+        buffer = io.BytesIO()
+        sf.write(buffer, self.wav, self.sample_rate, format="WAV", subtype="PCM_16")
+        return buffer.getvalue()
+
+
+class TTSSession:
+    def __init__(self, source="synthetic", *, preset=None, device=None, steps=LADDER,
+                 max_new_tokens: int = 1000, voices: int = 8, tts=None):
+        self.tts = tts if tts is not None else load_tts(source, preset=preset, device=device)
+        self.max_new_tokens = check_token_count(max_new_tokens)
+        self.decoder = T3Decoder(self.tts.t3, steps, max_new_tokens=max_new_tokens,
+                                 max_text_tokens=MAX_TEXT_CHARS)
+        self.voices = VoiceCache(self.tts, capacity=voices)
+        self._named: dict[str, Path] = {}
+        self._lock = threading.Lock()
+        self.warmup_s: float | None = None
+
+    def register_voice(self, voice_id: str, path) -> str:
+        """Name a reference recording; it is checked now and prepared on first use."""
+        if not voice_id or not voice_id.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"voice id {voice_id!r} must be letters, digits, '-' or '_'")
+        checked = check_reference_audio(path)
+        with self._lock:
+            self._named[voice_id] = checked
+        return voice_id
+
+    def voice_names(self) -> list[str]:
+        from .voices import bundled_voices
+
+        return sorted({*bundled_voices(), *self._named})
+
+    def _resolve(self, voice) -> Path:
+        return self._named.get(voice) or voice_path(voice)
+
+    def warmup(self, voice="alto") -> float:
+        """Compile and capture the decode step now, not in the first request; returns seconds."""
+        start = time.perf_counter()
+        self.synthesize("Warming up the decoder.", voice=voice, max_new_tokens=32)
+        self.warmup_s = time.perf_counter() - start
+        return self.warmup_s
+
+    def synthesize(self, text, voice="alto", *, sampling: SamplingParams = SamplingParams(),
+                   max_new_tokens: int | None = None, exaggeration: float = 0.5, seed: int | None = None) -> Speech:
+        text = check_text(text)
+        n = check_token_count(max_new_tokens if max_new_tokens is not None else self.max_new_tokens)
+        if n > self.max_new_tokens:
+            raise ValueError(f"max_new_tokens {n} is over this session's limit of {self.max_new_tokens}: "
+                             f"create the session with a larger max_new_tokens")
+        path = self._resolve(voice)
+        with self._lock:
+            try:
+                conds = self.voices.use(path, exaggeration)
+                self.tts.conds = conds
+                if seed is not None:
+                    torch.manual_seed(seed)
+                result = synthesize(self.tts, text, decoder=self.decoder, max_new_tokens=n, sampling=sampling)
+            except torch.cuda.OutOfMemoryError as exc:
+                torch.cuda.empty_cache()
+                raise MemoryError(
+                    "the GPU ran out of memory for this request: use shorter text or fewer max_new_tokens, "
+                    "a smaller max_new_tokens for the session (its KV cache is sized from it), or free "
+                    f"memory held by other processes ({exc})") from None
+        return Speech(wav=np.array(result.wav, dtype=np.float32, copy=True), sample_rate=result.sample_rate,
+                      seconds=dict(result.seconds))
