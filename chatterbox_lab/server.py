@@ -12,6 +12,8 @@ import tempfile
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from .sampling import SamplingParams
@@ -35,6 +37,12 @@ class SynthesisRequest(BaseModel):
 
 def create_app(session: TTSSession) -> FastAPI:
     app = FastAPI(title="chatterbox_lab")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request, exc: RequestValidationError):
+        # FastAPI's default echoes the offending input, and a NaN cannot be written as JSON.
+        detail = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]
+        return JSONResponse({"detail": detail}, status_code=422)
     uploads = Path(tempfile.mkdtemp(prefix="chatterbox_lab-voices-"))
 
     @app.get("/health")
