@@ -12,7 +12,7 @@ the tokens plug into upstream's S3Gen. Steps, each in its own module:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -76,14 +76,13 @@ class DecodeResult:
     prefill_s: float
     decode_s: float
     steps_run: int = 0
-    timings: dict = field(default_factory=dict)
 
     @property
     def decode_tok_s(self) -> float:
         return self.steps_run / self.decode_s if self.decode_s > 0 else float("nan")
 
 
-def _sync(device) -> None:
+def sync_device(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -198,10 +197,10 @@ class T3Decoder:
     def generate(self, t3_cond, text_tokens: torch.Tensor, max_new_tokens: int,
                  sampling: SamplingParams = SamplingParams(), stop_on_eos: bool = True) -> DecodeResult:
         self.sampling.set(sampling)
-        _sync(self.device)
+        sync_device(self.device)
         start = time.perf_counter()
         probs = self._probs(self.prefill(t3_cond, text_tokens, max_new_tokens, sampling.cfg_weight))
-        _sync(self.device)
+        sync_device(self.device)
         prefill_end = time.perf_counter()
 
         steps = max_new_tokens
@@ -219,7 +218,7 @@ class T3Decoder:
             else:
                 probs = self.step_fn(None if self.embedding is not None else i)
         tokens = self.tokens[:, :steps].clone()
-        _sync(self.device)
+        sync_device(self.device)
         end = time.perf_counter()
 
         if stop_on_eos:

@@ -14,11 +14,12 @@ import numpy as np
 import torch
 from transformers.utils import logging as hf_logging
 
-from .decoder import T3Decoder, _sync, text_tokens_for
+from .decoder import T3Decoder, sync_device, text_tokens_for
 from .sampling import SamplingParams
 from .validation import check_text
 
 TOKENS_PER_SECOND = 25  # S3 speech tokens: 640 samples at 16 kHz each
+SAMPLES_PER_TOKEN = 24_000 // TOKENS_PER_SECOND  # of S3Gen's 24 kHz output
 
 
 @dataclass
@@ -49,11 +50,11 @@ class _Stopwatch:
 
         class _Stage:
             def __enter__(self):
-                _sync(watch.device)
+                sync_device(watch.device)
                 self.start = time.perf_counter()
 
             def __exit__(self, *exc):
-                _sync(watch.device)
+                sync_device(watch.device)
                 watch.seconds[stage] = time.perf_counter() - self.start
 
         return _Stage()
@@ -65,7 +66,7 @@ def upstream_t3(tts, text_tokens, max_new_tokens, sampling: SamplingParams, stop
 
     def after_forward(module, args, output):
         if not marks:
-            _sync(tts.device)
+            sync_device(tts.device)
             marks.append(time.perf_counter())
 
     handle = tts.t3.tfmr.register_forward_hook(after_forward)
@@ -73,14 +74,14 @@ def upstream_t3(tts, text_tokens, max_new_tokens, sampling: SamplingParams, stop
     # Upstream passes arguments newer transformers log a deprecation for on every call.
     hf_logging.set_verbosity_error()
     try:
-        _sync(tts.device)
+        sync_device(tts.device)
         start = time.perf_counter()
         tokens = tts.t3.inference(
             t3_cond=tts.conds.t3, text_tokens=text_tokens, max_new_tokens=max_new_tokens,
             stop_on_eos=stop_on_eos, temperature=sampling.temperature, cfg_weight=sampling.cfg_weight,
             repetition_penalty=sampling.repetition_penalty, min_p=sampling.min_p, top_p=sampling.top_p,
         )
-        _sync(tts.device)
+        sync_device(tts.device)
         end = time.perf_counter()
     finally:
         handle.remove()

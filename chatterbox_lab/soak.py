@@ -15,8 +15,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from .compiled_step import compile_counters
+from .pipeline import SAMPLES_PER_TOKEN
 
-SAMPLES_PER_TOKEN = 960  # 24 kHz output, 25 speech tokens per second
 TEXTS = ["Short.", "A sentence of middling length, with a comma.", "Numbers like 42 and 7 read aloud.",
          "Questions end differently, don't they?", "Exclamations too!"]
 

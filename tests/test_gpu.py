@@ -1,6 +1,5 @@
 """GPU behaviour, full preset: run with `pytest -m gpu` on a CUDA machine."""
 import pytest
-import torch
 
 from chatterbox_lab import profiling
 from chatterbox_lab.compiled_step import compile_counters

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from chatterbox_lab.pipeline import SAMPLES_PER_TOKEN
 from chatterbox_lab.server import create_app
 from chatterbox_lab.session import TTSSession
 from chatterbox_lab.soak import LoopbackServer, run_soak
@@ -31,7 +32,7 @@ def test_health_and_synthesis(server):
     response = httpx.post(f"{server.url}/synthesize", json={"text": "Hello.", "max_new_tokens": 10}, timeout=60)
     assert response.status_code == 200 and response.headers["content-type"] == "audio/wav"
     wav, sr = sf.read(io.BytesIO(response.content))
-    assert sr == 24000 and len(wav) == 10 * 960
+    assert sr == 24000 and len(wav) == 10 * SAMPLES_PER_TOKEN
 
 
 def test_voice_registration(server, tmp_path):

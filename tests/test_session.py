@@ -1,18 +1,15 @@
 """The serving session: bad input refused with a message and no output, thread safety."""
 import threading
-import warnings
 
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 
-from chatterbox_lab.sampling import SamplingParams
+from chatterbox_lab.pipeline import SAMPLES_PER_TOKEN
 from chatterbox_lab.session import TTSSession
 from chatterbox_lab.validation import MAX_TEXT_CHARS, check_text
 
 TOKENS = 8
-SAMPLES_PER_TOKEN = 960  # 24 kHz audio, 25 speech tokens per second
 
 
 @pytest.fixture(scope="module")
