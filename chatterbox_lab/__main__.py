@@ -48,7 +48,22 @@ def main(argv=None) -> int:
     s.add_argument("--preset", choices=PRESETS)
     s.add_argument("--checkpoint", default="synthetic")
     s.add_argument("--device")
+    k = sub.add_parser("soak", help="serve on 127.0.0.1 and soak it with concurrent clients; writes one JSON")
+    k.add_argument("--requests", type=int, default=500)
+    k.add_argument("--clients", type=int, default=4)
+    k.add_argument("--preset", choices=PRESETS)
+    k.add_argument("--device")
+    k.add_argument("--out", type=Path, required=True)
+    k.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
+    if args.command == "soak":
+        from .soak import soak_document
+
+        doc = soak_document(requests=args.requests, clients=args.clients, preset=args.preset, device=args.device)
+        out = results.write(doc, args.out, overwrite=args.overwrite)
+        print({k: v for k, v in doc["rungs"]["soak"].items() if k != "rss_every_50"})
+        print(f"wrote {out}")
+        return 0 if doc["rungs"]["soak"]["errors"] == 0 else 1
     if args.command == "serve":
         import uvicorn
 

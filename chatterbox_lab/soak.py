@@ -111,3 +111,30 @@ def run_soak(url: str, voices: list[str], requests: int = 500, clients: int = 4,
                 recompiles=after["recompiles"] - before["recompiles"],
                 new_frames=after["frames_compiled"] - before["frames_compiled"],
                 rss_start_mib=rss_start, rss_end_mib=rss_mib(), rss_every_50=rss_trace)
+
+
+def soak_document(requests: int = 500, clients: int = 4, preset=None, device=None) -> dict:
+    """Warm a session, serve it on loopback, soak it; returns a results document."""
+    import torch
+
+    from . import results
+    from .server import create_app
+    from .session import TTSSession
+
+    session = TTSSession(preset=preset, device=device, max_new_tokens=64)
+    warmup_s = session.warmup()
+    on_gpu = str(session.tts.device).startswith("cuda")
+    if on_gpu:
+        torch.cuda.synchronize()
+        gpu_start = torch.cuda.memory_allocated() / 2**20
+    with LoopbackServer(create_app(session)) as server:
+        report = run_soak(server.url, ["alto", "tenor"], requests=requests, clients=clients)
+    report["warmup_s"] = warmup_s
+    if on_gpu:
+        report.update(gpu_allocated_start_mib=gpu_start, gpu_allocated_end_mib=torch.cuda.memory_allocated() / 2**20,
+                      peak_vram_mib=torch.cuda.max_memory_allocated() / 2**20)
+    doc = dict(schema=results.SCHEMA, rungs={"soak": report}, checks={},
+               provenance=results.provenance(device=str(session.tts.device), preset=session.tts.preset,
+                                             text="soak.TEXTS", tokens=list((4, 12)), requests=requests,
+                                             clients=clients))
+    return results.validate(doc)
