@@ -1,15 +1,18 @@
 """A serving session: one model, one compiled decoder, a bounded cache of prepared voices.
 
 The decoder's captured step, its KV cache and upstream's `tts.conds` are shared,
-mutable state, so requests run one at a time under a lock: concurrent callers
-queue instead of corrupting each other's graphs or voices. Each result is a fresh
-host copy, never a view of a buffer the next request overwrites.
+mutable state, so requests run one at a time: concurrent callers queue instead
+of corrupting each other's graphs or voices. They run on one dedicated worker
+thread, not merely under a lock, because torch.compile's CUDA-graph trees keep
+per-thread state: a step captured on one thread and replayed from a server's
+pool of threads is not supported (pytorch/pytorch#123177). Each result is a
+fresh host copy, never a view of a buffer the next request overwrites.
 """
 from __future__ import annotations
 
 import io
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,16 +51,14 @@ class TTSSession:
                                  max_text_tokens=MAX_TEXT_CHARS)
         self.voices = VoiceCache(self.tts, capacity=voices)
         self._named: dict[str, Path] = {}
-        self._lock = threading.Lock()
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatterbox_lab-model")
         self.warmup_s: float | None = None
 
     def register_voice(self, voice_id: str, path) -> str:
         """Name a reference recording; it is checked now and prepared on first use."""
         if not voice_id or not voice_id.replace("-", "").replace("_", "").isalnum():
             raise ValueError(f"voice id {voice_id!r} must be letters, digits, '-' or '_'")
-        checked = check_reference_audio(path)
-        with self._lock:
-            self._named[voice_id] = checked
+        self._named[voice_id] = check_reference_audio(path)
         return voice_id
 
     def voice_names(self) -> list[str]:
@@ -83,18 +84,23 @@ class TTSSession:
             raise ValueError(f"max_new_tokens {n} is over this session's limit of {self.max_new_tokens}: "
                              f"create the session with a larger max_new_tokens")
         path = self._resolve(voice)
-        with self._lock:
-            try:
-                conds = self.voices.use(path, exaggeration)
-                self.tts.conds = conds
-                if seed is not None:
-                    torch.manual_seed(seed)
-                result = synthesize(self.tts, text, decoder=self.decoder, max_new_tokens=n, sampling=sampling)
-            except torch.cuda.OutOfMemoryError as exc:
-                torch.cuda.empty_cache()
-                raise MemoryError(
-                    "the GPU ran out of memory for this request: use shorter text or fewer max_new_tokens, "
-                    "a smaller max_new_tokens for the session (its KV cache is sized from it), or free "
-                    f"memory held by other processes ({exc})") from None
+        return self._worker.submit(self._run, text, path, sampling, n, exaggeration, seed).result()
+
+    def _run(self, text, path, sampling, n, exaggeration, seed) -> Speech:
+        """On the worker thread: every model call of the session happens here."""
+        try:
+            self.tts.conds = self.voices.use(path, exaggeration)
+            if seed is not None:
+                torch.manual_seed(seed)
+            result = synthesize(self.tts, text, decoder=self.decoder, max_new_tokens=n, sampling=sampling)
+        except torch.cuda.OutOfMemoryError as exc:
+            torch.cuda.empty_cache()
+            raise MemoryError(
+                "the GPU ran out of memory for this request: use shorter text or fewer max_new_tokens, "
+                "a smaller max_new_tokens for the session (its KV cache is sized from it), or free "
+                f"memory held by other processes ({exc})") from None
         return Speech(wav=np.array(result.wav, dtype=np.float32, copy=True), sample_rate=result.sample_rate,
                       seconds=dict(result.seconds))
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=True)

@@ -50,3 +50,29 @@ def test_compiled_decode_rate(full_tts, compiled):
     rates = [compiled.generate(full_tts.conds.t3, text_tokens, 256).decode_tok_s for _ in range(3)]
     print("compiled decode tok/s", rates)
     assert sorted(rates)[1] > 300
+
+
+def test_session_serves_callers_on_other_threads():
+    """Graphs are captured and replayed on the session's own worker thread, whoever calls."""
+    import threading
+
+    from chatterbox_lab.session import TTSSession
+
+    session = TTSSession(preset="full", device="cuda", max_new_tokens=64)
+    session.warmup()
+    before = compile_counters()
+    results, errors = [], []
+
+    def call():
+        try:
+            results.append(session.synthesize("From another thread.", max_new_tokens=16, seed=3).wav)
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors and len(results) == 4
+    assert compile_counters() == before
