@@ -27,9 +27,12 @@ def seeded_tokens(tts, text_tokens, n: int, seed: int, decoder: T3Decoder | None
     return decoder.generate(tts.conds.t3, text_tokens, n, sampling).tokens
 
 
-def token_identity(tts, text_tokens, steps_list, n: int, seed: int = 0, max_cache_len: int | None = None) -> dict:
-    """{"+".join(steps): tokens identical to upstream} for each set of steps (fp32 model)."""
-    reference = seeded_tokens(tts, text_tokens, n, seed)
+def token_identity(tts, text_tokens, steps_list, n: int, seed: int = 0, max_cache_len: int | None = None,
+                   reference: torch.Tensor | None = None) -> dict:
+    """{"+".join(steps): tokens identical to upstream} for each set of steps (fp32 model).
+    `reference`: upstream's tokens for this seed, if already computed."""
+    if reference is None:
+        reference = seeded_tokens(tts, text_tokens, n, seed)
     verdicts = {}
     for steps in steps_list:
         decoder = T3Decoder(tts.t3, steps, max_cache_len=max_cache_len, max_new_tokens=n)

@@ -7,6 +7,7 @@ upstream's `T3.inference` or a `T3Decoder` with ladder steps.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 
@@ -41,23 +42,14 @@ class Synthesis:
         return sum(self.seconds.values())
 
 
-class _Stopwatch:
-    def __init__(self, device, seconds: dict):
-        self.device, self.seconds = device, seconds
-
-    def __call__(self, stage):
-        watch = self
-
-        class _Stage:
-            def __enter__(self):
-                sync_device(watch.device)
-                self.start = time.perf_counter()
-
-            def __exit__(self, *exc):
-                sync_device(watch.device)
-                watch.seconds[stage] = time.perf_counter() - self.start
-
-        return _Stage()
+@contextlib.contextmanager
+def _timed(device, seconds: dict, stage: str):
+    """Wall time of the block into seconds[stage], device work included."""
+    sync_device(device)
+    start = time.perf_counter()
+    yield
+    sync_device(device)
+    seconds[stage] = time.perf_counter() - start
 
 
 def upstream_t3(tts, text_tokens, max_new_tokens, sampling: SamplingParams, stop_on_eos=True):
@@ -101,7 +93,9 @@ def synthesize(tts, text: str, *, voice=None, decoder: T3Decoder | None = None, 
 
     text = check_text(text)
     seconds = {}
-    clock = _Stopwatch(tts.device, seconds)
+
+    def clock(stage):
+        return _timed(tts.device, seconds, stage)
     with torch.inference_mode():
         with clock("conditioning"):
             if voice is not None:
