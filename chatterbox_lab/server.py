@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 
 from .sampling import SamplingParams
 from .session import TTSSession
-from .validation import MAX_TEXT_CHARS
+from .validation import MAX_TEXT_CHARS, check_voice_id
 
 MAX_VOICE_BYTES = 20 << 20
 
@@ -55,9 +55,10 @@ def create_app(session: TTSSession) -> FastAPI:
         body = await request.body()
         if len(body) > MAX_VOICE_BYTES:
             raise HTTPException(413, f"reference audio over {MAX_VOICE_BYTES >> 20} MB")
-        path = uploads / f"{voice_id}.audio"
-        if not voice_id.replace("-", "").replace("_", "").isalnum():
-            raise HTTPException(422, f"voice id {voice_id!r} must be letters, digits, '-' or '_'")
+        try:
+            path = uploads / f"{check_voice_id(voice_id)}.audio"
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
         path.write_bytes(body)
         try:
             session.register_voice(voice_id, path)

@@ -23,7 +23,7 @@ from .decoder import LADDER, T3Decoder
 from .models import load_tts
 from .pipeline import synthesize
 from .sampling import SamplingParams
-from .validation import MAX_TEXT_CHARS, check_text, check_token_count
+from .validation import MAX_TEXT_CHARS, check_text, check_token_count, check_voice_id
 from .voices import VoiceCache, check_reference_audio, voice_path
 
 
@@ -56,9 +56,7 @@ class TTSSession:
 
     def register_voice(self, voice_id: str, path) -> str:
         """Name a reference recording; it is checked now and prepared on first use."""
-        if not voice_id or not voice_id.replace("-", "").replace("_", "").isalnum():
-            raise ValueError(f"voice id {voice_id!r} must be letters, digits, '-' or '_'")
-        self._named[voice_id] = check_reference_audio(path)
+        self._named[check_voice_id(voice_id)] = check_reference_audio(path)
         return voice_id
 
     def voice_names(self) -> list[str]:

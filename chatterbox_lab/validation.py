@@ -27,6 +27,13 @@ def check_text(text, max_chars: int = MAX_TEXT_CHARS) -> str:
     return text
 
 
+def check_voice_id(voice_id) -> str:
+    # Ids name files of uploaded voices, so they may hold no path characters.
+    if not isinstance(voice_id, str) or not voice_id.replace("-", "").replace("_", "").isalnum():
+        raise ValueError(f"voice id {voice_id!r} must be letters, digits, '-' or '_'")
+    return voice_id
+
+
 def check_token_count(max_new_tokens) -> int:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")

@@ -77,3 +77,8 @@ def test_soak(server):
     assert report["recompiles"] == 0 and report["new_frames"] == 0
     after_burn_in = report["rss_every_50"][0][1]
     assert report["rss_end_mib"] - after_burn_in < RSS_GROWTH_BOUND_MIB, report["rss_every_50"]
+
+
+def test_voice_id_with_odd_characters_is_refused(server):
+    response = httpx.put(f"{server.url}/voices/a.b", content=b"x")
+    assert response.status_code == 422 and "voice id" in response.json()["detail"]
