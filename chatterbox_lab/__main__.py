@@ -51,6 +51,8 @@ def main(argv=None) -> int:
     k = sub.add_parser("soak", help="serve on 127.0.0.1 and soak it with concurrent clients; writes one JSON")
     k.add_argument("--requests", type=int, default=500)
     k.add_argument("--clients", type=int, default=4)
+    k.add_argument("--time-limit", type=float, default=600,
+                   help="seconds; requests not started by then count as errors")
     k.add_argument("--preset", choices=PRESETS)
     k.add_argument("--device")
     k.add_argument("--out", type=Path, required=True)
@@ -59,7 +61,8 @@ def main(argv=None) -> int:
     if args.command == "soak":
         from .soak import soak_document
 
-        doc = soak_document(requests=args.requests, clients=args.clients, preset=args.preset, device=args.device)
+        doc = soak_document(requests=args.requests, clients=args.clients, preset=args.preset, device=args.device,
+                            time_limit_s=args.time_limit)
         out = results.write(doc, args.out, overwrite=args.overwrite)
         print({k: v for k, v in doc["rungs"]["soak"].items() if k != "rss_every_50"})
         print(f"wrote {out}")

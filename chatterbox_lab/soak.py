@@ -113,7 +113,7 @@ def run_soak(url: str, voices: list[str], requests: int = 500, clients: int = 4,
                 rss_start_mib=rss_start, rss_end_mib=rss_mib(), rss_every_50=rss_trace)
 
 
-def soak_document(requests: int = 500, clients: int = 4, preset=None, device=None) -> dict:
+def soak_document(requests: int = 500, clients: int = 4, preset=None, device=None, time_limit_s: float = 600) -> dict:
     """Warm a session, serve it on loopback, soak it; returns a results document."""
     import torch
 
@@ -128,7 +128,8 @@ def soak_document(requests: int = 500, clients: int = 4, preset=None, device=Non
         torch.cuda.synchronize()
         gpu_start = torch.cuda.memory_allocated() / 2**20
     with LoopbackServer(create_app(session)) as server:
-        report = run_soak(server.url, ["alto", "tenor"], requests=requests, clients=clients)
+        report = run_soak(server.url, ["alto", "tenor"], requests=requests, clients=clients,
+                          time_limit_s=time_limit_s)
     report["warmup_s"] = warmup_s
     if on_gpu:
         report.update(gpu_allocated_start_mib=gpu_start, gpu_allocated_end_mib=torch.cuda.memory_allocated() / 2**20,
