@@ -11,7 +11,9 @@ fresh host copy, never a view of a buffer the next request overwrites.
 from __future__ import annotations
 
 import io
+import threading
 import time
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,24 @@ from .pipeline import synthesize
 from .sampling import SamplingParams
 from .validation import MAX_TEXT_CHARS, check_text, check_token_count, check_voice_id
 from .voices import VoiceCache, check_reference_audio, voice_path
+
+
+def own_cudagraph_state() -> None:
+    """Give the calling thread its own CUDA-graph-tree state (run once on the worker).
+
+    torch 2.11's trees find their state only on the thread that imported them
+    (or threads autograd spawned) and fail an assertion anywhere else, e.g. on a
+    worker started after another thread already compiled; torch 2.13 creates
+    the state per thread itself. This does the same on older versions.
+    """
+    from torch._inductor import cudagraph_trees as trees
+
+    if hasattr(trees.local, "tree_manager_containers") or torch._C._is_key_in_tls("tree_manager_containers"):
+        return
+    trees.local.tree_manager_containers = {}
+    trees.local.tree_manager_locks = defaultdict(threading.Lock)
+    torch._C._stash_obj_in_tls("tree_manager_containers", trees.local.tree_manager_containers)
+    torch._C._stash_obj_in_tls("tree_manager_locks", trees.local.tree_manager_locks)
 
 
 @dataclass
@@ -51,7 +71,8 @@ class TTSSession:
                                  max_text_tokens=MAX_TEXT_CHARS)
         self.voices = VoiceCache(self.tts, capacity=voices)
         self._named: dict[str, Path] = {}
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatterbox_lab-model")
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatterbox_lab-model",
+                                          initializer=own_cudagraph_state)
         self.warmup_s: float | None = None
 
     def register_voice(self, voice_id: str, path) -> str:

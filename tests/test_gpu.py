@@ -53,7 +53,8 @@ def test_compiled_decode_rate(full_tts, compiled):
 
 
 def test_session_serves_callers_on_other_threads():
-    """Graphs are captured and replayed on the session's own worker thread, whoever calls."""
+    """Graphs are captured and replayed on the session's own worker thread, whoever calls,
+    also after the tests above compiled and captured on the main thread."""
     import threading
 
     from chatterbox_lab.session import TTSSession

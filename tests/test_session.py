@@ -101,3 +101,20 @@ def test_concurrent_callers_get_their_own_results(session):
     for out in outputs:
         np.testing.assert_array_equal(out, expected)
 
+
+
+def test_worker_thread_gets_its_own_cudagraph_state():
+    from torch._inductor import cudagraph_trees as trees
+
+    from chatterbox_lab.session import own_cudagraph_state
+
+    seen = []
+
+    def worker():
+        own_cudagraph_state()
+        seen.append(trees.get_obj(trees.local, "tree_manager_containers"))
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen == [{}]
