@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
+import os
 import re
 import sys
 from pathlib import Path
@@ -10,6 +12,7 @@ from pathlib import Path
 from . import results
 from .architecture import PRESETS
 from .bench import RUNGS, BenchConfig, run, summary_table
+from .sampling import SamplingParams
 
 LOCAL_RESULTS = Path("bench-results")
 
@@ -22,6 +25,32 @@ def default_output(doc: dict) -> Path:
         return results.RESULTS_DIR / f"{slug}-{prov['preset']}-{stamp}.json"
     # CPU runs are for checking the harness, not for the committed record.
     return LOCAL_RESULTS / f"cpu-{prov['preset']}-{stamp}.json"
+
+
+def say(args) -> Path:
+    """One utterance into a WAV file; every cheap check runs before the model loads."""
+    from .models import load_tts
+    from .session import TTSSession
+    from .validation import check_output_path, check_text, check_token_count
+    from .voices import check_reference_audio
+
+    # Arguments that are not UTF-8 reach Python as surrogate escapes; encoding them back
+    # gives check_text the original bytes to refuse.
+    text = check_text(os.fsencode(args.text))
+    sampling = SamplingParams(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingParams)})
+    tokens = check_token_count(args.max_new_tokens)
+    check_output_path(args.out, args.overwrite)
+    voice = check_reference_audio(args.voice)
+    tts = load_tts(args.checkpoint, preset=args.preset, device=args.device)
+    # No compiled step and no warm-up: compiling and capturing take longer than one
+    # utterance gains. bf16 on a GPU only, where it halves the weight reads.
+    steps = ("static_cache", "embed_cache") + (("bf16",) if str(tts.device).startswith("cuda") else ())
+    session = TTSSession(tts=tts, steps=steps, max_new_tokens=tokens)
+    try:
+        return session.synthesize_to_file(args.out, text, voice, overwrite=args.overwrite, sampling=sampling,
+                                          max_new_tokens=tokens, seed=args.seed)
+    finally:
+        session.close()
 
 
 def main(argv=None) -> int:
@@ -57,7 +86,26 @@ def main(argv=None) -> int:
     k.add_argument("--device")
     k.add_argument("--out", type=Path, required=True)
     k.add_argument("--overwrite", action="store_true")
+    y = sub.add_parser("say", help="speak TEXT into a 16-bit WAV file (no compile, no warm-up)")
+    y.add_argument("text")
+    y.add_argument("--out", type=Path, required=True, help="WAV file to write")
+    y.add_argument("--voice", default="alto", help="bundled voice name or audio path")
+    y.add_argument("--checkpoint", default="synthetic", help="'synthetic', 'hub' or a checkpoint directory")
+    y.add_argument("--preset", choices=PRESETS, help="synthetic model size (default: full on GPU, tiny on CPU)")
+    y.add_argument("--device", help="cuda, cpu, mps or cuda:N (default: cuda when available)")
+    y.add_argument("--max-new-tokens", type=int, default=1000, help="speech tokens at most, 25 per second")
+    for f in dataclasses.fields(SamplingParams):
+        y.add_argument(f"--{f.name.replace('_', '-')}", type=float, default=f.default, help="default: %(default)s")
+    y.add_argument("--seed", type=int)
+    y.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)
+    if args.command == "say":
+        try:
+            out = say(args)
+        except (ValueError, OSError) as exc:
+            y.error(str(exc))
+        print(f"wrote {out}")
+        return 0
     if args.command == "soak":
         from .soak import soak_document
 

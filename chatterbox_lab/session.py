@@ -11,6 +11,8 @@ fresh host copy, never a view of a buffer the next request overwrites.
 from __future__ import annotations
 
 import io
+import os
+import secrets
 import threading
 import time
 from collections import defaultdict
@@ -25,7 +27,7 @@ from .decoder import LADDER, T3Decoder
 from .models import load_tts
 from .pipeline import synthesize
 from .sampling import SamplingParams
-from .validation import MAX_TEXT_CHARS, check_text, check_token_count, check_voice_id
+from .validation import MAX_TEXT_CHARS, check_output_path, check_text, check_token_count, check_voice_id
 from .voices import VoiceCache, check_reference_audio, voice_path
 
 
@@ -60,6 +62,27 @@ class Speech:
         buffer = io.BytesIO()
         sf.write(buffer, self.wav, self.sample_rate, format="WAV", subtype="PCM_16")
         return buffer.getvalue()
+
+    def save(self, path, overwrite: bool = False) -> Path:
+        """Write `wav_bytes()` to `path` atomically: readers never see half a file, and a
+        failed write leaves nothing behind (nor touches a file it was to replace)."""
+        path = check_output_path(path, overwrite)
+        data = self.wav_bytes()
+        # Beside the destination, so the rename stays on one file system; "x" so a name
+        # clash never clobbers another file; not tempfile, whose files are private (0600).
+        temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        file = open(temp, "xb")
+        try:
+            with file:
+                file.write(data)
+                file.flush()
+                # On disk before the rename, so a crash cannot leave an empty file under `path`.
+                os.fsync(file.fileno())
+            os.replace(temp, path)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        return path
 
 
 class TTSSession:
@@ -104,6 +127,15 @@ class TTSSession:
                              f"create the session with a larger max_new_tokens")
         path = self._resolve(voice)
         return self._worker.submit(self._run, text, path, sampling, n, exaggeration, seed).result()
+
+    def synthesize_to_file(self, path, text, voice="alto", *, overwrite: bool = False, **options) -> Path:
+        """`synthesize` (same keywords) into a 16-bit WAV file; returns its path.
+
+        The destination is checked first, so a bad path costs no model time, and the
+        file is written only once the speech exists (see `Speech.save`).
+        """
+        check_output_path(path, overwrite)
+        return self.synthesize(text, voice, **options).save(path, overwrite)
 
     def _run(self, text, path, sampling, n, exaggeration, seed) -> Speech:
         """On the worker thread: every model call of the session happens here."""

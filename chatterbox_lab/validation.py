@@ -1,11 +1,15 @@
 """Input checks that turn upstream's silent surprises into clear errors."""
 from __future__ import annotations
 
+from pathlib import Path
 
 # T3's learned text positions end at 2048 tokens (one per character with the
 # English tokenizer); past a few hundred characters quality drops, and the static
 # cache must hold the whole prompt, so longer text must be split (chunking) first.
 MAX_TEXT_CHARS = 600
+# T3 has learned positions for this many speech tokens (upstream T3Config.max_speech_tokens);
+# the static cache is sized from the count, so a huge one would allocate before failing.
+MAX_NEW_TOKENS = 4096
 
 
 def check_text(text, max_chars: int = MAX_TEXT_CHARS) -> str:
@@ -37,4 +41,20 @@ def check_voice_id(voice_id) -> str:
 def check_token_count(max_new_tokens) -> int:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if max_new_tokens > MAX_NEW_TOKENS:
+        raise ValueError(f"max_new_tokens {max_new_tokens} is over T3's limit of {MAX_NEW_TOKENS} speech tokens: "
+                         f"split the text and synthesize the parts one by one")
     return max_new_tokens
+
+
+def check_output_path(path, overwrite: bool = False) -> Path:
+    """Refuse a destination that would clobber a file or cannot be written, before any work is done."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; give a file name such as {path / 'speech.wav'}")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) or choose another name")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{path.parent} is not an existing directory: create it first "
+                                f"or choose another path")
+    return path
