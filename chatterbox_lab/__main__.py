@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import results
 from .architecture import PRESETS
-from .bench import RUNGS, BenchConfig, run, summary_table
+from .bench import RUNGS, BenchConfig, batch_table, run, summary_table
 from .sampling import SamplingParams
 
 LOCAL_RESULTS = Path("bench-results")
@@ -68,6 +68,8 @@ def main(argv=None) -> int:
     b.add_argument("--checks", action="store_true", help="also check fp32 token identity and bf16 logits")
     b.add_argument("--no-profile", action="store_true", help="skip the per-token launch counts")
     b.add_argument("--trace-dir", help="write a short trace per rung under this directory")
+    b.add_argument("--batch", type=int, nargs="+", default=(), metavar="N",
+                   help="also decode N utterances at once with the last rung's steps (e.g. 1 8 32 64)")
     b.add_argument("--out", type=Path, help="results JSON path (default: data/results/ on a GPU)")
     b.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     sub.add_parser("readme", help="regenerate README.md's results section from data/results/")
@@ -135,16 +137,23 @@ def main(argv=None) -> int:
     try:
         config = BenchConfig(source=args.checkpoint, preset=args.preset, device=args.device, tokens=args.tokens,
                              repeats=args.repeats, rungs=rungs, voice=args.voice, checks=args.checks,
-                             profile=not args.no_profile, trace_dir=args.trace_dir)
+                             profile=not args.no_profile, trace_dir=args.trace_dir,
+                             batch_sizes=tuple(args.batch))
         config.resolved()
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))
-    doc = run(config)
+    # Rewritten after every rung, so a run cut short keeps what it measured.
+    partial = args.out.with_suffix(".partial.json") if args.out else None
+    doc = run(config, partial=partial)
     out = results.write(doc, args.out or default_output(doc), overwrite=args.overwrite)
+    if partial:
+        partial.unlink(missing_ok=True)
     from .report import write_companions
 
     companions = write_companions(doc, out)
     print(summary_table(doc))
+    if "batch" in doc:
+        print(batch_table(doc))
     if "roofline" in doc:
         print(f"copy bandwidth {doc['roofline']['copy_bandwidth_gb_s']:,.0f} GB/s")
     if doc["checks"]:

@@ -22,14 +22,14 @@ import torch
 from tqdm.auto import tqdm
 
 from . import equivalence, profiling, results, roofline
-from .decoder import LADDER, T3Decoder, ladder_prefix, prompt_len_for, text_tokens_for
+from .decoder import STEPS, T3Decoder, ladder_prefix, prompt_len_for, text_tokens_for
 from .kv_cache import cache_len_for
 from .models import load_tts, resolve_device
 from .pipeline import TOKENS_PER_SECOND, synthesize, upstream_t3
 from .sampling import SamplingParams
 from .voices import voice_path
 
-RUNGS = ("upstream_fp32", *LADDER)
+RUNGS = ("upstream_fp32", *STEPS)
 # Token counts of the two profiled T3 runs whose difference gives per-token counts.
 PROFILE_TOKENS = (8, 24)
 DEFAULT_TEXT = ("Every step of this workbook is measured, profiled and checked against the "
@@ -50,6 +50,7 @@ class BenchConfig:
     profile: bool = True
     checks: bool = False
     trace_dir: str | None = None
+    batch_sizes: tuple = ()        # utterances decoded together, measured with the last rung's steps
     sampling: SamplingParams = field(default_factory=SamplingParams)
 
     def resolved(self) -> "BenchConfig":
@@ -65,6 +66,11 @@ class BenchConfig:
         if repeats < 1:
             raise ValueError(f"repeats must be >= 1, got {repeats}")
         ordered = tuple(r for r in RUNGS if r in self.rungs)
+        if any(n < 1 for n in self.batch_sizes):
+            raise ValueError(f"batch sizes must be >= 1, got {list(self.batch_sizes)}")
+        last = ordered[-1] if ordered else "upstream_fp32"
+        if self.batch_sizes and (last == "upstream_fp32" or "embed_cache" not in ladder_prefix(last)):
+            raise ValueError("batching needs a last rung at or past embed_cache (e.g. --ladder)")
         return BenchConfig(**{**asdict(self), "device": device, "tokens": tokens, "repeats": repeats,
                               "rungs": ordered, "sampling": self.sampling})
 
@@ -157,12 +163,43 @@ def measure_rung(tts, rung: str, cfg: BenchConfig, voice: Path, bar=None, bandwi
     return figures
 
 
+def measure_batch(tts, cfg: BenchConfig, streams: int) -> dict:
+    """`streams` utterances decoded together with the last rung's steps, all to `cfg.tokens`."""
+    text_tokens = text_tokens_for(tts, cfg.text)
+    capacity = cache_len_for(prompt_len_for(tts.t3, text_tokens), cfg.tokens)
+    build_start = time.perf_counter()
+    decoder = T3Decoder(tts.t3, ladder_prefix(cfg.rungs[-1]), max_cache_len=capacity, streams=streams)
+    build_s = time.perf_counter() - build_start
+
+    def run(seed):
+        torch.manual_seed(seed)
+        return decoder.generate_batch([tts.conds.t3] * streams, [text_tokens] * streams, cfg.tokens,
+                                      cfg.sampling, stop_on_eos=False)
+
+    first = run(cfg.seed)
+    _reset_peak(cfg.device)
+    runs = [run(cfg.seed + i) for i in range(cfg.repeats)]
+    decode_s = [r.decode_s for r in runs]
+    return dict(
+        streams=streams,
+        aggregate_tok_s=_median([r.aggregate_tok_s for r in runs]),
+        per_stream_tok_s=_median([r.decode_tok_s for r in runs]),
+        ms_per_step=1e3 * _median(decode_s) / cfg.tokens,
+        t3_prefill_s=_median([r.prefill_s for r in runs]),
+        peak_vram_mib=_peak_mib(cfg.device),
+        kv_cache_mib=decoder.forward.cache.nbytes() / 2**20,
+        compile_s=max(0.0, build_s + first.prefill_s + first.decode_s - _median([r.prefill_s + r.decode_s for r in runs])),
+        raw=dict(decode_s=decode_s, prefill_s=[r.prefill_s for r in runs], steps=[r.steps_run for r in runs]),
+    )
+
+
 def run_checks(tts, cfg: BenchConfig) -> dict:
     """fp32 token identity of every step set below bf16 (run before the model is cast)."""
     text_tokens = text_tokens_for(tts, cfg.text)
     n = min(cfg.tokens, 64)
     step_sets = [(), ("static_cache",), ("embed_cache",), ("static_cache", "embed_cache"),
-                 ("static_cache", "embed_cache", "compiled")]
+                 ("static_cache", "embed_cache", "compiled"), ("static_cache", "embed_cache", "fused_projections"),
+                 ("static_cache", "embed_cache", "compiled", "fused_projections", "sampling_in_graph")]
     forced = equivalence.seeded_tokens(tts, text_tokens, n, cfg.seed)
     identity = equivalence.token_identity(tts, text_tokens, step_sets, n, seed=cfg.seed, reference=forced)
     reference = equivalence.reference_logits(tts, text_tokens, forced)
@@ -175,7 +212,9 @@ def bf16_logit_error(tts, text_tokens, forced, reference) -> float:
         equivalence.forced_logits(decoder, tts.conds.t3, text_tokens, forced), reference)
 
 
-def run(config: BenchConfig, progress: bool = True, tts=None) -> dict:
+def run(config: BenchConfig, progress: bool = True, tts=None, partial: Path | None = None) -> dict:
+    """Every rung, then the batch sizes. `partial`: rewritten after each measurement, so a run
+    cut short still leaves what it measured."""
     cfg = config.resolved()
     start = time.perf_counter()
     if tts is None:
@@ -209,6 +248,14 @@ def run(config: BenchConfig, progress: bool = True, tts=None) -> dict:
                 doc["checks"].update(bf16_logit_rel_error=err, bf16_logit_tolerance=equivalence.BF16_LOGIT_TOLERANCE,
                                      bf16_within_tolerance=err <= equivalence.BF16_LOGIT_TOLERANCE)
             doc["rungs"][rung] = measure_rung(tts, rung, cfg, voice, bar, bandwidth)
+            if partial:
+                results.write(doc, partial, overwrite=True)
+    if cfg.batch_sizes:
+        doc["batch"] = dict(steps=sorted(ladder_prefix(cfg.rungs[-1])), streams={})
+        for n in tqdm(cfg.batch_sizes, desc="batch", disable=not progress):
+            doc["batch"]["streams"][str(n)] = measure_batch(tts, cfg, n)
+            if partial:
+                results.write(doc, partial, overwrite=True)
     if "upstream_fp32" in doc["rungs"]:
         base = doc["rungs"]["upstream_fp32"]["t3_decode_tok_s"]
         for figures in doc["rungs"].values():
@@ -223,3 +270,11 @@ def summary_table(doc: dict) -> str:
     where = prov.get("gpu") or f"CPU ({prov.get('cpu')})"
     title = f"{where}, preset {prov['preset']}, {prov['tokens']} tokens, median of {prov.get('repeats')}"
     return title + "\n" + results.markdown_table(doc, cols)
+
+
+def batch_table(doc: dict) -> str:
+    cols = ("aggregate_tok_s", "per_stream_tok_s", "ms_per_step", "peak_vram_mib", "kv_cache_mib", "compile_s")
+    batch = doc["batch"]
+    head = "| utterances | " + " | ".join(cols) + " |"
+    rows = [f"| {n} | " + " | ".join(results.fmt(r.get(c)) for c in cols) + " |" for n, r in batch["streams"].items()]
+    return "\n".join([f"batched decode, steps: {', '.join(batch['steps'])}", head, "|---|" + "---|" * len(cols), *rows])

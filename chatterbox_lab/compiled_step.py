@@ -15,11 +15,18 @@ from __future__ import annotations
 import torch
 
 
-def compile_step(step, mode: str | None = None):
-    """Compile `step`; on CPU (no CUDA graphs) Inductor's default mode is used."""
-    if mode is None:
-        mode = "reduce-overhead" if torch.cuda.is_available() else "default"
-    return torch.compile(step, mode=mode, fullgraph=True)
+def compile_step(step, random_in_graph: bool = False):
+    """Compile `step` with CUDA graphs where there are any (on CPU, Inductor's default).
+
+    `random_in_graph`: the step draws random numbers. Inductor would replace PyTorch's
+    RNG kernels with its own generator (same distribution, other numbers); keeping
+    PyTorch's (`fallback_random`) keeps a seeded run's tokens those of upstream.
+    """
+    options = {"triton.cudagraphs": torch.cuda.is_available()}
+    if random_in_graph:
+        options["fallback_random"] = True
+    # The same options as mode="reduce-overhead" (which cannot be combined with options).
+    return torch.compile(step, options=options, fullgraph=True)
 
 
 def compile_counters() -> dict:

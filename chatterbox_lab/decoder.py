@@ -8,11 +8,20 @@ the tokens plug into upstream's S3Gen. Steps, each in its own module:
 - "static_cache": fixed KV buffers and our attention (`kv_cache.py`, `t3_forward.py`)
 - "embed_cache":  the step's input embedding as two device lookups (`embed_cache.py`)
 - "compiled":     the one-token step under torch.compile with CUDA graphs (`compiled_step.py`)
+
+Past the guide (`BEYOND`):
+
+- "fused_projections": q/k/v and gate/up each as one matmul (`fused_projections.py`)
+- "sampling_in_graph": sampling and the token write inside the captured step, so a
+                       token costs one graph launch and nothing else on the host
+
+Any number of utterances decode together (`streams`): each is a CFG pair of rows,
+with its own prompt, position, repetition mask and stop.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +33,10 @@ from .sampling import DeviceSampling, SamplingParams, next_token_probs, sample_t
 from .t3_forward import DynamicT3Forward, StaticT3Forward
 
 LADDER = ("bf16", "static_cache", "embed_cache", "compiled")
-REQUIRES = {"compiled": ("static_cache", "embed_cache")}
+BEYOND = ("fused_projections", "sampling_in_graph")
+STEPS = LADDER + BEYOND
+REQUIRES = {"compiled": ("static_cache", "embed_cache"), "fused_projections": ("static_cache",),
+            "sampling_in_graph": ("compiled",)}
 
 # How often the host looks for the stop token: each look is a device sync that
 # stops the CPU from queueing further steps ahead of the GPU.
@@ -33,9 +45,9 @@ STOP_CHECK_INTERVAL = 16
 
 def check_steps(steps) -> frozenset:
     steps = frozenset(steps)
-    unknown = steps - set(LADDER)
+    unknown = steps - set(STEPS)
     if unknown:
-        raise ValueError(f"unknown steps {sorted(unknown)}: choose from {', '.join(LADDER)}")
+        raise ValueError(f"unknown steps {sorted(unknown)}: choose from {', '.join(STEPS)}")
     for step, needs in REQUIRES.items():
         missing = [n for n in needs if step in steps and n not in steps]
         if missing:
@@ -45,7 +57,7 @@ def check_steps(steps) -> frozenset:
 
 def ladder_prefix(rung: str) -> frozenset:
     """The steps switched on at `rung`: it and every step before it."""
-    return frozenset(LADDER[: LADDER.index(rung) + 1])
+    return frozenset(STEPS[: STEPS.index(rung) + 1])
 
 
 def text_tokens_for(tts, text: str) -> torch.Tensor:
@@ -72,14 +84,20 @@ def prompt_len_for(t3, text_tokens: torch.Tensor) -> int:
 
 @dataclass
 class DecodeResult:
-    tokens: torch.Tensor  # (1, n) as upstream returns them, stop token included if sampled
+    tokens: torch.Tensor  # (1, n) of the first utterance, as upstream returns them, stop token included
     prefill_s: float
     decode_s: float
-    steps_run: int = 0
+    steps_run: int = 0    # decode steps, each giving one token to every utterance
+    all_tokens: list = field(default_factory=list)  # (1, n_i) for every utterance
 
     @property
     def decode_tok_s(self) -> float:
+        """Per utterance: speech tokens per second of decode."""
         return self.steps_run / self.decode_s if self.decode_s > 0 else float("nan")
+
+    @property
+    def aggregate_tok_s(self) -> float:
+        return self.decode_tok_s * max(1, len(self.all_tokens))
 
 
 def sync_device(device) -> None:
@@ -93,47 +111,57 @@ class T3Decoder:
     `max_cache_len` fixes the static cache's capacity for the whole job; requests
     that would not fit raise `CacheOverflowError`. Changing speaker, text or
     sampling values never recompiles: they change data, not the captured step.
+    `streams` utterances decode together (`generate_batch`); the batch size is a
+    shape, so each value gets its own compiled step.
     """
 
     def __init__(self, t3, steps=(), *, max_cache_len: int | None = None, max_new_tokens: int = 1000,
-                 max_text_tokens: int = 300):
+                 max_text_tokens: int = 300, streams: int = 1):
         self.steps = check_steps(steps)
+        if streams < 1:
+            raise ValueError(f"streams must be >= 1, got {streams}")
+        if streams > 1 and not {"static_cache", "embed_cache"} <= self.steps:
+            raise ValueError("decoding several streams needs static_cache and embed_cache")
+        self.streams = streams
         self.t3 = t3_in_dtype(t3, torch.bfloat16) if "bf16" in self.steps else t3
         self.device = device = self.t3.speech_head.weight.device
         self.dtype = self.t3.speech_head.weight.dtype
         self.sampling = DeviceSampling(device)
         self.embedding = SpeechEmbeddingCache(self.t3) if "embed_cache" in self.steps else None
         # Decode state lives on the device at fixed addresses, so a captured step reads
-        # and advances it without any host data: the tokens sampled so far, a mask of
-        # them for the repetition penalty, the step counter, and a non-finite flag.
+        # and advances it without any host data: per utterance the tokens sampled so far,
+        # a mask of them for the repetition penalty, its prompt length and whether it has
+        # stopped; the shared step counter and a non-finite flag.
         n_speech_positions = self.t3.speech_pos_emb.emb.num_embeddings
-        self.tokens = torch.zeros(1, n_speech_positions, dtype=torch.long, device=device)
-        self.seen = torch.zeros(1, self.t3.hp.speech_tokens_dict_size, dtype=torch.bool, device=device)
+        self.tokens = torch.zeros(streams, n_speech_positions, dtype=torch.long, device=device)
+        self.seen = torch.zeros(streams, self.t3.hp.speech_tokens_dict_size, dtype=torch.bool, device=device)
         self.step_index = torch.zeros(1, dtype=torch.long, device=device)
-        self.prompt_len_t = torch.zeros(1, dtype=torch.long, device=device)
+        self.prompt_len_t = torch.zeros(streams, dtype=torch.long, device=device)
+        self.stopped = torch.zeros(streams, dtype=torch.bool, device=device)
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-        for t in (self.tokens, self.seen, self.step_index, self.prompt_len_t, self.nonfinite):
+        for t in (self.tokens, self.seen, self.step_index, self.prompt_len_t, self.stopped, self.nonfinite):
             torch._dynamo.mark_static_address(t)
         self.forward = None
         if "static_cache" in self.steps:
             if max_cache_len is None:
                 max_cache_len = cache_len_for(cond_len(self.t3) + max_text_tokens + 4, max_new_tokens)
-            self.forward = StaticT3Forward(self.t3, max_cache_len)
+            self.forward = StaticT3Forward(self.t3, max_cache_len, batch=2 * streams,
+                                           fused="fused_projections" in self.steps)
         self._active_forward = self.forward
-        self.prompt_len = 0
         self.compiled = "compiled" in self.steps
-        self.step_fn = self._step
+        self.sample_in_graph = "sampling_in_graph" in self.steps
+        self.step_fn = self._step_and_sample if self.sample_in_graph else self._step
         if self.compiled:
             from .compiled_step import compile_step
 
-            self.step_fn = compile_step(self._step)
+            self.step_fn = compile_step(self.step_fn, random_in_graph=self.sample_in_graph)
 
     @property
     def capacity(self) -> int | None:
         return self.forward.capacity if self.forward is not None else None
 
     def _embed(self, token: torch.Tensor, step: int | None):
-        """Input embedding of the token sampled at `step` (device counter when step is None)."""
+        """Input embedding of the tokens sampled at `step` (device counter when step is None)."""
         if self.embedding is not None:
             return self.embedding(token, self.step_index + 1)
         return upstream_step_embedding(self.t3, token, step + 1)
@@ -143,22 +171,33 @@ class T3Decoder:
         self.nonfinite.logical_or_(~torch.isfinite(probs).all())
         return probs
 
+    def _positions(self) -> torch.Tensor:
+        """Cache position of the current step: (1,) shared by a lone CFG pair, else (2n, 1)."""
+        positions = self.prompt_len_t + self.step_index
+        return positions if self.streams == 1 else positions.repeat_interleave(2)[:, None]
+
     def _feed(self, token: torch.Tensor, step: int | None) -> torch.Tensor:
-        """Logits (2, V) after feeding `token`, the one sampled at the current step."""
-        position = None if self.forward is None else self.prompt_len_t + self.step_index
+        """Logits (2n, V) after feeding `token` (n, 1), the ones sampled at the current step."""
+        position = None if self.forward is None else self._positions()
         return self._active_forward(self._embed(token, step), position)
 
     def _step(self, step: int | None = None) -> torch.Tensor:
-        """Feed the last sampled token, return next-token probabilities. With the caches on
+        """Feed the last sampled tokens, return next-token probabilities. With the caches on
         (step=None) it reads only device state, so one captured graph serves every step."""
         token = self.tokens.index_select(1, self.step_index)
-        self.seen.index_fill_(1, token[0], True)
+        self.seen.scatter_(1, token, True)
         logits = self._feed(token, step)
         self.step_index.add_(1)
         return self._probs(logits)
 
-    def prefill(self, t3_cond, text_tokens: torch.Tensor, max_new_tokens: int, cfg_weight: float) -> torch.Tensor:
-        """Run the prompt (conditioning, text, start token); returns its logits (2, V)."""
+    def _step_and_sample(self) -> None:
+        """`_step`, then draw the next tokens into their slots, all on the device."""
+        self.tokens.index_copy_(1, self.step_index, sample_token(self._step()))
+
+    def prefill(self, t3_cond, text_tokens: torch.Tensor, max_new_tokens: int, cfg_weight: float,
+                stream: int = 0) -> torch.Tensor:
+        """Run one utterance's prompt (conditioning, text, start token) into its rows of the
+        cache; returns its logits (2, V)."""
         limit = self.tokens.size(1) - 1
         if not 1 <= max_new_tokens <= limit:
             raise ValueError(f"max_new_tokens must be between 1 and {limit} (T3's speech position table), "
@@ -173,19 +212,15 @@ class T3Decoder:
                                             cfg_weight=cfg_weight)
         # Upstream appends a second start token after the one prepare_input_embeds adds.
         prompt = torch.cat([embeds, upstream_step_embedding(t3, bos, 0)], dim=1)
-        self.prompt_len = prompt.size(1)
-        positions = None
-        if self.forward is not None:
-            check_fits(self.prompt_len, max_new_tokens, self.capacity)
-            positions = torch.arange(self.prompt_len, device=device)
-        else:
+        prompt_len = prompt.size(1)
+        self.prompt_len_t[stream] = prompt_len
+        self.seen[stream] = False
+        self.seen[stream, hp.start_speech_token] = True
+        if self.forward is None:
             self._active_forward = DynamicT3Forward(t3)
-        self.prompt_len_t.fill_(self.prompt_len)
-        self.step_index.zero_()
-        self.nonfinite.zero_()
-        self.seen.zero_()
-        self.seen[0, hp.start_speech_token] = True
-        return self._active_forward(prompt, positions)
+            return self._active_forward(prompt)
+        check_fits(prompt_len, max_new_tokens, self.capacity)
+        return self.forward(prompt, torch.arange(prompt_len, device=device), rows=slice(2 * stream, 2 * stream + 2))
 
     def forward_step(self, token: torch.Tensor, step: int) -> torch.Tensor:
         """Logits (2, V) after feeding `token` as the one sampled at `step` (eager; for checks)."""
@@ -196,46 +231,69 @@ class T3Decoder:
     @torch.inference_mode()
     def generate(self, t3_cond, text_tokens: torch.Tensor, max_new_tokens: int,
                  sampling: SamplingParams = SamplingParams(), stop_on_eos: bool = True) -> DecodeResult:
+        return self.generate_batch([t3_cond], [text_tokens], max_new_tokens, sampling, stop_on_eos)
+
+    @torch.inference_mode()
+    def generate_batch(self, t3_conds: list, text_tokens: list, max_new_tokens: int,
+                       sampling: SamplingParams = SamplingParams(), stop_on_eos: bool = True) -> DecodeResult:
+        """One utterance per stream (voices and texts may differ); each stops at its own stop token."""
+        if not len(t3_conds) == len(text_tokens) == self.streams:
+            raise ValueError(f"this decoder decodes {self.streams} utterance(s) at once; got "
+                             f"{len(t3_conds)} conditionings and {len(text_tokens)} texts")
         self.sampling.set(sampling)
         sync_device(self.device)
         start = time.perf_counter()
-        probs = self._probs(self.prefill(t3_cond, text_tokens, max_new_tokens, sampling.cfg_weight))
+        self.step_index.zero_()
+        self.nonfinite.zero_()
+        self.stopped.zero_()
+        logits = torch.cat([self.prefill(cond, text, max_new_tokens, sampling.cfg_weight, stream)
+                            for stream, (cond, text) in enumerate(zip(t3_conds, text_tokens))])
+        probs = self._probs(logits)
         sync_device(self.device)
         prefill_end = time.perf_counter()
 
+        sample_token(probs, out=self.tokens[:, :1])
         steps = max_new_tokens
-        for i in range(max_new_tokens):
-            sample_token(probs, out=self.tokens[:, i:i + 1])
-            if (i + 1) % STOP_CHECK_INTERVAL == 0 or i + 1 == max_new_tokens:
-                if self._should_stop(i + 1, stop_on_eos):
-                    steps = i + 1
+        for i in range(1, max_new_tokens + 1):
+            if i % STOP_CHECK_INTERVAL == 0 or i == max_new_tokens:
+                if self._should_stop(i, stop_on_eos):
+                    steps = i
                     break
-            if i + 1 == max_new_tokens:
+            if i == max_new_tokens:
                 break  # upstream runs one more forward here and never uses its output
-            if self.compiled:
-                torch.compiler.cudagraph_mark_step_begin()
-                probs = self.step_fn()
-            else:
-                probs = self.step_fn(None if self.embedding is not None else i)
+            self._advance(i)
         tokens = self.tokens[:, :steps].clone()
         sync_device(self.device)
         end = time.perf_counter()
 
+        per_stream = [tokens[s:s + 1] for s in range(self.streams)]
         if stop_on_eos:
-            hits = (tokens[0] == self.t3.hp.stop_speech_token).nonzero()
-            if len(hits):
-                tokens = tokens[:, : int(hits[0]) + 1]
-        return DecodeResult(tokens=tokens, prefill_s=prefill_end - start, decode_s=end - prefill_end,
-                            steps_run=steps)
+            per_stream = [_cut_at_stop(t, self.t3.hp.stop_speech_token) for t in per_stream]
+        return DecodeResult(tokens=per_stream[0], prefill_s=prefill_end - start, decode_s=end - prefill_end,
+                            steps_run=steps, all_tokens=per_stream)
+
+    def _advance(self, i: int) -> None:
+        """Feed the tokens sampled at step i - 1 and sample those of step i."""
+        if self.compiled:
+            torch.compiler.cudagraph_mark_step_begin()
+            probs = self.step_fn()
+        else:
+            probs = self.step_fn(None if self.embedding is not None else i - 1)
+        if not self.sample_in_graph:
+            sample_token(probs, out=self.tokens[:, i:i + 1])
 
     def _should_stop(self, steps_done: int, stop_on_eos: bool) -> bool:
-        """The one host sync every STOP_CHECK_INTERVAL tokens: stop token seen, or bad numbers."""
+        """The one host sync every STOP_CHECK_INTERVAL tokens: every utterance stopped, or bad numbers."""
         recent = self.tokens[:, max(0, steps_done - STOP_CHECK_INTERVAL): steps_done]
-        stopped = (recent == self.t3.hp.stop_speech_token).any() & stop_on_eos
-        stopped, nonfinite = torch.stack([stopped, self.nonfinite]).tolist()
+        self.stopped.logical_or_((recent == self.t3.hp.stop_speech_token).any(dim=1))
+        all_stopped, nonfinite = torch.stack([self.stopped.all() & stop_on_eos, self.nonfinite]).tolist()
         if nonfinite:
             raise FloatingPointError(
                 f"T3 produced NaN or infinite probabilities within its first {steps_done} tokens; "
                 f"the model or its dtype is broken (try the fp32 path without 'bf16'). Nothing was returned.")
-        return stopped
+        return all_stopped
 
+
+def _cut_at_stop(tokens: torch.Tensor, stop: int) -> torch.Tensor:
+    hits = (tokens[0] == stop).nonzero()
+    return tokens[:, : int(hits[0]) + 1] if len(hits) else tokens

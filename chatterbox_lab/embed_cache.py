@@ -25,9 +25,12 @@ class SpeechEmbeddingCache:
         self.cfg_batch = cfg_batch
 
     def __call__(self, token: torch.Tensor, speech_position: torch.Tensor) -> torch.Tensor:
-        """token (1, 1) long, speech_position (1,) long -> (cfg_batch, 1, dim)."""
+        """token (n, 1) long, one per utterance, speech_position (1,) long -> (n * cfg_batch, 1, dim),
+        each utterance's embedding repeated for its CFG rows."""
         embed = self.tokens[token[:, 0]] + self.positions[speech_position]
-        return embed[None].expand(self.cfg_batch, -1, -1)
+        if embed.size(0) == 1:
+            return embed[None].expand(self.cfg_batch, -1, -1)
+        return embed.repeat_interleave(self.cfg_batch, dim=0)[:, None]
 
 
 def upstream_step_embedding(t3, token: torch.Tensor, speech_position: int, cfg_batch: int = 2):

@@ -43,19 +43,31 @@ class StaticKVCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.slots = torch.arange(capacity, device=device)
-        for t in (*self.keys, *self.values, self.slots):
+        self.batch_rows = torch.arange(batch, device=device)
+        for t in (*self.keys, *self.values, self.slots, self.batch_rows):
             # Fixed addresses let a captured graph read and write them in place.
             torch._dynamo.mark_static_address(t)
 
-    def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, H, T, D) at `positions` (T,); return the whole layer's buffers."""
-        self.keys[layer].index_copy_(2, positions, k)
-        self.values[layer].index_copy_(2, positions, v)
-        return self.keys[layer], self.values[layer]
+    def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               rows: slice = slice(None)):
+        """Write k, v (B, H, T, D) at positions (T,) of cache rows `rows`, or one step
+        (T = 1) at positions (B, 1), one per row; return the layer's buffers for those rows."""
+        keys, values = self.keys[layer][rows], self.values[layer][rows]
+        if positions.dim() == 1:
+            keys.index_copy_(2, positions, k)
+            values.index_copy_(2, positions, v)
+        else:
+            batch = self.batch_rows[: k.size(0)]
+            keys[batch, :, positions[:, 0]] = k[:, :, 0]
+            values[batch, :, positions[:, 0]] = v[:, :, 0]
+        return keys, values
 
     def mask(self, positions: torch.Tensor) -> torch.Tensor:
-        """Boolean (T, capacity): a query at position p sees slots 0..p."""
-        return self.slots[None, :] <= positions[:, None]
+        """Boolean, a query at position p sees slots 0..p: (T, capacity) for shared
+        positions (T,), (B, 1, 1, capacity) for per-row positions (B, 1)."""
+        if positions.dim() == 1:
+            return self.slots[None, :] <= positions[:, None]
+        return (self.slots[None, :] <= positions)[:, None, None, :]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))

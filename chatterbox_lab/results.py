@@ -142,7 +142,7 @@ def latest_gpu_checks() -> dict | None:
     return checked[-1]["checks"] if checked else None
 
 
-def _fmt(value, digits=3) -> str:
+def fmt(value, digits=3) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -153,6 +153,6 @@ def _fmt(value, digits=3) -> str:
 def markdown_table(doc: dict, figures=RUNG_FIGURES) -> str:
     head = "| rung | " + " | ".join(figures) + " |"
     rule = "|---|" + "---|" * len(figures)
-    rows = [f"| {name} | " + " | ".join(_fmt(r.get(f)) for f in figures) + " |"
+    rows = [f"| {name} | " + " | ".join(fmt(r.get(f)) for f in figures) + " |"
             for name, r in doc["rungs"].items()]
     return "\n".join([head, rule, *rows])

@@ -13,12 +13,14 @@ for the same seed, but in a form a CUDA graph can hold:
   vocabulary instead of a growing list of ids: the same elements are penalised,
   and the shapes never change.
 
-Sampling itself stays outside any graph: `sample_token` is the algorithm
-`torch.multinomial` uses for one sample (an exponential race: argmax of p / q with
-q ~ Exp(1)), drawing from the global RNG exactly as upstream's call does, so a
-seeded run picks the same tokens. What it leaves out is multinomial's input
-validation, which reads a flag back to the host and so stalls the CPU every token;
-the decoder checks for non-finite probabilities on the device instead.
+`sample_token` is the algorithm `torch.multinomial` uses for one sample (an
+exponential race: argmax of p / q with q ~ Exp(1)), drawing from the global RNG
+exactly as upstream's call does, so a seeded run picks the same tokens. What it
+leaves out is multinomial's input validation, which reads a flag back to the host
+and so stalls the CPU every token (and cannot be captured in a CUDA graph); the
+decoder checks for non-finite probabilities on the device instead. Inside a
+compiled step it keeps PyTorch's own RNG kernel (`compile_step(random_in_graph=True)`),
+so the draws stay the eager ones.
 
 The arithmetic runs in float32 whatever the model's dtype. For an fp32 model that
 is upstream's arithmetic bit for bit; for a bf16 model upstream rounds the CFG
@@ -79,9 +81,9 @@ class DeviceSampling:
 
 
 def next_token_probs(logits: torch.Tensor, seen: torch.Tensor, sampling: DeviceSampling) -> torch.Tensor:
-    """logits (2, V) for the (conditional, unconditional) pair -> probabilities (1, V)."""
+    """logits (2n, V), rows alternating conditional and unconditional -> probabilities (n, V)."""
     logits = logits.float()
-    cond, uncond = logits[0:1], logits[1:2]
+    cond, uncond = logits[0::2], logits[1::2]
     scores = cond + sampling["cfg_weight"] * (cond - uncond)
 
     # transformers' RepetitionPenaltyLogitsProcessor on every id generated so far.
@@ -108,8 +110,8 @@ def next_token_probs(logits: torch.Tensor, seen: torch.Tensor, sampling: DeviceS
     return torch.softmax(scores, dim=-1)
 
 
-def sample_token(probs: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """torch.multinomial(probs, 1) without its per-call host sync; writes the (1, 1) id into `out`."""
+def sample_token(probs: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """torch.multinomial(probs, 1) without its per-call host sync: (n, 1) ids, written into `out` if given."""
     race = torch.empty_like(probs).exponential_(1)
     torch.div(probs, race, out=race)
     return torch.argmax(race, dim=-1, keepdim=True, out=out)

@@ -24,13 +24,18 @@ def rotary_tables(t3, capacity: int, dtype: torch.dtype):
 
 
 class StaticT3Forward:
-    def __init__(self, t3, capacity: int, batch: int = 2):
+    """Rows of the batch are CFG pairs, one pair per utterance (cond, uncond, cond, ...)."""
+
+    def __init__(self, t3, capacity: int, batch: int = 2, fused: bool = False):
+        from .fused_projections import FusedProjections
+
         cfg = t3.cfg
         self.t3 = t3
         self.layers = t3.tfmr.layers
         self.n_heads = cfg.num_attention_heads
         self.n_kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.fused = FusedProjections(self.layers) if fused else None
         weight = t3.speech_head.weight
         self.cache = StaticKVCache(len(self.layers), batch, self.n_kv_heads, capacity, self.head_dim,
                                    weight.dtype, weight.device)
@@ -42,25 +47,35 @@ class StaticT3Forward:
     def capacity(self) -> int:
         return self.cache.capacity
 
-    def _attention(self, i: int, attn, x: torch.Tensor, positions: torch.Tensor, rotary, mask: torch.Tensor):
+    def _qkv(self, i: int, attn, x: torch.Tensor):
+        if self.fused is None:
+            return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        kv = self.n_kv_heads * self.head_dim
+        return F.linear(x, self.fused.qkv[i]).split([self.n_heads * self.head_dim, kv, kv], dim=-1)
+
+    def _attention(self, i: int, attn, x: torch.Tensor, positions: torch.Tensor, rows: slice, rotary, mask):
         B, T, _ = x.shape
-        q = attn.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in self._qkv(i, attn, x))
         q, k = apply_rotary_pos_emb(q, k, *rotary)
-        keys, values = self.cache.update(i, positions, k, v)
+        keys, values = self.cache.update(i, positions, k, v, rows)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
                                              enable_gqa=self.n_heads != self.n_kv_heads)
         return attn.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
-    def __call__(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """embeds (B, T, dim) at cache positions (T,) -> speech logits of the last position (B, V)."""
+    def _mlp(self, i: int, layer, x: torch.Tensor) -> torch.Tensor:
+        return layer.mlp(x) if self.fused is None else self.fused.mlp(i, layer, x)
+
+    def __call__(self, embeds: torch.Tensor, positions: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        """embeds (B, T, dim) for cache rows `rows` at positions (T,) shared by the rows, or
+        (B, 1) one per row -> speech logits of the last position (B, V)."""
         mask = self.cache.mask(positions)
-        rotary = self.cos[positions][None], self.sin[positions][None]  # shared by every layer
+        # cos/sin gathered once and shared by every layer: (1, T, D) or (B, 1, D).
+        rotary = (self.cos[positions], self.sin[positions]) if positions.dim() == 2 else \
+            (self.cos[positions][None], self.sin[positions][None])
         x = embeds
         for i, layer in enumerate(self.layers):
-            x = x + self._attention(i, layer.self_attn, layer.input_layernorm(x), positions, rotary, mask)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + self._attention(i, layer.self_attn, layer.input_layernorm(x), positions, rows, rotary, mask)
+            x = x + self._mlp(i, layer, layer.post_attention_layernorm(x))
         x = self.t3.tfmr.norm(x[:, -1])
         return self.t3.speech_head(x)
 

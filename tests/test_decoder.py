@@ -5,12 +5,14 @@ import torch
 
 from chatterbox_lab import equivalence
 from chatterbox_lab.compiled_step import compile_counters
-from chatterbox_lab.decoder import LADDER, T3Decoder, check_steps, ladder_prefix, text_tokens_for
+from chatterbox_lab.decoder import LADDER, STEPS, T3Decoder, check_steps, ladder_prefix, text_tokens_for
 from chatterbox_lab.kv_cache import CacheOverflowError
 from chatterbox_lab.sampling import SamplingParams
 
 STEP_SETS = [(), ("static_cache",), ("embed_cache",), ("static_cache", "embed_cache"),
-             ("static_cache", "embed_cache", "compiled")]
+             ("static_cache", "embed_cache", "compiled"), ("static_cache", "embed_cache", "fused_projections"),
+             ("static_cache", "embed_cache", "compiled", "fused_projections", "sampling_in_graph")]
+TOP = ("static_cache", "embed_cache", "compiled", "fused_projections", "sampling_in_graph")
 
 
 @pytest.fixture(scope="module")
@@ -55,18 +57,22 @@ def test_token_count_limits(tiny_tts, text_tokens):
 
 def test_step_rules():
     assert ladder_prefix("embed_cache") == {"bf16", "static_cache", "embed_cache"}
+    assert ladder_prefix("sampling_in_graph") == set(STEPS)
     assert check_steps(LADDER) == set(LADDER)
     with pytest.raises(ValueError, match="needs static_cache, embed_cache"):
         check_steps(["compiled"])
+    with pytest.raises(ValueError, match="'sampling_in_graph' needs compiled"):
+        check_steps(["static_cache", "embed_cache", "sampling_in_graph"])
     with pytest.raises(ValueError, match="unknown steps"):
         check_steps(["fp8"])
 
 
-def test_switching_speaker_text_and_sampling_does_not_recompile(tiny_tts):
+@pytest.mark.parametrize("steps", [("static_cache", "embed_cache", "compiled"), TOP])
+def test_switching_speaker_text_and_sampling_does_not_recompile(tiny_tts, steps):
     from chatterbox_lab.voices import VoiceCache
 
     voices = VoiceCache(tiny_tts)
-    decoder = T3Decoder(tiny_tts.t3, ("static_cache", "embed_cache", "compiled"), max_cache_len=256)
+    decoder = T3Decoder(tiny_tts.t3, steps, max_cache_len=256)
     first = text_tokens_for(tiny_tts, "A first sentence.")
     decoder.generate(voices.use("alto").t3, first, 8)
     decoder.generate(voices.use("tenor").t3, first, 8)  # both voices prepared, step warm
@@ -78,3 +84,57 @@ def test_switching_speaker_text_and_sampling_does_not_recompile(tiny_tts):
         decoder.generate(voices.use(voice).t3, text_tokens_for(tiny_tts, text), 12, sampling)
     assert compile_counters() == before
     assert voices.prepared_count == 2
+
+
+GREEDY = SamplingParams(top_p=1e-6)  # keeps only the most likely token: no randomness left
+
+
+@pytest.fixture(scope="module")
+def three_utterances(tiny_tts):
+    from chatterbox_lab.voices import VoiceCache
+
+    voices = VoiceCache(tiny_tts)
+    conds = [voices.use(v).t3 for v in ("alto", "tenor", "alto")]
+    texts = [text_tokens_for(tiny_tts, t) for t in ("A first sentence.", "The second one is longer than the first.",
+                                                     "Third!")]
+    return conds, texts
+
+
+@pytest.mark.parametrize("steps", [("static_cache", "embed_cache"), TOP])
+def test_batched_utterances_match_one_at_a_time(tiny_tts, three_utterances, steps):
+    """Each utterance of a batch (own voice, text and prompt length) gets the tokens it gets alone."""
+    conds, texts = three_utterances
+    batch = T3Decoder(tiny_tts.t3, steps, streams=3, max_new_tokens=30)
+    result = batch.generate_batch(conds, texts, 30, GREEDY, stop_on_eos=False)
+    single = T3Decoder(tiny_tts.t3, steps, max_new_tokens=30)
+    for cond, text, tokens in zip(conds, texts, result.all_tokens):
+        assert torch.equal(single.generate(cond, text, 30, GREEDY, stop_on_eos=False).tokens, tokens)
+    assert result.aggregate_tok_s == pytest.approx(3 * result.decode_tok_s)
+
+
+def test_each_utterance_stops_at_its_own_stop_token(tiny_tts, three_utterances):
+    conds, texts = three_utterances
+    decoder = T3Decoder(tiny_tts.t3, ("static_cache", "embed_cache"), streams=3, max_new_tokens=40)
+    free = decoder.generate_batch(conds, texts, 40, GREEDY, stop_on_eos=False).all_tokens
+    # Declare a token the second utterance produces as the stop token: only it is cut there.
+    stop = int(free[1][0, 5])
+    hp = tiny_tts.t3.hp
+    original, hp.stop_speech_token = hp.stop_speech_token, stop
+    try:
+        cut = decoder.generate_batch(conds, texts, 40, GREEDY).all_tokens
+    finally:
+        hp.stop_speech_token = original
+    for tokens, full in zip(cut, free):
+        hits = (full[0] == stop).nonzero()
+        expected = int(hits[0]) + 1 if len(hits) else 40
+        assert torch.equal(tokens, full[:, :expected])
+    assert cut[1].size(1) <= 6
+
+
+def test_batch_size_must_match(tiny_tts, three_utterances):
+    conds, texts = three_utterances
+    decoder = T3Decoder(tiny_tts.t3, ("static_cache", "embed_cache"), streams=2)
+    with pytest.raises(ValueError, match="decodes 2 utterance"):
+        decoder.generate_batch(conds, texts, 8)
+    with pytest.raises(ValueError, match="needs static_cache and embed_cache"):
+        T3Decoder(tiny_tts.t3, (), streams=2)
