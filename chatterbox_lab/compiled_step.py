@@ -26,7 +26,10 @@ def compile_step(step, random_in_graph: bool = False):
     if random_in_graph:
         options["fallback_random"] = True
     # The same options as mode="reduce-overhead" (which cannot be combined with options).
-    return torch.compile(step, options=options, fullgraph=True)
+    # dynamic=False: decoders with another batch size get their own static graph instead
+    # of one traced with a symbolic batch (whose top-p cumsum Inductor 2.11 fails to
+    # generate code for).
+    return torch.compile(step, options=options, fullgraph=True, dynamic=False)
 
 
 def compile_counters() -> dict:
