@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     k.add_argument("--requests", type=int, default=500)
     k.add_argument("--clients", type=int, default=4)
     k.add_argument("--time-limit", type=float, default=600,
-                   help="seconds; requests not started by then count as errors")
+                   help="seconds; requests not started by then are counted as not_started")
     k.add_argument("--preset", choices=PRESETS)
     k.add_argument("--device")
     k.add_argument("--out", type=Path, required=True)
@@ -116,7 +116,8 @@ def main(argv=None) -> int:
         out = results.write(doc, args.out, overwrite=args.overwrite)
         print({k: v for k, v in doc["rungs"]["soak"].items() if k != "rss_every_50"})
         print(f"wrote {out}")
-        return 0 if doc["rungs"]["soak"]["errors"] == 0 else 1
+        report = doc["rungs"]["soak"]
+        return 0 if report["errors"] == 0 and report["not_started"] == 0 else 1
     if args.command == "serve":
         import uvicorn
 

@@ -71,6 +71,7 @@ def run_soak(url: str, voices: list[str], requests: int = 500, clients: int = 4,
                  repetition_penalty=rng.choice([1.0, 1.2, 1.5]), seed=i) for i in range(requests)]
     deadline = time.monotonic() + time_limit_s
     errors, latencies, bad_lengths, rss_trace = [], [], [], []
+    not_started = []
     done = iter(range(1, requests + 1))
     progress = threading.Lock()
     before = compile_counters()
@@ -78,7 +79,7 @@ def run_soak(url: str, voices: list[str], requests: int = 500, clients: int = 4,
 
     def call(job):
         if time.monotonic() > deadline:
-            errors.append("time limit reached")
+            not_started.append(job["seed"])
             return
         start = time.perf_counter()
         try:
@@ -104,8 +105,10 @@ def run_soak(url: str, voices: list[str], requests: int = 500, clients: int = 4,
     wall = time.perf_counter() - start
     after = compile_counters()
     latencies.sort()
-    return dict(requests=requests, clients=clients, errors=len(errors), first_errors=errors[:3],
-                bad_lengths=len(bad_lengths), wall_s=wall, requests_per_s=requests / wall,
+    completed = len(latencies)
+    return dict(requests=requests, clients=clients, completed=completed, not_started=len(not_started),
+                errors=len(errors), first_errors=errors[:3],
+                bad_lengths=len(bad_lengths), wall_s=wall, requests_per_s=completed / wall,
                 p50_s=statistics.median(latencies) if latencies else None,
                 p99_s=latencies[int(0.99 * (len(latencies) - 1))] if latencies else None,
                 recompiles=after["recompiles"] - before["recompiles"],

@@ -73,6 +73,7 @@ def test_soak(server):
     report = run_soak(server.url, ["alto", "tenor"], requests=500, clients=4, time_limit_s=480)
     print(report)
     assert report["errors"] == 0, report["first_errors"]
+    assert report["completed"] == 500 and report["not_started"] == 0
     assert report["bad_lengths"] == 0
     assert report["recompiles"] == 0 and report["new_frames"] == 0
     after_burn_in = report["rss_every_50"][0][1]
