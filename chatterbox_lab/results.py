@@ -123,9 +123,10 @@ def load(path: Path) -> dict:
     return validate(json.loads(Path(path).read_text()))
 
 
-def committed(gpu_only: bool = True) -> list[tuple[Path, dict]]:
-    """Committed result documents, oldest first."""
-    docs = [(p, load(p)) for p in sorted(RESULTS_DIR.glob("*.json"))]
+def committed(gpu_only: bool = True, folder: str = "") -> list[tuple[Path, dict]]:
+    """Committed result documents, oldest first: the full-ladder runs of `data/results/`, or
+    those of one of its folders (`soak`, `beyond`)."""
+    docs = [(p, load(p)) for p in sorted((RESULTS_DIR / folder).glob("*.json"))]
     if gpu_only:
         docs = [(p, d) for p, d in docs if d["provenance"].get("gpu")]
     return sorted(docs, key=lambda pd: pd[1]["provenance"]["date_utc"])

@@ -59,3 +59,24 @@ def test_committed_traces_hold_gpu_kernels():
     for rung in ("upstream_fp32", "compiled"):
         trace = profiling.load_trace(root / f"{rung}.pt.trace.json.gz")
         assert len(profiling.kernel_spans(trace)) > 100
+
+
+def test_batched_decode_is_measured_per_batch_size(tiny_tts, tmp_path):
+    # embed_cache's prefix includes bf16, which would cast the shared fixture model in place
+    import copy
+
+    tts = copy.copy(tiny_tts)
+    tts.t3 = copy.deepcopy(tiny_tts.t3)
+    partial = tmp_path / "partial.json"
+    doc = run(BenchConfig(rungs=("embed_cache",), tokens=8, repeats=1, profile=False, device="cpu",
+                          batch_sizes=(1, 3)), progress=False, tts=tts, partial=partial)
+    streams = doc["batch"]["streams"]
+    assert list(streams) == ["1", "3"] and doc["batch"]["steps"] == ["bf16", "embed_cache", "static_cache"]
+    assert streams["3"]["raw"]["steps"] == [8]
+    assert streams["3"]["aggregate_tok_s"] == pytest.approx(3 * streams["3"]["per_stream_tok_s"])
+    assert json.loads(partial.read_text())["batch"]["streams"].keys() == streams.keys()
+
+
+def test_batching_needs_a_cached_rung():
+    with pytest.raises(ValueError, match="batching needs a last rung at or past embed_cache"):
+        BenchConfig(rungs=("upstream_fp32", "static_cache"), batch_sizes=(8,), device="cpu").resolved()
