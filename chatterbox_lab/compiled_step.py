@@ -1,14 +1,15 @@
 """The compiled step: the one-token decode under torch.compile with CUDA graphs.
 
-`mode="reduce-overhead"` records the step as a CUDA graph (from its third call)
-and replays it with one launch, so the hundreds of small kernels of a 30-layer
-step no longer each cost a host launch. `fullgraph=True` turns any graph break
+Inductor's CUDA-graph option (what `mode="reduce-overhead"` turns on; set directly
+here so other options can join it) records the step as a CUDA graph (from its
+third call) and replays it with one launch, so the hundreds of small kernels of a
+30-layer step no longer each cost a host launch. `fullgraph=True` turns any graph break
 into an error instead of a silent fallback. CUDA graphs can still be skipped
 without an error (CPU tensors, mutated inputs, dynamic shapes): tests and the
 notebook check that graphs are replayed by counting graph launches in a profile.
 
-What recompiles: a new dtype or cache capacity (tensor shapes change). What must
-not: speaker, text, sampling values and positions, which are all device data.
+What recompiles: a new dtype, cache capacity or batch size (tensor shapes change).
+What must not: speaker, text, sampling values and positions, which are all device data.
 """
 from __future__ import annotations
 
