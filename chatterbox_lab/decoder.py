@@ -21,7 +21,7 @@ with its own prompt, position, repetition mask and stop.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -84,11 +84,15 @@ def prompt_len_for(t3, text_tokens: torch.Tensor) -> int:
 
 @dataclass
 class DecodeResult:
-    tokens: torch.Tensor  # (1, n) of the first utterance, as upstream returns them, stop token included
+    all_tokens: list      # (1, n_i) per utterance, as upstream returns them, stop token included
     prefill_s: float
     decode_s: float
     steps_run: int = 0    # decode steps, each giving one token to every utterance
-    all_tokens: list = field(default_factory=list)  # (1, n_i) for every utterance
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """The first (for `generate`, the only) utterance's tokens."""
+        return self.all_tokens[0]
 
     @property
     def decode_tok_s(self) -> float:
@@ -97,7 +101,7 @@ class DecodeResult:
 
     @property
     def aggregate_tok_s(self) -> float:
-        return self.decode_tok_s * max(1, len(self.all_tokens))
+        return self.decode_tok_s * len(self.all_tokens)
 
 
 def sync_device(device) -> None:
@@ -269,8 +273,8 @@ class T3Decoder:
         per_stream = [tokens[s:s + 1] for s in range(self.streams)]
         if stop_on_eos:
             per_stream = [_cut_at_stop(t, self.t3.hp.stop_speech_token) for t in per_stream]
-        return DecodeResult(tokens=per_stream[0], prefill_s=prefill_end - start, decode_s=end - prefill_end,
-                            steps_run=steps, all_tokens=per_stream)
+        return DecodeResult(all_tokens=per_stream, prefill_s=prefill_end - start, decode_s=end - prefill_end,
+                            steps_run=steps)
 
     def _advance(self, i: int) -> None:
         """Feed the tokens sampled at step i - 1 and sample those of step i."""

@@ -28,9 +28,8 @@ class SpeechEmbeddingCache:
         """token (n, 1) long, one per utterance, speech_position (1,) long -> (n * cfg_batch, 1, dim),
         each utterance's embedding repeated for its CFG rows."""
         embed = self.tokens[token[:, 0]] + self.positions[speech_position]
-        if embed.size(0) == 1:
-            return embed[None].expand(self.cfg_batch, -1, -1)
-        return embed.repeat_interleave(self.cfg_batch, dim=0)[:, None]
+        # A view for one utterance (its rows share one embedding); a copy for several.
+        return embed[:, None, None].expand(-1, self.cfg_batch, 1, -1).flatten(0, 1)
 
 
 def upstream_step_embedding(t3, token: torch.Tensor, speech_position: int, cfg_batch: int = 2):
