@@ -10,7 +10,8 @@ from . import results
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 CATALOG = ROOT / "notebooks" / "catalog.json"
-BLOCKS = {"results": lambda: results_section(), "notebooks": lambda: notebook_section()}
+BLOCKS = {"results": lambda: results_section(), "notebooks": lambda: notebook_section(),
+          "soak": lambda: soak_section()}
 README_FIGURES = ("t3_decode_tok_s", "t3_speedup_vs_upstream", "fraction_of_floor", "t3_prefill_s", "e2e_s", "rtf",
                   "peak_vram_mib", "compile_s", "gpu_kernels_per_token", "host_launches_per_token")
 
@@ -59,6 +60,27 @@ def results_section() -> str:
     if others:
         lines += ["", "Earlier runs: " + ", ".join(f"`{n}`" for n in others) + "."]
     return "\n".join(lines)
+
+
+def soak_section() -> str:
+    """The latest GPU soak in which every request asked was sent (older records may be cut by
+    their time limit, see data/results/soak/README.md)."""
+    complete = [(p, d) for p, d in results.committed(gpu_only=True, folder="soak")
+                if d["rungs"]["soak"].get("not_started") == 0]
+    if not complete:
+        return "No complete GPU soak committed yet."
+    path, doc = complete[-1]
+    prov, soak = doc["provenance"], doc["rungs"]["soak"]
+    rel = path.relative_to(ROOT)
+    after_burn_in = soak["rss_every_50"][0][1]
+    return (f"GPU soak on an **{prov['gpu']}** (preset `{prov['preset']}`, commit `{prov['git_commit'][:7]}`, "
+            f"[`{rel.name}`]({rel})): {soak['completed']}/{soak['requests']} requests from {soak['clients']} "
+            f"clients served, {soak['errors']} errors, {soak['recompiles']} recompiles, {soak['bad_lengths']} "
+            f"WAVs of the wrong length; {soak['requests_per_s']:.2f} requests/s, latency p50 {soak['p50_s']:.2f} s, "
+            f"p99 {soak['p99_s']:.2f} s; host RSS {after_burn_in:,.1f} MiB after 50 requests and "
+            f"{soak['rss_end_mib']:,.1f} MiB at the end; GPU memory allocated "
+            f"{soak['gpu_allocated_start_mib']:,.0f} MiB after warm-up, {soak['gpu_allocated_end_mib']:,.0f} MiB "
+            f"at the end. The service time is S3Gen's eager flow, not T3.")
 
 
 def notebook_catalog() -> list[dict]:
