@@ -18,9 +18,10 @@ exponential race: argmax of p / q with q ~ Exp(1)), drawing from the global RNG
 exactly as upstream's call does, so a seeded run picks the same tokens. What it
 leaves out is multinomial's input validation, which reads a flag back to the host
 and so stalls the CPU every token (and cannot be captured in a CUDA graph); the
-decoder checks for non-finite probabilities on the device instead. Inside a
-compiled step it keeps PyTorch's own RNG kernel (`compile_step(random_in_graph=True)`),
-so the draws stay the eager ones.
+decoder checks for non-finite probabilities on the device instead. The race can
+also be drawn ahead into a buffer (`race=`): the decoder that samples inside its
+captured step draws it eagerly just before each replay, so the draws are PyTorch's
+own RNG kernel and stay the eager ones, and the graph holds no RNG state.
 
 The arithmetic runs in float32 whatever the model's dtype. For an fp32 model that
 is upstream's arithmetic bit for bit; for a bf16 model upstream rounds the CFG
@@ -110,8 +111,15 @@ def next_token_probs(logits: torch.Tensor, seen: torch.Tensor, sampling: DeviceS
     return torch.softmax(scores, dim=-1)
 
 
-def sample_token(probs: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """torch.multinomial(probs, 1) without its per-call host sync: (n, 1) ids, written into `out` if given."""
-    race = torch.empty_like(probs).exponential_(1)
-    torch.div(probs, race, out=race)
-    return torch.argmax(race, dim=-1, keepdim=True, out=out)
+def draw_race(buffer: torch.Tensor) -> torch.Tensor:
+    """Fill `buffer` with the Exp(1) draws `torch.multinomial` makes for probabilities of its shape."""
+    return buffer.exponential_(1)
+
+
+def sample_token(probs: torch.Tensor, out: torch.Tensor | None = None,
+                 race: torch.Tensor | None = None) -> torch.Tensor:
+    """torch.multinomial(probs, 1) without its per-call host sync: (n, 1) ids, written into `out` if given.
+    `race`: the draws, made ahead with `draw_race`; drawn here when not given."""
+    if race is None:
+        race = draw_race(torch.empty_like(probs))
+    return torch.argmax(probs / race, dim=-1, keepdim=True, out=out)
