@@ -16,14 +16,20 @@ from __future__ import annotations
 import torch
 
 
-def compile_step(step):
-    """Compile `step` with CUDA graphs where there are any (on CPU, Inductor's default)."""
+def compile_step(step, random_in_graph: bool = False):
+    """Compile `step` with CUDA graphs where there are any (on CPU, Inductor's default).
+
+    `random_in_graph`: the step draws random numbers. Inductor would replace PyTorch's
+    RNG kernels with its own generator (same distribution, other numbers); keeping
+    PyTorch's (`fallback_random`) keeps a seeded run's tokens those of upstream.
+    """
+    options = {"triton.cudagraphs": torch.cuda.is_available()}
+    if random_in_graph:
+        options["fallback_random"] = True
     # The same options as mode="reduce-overhead" (which cannot be combined with options).
-    # dynamic=False: decoders with another batch size get their own static graph instead
-    # of one traced with a symbolic batch (whose top-p cumsum Inductor 2.11 fails to
-    # generate code for).
-    return torch.compile(step, options={"triton.cudagraphs": torch.cuda.is_available()},
-                         fullgraph=True, dynamic=False)
+    # dynamic=False: a decoder with another batch size gets its own static graph, which a
+    # CUDA graph needs anyway, instead of a recompile traced with a symbolic batch.
+    return torch.compile(step, options=options, fullgraph=True, dynamic=False)
 
 
 def compile_counters() -> dict:

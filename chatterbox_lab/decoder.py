@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from .embed_cache import SpeechEmbeddingCache, upstream_step_embedding
 from .kv_cache import cache_len_for, check_fits
 from .precision import t3_in_dtype
-from .sampling import DeviceSampling, SamplingParams, draw_race, next_token_probs, sample_token
+from .sampling import DeviceSampling, SamplingParams, next_token_probs, sample_token
 from .t3_forward import DynamicT3Forward, StaticT3Forward
 
 LADDER = ("bf16", "static_cache", "embed_cache", "compiled")
@@ -154,20 +154,11 @@ class T3Decoder:
         self._active_forward = self.forward
         self.compiled = "compiled" in self.steps
         self.sample_in_graph = "sampling_in_graph" in self.steps
-        self.step_fn = self._step
-        if self.sample_in_graph:
-            # The random draws go into this buffer eagerly, one kernel before each replay.
-            # With PyTorch's RNG kernel inside the compiled step, the H100 profile showed
-            # ~16 kernels per token launched outside the graph; drawn outside, the graph
-            # holds no RNG state and the draws are the eager stream, hence upstream's tokens.
-            self.race = torch.empty(streams, self.t3.hp.speech_tokens_dict_size, dtype=torch.float32,
-                                    device=device)
-            torch._dynamo.mark_static_address(self.race)
-            self.step_fn = self._step_and_sample
+        self.step_fn = self._step_and_sample if self.sample_in_graph else self._step
         if self.compiled:
             from .compiled_step import compile_step
 
-            self.step_fn = compile_step(self.step_fn)
+            self.step_fn = compile_step(self.step_fn, random_in_graph=self.sample_in_graph)
 
     @property
     def capacity(self) -> int | None:
@@ -204,8 +195,8 @@ class T3Decoder:
         return self._probs(logits)
 
     def _step_and_sample(self) -> None:
-        """`_step`, then pick the next tokens with the drawn race and write them into their slots."""
-        self.tokens.index_copy_(1, self.step_index, sample_token(self._step(), race=self.race))
+        """`_step`, then draw the next tokens into their slots, all on the device."""
+        self.tokens.index_copy_(1, self.step_index, sample_token(self._step()))
 
     def prefill(self, t3_cond, text_tokens: torch.Tensor, max_new_tokens: int, cfg_weight: float,
                 stream: int = 0) -> torch.Tensor:
@@ -287,8 +278,6 @@ class T3Decoder:
 
     def _advance(self, i: int) -> None:
         """Feed the tokens sampled at step i - 1 and sample those of step i."""
-        if self.sample_in_graph:
-            draw_race(self.race)
         if self.compiled:
             torch.compiler.cudagraph_mark_step_begin()
             probs = self.step_fn()

@@ -18,10 +18,9 @@ exponential race: argmax of p / q with q ~ Exp(1)), drawing from the global RNG
 exactly as upstream's call does, so a seeded run picks the same tokens. What it
 leaves out is multinomial's input validation, which reads a flag back to the host
 and so stalls the CPU every token (and cannot be captured in a CUDA graph); the
-decoder checks for non-finite probabilities on the device instead. The race can
-also be drawn ahead into a buffer (`race=`): the decoder that samples inside its
-captured step draws it eagerly just before each replay, so the draws are PyTorch's
-own RNG kernel and stay the eager ones, and the graph holds no RNG state.
+decoder checks for non-finite probabilities on the device instead. Inside a
+compiled step it keeps PyTorch's own RNG kernel (`compile_step(random_in_graph=True)`),
+so the draws stay the eager ones.
 
 The arithmetic runs in float32 whatever the model's dtype. For an fp32 model that
 is upstream's arithmetic bit for bit; for a bf16 model upstream rounds the CFG
@@ -102,7 +101,9 @@ def next_token_probs(logits: torch.Tensor, seen: torch.Tensor, sampling: DeviceS
     # TopPLogitsWarper: drop the least likely tokens whose mass stays within 1 - top_p,
     # always keeping the most likely one.
     sorted_scores, order = torch.sort(scores, descending=False)
-    cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+    # One scan per utterance: Inductor 2.11 fails to generate a scan over several rows
+    # that reads a per-row value such as the softmax's maximum (pytorch/pytorch#180221).
+    cumulative = torch.cat([row.softmax(dim=-1).cumsum(dim=-1) for row in sorted_scores.split(1)])
     drop_sorted = cumulative <= sampling["one_minus_top_p"]
     drop_sorted[..., -1:] = False
     drop = drop_sorted.scatter(1, order, drop_sorted)
@@ -111,15 +112,8 @@ def next_token_probs(logits: torch.Tensor, seen: torch.Tensor, sampling: DeviceS
     return torch.softmax(scores, dim=-1)
 
 
-def draw_race(buffer: torch.Tensor) -> torch.Tensor:
-    """Fill `buffer` with the Exp(1) draws `torch.multinomial` makes for probabilities of its shape."""
-    return buffer.exponential_(1)
-
-
-def sample_token(probs: torch.Tensor, out: torch.Tensor | None = None,
-                 race: torch.Tensor | None = None) -> torch.Tensor:
-    """torch.multinomial(probs, 1) without its per-call host sync: (n, 1) ids, written into `out` if given.
-    `race`: the draws, made ahead with `draw_race`; drawn here when not given."""
-    if race is None:
-        race = draw_race(torch.empty_like(probs))
-    return torch.argmax(probs / race, dim=-1, keepdim=True, out=out)
+def sample_token(probs: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """torch.multinomial(probs, 1) without its per-call host sync: (n, 1) ids, written into `out` if given."""
+    race = torch.empty_like(probs).exponential_(1)
+    torch.div(probs, race, out=race)
+    return torch.argmax(race, dim=-1, keepdim=True, out=out)
