@@ -25,7 +25,7 @@ from . import equivalence, profiling, results, roofline
 from .decoder import STEPS, T3Decoder, ladder_prefix, prompt_len_for, text_tokens_for
 from .kv_cache import cache_len_for
 from .models import load_tts, resolve_device
-from .pipeline import TOKENS_PER_SECOND, synthesize, upstream_t3
+from .pipeline import TOKENS_PER_SECOND, Synthesis, synthesize, upstream_t3
 from .sampling import SamplingParams
 from .voices import voice_path
 
@@ -94,13 +94,24 @@ def _median(values):
 
 def measure_rung(tts, rung: str, cfg: BenchConfig, voice: Path, bar=None, bandwidth: float | None = None) -> dict:
     """Warm up, time `cfg.repeats` syntheses and profile one rung; returns its figures."""
+    trace = profiling.trace_path_for(cfg.trace_dir, rung) if cfg.trace_dir else None
+    steps = frozenset() if rung == "upstream_fp32" else ladder_prefix(rung)
+    figures, _ = measure_steps(tts, steps, cfg, voice, bar, bandwidth, trace)
+    return figures
+
+
+def measure_steps(tts, steps, cfg: BenchConfig, voice: Path, bar=None, bandwidth: float | None = None,
+                  trace: Path | None = None) -> tuple[dict, Synthesis]:
+    """Warm up, time `cfg.repeats` syntheses and profile T3 with `steps` switched on (none: upstream's
+    own loop). Returns the figures and the first timed synthesis. `bar`: anything with tqdm's
+    `update()`, called after the warm-up and after each timed synthesis."""
     decoder = None
     text_tokens = text_tokens_for(tts, cfg.text)
     prompt_len = prompt_len_for(tts.t3, text_tokens)
     build_start = time.perf_counter()
-    if rung != "upstream_fp32":
+    if steps:
         capacity = cache_len_for(prompt_len, max(cfg.tokens, PROFILE_TOKENS[1]))
-        decoder = T3Decoder(tts.t3, ladder_prefix(rung), max_cache_len=capacity)
+        decoder = T3Decoder(tts.t3, steps, max_cache_len=capacity)
     build_s = time.perf_counter() - build_start
 
     def run(n_tokens=cfg.tokens, seed=cfg.seed):
@@ -152,7 +163,6 @@ def measure_rung(tts, rung: str, cfg: BenchConfig, voice: Path, bar=None, bandwi
             else:
                 decoder.generate(tts.conds.t3, text_tokens, n, cfg.sampling)
 
-        trace = profiling.trace_path_for(cfg.trace_dir, rung) if cfg.trace_dir else None
         counts = profiling.per_token_counts(t3_only, *PROFILE_TOKENS, trace_path=trace)
         figures["gpu_kernels_per_token"] = counts["gpu_kernels"] if cfg.device.startswith("cuda") else None
         figures["host_launches_per_token"] = counts["host_launches"] if cfg.device.startswith("cuda") else None
@@ -160,7 +170,7 @@ def measure_rung(tts, rung: str, cfg: BenchConfig, voice: Path, bar=None, bandwi
         figures["cpu_ops_per_token"] = counts["cpu_ops"]
         if trace:
             figures["trace"] = str(trace)
-    return figures
+    return figures, runs[0]
 
 
 def measure_batch(tts, cfg: BenchConfig, streams: int) -> dict:

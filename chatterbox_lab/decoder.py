@@ -55,6 +55,19 @@ def check_steps(steps) -> frozenset:
     return steps
 
 
+def requirements(step: str) -> frozenset:
+    """Every step `step` needs, directly or through another."""
+    needs = set(REQUIRES.get(step, ()))
+    for need in tuple(needs):
+        needs |= requirements(need)
+    return frozenset(needs)
+
+
+def dependents(step: str) -> frozenset:
+    """Every step that needs `step`, directly or through another."""
+    return frozenset(other for other in STEPS if step in requirements(other))
+
+
 def ladder_prefix(rung: str) -> frozenset:
     """The steps switched on at `rung`: it and every step before it."""
     return frozenset(STEPS[: STEPS.index(rung) + 1])

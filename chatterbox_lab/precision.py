@@ -9,6 +9,8 @@ bound by the host, not the GPU. The gain appears once launches stop dominating
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import warnings
 
 import torch
@@ -30,3 +32,20 @@ def t3_in_dtype(t3, dtype: torch.dtype):
         warnings.warn(f"{dtype} is not supported on {device}; T3 stays in float32", stacklevel=2)
         return t3
     return t3.to(dtype)
+
+
+@contextlib.contextmanager
+def weights_restored(module: torch.nn.Module):
+    """Put `module`'s tensors back as they were on exit, undoing an in-place cast (the bf16 step's)
+    without the rounding a cast back would keep. The copy is held in host memory, so the device's
+    peak memory stays the cast model's own."""
+    def tensors():
+        return itertools.chain(module.named_parameters(), module.named_buffers())
+
+    saved = {name: t.detach().to("cpu", copy=True) for name, t in tensors()}
+    try:
+        yield module
+    finally:
+        current = dict(tensors())
+        for name, original in saved.items():
+            current[name].data = original.to(current[name].device)

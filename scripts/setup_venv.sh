@@ -43,4 +43,5 @@ PY
 "$VENV/bin/python" -c "import perth, sys; sys.exit(perth.PerthImplicitWatermarker is None)" \
     || { echo "resemble-perth lost pkg_resources: is setuptools >= 82 installed?"; exit 1; }
 "$VENV/bin/python" -m ipykernel install --sys-prefix --name python3 >/dev/null
+bash "$(dirname "$0")/setup_browser.sh"
 "$VENV/bin/python" -c "import chatterbox, chatterbox_lab; print('environment ready:', chatterbox.__version__)"

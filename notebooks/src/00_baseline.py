@@ -134,5 +134,39 @@ print({k: round(v, 1) for k, v in counts.items()})
 print("operators (or kernels) per token > 100:", max(counts["cpu_ops"], counts["gpu_kernels"]) > 100)
 
 # %% [markdown]
+# ## The lab bench: try any set of steps
+#
+# The notebooks that follow switch the ladder's steps on one at a time. The lab
+# bench lets you pick any set of them yourself: a voice, a text, a token count
+# and the steps (switching a step on also switches on the steps it needs), then
+# **Run** measures that configuration as the benchmark measures a rung: T3
+# decode tokens/s, RTF, kernels and host launches per token on a GPU (operators
+# per token on a CPU), peak memory, compile time, and the audio to listen to.
+# **Compare A / B** measures two step sets and gives the speed-up of B over A.
+# On a CPU with the `tiny` preset a run takes seconds, and its numbers check
+# the harness, not the speed of the steps.
+
+# %%
+from IPython.display import HTML
+
+from chatterbox_lab.lab_bench import LabBench, measure, table_html
+
+LabBench(tts)
+
+# %% [markdown]
+# Every run of the widget is a call of `measure`, a plain function. Called
+# directly it shows what the fp32 steps change: how T3 runs, not what it says.
+# With the same seed, the static cache and the embedding cache give upstream's
+# speech tokens.
+
+# %%
+text = "Same seed, same tokens."
+upstream = measure(tts, "alto", text, (), 16, repeats=1)
+cached = measure(tts, "alto", text, ("static_cache", "embed_cache"), 16, repeats=1)
+display(HTML(table_html({"upstream": upstream, "cached": cached})))
+assert upstream.figures["tokens"] == cached.figures["tokens"] == 16
+assert torch.equal(upstream.synthesis.speech_tokens, cached.synthesis.speech_tokens)
+
+# %% [markdown]
 # Next: [01 · bf16](01_bf16.ipynb) halves the bytes per weight, and shows
 # why that alone makes this loop *slower* on an H100.
