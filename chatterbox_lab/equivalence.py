@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
 from .decoder import T3Decoder
 from .embed_cache import upstream_step_embedding
@@ -34,7 +35,8 @@ def token_identity(tts, text_tokens, steps_list, n: int, seed: int = 0, max_cach
     if reference is None:
         reference = seeded_tokens(tts, text_tokens, n, seed)
     verdicts = {}
-    for steps in steps_list:
+    # Compiled step sets take tens of seconds each on a GPU; tqdm's TQDM_DISABLE silences it.
+    for steps in tqdm(steps_list, desc="token identity checks"):
         decoder = T3Decoder(tts.t3, steps, max_cache_len=max_cache_len, max_new_tokens=n)
         tokens = seeded_tokens(tts, text_tokens, n, seed, decoder)
         verdicts["+".join(sorted(steps)) or "none"] = bool(torch.equal(tokens.cpu(), reference.cpu()))

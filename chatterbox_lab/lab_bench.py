@@ -34,6 +34,7 @@ TABLE_ROWS = (
     ("peak_vram_mib", "peak GPU memory (MiB)"),
     ("compile_s", "compile + warm-up (s)"),
     ("tokens", "speech tokens"),
+    ("trace", "trace (open at ui.perfetto.dev)"),
 )
 COUNT_FIGURES = ("gpu_kernels_per_token", "host_launches_per_token", "cpu_ops_per_token")
 
@@ -50,11 +51,16 @@ class Measurement:
 
 
 def measure(tts, voice, text: str, steps, tokens: int, *, repeats: int | None = None, seed: int = 0,
-            sampling: SamplingParams = SamplingParams(), progress=None) -> Measurement:
+            sampling: SamplingParams = SamplingParams(), progress=None, trace_dir=None) -> Measurement:
     """Measure one configuration: `steps` (names from decoder.STEPS; empty: upstream's loop)
     decoding `tokens` speech tokens of `text` in `voice` (a bundled voice's name or an audio
     path). `repeats` timed runs, 2 on a CPU and 3 on a GPU by default. `progress`: anything
-    with tqdm's `update()`. T3 is left as it was, even with the bf16 step (which casts it)."""
+    with tqdm's `update()`. T3 is left as it was, even with the bf16 step (which casts it).
+
+    `trace_dir` (e.g. "runs"): also write the profiled run, a few decode steps after the
+    warm-up, as `<trace_dir>/<steps>/<host>.pt.trace.json.gz` (its path is in
+    `figures["trace"]`). Open it at ui.perfetto.dev (drag the file in), or with TensorBoard's
+    profiler plugin (`tensorboard --logdir runs`; torch-tb-profiler is deprecated upstream)."""
     if isinstance(steps, str):
         raise TypeError(f"steps must be a collection of step names, e.g. ({steps!r},), not a string")
     steps = tuple(step for step in STEPS if step in check_steps(steps))
@@ -62,8 +68,9 @@ def measure(tts, voice, text: str, steps, tokens: int, *, repeats: int | None = 
                             repeats=repeats, seed=seed, sampling=sampling).resolved()
     path = voice_path(voice)
     restored = precision.weights_restored(tts.t3) if "bf16" in steps else contextlib.nullcontext()
+    trace = profiling.trace_path_for(trace_dir, "+".join(steps) or "upstream") if trace_dir else None
     with restored:
-        figures, synthesis = bench.measure_steps(tts, steps, cfg, path, progress)
+        figures, synthesis = bench.measure_steps(tts, steps, cfg, path, progress, trace=trace)
     # Each measurement builds a new decoder, and each compiles its step again; past
     # torch's recompile limit the step would quietly run eagerly and the figures would
     # describe something else.
@@ -79,7 +86,8 @@ def table_html(measurements: dict[str, Measurement]) -> str:
     names = list(measurements)
     head = "".join(f"<th>{html.escape(name)}<br><small>{html.escape(m.label)}</small></th>"
                    for name, m in measurements.items())
-    rows = [(label, [results.fmt(m.figures.get(key)) for m in measurements.values()]) for key, label in TABLE_ROWS]
+    rows = [(label, [html.escape(results.fmt(m.figures.get(key))) for m in measurements.values()])
+            for key, label in TABLE_ROWS]
     if len(names) > 1:
         base = measurements[names[0]].figures["t3_decode_tok_s"]
         rows.append((f"T3 speed-up over {names[0]}",
@@ -192,10 +200,11 @@ class LabBench(widgets.VBox):
         self.tokens = widgets.BoundedIntText(value=defaults.tokens, min=1, max=MAX_NEW_TOKENS,
                                              description="tokens")
         self.repeats = widgets.BoundedIntText(value=defaults.repeats, min=1, max=20, description="repeats")
+        self.trace = widgets.Checkbox(value=False, description="write a trace to runs/", indent=False)
         self.single = _Panel({"this run": StepPicker("steps")}, self._measure, "Run")
         self.compare = _Panel({"A": StepPicker("A"), "B": StepPicker("B", LADDER)}, self._measure, "Run A and B")
         tabs = widgets.Tab([self.single, self.compare], titles=("Measure", "Compare A / B"))
-        super().__init__([self.voice, self.text, widgets.HBox([self.tokens, self.repeats]), tabs])
+        super().__init__([self.voice, self.text, widgets.HBox([self.tokens, self.repeats, self.trace]), tabs])
         self.add_class("cblab-lab-bench")
 
     def _measure(self, steps: tuple, say) -> Measurement:
@@ -205,4 +214,5 @@ class LabBench(widgets.VBox):
         following = iter([f"measuring, run {i} of {n}…" for i in range(1, n + 1)] + ["profiling…"])
         say("compiling and warming up…" if "compiled" in steps else "warming up…")
         return measure(self.tts, self.voice.value, self.text.value, steps, self.tokens.value,
-                       repeats=n, progress=SimpleNamespace(update=lambda: say(next(following))))
+                       repeats=n, progress=SimpleNamespace(update=lambda: say(next(following))),
+                       trace_dir="runs" if self.trace.value else None)

@@ -134,6 +134,28 @@ def gpu_busy_fraction(trace: dict, window: tuple[float, float] | None = None) ->
     return busy / (hi - lo)
 
 
+# Kernel kinds by name: cuBLAS / cuDNN / Inductor's generated kernels, matched in this order.
+KERNEL_KINDS = (
+    ("matmul", ("nvjet", "gemm", "cutlass", "xmma", "cublas")),
+    ("attention", ("sdpa", "flash", "fmha", "attention")),
+    ("generated (Triton)", ("triton_",)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, marks in KERNEL_KINDS if any(m in lowered for m in marks)), "other kernels")
+
+
+def kernel_mix(trace: dict, window: tuple[float, float] | None = None) -> dict[str, float]:
+    """Share of the kernels in `window` (default: the decode part) of each kind. Counts, not
+    durations: under the profiler each kernel of a replayed graph is stretched, so a trace's
+    durations say little about the step's real time (the bench times it unprofiled)."""
+    lo, hi = window or decode_window(trace)
+    kinds = [kernel_kind(name) for name, ts, _ in kernel_spans(trace) if lo <= ts < hi]
+    return {kind: kinds.count(kind) / len(kinds) for kind in [k for k, _ in KERNEL_KINDS] + ["other kernels"]}
+
+
 def plot_timeline(trace: dict, ax=None, title: str = "", window: tuple[float, float] | None = None):
     """GPU kernels (top) and host-side CPU ops (bottom) on one time axis (ms from the window start)."""
     import matplotlib.pyplot as plt

@@ -140,6 +140,32 @@ def plot_rungs(doc: dict, title: str | None = None):
     return fig
 
 
+def plot_batch(doc: dict):
+    """Batched decoding: aggregate and per-utterance T3 rate, and time per step, against the
+    number of utterances decoded together."""
+    import matplotlib.pyplot as plt
+
+    streams = doc["batch"]["streams"]
+    n = [int(k) for k in streams]
+    figures = list(streams.values())
+    fig, (rate, step) = plt.subplots(1, 2, figsize=(11, 3.4))
+    rate.plot(n, [f["aggregate_tok_s"] for f in figures], "o-", label="all utterances")
+    rate.plot(n, [f["per_stream_tok_s"] for f in figures], "s--", label="each utterance")
+    rate.set_xscale("log", base=2)
+    rate.set_yscale("log")
+    rate.set_xlabel("utterances decoded together")
+    rate.set_ylabel("T3 decode tokens/s")
+    rate.legend()
+    step.plot(n, [f["ms_per_step"] for f in figures], "o-", color="tab:red")
+    step.set_xscale("log", base=2)
+    step.set_xlabel("utterances decoded together")
+    step.set_ylabel("ms per decode step")
+    step.set_ylim(bottom=0)
+    fig.suptitle(f"{doc['provenance'].get('gpu') or 'CPU'}, steps: {', '.join(doc['batch']['steps'])}")
+    fig.tight_layout()
+    return fig
+
+
 def write_companions(doc: dict, json_path: Path) -> list[Path]:
     """The run's Markdown table and PNG plot, next to its JSON."""
     from .bench import summary_table

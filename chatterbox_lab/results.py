@@ -132,14 +132,35 @@ def committed(gpu_only: bool = True, folder: str = "") -> list[tuple[Path, dict]
     return sorted(docs, key=lambda pd: pd[1]["provenance"]["date_utc"])
 
 
+def latest_with(folder: str = "", rungs=(), batch: bool = False) -> tuple[Path, dict]:
+    """The latest committed GPU document of `folder` that measured every rung in `rungs`
+    (and batched decoding, with `batch`): a later run of only some rungs does not hide it."""
+    matching = [(p, d) for p, d in committed(gpu_only=True, folder=folder)
+                if set(rungs) <= set(d["rungs"]) and (not batch or d.get("batch"))]
+    if not matching:
+        raise LookupError(f"no committed GPU result in data/results/{folder} has rungs {list(rungs)}"
+                          + (" and a batch section" if batch else ""))
+    return matching[-1]
+
+
+def compile_estimate_s(device) -> float | None:
+    """The compiled rung's compile and capture time in the latest committed run on this GPU
+    model, as a warm-up's time estimate; None on a CPU or a GPU with no committed run."""
+    if not str(device).startswith("cuda") or not torch.cuda.is_available():
+        return None
+    gpu = torch.cuda.get_device_name(torch.device(device))
+    same_gpu = [d for _, d in committed(gpu_only=True) if d["provenance"]["gpu"] == gpu and "compiled" in d["rungs"]]
+    return same_gpu[-1]["rungs"]["compiled"]["compile_s"] if same_gpu else None
+
+
 def latest_gpu_result() -> dict | None:
     docs = committed(gpu_only=True)
     return docs[-1][1] if docs else None
 
 
-def latest_gpu_checks() -> dict | None:
-    """The equivalence checks of the latest committed GPU run made with --checks."""
-    checked = [d for _, d in committed(gpu_only=True) if d.get("checks")]
+def latest_gpu_checks(folder: str = "") -> dict | None:
+    """The equivalence checks of the latest committed GPU run (of `folder`) made with --checks."""
+    checked = [d for _, d in committed(gpu_only=True, folder=folder) if d.get("checks")]
     return checked[-1]["checks"] if checked else None
 
 

@@ -111,10 +111,21 @@ class TTSSession:
     def _resolve(self, voice) -> Path:
         return self._named.get(voice) or voice_path(voice)
 
-    def warmup(self, voice="alto") -> float:
+    def warmup(self, voice="alto", progress: bool = True) -> float:
         """Compile and capture the decode step now, not in the first request; returns seconds."""
+        from tqdm.auto import tqdm
+
+        from .results import compile_estimate_s
+
+        estimate = compile_estimate_s(self.tts.device) if self.decoder.compiled else None
+        what = "warm-up: compile and capture the decode step" if self.decoder.compiled else "warm-up"
         start = time.perf_counter()
-        self.synthesize("Warming up the decoder.", voice=voice, max_new_tokens=32)
+        # One step that lasts the whole compile: the bar shows the time spent against the
+        # estimate (this GPU model's committed compile time), which is all there is to show.
+        with tqdm(total=1, desc=what + (f" (about {estimate:.0f} s on this GPU)" if estimate else ""),
+                  disable=not progress) as bar:
+            self.synthesize("Warming up the decoder.", voice=voice, max_new_tokens=32)
+            bar.update()
         self.warmup_s = time.perf_counter() - start
         return self.warmup_s
 

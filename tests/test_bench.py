@@ -4,7 +4,7 @@ import pytest
 
 from chatterbox_lab import profiling
 from chatterbox_lab.__main__ import main
-from chatterbox_lab.bench import BenchConfig, run
+from chatterbox_lab.bench import RUNGS, BenchConfig, run
 from chatterbox_lab.decoder import T3Decoder, text_tokens_for
 
 
@@ -54,11 +54,30 @@ def test_profiler_counts_per_token(tiny_tts):
         profiling.per_token_counts(lambda n: None, short=8, long=8)
 
 
-def test_committed_traces_hold_gpu_kernels():
+@pytest.mark.parametrize("rung", RUNGS)
+def test_committed_trace_of_every_rung_opens_as_a_chrome_trace_with_gpu_kernels(rung):
+    """What Perfetto needs: a traceEvents list of complete events with name, phase, time and
+    duration; and what the notebooks need: GPU kernels, with matmuls among them."""
     root = profiling.Path(__file__).resolve().parent.parent / "data" / "traces" / "h100"
-    for rung in ("upstream_fp32", "compiled"):
-        trace = profiling.load_trace(root / f"{rung}.pt.trace.json.gz")
-        assert len(profiling.kernel_spans(trace)) > 100
+    path = root / f"{rung}.pt.trace.json.gz"
+    assert path.stat().st_size < 4 * 2**20, "committed traces stay small: profile fewer tokens"
+    trace = profiling.load_trace(path)
+    events = trace["traceEvents"]
+    complete = [e for e in events if e.get("ph") == "X"]
+    assert complete and all({"name", "ts", "dur", "pid", "tid"} <= e.keys() for e in complete)
+    kernels = profiling.kernel_spans(trace)
+    assert len(kernels) > 100
+    mix = profiling.kernel_mix(trace)
+    assert mix["matmul"] > 0 and sum(mix.values()) == pytest.approx(1.0)
+
+
+def test_kernel_mix_sorts_kernels_by_kind():
+    def kernel(name, ts):
+        return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": 1}
+    trace = {"traceEvents": [kernel("nvjet_sm90_tst_64x8", 0), kernel("cudnn_sdpa_flash_fprop", 2),
+                             kernel("triton_per_fused_add_mean", 4), kernel("void at::native::fill", 6)]}
+    assert profiling.kernel_mix(trace, (0, 10)) == {"matmul": 0.25, "attention": 0.25, "generated (Triton)": 0.25,
+                                                    "other kernels": 0.25}
 
 
 def test_batched_decode_is_measured_per_batch_size(tiny_tts, tmp_path):

@@ -22,6 +22,16 @@ def test_measure_upstream_and_a_ladder_step_set(tiny_tts):
         assert m.synthesis.sample_rate == 24_000 and len(m.synthesis.wav) == 8 * 24_000 // 25
 
 
+def test_measure_writes_a_short_trace_of_any_configuration(tiny_tts, tmp_path):
+    from chatterbox_lab import profiling
+
+    m = measure(tiny_tts, "alto", TEXT, ("static_cache", "embed_cache"), 4, repeats=1, trace_dir=tmp_path / "runs")
+    path = profiling.Path(m.figures["trace"])
+    assert path.parent == tmp_path / "runs" / "static_cache+embed_cache" and path.name.endswith(".pt.trace.json.gz")
+    events = profiling.load_trace(path)["traceEvents"]
+    assert any(e.get("name") == "aten::mm" for e in events)
+
+
 @pytest.mark.parametrize("steps,tokens,voice,error,message", [
     (("compiled",), 8, "alto", ValueError, "'compiled' needs static_cache, embed_cache"),
     (("static_cache", "embed_cache", "sampling_in_graph"), 8, "alto", ValueError, "'sampling_in_graph' needs compiled"),
@@ -88,6 +98,7 @@ def test_compare_shows_both_configurations_and_the_speed_up(lab):
     table = panel.table.value
     assert "<th>A<br><small>upstream</small></th>" in table
     assert "<th>B<br><small>static_cache + embed_cache</small></th>" in table
+    assert "trace (open at ui.perfetto.dev)</th><td>-</td><td>-</td>" in table  # none asked for
     assert "T3 speed-up over A</th><td>1.00x</td>" in table
     players = [o for o in panel.audio.outputs if "<audio" in o["data"].get("text/html", "")]
     assert len(players) == 2

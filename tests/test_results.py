@@ -100,3 +100,26 @@ def test_every_number_in_readme_prose_is_a_definition_not_a_measurement():
     from chatterbox_lab.reference import GUIDE_TOKENS_PER_AUDIO_SECOND
 
     assert S3_TOKEN_RATE == 25 and GUIDE_TOKENS_PER_AUDIO_SECOND == 50
+
+
+def test_latest_with_skips_later_runs_that_lack_the_rungs():
+    path, doc = results.latest_with("beyond", ("compiled", "sampling_in_graph"), batch=True)
+    assert {"compiled", "sampling_in_graph"} <= set(doc["rungs"]) and doc["batch"]["streams"]
+    later = [p for p, d in results.committed(folder="beyond") if d["provenance"]["date_utc"] > doc["provenance"]["date_utc"]]
+    assert all("compiled" not in results.load(p)["rungs"] or not results.load(p).get("batch") for p in later)
+    with pytest.raises(LookupError, match="no committed GPU result"):
+        results.latest_with("beyond", ("no_such_rung",))
+
+
+def test_committed_gpu_soak_served_everything_with_flat_memory():
+    """Issue 7's GPU record: every request sent and served, no recompile, host memory flat after
+    the first 50 requests (the CI soak's bound)."""
+    from test_server import RSS_GROWTH_BOUND_MIB
+
+    complete = [d for _, d in results.committed(folder="soak") if d["rungs"]["soak"].get("not_started") == 0]
+    assert complete, "a GPU soak that sent every request is committed"
+    soak = complete[-1]["rungs"]["soak"]
+    assert soak["completed"] == soak["requests"]
+    assert soak["errors"] == soak["recompiles"] == soak["bad_lengths"] == 0
+    assert soak["rss_end_mib"] - soak["rss_every_50"][0][1] < RSS_GROWTH_BOUND_MIB
+    assert f"{soak['completed']}/{soak['requests']} requests" in report.soak_section()

@@ -1,5 +1,5 @@
 # %% [markdown]
-# # 06 · Beyond the guide (in progress)
+# # 06 · Beyond the guide
 #
 # The guide stops at a compiled step: one CUDA graph per token, about a fifth of
 # what the card's memory bandwidth allows. This notebook follows the steps past
@@ -8,8 +8,11 @@
 # - `fused_projections`: q, k, v as one matmul and gate, up as another. At two
 #   rows (the CFG pair) a matmul costs its weight bytes plus a fixed launch and
 #   ramp-up; fusing pays that fixed cost once per group: 7 matmuls a layer become 4.
-# - `sampling_in_graph`: sampling and the token write move inside the captured
-#   step, so a token should cost one graph launch and nothing else on the host.
+# - `sampling_in_graph`: sampling (with PyTorch's own random-number kernel) and
+#   the token write move inside the captured step. What the host still does per
+#   token: one graph launch, two tiny fills that hand the graph the random
+#   generator's seed and offset (how a CUDA graph replays an RNG kernel with
+#   fresh numbers), and a stop check every few tokens.
 # - several utterances at once (`T3Decoder(streams=N)`): each is a CFG pair of rows
 #   with its own prompt, position, repetition mask and stop; the weights are read
 #   once for all of them.
@@ -38,7 +41,8 @@ print("steps past the guide:", BEYOND)
 # In fp32 neither step changes the math, so a seeded run must give upstream's
 # tokens. The compiled step that samples inside the graph keeps PyTorch's own
 # random-number kernel (Inductor would otherwise swap in its own generator:
-# same distribution, different numbers).
+# same distribution, different numbers). The same checks ran on the H100 with
+# the full model; their record is read at the end.
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -72,37 +76,124 @@ assert all(same)
 # %% [markdown]
 # ## Measured on an H100
 #
-# `python -m chatterbox_lab bench --rungs upstream_fp32 compiled fused_projections sampling_in_graph`
-# runs these rungs in one process on one card. The committed runs are in
-# `data/results/beyond/`; its README says what each run covers and what went wrong.
+# `python -m chatterbox_lab bench --rungs upstream_fp32 bf16 static_cache embed_cache compiled
+# fused_projections sampling_in_graph --batch 1 8 32 64` runs every rung and the
+# batch sizes in one process on one card. The committed runs are in
+# `data/results/beyond/`; its README says what each covers.
 
 # %%
-path, doc = results.committed(folder="beyond")[-1]
+from chatterbox_lab import bench, profiling, report
+
+path, doc = results.latest_with("beyond", ("upstream_fp32", "compiled", *BEYOND), batch=True)
 prov = doc["provenance"]
 display(Markdown(f"**{prov['gpu']}**, torch {prov['torch']}, commit `{prov['git_commit'][:10]}`, "
                  f"{prov['date_utc']}, `{path.name}`"))
 display(Markdown(results.markdown_table(doc, ("t3_decode_tok_s", "fraction_of_floor", "gpu_kernels_per_token",
                                                "host_launches_per_token", "cpu_ops_per_token", "compile_s"))))
+report.plot_rungs(doc);
 
 # %% [markdown]
-# What the table teaches:
+# The left plot is the roofline before and after: each bar is a rung's decode
+# rate, the black mark the rate at which the card could just read that rung's
+# weights and cache once per token (its floor), and the percentage how close it
+# gets. What each step buys:
 #
-# - Fusing the projections removes kernels from every token (printed below) and is
-#   the first step past the guide's compiled rung: more of each step is spent
-#   reading weights.
-# - Sampling inside the graph should have removed the host's per-token work; on the
-#   H100 it did remove half the CPU ops, yet added host launches and time. The
-#   extra launches are no aten op, so they come from the graph replay itself (the
-#   random-number generator's bookkeeping for a captured RNG kernel is the first
-#   suspect). Diagnosing this needs a trace of that rung: `bench --trace-dir runs/`.
-# - Still ahead: attention that reads only the filled cache with enough parallelism
-#   for one query (a split-KV decode kernel), kernels that read these small weight
-#   matrices nearer the bandwidth floor, and batch scaling measured on the GPU.
+# - **Fusing the projections** removes kernels from every token and is the
+#   largest single gain past the guide's compiled rung.
+# - **Sampling inside the graph** removes the host's remaining per-token work (one
+#   host launch and the CPU operators of the sampling); the step itself is the
+#   same, so the decode rate barely moves: past the compiled rung the GPU, not the
+#   host, sets the pace.
+# - A first measurement of in-graph sampling was *slower*, with more host launches
+#   per token than the rung before it. The trace showed why: `aten::_foreach_copy_`
+#   before every replay, copying most of the model's weights. That decoder had found its projections
+#   already fused by the decoder before it and took a new tensor over the same
+#   memory, which nobody had marked static; a CUDA graph copies every input it
+#   does not know to be static into its own buffers, every replay. A reminder
+#   that "one graph launch per token" says nothing about what runs around it.
 
 # %%
 rungs = doc["rungs"]
-compiled, fused = rungs["compiled"], rungs["fused_projections"]
+compiled, fused, in_graph = rungs["compiled"], rungs["fused_projections"], rungs["sampling_in_graph"]
 print(f"fused projections: {compiled['gpu_kernels_per_token'] - fused['gpu_kernels_per_token']:.0f} fewer kernels "
       f"a token, {fused['t3_decode_tok_s'] / compiled['t3_decode_tok_s']:.2f}x the compiled rung's decode rate")
-assert rungs["fused_projections"]["gpu_kernels_per_token"] < rungs["compiled"]["gpu_kernels_per_token"]
-assert rungs["fused_projections"]["t3_decode_tok_s"] > rungs["compiled"]["t3_decode_tok_s"]
+print(f"sampling in graph: {fused['host_launches_per_token'] - in_graph['host_launches_per_token']:.1f} fewer host "
+      f"launches and {fused['cpu_ops_per_token'] - in_graph['cpu_ops_per_token']:.1f} fewer CPU operators a token")
+assert fused["gpu_kernels_per_token"] < compiled["gpu_kernels_per_token"]
+assert fused["t3_decode_tok_s"] > compiled["t3_decode_tok_s"]
+assert in_graph["host_launches_per_token"] < fused["host_launches_per_token"]
+
+# %% [markdown]
+# ## Where a step's time goes now
+#
+# The fastest rung still reaches only about a quarter of its floor. A trace of a
+# few decode steps (committed in `data/traces/h100/`, one per rung) shows what a
+# token is made of. Kernel *counts* by kind, not durations: under the profiler
+# every kernel of a replayed graph is stretched, so the trace's clock says little
+# about the real step, which the bench times without it.
+
+# %%
+mix = {}
+for rung in ("compiled", "fused_projections", "sampling_in_graph"):
+    trace = profiling.load_trace(f"../data/traces/h100/{rung}.pt.trace.json.gz")
+    per_token = rungs[rung]["gpu_kernels_per_token"]
+    mix[rung] = {kind: share * per_token for kind, share in profiling.kernel_mix(trace).items()}
+kinds = list(next(iter(mix.values())))
+display(Markdown("| kernels per token | " + " | ".join(kinds) + " |\n|---|" + "---|" * len(kinds) + "\n" +
+                 "\n".join(f"| {rung} | " + " | ".join(f"{m[k]:.0f}" for k in kinds) + " |" for rung, m in mix.items())))
+step_ms = 1e3 / in_graph["t3_decode_tok_s"]
+floor_ms = 1e3 / in_graph["floor_tok_s"]
+print(f"a step takes {step_ms:.2f} ms; reading its weights and cache once would take {floor_ms:.2f} ms")
+
+# %% [markdown]
+# A decode step multiplies two rows by every weight matrix: each matmul should
+# cost its weight bytes at full bandwidth. Two things keep it far from that:
+#
+# - cuBLAS's kernels for two-row products do not reach the bandwidth floor,
+#   and every matmul also pays a launch-and-ramp cost;
+# - the other kernels of the table (attention over the cache, norms, rotary,
+#   activations, sampling) each cost a few microseconds inside the graph however
+#   little data they touch. Attention of one query over a few hundred cached
+#   positions keeps only a few dozen of an H100's 132 SMs busy.
+#
+# The next steps past this (not built yet) are kernels that read these small
+# matrices near the floor, fused with the norm, rotary, residual or activation
+# around them, and a split-KV decode attention.
+
+# %% [markdown]
+# ## Several utterances at once
+#
+# The weights are read once per step for every utterance in the batch, so the
+# aggregate rate grows with the batch while each utterance slows down much less.
+# What grows with the batch is the KV cache: every utterance has its own, and the
+# step attends over the whole allocation, not just the filled part.
+
+# %%
+display(Markdown(bench.batch_table(doc)))
+report.plot_batch(doc);
+streams = doc["batch"]["streams"]
+print(f"64 utterances: {streams['64']['aggregate_tok_s']:,.0f} tokens/s together, "
+      f"{streams['64']['per_stream_tok_s']:,.0f} each; one alone: {streams['1']['per_stream_tok_s']:,.0f}")
+assert streams["64"]["aggregate_tok_s"] > 10 * streams["1"]["aggregate_tok_s"]
+bandwidth_gb_s = doc["roofline"]["copy_bandwidth_gb_s"]
+for n, f in streams.items():
+    cache_ms = f["kv_cache_mib"] * 2**20 / (bandwidth_gb_s * 1e9) * 1e3
+    print(f"{n:>2} utterances: reading the whole KV cache once takes {cache_ms:.2f} ms of a {f['ms_per_step']:.2f} ms step")
+
+# %% [markdown]
+# At 64 utterances, reading the cache's full allocation is a large part of each
+# step: attention over only the filled part (length buckets, or a kernel that
+# stops at each utterance's length) is the next gain for batches.
+
+# %% [markdown]
+# ## Checked on the H100 too
+#
+# The same fp32 token-identity checks on the full model, and the bf16 logit
+# error under teacher forcing, from the latest run made with `--checks`.
+
+# %%
+checks = results.latest_gpu_checks(folder="beyond")
+for steps, same in checks["fp32_token_identity"].items():
+    print(f"{steps}: {'identical' if same else 'DIFFERENT'}")
+print(f"bf16 logits: relative error {checks['bf16_logit_rel_error']:.1e} (tolerance {checks['bf16_logit_tolerance']})")
+assert all(checks["fp32_token_identity"].values()) and checks["bf16_within_tolerance"]
