@@ -60,9 +60,10 @@ class LoopbackServer:
 
 
 def run_soak(url: str, voices: list[str], requests: int = 500, clients: int = 4, tokens=(4, 12),
-             seed: int = 0, time_limit_s: float = 600) -> dict:
+             seed: int = 0, time_limit_s: float = 600, progress: bool = True) -> dict:
     import httpx
     import soundfile as sf
+    from tqdm.auto import tqdm
 
     rng = random.Random(seed)
     jobs = [dict(text=rng.choice(TEXTS), voice=rng.choice(voices), max_new_tokens=rng.randint(*tokens),
@@ -73,7 +74,7 @@ def run_soak(url: str, voices: list[str], requests: int = 500, clients: int = 4,
     errors, latencies, bad_lengths, rss_trace = [], [], [], []
     not_started = []
     done = iter(range(1, requests + 1))
-    progress = threading.Lock()
+    counting = threading.Lock()
     before = compile_counters()
     rss_start = rss_mib()
 
@@ -94,14 +95,16 @@ def run_soak(url: str, voices: list[str], requests: int = 500, clients: int = 4,
                 bad_lengths.append((job["max_new_tokens"], len(wav)))
         except Exception as exc:  # a soak records failures instead of stopping at the first
             errors.append(repr(exc))
-        with progress:
+        with counting:
             n = next(done)
             if n % 50 == 0:
                 rss_trace.append((n, round(rss_mib(), 1)))
 
     start = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        list(pool.map(call, jobs))
+    with ThreadPoolExecutor(clients) as pool, tqdm(total=requests, desc="soak", unit="request",
+                                                   disable=not progress) as bar:
+        for _ in pool.map(call, jobs):
+            bar.update()
     wall = time.perf_counter() - start
     after = compile_counters()
     latencies.sort()
