@@ -203,7 +203,7 @@ def measure_batch(tts, cfg: BenchConfig, streams: int) -> dict:
     )
 
 
-def run_checks(tts, cfg: BenchConfig) -> dict:
+def run_checks(tts, cfg: BenchConfig, progress: bool = False) -> dict:
     """fp32 token identity of every step set below bf16 (run before the model is cast)."""
     text_tokens = text_tokens_for(tts, cfg.text)
     n = min(cfg.tokens, 64)
@@ -211,7 +211,8 @@ def run_checks(tts, cfg: BenchConfig) -> dict:
                  ("static_cache", "embed_cache", "compiled"), ("static_cache", "embed_cache", "fused_projections"),
                  ("static_cache", "embed_cache", "compiled", "fused_projections", "sampling_in_graph")]
     forced = equivalence.seeded_tokens(tts, text_tokens, n, cfg.seed)
-    identity = equivalence.token_identity(tts, text_tokens, step_sets, n, seed=cfg.seed, reference=forced)
+    identity = equivalence.token_identity(tts, text_tokens, step_sets, n, seed=cfg.seed, reference=forced,
+                                          progress=progress)
     reference = equivalence.reference_logits(tts, text_tokens, forced)
     return dict(fp32_token_identity=identity, fp32_tokens_checked=n, forced=forced, reference=reference)
 
@@ -244,7 +245,7 @@ def run(config: BenchConfig, progress: bool = True, tts=None, partial: Path | No
     checks = None
     if cfg.checks:
         tts.prepare_conditionals(str(voice))
-        checks = run_checks(tts, cfg)
+        checks = run_checks(tts, cfg, progress)
         doc["checks"]["fp32_token_identity"] = checks["fp32_token_identity"]
         doc["checks"]["fp32_tokens_checked"] = checks["fp32_tokens_checked"]
 

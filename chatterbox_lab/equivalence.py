@@ -29,14 +29,14 @@ def seeded_tokens(tts, text_tokens, n: int, seed: int, decoder: T3Decoder | None
 
 
 def token_identity(tts, text_tokens, steps_list, n: int, seed: int = 0, max_cache_len: int | None = None,
-                   reference: torch.Tensor | None = None) -> dict:
+                   reference: torch.Tensor | None = None, progress: bool = False) -> dict:
     """{"+".join(steps): tokens identical to upstream} for each set of steps (fp32 model).
-    `reference`: upstream's tokens for this seed, if already computed."""
+    `reference`: upstream's tokens for this seed, if already computed. `progress`: a bar
+    over the step sets (compiled ones take tens of seconds each on a GPU)."""
     if reference is None:
         reference = seeded_tokens(tts, text_tokens, n, seed)
     verdicts = {}
-    # Compiled step sets take tens of seconds each on a GPU; tqdm's TQDM_DISABLE silences it.
-    for steps in tqdm(steps_list, desc="token identity checks"):
+    for steps in tqdm(steps_list, desc="token identity checks", disable=not progress):
         decoder = T3Decoder(tts.t3, steps, max_cache_len=max_cache_len, max_new_tokens=n)
         tokens = seeded_tokens(tts, text_tokens, n, seed, decoder)
         verdicts["+".join(sorted(steps)) or "none"] = bool(torch.equal(tokens.cpu(), reference.cpu()))
