@@ -31,12 +31,12 @@ def say(args) -> Path:
     """One utterance into a WAV file; every cheap check runs before the model loads."""
     from .models import load_tts
     from .session import TTSSession
-    from .validation import check_output_path, check_text, check_token_count
+    from .validation import MAX_LONG_TEXT_CHARS, MAX_TEXT_CHARS, check_output_path, check_text, check_token_count
     from .voices import check_reference_audio
 
     # Arguments that are not UTF-8 reach Python as surrogate escapes; encoding them back
     # gives check_text the original bytes to refuse.
-    text = check_text(os.fsencode(args.text))
+    text = check_text(os.fsencode(args.text), max_chars=MAX_LONG_TEXT_CHARS if args.chunk else MAX_TEXT_CHARS)
     sampling = SamplingParams(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingParams)})
     tokens = check_token_count(args.max_new_tokens)
     check_output_path(args.out, args.overwrite)
@@ -48,7 +48,7 @@ def say(args) -> Path:
     session = TTSSession(tts=tts, steps=steps, max_new_tokens=tokens)
     try:
         return session.synthesize_to_file(args.out, text, voice, overwrite=args.overwrite, sampling=sampling,
-                                          max_new_tokens=tokens, seed=args.seed)
+                                          max_new_tokens=tokens, seed=args.seed, chunk=args.chunk)
     finally:
         session.close()
 
@@ -100,6 +100,8 @@ def main(argv=None) -> int:
         y.add_argument(f"--{f.name.replace('_', '-')}", type=float, default=f.default, help="default: %(default)s")
     y.add_argument("--seed", type=int)
     y.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    y.add_argument("--chunk", action="store_true",
+                   help="text of any length, spoken sentence chunk by chunk (--max-new-tokens bounds each)")
     args = parser.parse_args(argv)
     if args.command == "say":
         try:

@@ -17,10 +17,13 @@ from transformers.utils import logging as hf_logging
 
 from .decoder import T3Decoder, sync_device, text_tokens_for
 from .sampling import SamplingParams
-from .validation import check_text
+from .validation import MAX_LONG_TEXT_CHARS, check_text
 
 TOKENS_PER_SECOND = 25  # S3 speech tokens: 640 samples at 16 kHz each
 SAMPLES_PER_TOKEN = 24_000 // TOKENS_PER_SECOND  # of S3Gen's 24 kHz output
+# Sentence chunks of long text: short enough that T3 keeps to the text (a long prompt
+# is where it starts to skip or repeat) and well inside one utterance's text limit.
+MAX_CHUNK_CHARS = 300
 
 
 @dataclass
@@ -125,3 +128,25 @@ def synthesize(tts, text: str, *, voice=None, decoder: T3Decoder | None = None, 
                 wav = tts.watermarker.apply_watermark(wav, sample_rate=S3GEN_SR)
     return Synthesis(wav=wav, sample_rate=S3GEN_SR, speech_tokens=speech_tokens, seconds=seconds,
                      t3_prefill_s=prefill_s, t3_decode_s=decode_s, t3_steps=steps)
+
+
+def synthesize_long(tts, text: str, *, max_chars: int = MAX_CHUNK_CHARS, voice=None, progress: bool = False,
+                    **options) -> Synthesis:
+    """Text of any length: `synthesize` (same keywords) on each sentence chunk of at most
+    `max_chars` characters (`long_text.split_text`), in order, with the voice prepared
+    once; the audio joined with faded edges and short pauses (`long_text.join_speech`).
+    Stage times, T3 figures and speech tokens are the chunks' totals."""
+    from tqdm.auto import tqdm
+
+    from .long_text import join_speech, split_text
+
+    chunks = split_text(check_text(text, max_chars=MAX_LONG_TEXT_CHARS), max_chars)
+    parts = []
+    for i, chunk in enumerate(tqdm(chunks, desc="sentences", unit="chunk", disable=not progress)):
+        parts.append(synthesize(tts, chunk, voice=voice if i == 0 else None, **options))
+    seconds = {stage: sum(p.seconds.get(stage, 0.0) for p in parts) for stage in parts[0].seconds}
+    return Synthesis(wav=join_speech([p.wav for p in parts], parts[0].sample_rate),
+                     sample_rate=parts[0].sample_rate,
+                     speech_tokens=torch.cat([p.speech_tokens for p in parts]), seconds=seconds,
+                     t3_prefill_s=sum(p.t3_prefill_s for p in parts), t3_decode_s=sum(p.t3_decode_s for p in parts),
+                     t3_steps=sum(p.t3_steps for p in parts))

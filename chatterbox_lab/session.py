@@ -25,9 +25,10 @@ import torch
 
 from .decoder import LADDER, T3Decoder
 from .models import load_tts
-from .pipeline import synthesize
+from .pipeline import synthesize, synthesize_long
 from .sampling import SamplingParams
-from .validation import MAX_TEXT_CHARS, check_output_path, check_text, check_token_count, check_voice_id
+from .validation import (MAX_LONG_TEXT_CHARS, MAX_TEXT_CHARS, check_output_path, check_text, check_token_count,
+                         check_voice_id)
 from .voices import VoiceCache, check_reference_audio, voice_path
 
 
@@ -130,14 +131,17 @@ class TTSSession:
         return self.warmup_s
 
     def synthesize(self, text, voice="alto", *, sampling: SamplingParams = SamplingParams(),
-                   max_new_tokens: int | None = None, exaggeration: float = 0.5, seed: int | None = None) -> Speech:
-        text = check_text(text)
+                   max_new_tokens: int | None = None, exaggeration: float = 0.5, seed: int | None = None,
+                   chunk: bool = False) -> Speech:
+        """`chunk`: text of any length, spoken sentence chunk by sentence chunk
+        (`pipeline.synthesize_long`); `max_new_tokens` then bounds each chunk."""
+        text = check_text(text, max_chars=MAX_LONG_TEXT_CHARS if chunk else MAX_TEXT_CHARS)
         n = check_token_count(max_new_tokens if max_new_tokens is not None else self.max_new_tokens)
         if n > self.max_new_tokens:
             raise ValueError(f"max_new_tokens {n} is over this session's limit of {self.max_new_tokens}: "
                              f"create the session with a larger max_new_tokens")
         path = self._resolve(voice)
-        return self._worker.submit(self._run, text, path, sampling, n, exaggeration, seed).result()
+        return self._worker.submit(self._run, text, path, sampling, n, exaggeration, seed, chunk).result()
 
     def synthesize_to_file(self, path, text, voice="alto", *, overwrite: bool = False, **options) -> Path:
         """`synthesize` (same keywords) into a 16-bit WAV file; returns its path.
@@ -148,13 +152,14 @@ class TTSSession:
         check_output_path(path, overwrite)
         return self.synthesize(text, voice, **options).save(path, overwrite)
 
-    def _run(self, text, path, sampling, n, exaggeration, seed) -> Speech:
+    def _run(self, text, path, sampling, n, exaggeration, seed, chunk) -> Speech:
         """On the worker thread: every model call of the session happens here."""
         try:
             self.tts.conds = self.voices.use(path, exaggeration)
             if seed is not None:
                 torch.manual_seed(seed)
-            result = synthesize(self.tts, text, decoder=self.decoder, max_new_tokens=n, sampling=sampling)
+            run = synthesize_long if chunk else synthesize
+            result = run(self.tts, text, decoder=self.decoder, max_new_tokens=n, sampling=sampling)
         except torch.cuda.OutOfMemoryError as exc:
             torch.cuda.empty_cache()
             raise MemoryError(

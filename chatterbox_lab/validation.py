@@ -7,6 +7,8 @@ from pathlib import Path
 # English tokenizer); past a few hundred characters quality drops, and the static
 # cache must hold the whole prompt, so longer text must be split (chunking) first.
 MAX_TEXT_CHARS = 600
+# With chunking (pipeline.synthesize_long): a book chapter, not an unbounded upload.
+MAX_LONG_TEXT_CHARS = 100_000
 # T3 has learned positions for this many speech tokens (upstream T3Config.max_speech_tokens);
 # the static cache is sized from the count, so a huge one would allocate before failing.
 MAX_NEW_TOKENS = 4096
@@ -26,8 +28,10 @@ def check_text(text, max_chars: int = MAX_TEXT_CHARS) -> str:
         raise ValueError("text is empty: give the sentence to speak (upstream would silently "
                          "speak 'You need to add some text for me to talk.' instead)")
     if len(text) > max_chars:
-        raise ValueError(f"text is {len(text)} characters, over the limit of {max_chars}: split it into "
-                         f"sentences and synthesize them one by one (nothing was generated)")
+        hint = ("split it into sentences, or let the long-text path do it (`synthesize_long`, a session's "
+                "`chunk=True`, the CLI's --chunk)" if max_chars < MAX_LONG_TEXT_CHARS else "split it into parts")
+        raise ValueError(f"text is {len(text)} characters, over the limit of {max_chars}: {hint}; "
+                         f"nothing was generated")
     return text
 
 

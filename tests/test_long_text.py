@@ -1,0 +1,83 @@
+import numpy as np
+import pytest
+
+from chatterbox_lab.long_text import JOIN_FADE_S, JOIN_PAUSE_S, join_speech, split_text
+from chatterbox_lab.pipeline import SAMPLES_PER_TOKEN
+from chatterbox_lab.validation import MAX_TEXT_CHARS
+
+CHAPTER = ("It was a bright cold day in April. The clocks were striking thirteen! Was it late? "
+           "“Nobody knows,” she said. He walked on… and on, past the station, the square, the long grey "
+           "wall of the old market, the bridge over the canal where the boats slept in rows, and the "
+           "school whose windows were all lit although it was Sunday. Then he stopped.")
+
+
+def words(text):
+    return text.split()
+
+
+@pytest.mark.parametrize("max_chars", [40, 80, 300])
+def test_chunks_fit_keep_every_word_and_end_at_sentences_where_they_can(max_chars):
+    chunks = split_text(CHAPTER, max_chars)
+    assert all(0 < len(c) <= max_chars for c in chunks)
+    assert words(" ".join(chunks)) == words(CHAPTER)
+    if max_chars == 300:
+        # The long sentence fits whole, so every chunk boundary is a sentence end.
+        assert all(c.rstrip("”’\"')").endswith((".", "!", "?", "…")) for c in chunks)
+
+
+def test_an_over_long_sentence_is_cut_at_a_clause_mark_before_a_space():
+    sentence = "one two three four, five six seven eight nine ten eleven"
+    assert split_text(sentence, 30) == ["one two three four,", "five six seven eight nine ten", "eleven"]
+
+
+def test_a_word_longer_than_a_chunk_is_refused_with_what_to_check():
+    with pytest.raises(ValueError, match="longer than a chunk may be"):
+        split_text("fine words then " + "x" * 50, 20)
+
+
+def test_joins_fade_to_silence_and_pause_between_chunks():
+    rate = 24_000
+    loud = [np.full(4_800, 0.8, dtype=np.float32), np.full(2_400, -0.8, dtype=np.float32)]
+    joined = join_speech(loud, rate)
+    pause = int(JOIN_PAUSE_S * rate)
+    assert len(joined) == 4_800 + pause + 2_400
+    # Around each seam the signal ramps to zero: no step between two loud samples.
+    assert joined[4_799] == 0 and joined[4_800 + pause] == 0
+    assert np.abs(np.diff(joined)).max() <= 0.8 / (JOIN_FADE_S * rate) + 1e-6
+    assert np.all(joined[4_800:4_800 + pause] == 0)
+    assert loud[0][0] == 0.8, "the chunks passed in are left as they were"
+
+
+def test_long_text_through_a_session_is_spoken_whole(tiny_tts):
+    from chatterbox_lab.session import TTSSession
+
+    text = " ".join([CHAPTER] * 3)  # over one utterance's limit
+    assert len(text) > MAX_TEXT_CHARS
+    session = TTSSession(tts=tiny_tts, steps=("static_cache", "embed_cache"), max_new_tokens=6)
+    try:
+        with pytest.raises(ValueError, match="chunk=True"):
+            session.synthesize(text)
+        speech = session.synthesize(text, chunk=True, seed=0)
+    finally:
+        session.close()
+    chunks = split_text(text, 300)
+    # The synthetic model never stops early: every chunk speaks its 6 tokens.
+    expected = len(chunks) * 6 * SAMPLES_PER_TOKEN + (len(chunks) - 1) * int(JOIN_PAUSE_S * speech.sample_rate)
+    assert len(speech.wav) == expected
+
+
+def test_say_speaks_long_text_with_chunk_and_refuses_it_without(tmp_path, capsys):
+    import soundfile as sf
+
+    from chatterbox_lab.__main__ import main
+
+    text = " ".join([CHAPTER] * 3)
+    args = ["say", text, "--preset", "tiny", "--device", "cpu", "--max-new-tokens", "4", "--seed", "0"]
+    with pytest.raises(SystemExit) as refused:
+        main(args + ["--out", str(tmp_path / "refused.wav")])
+    assert refused.value.code == 2 and "--chunk" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+    assert main(args + ["--out", str(tmp_path / "long.wav"), "--chunk"]) == 0
+    chunks = split_text(text, 300)
+    wav, rate = sf.read(tmp_path / "long.wav")
+    assert len(wav) == len(chunks) * 4 * SAMPLES_PER_TOKEN + (len(chunks) - 1) * int(JOIN_PAUSE_S * rate)
