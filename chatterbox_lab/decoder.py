@@ -14,6 +14,10 @@ Past the guide (`BEYOND`):
 - "fused_projections": q/k/v and gate/up each as one matmul (`fused_projections.py`)
 - "sampling_in_graph": sampling and the token write inside the captured step, so a
                        token costs one graph launch and nothing else on the host
+- "filled_cache_attention": each step's attention reads only the filled blocks of each
+                       row's cache (flex attention, `t3_forward.filled_cache_mask`), not the
+                       whole allocation; compiled only (flex attention's eager form is a
+                       reference that materializes every score)
 
 Any number of utterances decode together (`streams`): each is a CFG pair of rows,
 with its own prompt, position, repetition mask and stop.
@@ -27,16 +31,16 @@ import torch
 import torch.nn.functional as F
 
 from .embed_cache import SpeechEmbeddingCache, upstream_step_embedding
-from .kv_cache import cache_len_for, check_fits
+from .kv_cache import CACHE_MULTIPLE, cache_len_for, check_fits
 from .precision import t3_in_dtype
 from .sampling import DeviceSampling, SamplingParams, next_token_probs, sample_token
-from .t3_forward import DynamicT3Forward, StaticT3Forward
+from .t3_forward import DynamicT3Forward, StaticT3Forward, filled_cache_mask
 
 LADDER = ("bf16", "static_cache", "embed_cache", "compiled")
-BEYOND = ("fused_projections", "sampling_in_graph")
+BEYOND = ("fused_projections", "sampling_in_graph", "filled_cache_attention")
 STEPS = LADDER + BEYOND
 REQUIRES = {"compiled": ("static_cache", "embed_cache"), "fused_projections": ("static_cache",),
-            "sampling_in_graph": ("compiled",)}
+            "sampling_in_graph": ("compiled",), "filled_cache_attention": ("compiled",)}
 
 # How often the host looks for the stop token: each look is a device sync that
 # stops the CPU from queueing further steps ahead of the GPU.
@@ -159,9 +163,13 @@ class T3Decoder:
         for t in (self.tokens, self.seen, self.step_index, self.prompt_len_t, self.stopped, self.nonfinite):
             torch._dynamo.mark_static_address(t)
         self.forward = None
+        self.filled_only = "filled_cache_attention" in self.steps
         if "static_cache" in self.steps:
             if max_cache_len is None:
                 max_cache_len = cache_len_for(cond_len(self.t3) + max_text_tokens + 4, max_new_tokens)
+            if self.filled_only and max_cache_len % CACHE_MULTIPLE:
+                raise ValueError(f"filled_cache_attention reads the cache in blocks of {CACHE_MULTIPLE} slots: "
+                                 f"max_cache_len must be a multiple of it, got {max_cache_len}")
             self.forward = StaticT3Forward(self.t3, max_cache_len, batch=2 * streams,
                                            fused="fused_projections" in self.steps)
         self._active_forward = self.forward
@@ -195,8 +203,11 @@ class T3Decoder:
 
     def _feed(self, token: torch.Tensor, step: int | None) -> torch.Tensor:
         """Logits (2n, V) after feeding `token` (n, 1), the ones sampled at the current step."""
-        position = None if self.forward is None else self._positions()
-        return self._active_forward(self._embed(token, step), position)
+        if self.forward is None:
+            return self._active_forward(self._embed(token, step), None)
+        block_mask = filled_cache_mask(self.prompt_len_t, self.step_index, self.forward.n_heads, self.capacity) \
+            if self.filled_only else None
+        return self.forward(self._embed(token, step), self._positions(), block_mask=block_mask)
 
     def _step(self, step: int | None = None) -> torch.Tensor:
         """Feed the last sampled tokens, return next-token probabilities. With the caches on

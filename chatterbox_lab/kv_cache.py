@@ -19,7 +19,12 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def cache_len_for(prompt_len: int, max_new_tokens: int, multiple: int = 64) -> int:
+# Capacities are rounded up to this many slots, which is also the block that attention
+# over the filled cache skips or reads as a whole (t3_forward.filled_cache_mask).
+CACHE_MULTIPLE = 64
+
+
+def cache_len_for(prompt_len: int, max_new_tokens: int, multiple: int = CACHE_MULTIPLE) -> int:
     """Slots a request needs (prompt + every generated token), rounded up."""
     return round_up(prompt_len + max_new_tokens, multiple)
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from .kv_cache import StaticKVCache
+from .kv_cache import CACHE_MULTIPLE, StaticKVCache
 
 
 def rotary_tables(t3, capacity: int, dtype: torch.dtype):
@@ -21,6 +21,32 @@ def rotary_tables(t3, capacity: int, dtype: torch.dtype):
     probe = torch.zeros(1, dtype=dtype, device=device)
     cos, sin = t3.tfmr.rotary_emb(probe, position_ids=positions)
     return cos[0], sin[0]  # (capacity, head_dim)
+
+
+def filled_cache_mask(prompt_lens: torch.Tensor, step_index: torch.Tensor, heads: int, capacity: int):
+    """A flex-attention block mask for one decode step of utterances with prompt lengths
+    `prompt_lens` (n,) at step `step_index` (1,): CFG row b (utterance b // 2) sees cache
+    slots 0 .. prompt_lens[b // 2] + step_index, the one being written included.
+
+    Blocks of CACHE_MULTIPLE slots past a row's position are not in its list at all, so the
+    attention kernel never reads them; only the block holding the position is masked
+    slot by slot. Built from device tensors, so a captured step serves every position.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    rows = 2 * prompt_lens.numel()
+    last = (prompt_lens + step_index).repeat_interleave(2)
+    n_blocks = capacity // CACHE_MULTIPLE
+    kv_num_blocks = (last // CACHE_MULTIPLE + 1).to(torch.int32)[:, None, None].expand(rows, heads, 1)
+    kv_indices = torch.arange(n_blocks, dtype=torch.int32, device=last.device).expand(rows, heads, 1, n_blocks)
+
+    def up_to_position(b, h, q_idx, kv_idx):
+        # The decoder's buffers themselves, not `last`: Inductor's CPU flex-attention
+        # template accepts only graph inputs in a mask.
+        return kv_idx <= prompt_lens[b // 2] + step_index[0]
+    return BlockMask.from_kv_blocks(kv_num_blocks.contiguous(), kv_indices.contiguous(),
+                                    BLOCK_SIZE=(128, CACHE_MULTIPLE), mask_mod=up_to_position,
+                                    seq_lengths=(1, capacity), compute_q_blocks=False)
 
 
 class StaticT3Forward:
@@ -58,17 +84,25 @@ class StaticT3Forward:
         q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in self._qkv(i, attn, x))
         q, k = apply_rotary_pos_emb(q, k, *rotary)
         keys, values = self.cache.update(i, positions, k, v, rows)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
-                                             enable_gqa=self.n_heads != self.n_kv_heads)
+        gqa = self.n_heads != self.n_kv_heads
+        if isinstance(mask, torch.Tensor):
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
+        else:
+            from torch.nn.attention.flex_attention import flex_attention
+
+            out = flex_attention(q, keys, values, block_mask=mask, enable_gqa=gqa)
         return attn.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
     def _mlp(self, i: int, layer, x: torch.Tensor) -> torch.Tensor:
         return layer.mlp(x) if self.fused is None else self.fused.mlp(i, layer, x)
 
-    def __call__(self, embeds: torch.Tensor, positions: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+    def __call__(self, embeds: torch.Tensor, positions: torch.Tensor, rows: slice = slice(None),
+                 block_mask=None) -> torch.Tensor:
         """embeds (B, T, dim) for cache rows `rows` at positions (T,) shared by the rows, or
-        (B, 1) one per row -> speech logits of the last position (B, V)."""
-        mask = self.cache.mask(positions)
+        (B, 1) one per row -> speech logits of the last position (B, V). `block_mask`
+        (`filled_cache_mask`, one step only): flex attention over the filled cache instead
+        of SDPA over the whole allocation."""
+        mask = self.cache.mask(positions) if block_mask is None else block_mask
         # cos/sin gathered once and shared by every layer: (1, T, D) or (B, 1, D).
         rotary = (self.cos[positions], self.sin[positions]) if positions.dim() == 2 else \
             (self.cos[positions][None], self.sin[positions][None])

@@ -9,10 +9,11 @@ from chatterbox_lab.decoder import LADDER, STEPS, T3Decoder, check_steps, ladder
 from chatterbox_lab.kv_cache import CacheOverflowError
 from chatterbox_lab.sampling import SamplingParams
 
+# Every step but bf16 (whose tokens are not upstream's fp32 ones).
+TOP = tuple(step for step in STEPS if step != "bf16")
 STEP_SETS = [(), ("static_cache",), ("embed_cache",), ("static_cache", "embed_cache"),
              ("static_cache", "embed_cache", "compiled"), ("static_cache", "embed_cache", "fused_projections"),
-             ("static_cache", "embed_cache", "compiled", "fused_projections", "sampling_in_graph")]
-TOP = ("static_cache", "embed_cache", "compiled", "fused_projections", "sampling_in_graph")
+             ("static_cache", "embed_cache", "compiled", "fused_projections", "sampling_in_graph"), TOP]
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,8 @@ def test_token_count_limits(tiny_tts, text_tokens):
 
 def test_step_rules():
     assert ladder_prefix("embed_cache") == {"bf16", "static_cache", "embed_cache"}
-    assert ladder_prefix("sampling_in_graph") == set(STEPS)
+    assert ladder_prefix(STEPS[-1]) == set(STEPS)
+    assert "filled_cache_attention" not in ladder_prefix("sampling_in_graph")
     assert check_steps(LADDER) == set(LADDER)
     with pytest.raises(ValueError, match="needs static_cache, embed_cache"):
         check_steps(["compiled"])
@@ -65,6 +67,29 @@ def test_step_rules():
         check_steps(["static_cache", "embed_cache", "sampling_in_graph"])
     with pytest.raises(ValueError, match="unknown steps"):
         check_steps(["fp8"])
+
+
+def test_filled_cache_attention_needs_whole_blocks(tiny_tts):
+    with pytest.raises(ValueError, match="blocks of 64 slots: max_cache_len must be a multiple of it, got 100"):
+        T3Decoder(tiny_tts.t3, TOP, max_cache_len=100)
+
+
+def test_filled_cache_mask_reads_only_filled_blocks_and_matches_masked_attention():
+    import torch.nn.functional as F
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from chatterbox_lab.kv_cache import StaticKVCache
+    from chatterbox_lab.t3_forward import filled_cache_mask
+
+    torch.manual_seed(0)
+    prompt_lens, step_index, heads, capacity = torch.tensor([10, 70, 130]), torch.tensor([3]), 2, 256
+    mask = filled_cache_mask(prompt_lens, step_index, heads, capacity)
+    assert mask.kv_num_blocks[:, 0, 0].tolist() == [1, 1, 2, 2, 3, 3]  # of 4 blocks of 64
+    q, k, v = torch.randn(6, heads, 1, 16), torch.randn(6, heads, capacity, 16), torch.randn(6, heads, capacity, 16)
+    positions = (prompt_lens + step_index).repeat_interleave(2)[:, None]
+    cache = StaticKVCache(1, 6, heads, capacity, 16, torch.float32, "cpu")
+    reference = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask(positions))
+    torch.testing.assert_close(flex_attention(q, k, v, block_mask=mask), reference)
 
 
 @pytest.mark.parametrize("steps", [("static_cache", "embed_cache", "compiled"), TOP])
