@@ -265,31 +265,11 @@ class T3Decoder:
     def generate_batch(self, t3_conds: list, text_tokens: list, max_new_tokens: int,
                        sampling: SamplingParams = SamplingParams(), stop_on_eos: bool = True) -> DecodeResult:
         """One utterance per stream (voices and texts may differ); each stops at its own stop token."""
-        if not len(t3_conds) == len(text_tokens) == self.streams:
-            raise ValueError(f"this decoder decodes {self.streams} utterance(s) at once; got "
-                             f"{len(t3_conds)} conditionings and {len(text_tokens)} texts")
-        self.sampling.set(sampling)
         sync_device(self.device)
         start = time.perf_counter()
-        self.step_index.zero_()
-        self.nonfinite.zero_()
-        self.stopped.zero_()
-        logits = torch.cat([self.prefill(cond, text, max_new_tokens, sampling.cfg_weight, stream)
-                            for stream, (cond, text) in enumerate(zip(t3_conds, text_tokens))])
-        probs = self._probs(logits)
-        sync_device(self.device)
+        self._begin(t3_conds, text_tokens, max_new_tokens, sampling)
         prefill_end = time.perf_counter()
-
-        sample_token(probs, out=self.tokens[:, :1])
-        steps = max_new_tokens
-        for i in range(1, max_new_tokens + 1):
-            if i % STOP_CHECK_INTERVAL == 0 or i == max_new_tokens:
-                if self._should_stop(i, stop_on_eos):
-                    steps = i
-                    break
-            if i == max_new_tokens:
-                break  # upstream runs one more forward here and never uses its output
-            self._advance(i)
+        steps = max(done for done, _ in self._decode(max_new_tokens, stop_on_eos))
         tokens = self.tokens[:, :steps].clone()
         sync_device(self.device)
         end = time.perf_counter()
@@ -299,6 +279,53 @@ class T3Decoder:
             per_stream = [_cut_at_stop(t, self.t3.hp.stop_speech_token) for t in per_stream]
         return DecodeResult(all_tokens=per_stream, prefill_s=prefill_end - start, decode_s=end - prefill_end,
                             steps_run=steps)
+
+    @torch.inference_mode()
+    def generate_stream(self, t3_cond, text_tokens: torch.Tensor, max_new_tokens: int,
+                        sampling: SamplingParams = SamplingParams(), chunk_tokens: int = 2 * STOP_CHECK_INTERVAL):
+        """One utterance's tokens while they are decoded: yields (tokens (1, k), last) with the
+        tokens decoded since the previous yield, at least `chunk_tokens` of them (counted at
+        the stop checks, every STOP_CHECK_INTERVAL tokens) but for the last, which ends at the
+        stop token. Same tokens, in the same order, as `generate`."""
+        if self.streams != 1:
+            raise ValueError("streaming decodes one utterance: build the decoder with streams=1")
+        if chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+        self._begin([t3_cond], [text_tokens], max_new_tokens, sampling)
+        sent = 0
+        for done, last in self._decode(max_new_tokens, stop_on_eos=True):
+            if last or done - sent >= chunk_tokens:
+                # A stop token is found at the check after it, so only the last chunk holds one.
+                yield _cut_at_stop(self.tokens[:1, sent:done].clone(), self.t3.hp.stop_speech_token), last
+                sent = done
+
+    def _begin(self, t3_conds: list, text_tokens: list, max_new_tokens: int, sampling: SamplingParams) -> None:
+        """Prefill every stream and sample its first token; synchronized at the end."""
+        if not len(t3_conds) == len(text_tokens) == self.streams:
+            raise ValueError(f"this decoder decodes {self.streams} utterance(s) at once; got "
+                             f"{len(t3_conds)} conditionings and {len(text_tokens)} texts")
+        self.sampling.set(sampling)
+        sync_device(self.device)
+        self.step_index.zero_()
+        self.nonfinite.zero_()
+        self.stopped.zero_()
+        logits = torch.cat([self.prefill(cond, text, max_new_tokens, sampling.cfg_weight, stream)
+                            for stream, (cond, text) in enumerate(zip(t3_conds, text_tokens))])
+        probs = self._probs(logits)
+        sync_device(self.device)
+        sample_token(probs, out=self.tokens[:, :1])
+
+    def _decode(self, max_new_tokens: int, stop_on_eos: bool):
+        """The decode loop after `_begin`: yields (tokens decoded so far, whether that is all) at
+        every stop check, the only points where the host knows how far the device has got."""
+        for i in range(1, max_new_tokens + 1):
+            if i % STOP_CHECK_INTERVAL == 0 or i == max_new_tokens:
+                # upstream runs one more forward after its last token and never uses its output
+                last = self._should_stop(i, stop_on_eos) or i == max_new_tokens
+                yield i, last
+                if last:
+                    return
+            self._advance(i)
 
     def _advance(self, i: int) -> None:
         """Feed the tokens sampled at step i - 1 and sample those of step i."""

@@ -1,0 +1,118 @@
+"""Speech while it is decoded: audio for the first tokens plays while T3 writes the rest.
+
+T3 hands over its tokens in chunks (`T3Decoder.generate_stream`). For each chunk S3Gen's
+flow runs over every token so far, since its encoder and estimator look at the whole
+sequence, and the mel frames not yet turned into sound go through HiFi-GAN, with some
+frames of left context so the vocoder starts mid-utterance as it would have run through.
+The last frames of a chunk wait for the next one: they belong to the last few tokens,
+whose sound upstream's streaming mode also holds back until it sees what follows
+(`pre_lookahead_len`). Two pieces meet in a short cross-fade over samples both computed,
+and the seams are measured against the waveform made from all the tokens at once.
+
+Upstream 0.1.7's own streaming flag (`flow_inference(finalize=False)`) fails on a mask
+shape, so each flow run here is a finished one and the hold-back is done on its output.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .decoder import T3Decoder, text_tokens_for
+from .pipeline import TOKENS_PER_SECOND
+from .sampling import SamplingParams
+from .validation import check_text
+
+MEL_FRAMES_PER_SECOND = 50
+CONTEXT_FRAMES = 16   # HiFi-GAN's left context for a piece that starts mid-utterance
+CROSSFADE_SAMPLES = 480
+
+
+@dataclass
+class AudioPiece:
+    wav: np.ndarray     # float32 at `sample_rate`
+    sample_rate: int
+    ready_s: float      # seconds from the request to this piece being ready
+    last: bool
+
+
+def stream_speech(tts, text: str, *, decoder: T3Decoder, voice=None, max_new_tokens: int = 1000,
+                  sampling: SamplingParams = SamplingParams(), chunk_tokens: int = 32, exaggeration: float = 0.5,
+                  watermark: bool = True):
+    """Yields `AudioPiece`s whose concatenation is the utterance; the first comes after
+    `chunk_tokens` tokens (plus the flow and vocoder for them), not after the whole text.
+    Each piece is watermarked on its own, as upstream watermarks a whole utterance."""
+    from chatterbox.models.s3gen.const import S3GEN_SR
+
+    from .voices import prepare_voice
+
+    start = time.perf_counter()
+    text = check_text(text)
+    s3gen = tts.s3gen
+    hop = S3GEN_SR // MEL_FRAMES_PER_SECOND
+    frames_per_token = MEL_FRAMES_PER_SECOND // TOKENS_PER_SECOND
+    held_frames = s3gen.flow.pre_lookahead_len * frames_per_token
+    with torch.inference_mode():
+        if voice is not None:
+            prepare_voice(tts, voice, exaggeration=exaggeration)
+        elif tts.conds is None:
+            raise ValueError("no voice prepared yet: pass voice=<reference audio path>")
+        tokens = torch.zeros(0, dtype=torch.long, device=tts.device)
+        done_frames, tail = 0, np.zeros(0, dtype=np.float32)
+        chunks = decoder.generate_stream(tts.conds.t3, text_tokens_for(tts, text), max_new_tokens, sampling,
+                                         chunk_tokens)
+        for new, last in chunks:
+            tokens = torch.cat([tokens, _speech_only(new[0]).to(tts.device)])
+            if tokens.numel() == 0:
+                continue
+            mels = s3gen.flow_inference(tokens, ref_dict=tts.conds.gen, finalize=True)
+            ready_frames = mels.size(-1) if last else mels.size(-1) - held_frames
+            if ready_frames <= done_frames and not last:
+                continue
+            context = min(done_frames, CONTEXT_FRAMES)
+            wav, _ = s3gen.hift_inference(mels[:, :, done_frames - context:ready_frames].to(dtype=s3gen.dtype), None)
+            wav = wav.squeeze(0).float()
+            if done_frames == 0:
+                wav[: len(s3gen.trim_fade)] *= s3gen.trim_fade  # upstream's fade-in of an utterance
+            wav = wav.cpu().numpy()
+            # New samples from where the held tail starts: the tail is cross-faded into them.
+            fresh = wav[context * hop - len(tail):]
+            piece = _crossfade(tail, fresh)
+            done_frames = ready_frames
+            tail = np.zeros(0, dtype=np.float32) if last else piece[len(piece) - CROSSFADE_SAMPLES:]
+            out = piece if last else piece[: len(piece) - CROSSFADE_SAMPLES]
+            if watermark:
+                out = tts.watermarker.apply_watermark(out, sample_rate=S3GEN_SR)
+            yield AudioPiece(out, S3GEN_SR, time.perf_counter() - start, last)
+            if last:
+                return
+    if tokens.numel() == 0:
+        raise RuntimeError("T3 produced no valid speech tokens (it stopped at once); nothing to synthesize")
+
+
+def _speech_only(tokens: torch.Tensor) -> torch.Tensor:
+    """What pipeline.synthesize keeps of T3's tokens: speech ids, without start and stop."""
+    from chatterbox.models.s3tokenizer import drop_invalid_tokens
+
+    kept = drop_invalid_tokens(tokens)
+    return kept[kept < 6561]
+
+
+def _crossfade(tail: np.ndarray, fresh: np.ndarray) -> np.ndarray:
+    """`fresh` with its first len(tail) samples faded in over `tail` faded out."""
+    n = len(tail)
+    if n == 0:
+        return fresh.astype(np.float32, copy=True)
+    ramp = np.linspace(0.0, 1.0, n, endpoint=False, dtype=np.float32)
+    out = fresh.astype(np.float32, copy=True)
+    out[:n] = tail * (1 - ramp) + fresh[:n] * ramp
+    return out
+
+
+def seam_error(streamed: np.ndarray, whole: np.ndarray) -> float:
+    """RMS of the difference from the waveform made from all tokens at once, relative to its RMS."""
+    if len(streamed) != len(whole):
+        raise ValueError(f"streamed audio has {len(streamed)} samples, the whole utterance {len(whole)}")
+    return float(np.sqrt(np.mean((streamed - whole) ** 2)) / max(np.sqrt(np.mean(whole ** 2)), 1e-12))
