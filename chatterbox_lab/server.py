@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
@@ -61,7 +62,8 @@ def create_app(session: TTSSession) -> FastAPI:
             raise HTTPException(422, str(exc)) from None
         path.write_bytes(body)
         try:
-            session.register_voice(voice_id, path)
+            # Preparing the voice takes a while: off the event loop.
+            await run_in_threadpool(session.register_voice, voice_id, path)
         except (ValueError, FileNotFoundError) as exc:
             path.unlink(missing_ok=True)
             raise HTTPException(422, str(exc)) from None

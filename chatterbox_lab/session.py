@@ -100,8 +100,11 @@ class TTSSession:
         self.warmup_s: float | None = None
 
     def register_voice(self, voice_id: str, path) -> str:
-        """Name a reference recording; it is checked now and prepared on first use."""
-        self._named[check_voice_id(voice_id)] = check_reference_audio(path)
+        """Name a reference recording, checked and prepared now (on the worker, between
+        requests), so that its conditioning cost is paid here and not by its first request."""
+        voice_id, path = check_voice_id(voice_id), check_reference_audio(path)
+        self._worker.submit(self.voices.use, path).result()
+        self._named[voice_id] = path
         return voice_id
 
     def voice_names(self) -> list[str]:

@@ -72,3 +72,17 @@ def test_worker_thread_gets_its_own_cudagraph_state():
     thread.start()
     thread.join()
     assert seen == [{}]
+
+
+def test_a_registered_voice_is_prepared_before_its_first_request(session, tmp_path):
+    import soundfile as sf
+
+    from chatterbox_lab.voices import voice_path
+
+    wav, rate = sf.read(voice_path("tenor"))
+    sf.write(tmp_path / "quieter.wav", 0.5 * wav, rate)  # new content: not in the voice cache yet
+    before = session.voices.prepared_count
+    session.register_voice("quieter", tmp_path / "quieter.wav")
+    assert session.voices.prepared_count == before + 1
+    session.synthesize("Registered, then spoken.", voice="quieter", max_new_tokens=4)
+    assert session.voices.prepared_count == before + 1
