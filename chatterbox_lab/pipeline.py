@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -89,7 +90,6 @@ def synthesize(tts, text: str, *, voice=None, decoder: T3Decoder | None = None, 
                stop_on_eos: bool = True, watermark: bool = True) -> Synthesis:
     """One utterance. `voice`: a reference audio path (conditioning is then timed), or
     None to use the voice prepared last. `decoder=None` runs upstream's T3 loop."""
-    from chatterbox.models.s3tokenizer import drop_invalid_tokens
     from chatterbox.models.s3gen.const import S3GEN_SR
 
     from .voices import prepare_voice
@@ -112,22 +112,32 @@ def synthesize(tts, text: str, *, voice=None, decoder: T3Decoder | None = None, 
             else:
                 result = decoder.generate(tts.conds.t3, text_tokens, max_new_tokens, sampling, stop_on_eos)
                 tokens, prefill_s, decode_s, steps = result.tokens, result.prefill_s, result.decode_s, result.steps_run
-            speech_tokens = drop_invalid_tokens(tokens[0])
-            speech_tokens = speech_tokens[speech_tokens < 6561].to(tts.device)
-        if speech_tokens.numel() == 0:
-            raise RuntimeError("T3 produced no valid speech tokens (it stopped at once); nothing to synthesize")
-        s3gen = tts.s3gen
-        with clock("s3gen_flow"):
-            mels = s3gen.flow_inference(speech_tokens, ref_dict=tts.conds.gen, finalize=True)
-        with clock("hifigan"):
-            wav, _ = s3gen.hift_inference(mels.to(dtype=s3gen.dtype), None)
-            wav[:, : len(s3gen.trim_fade)] *= s3gen.trim_fade
-            wav = wav.squeeze(0).float().cpu().numpy()
-        if watermark:
-            with clock("watermark"):
-                wav = tts.watermarker.apply_watermark(wav, sample_rate=S3GEN_SR)
+        speech_tokens, wav = tokens_to_speech(tts, tokens, tts.conds.gen, clock, watermark)
     return Synthesis(wav=wav, sample_rate=S3GEN_SR, speech_tokens=speech_tokens, seconds=seconds,
                      t3_prefill_s=prefill_s, t3_decode_s=decode_s, t3_steps=steps)
+
+
+def tokens_to_speech(tts, tokens: torch.Tensor, gen_conds: dict, clock, watermark: bool = True):
+    """T3's tokens (1, k) for one utterance -> (speech tokens, watermarked waveform) through
+    S3Gen's flow and HiFi-GAN with the voice's S3Gen conditionals; `clock(stage)` times each."""
+    from chatterbox.models.s3gen.const import S3GEN_SR
+    from chatterbox.models.s3tokenizer import drop_invalid_tokens
+
+    speech_tokens = drop_invalid_tokens(tokens[0])
+    speech_tokens = speech_tokens[speech_tokens < 6561].to(tts.device)
+    if speech_tokens.numel() == 0:
+        raise RuntimeError("T3 produced no valid speech tokens (it stopped at once); nothing to synthesize")
+    s3gen = tts.s3gen
+    with clock("s3gen_flow"):
+        mels = s3gen.flow_inference(speech_tokens, ref_dict=gen_conds, finalize=True)
+    with clock("hifigan"):
+        wav, _ = s3gen.hift_inference(mels.to(dtype=s3gen.dtype), None)
+        wav[:, : len(s3gen.trim_fade)] *= s3gen.trim_fade
+        wav = wav.squeeze(0).float().cpu().numpy()
+    if watermark:
+        with clock("watermark"):
+            wav = tts.watermarker.apply_watermark(wav, sample_rate=S3GEN_SR)
+    return speech_tokens, wav
 
 
 def synthesize_long(tts, text: str, *, max_chars: int = MAX_CHUNK_CHARS, voice=None, progress: bool = False,
@@ -150,3 +160,59 @@ def synthesize_long(tts, text: str, *, max_chars: int = MAX_CHUNK_CHARS, voice=N
                      speech_tokens=torch.cat([p.speech_tokens for p in parts]), seconds=seconds,
                      t3_prefill_s=sum(p.t3_prefill_s for p in parts), t3_decode_s=sum(p.t3_decode_s for p in parts),
                      t3_steps=sum(p.t3_steps for p in parts))
+
+
+@dataclass
+class BatchSynthesis:
+    speeches: list  # Synthesis per text, in order; seconds hold each one's S3Gen stages
+    wall_s: float
+
+    @property
+    def audio_s(self) -> float:
+        return sum(s.audio_s for s in self.speeches)
+
+    @property
+    def x_realtime(self) -> float:
+        """Seconds of audio made per second of wall time, all utterances together."""
+        return self.audio_s / self.wall_s
+
+
+def synthesize_many(tts, texts: list[str], voices, *, decoder: T3Decoder, max_new_tokens: int = 1000,
+                    sampling: SamplingParams = SamplingParams(), watermark: bool = True,
+                    progress: bool = False) -> BatchSynthesis:
+    """Many utterances: T3 decodes `decoder.streams` of them at a time (`generate_batch`), each
+    with its own voice (`voices`: one for all, or one per text), then S3Gen makes each one's
+    audio. A last batch that is not full is topped up with copies of its last utterance,
+    whose output is dropped: the captured step has a fixed batch size."""
+    from chatterbox.models.s3gen.const import S3GEN_SR
+    from tqdm.auto import tqdm
+
+    from .voices import VoiceCache
+
+    texts = [check_text(t) for t in texts]
+    if isinstance(voices, (str, Path)):
+        voices = [voices] * len(texts)
+    if len(voices) != len(texts) or not texts:
+        raise ValueError(f"give one voice for all texts or one per text: {len(texts)} texts, {len(voices)} voices")
+    start = time.perf_counter()
+    cache = VoiceCache(tts, capacity=len(set(map(str, voices))))
+    conds = [cache.use(v) for v in voices]
+    n = decoder.streams
+    speeches = []
+    with torch.inference_mode(), tqdm(total=len(texts), desc="utterances", disable=not progress) as bar:
+        for first in range(0, len(texts), n):
+            batch = list(range(first, min(first + n, len(texts))))
+            padded = batch + [batch[-1]] * (n - len(batch))
+            result = decoder.generate_batch([conds[i].t3 for i in padded],
+                                            [text_tokens_for(tts, texts[i]) for i in padded], max_new_tokens, sampling)
+            for i, tokens in zip(batch, result.all_tokens):
+                seconds = {}
+                speech_tokens, wav = tokens_to_speech(tts, tokens, conds[i].gen,
+                                                      lambda stage, seconds=seconds: _timed(tts.device, seconds, stage),
+                                                      watermark)
+                speeches.append(Synthesis(wav=wav, sample_rate=S3GEN_SR, speech_tokens=speech_tokens, seconds=seconds,
+                                          t3_steps=tokens.size(1)))
+                bar.update()
+    sync_device(tts.device)
+    return BatchSynthesis(speeches, time.perf_counter() - start)
+

@@ -81,3 +81,28 @@ def test_say_speaks_long_text_with_chunk_and_refuses_it_without(tmp_path, capsys
     chunks = split_text(text, 300)
     wav, rate = sf.read(tmp_path / "long.wav")
     assert len(wav) == len(chunks) * 4 * SAMPLES_PER_TOKEN + (len(chunks) - 1) * int(JOIN_PAUSE_S * rate)
+
+
+def test_many_texts_in_batches_match_one_at_a_time(tiny_tts):
+    import torch
+
+    from chatterbox_lab.decoder import T3Decoder
+    from chatterbox_lab.pipeline import synthesize, synthesize_many
+    from chatterbox_lab.sampling import SamplingParams
+    from chatterbox_lab.voices import voice_path
+
+    greedy = SamplingParams(top_p=1e-6)  # no randomness left: batch and alone must agree
+    texts = ["First of five.", "The second one, somewhat longer.", "Third.", "Fourth here.", "Fifth and last."]
+    voices = ["alto", "tenor", "alto", "tenor", "alto"]
+    steps = ("static_cache", "embed_cache")
+    many = synthesize_many(tiny_tts, texts, voices, decoder=T3Decoder(tiny_tts.t3, steps, streams=2),
+                           max_new_tokens=6, sampling=greedy, watermark=False)
+    assert len(many.speeches) == 5 and many.x_realtime > 0
+    alone = T3Decoder(tiny_tts.t3, steps)
+    for text, voice, speech in zip(texts, voices, many.speeches):
+        single = synthesize(tiny_tts, text, voice=voice_path(voice), decoder=alone, max_new_tokens=6,
+                            sampling=greedy, watermark=False)
+        assert torch.equal(single.speech_tokens, speech.speech_tokens)
+        assert len(single.wav) == len(speech.wav) == 6 * SAMPLES_PER_TOKEN
+    with pytest.raises(ValueError, match="one voice for all texts or one per text"):
+        synthesize_many(tiny_tts, texts, ["alto"], decoder=alone)
