@@ -70,6 +70,10 @@ def main(argv=None) -> int:
     b.add_argument("--trace-dir", help="write a short trace per rung under this directory")
     b.add_argument("--batch", type=int, nargs="+", default=(), metavar="N",
                    help="also decode N utterances at once with the last rung's steps (e.g. 1 8 32 64)")
+    b.add_argument("--stream", action="store_true",
+                   help="also stream one utterance with the last rung's steps: time to first audio, seam error")
+    b.add_argument("--many", type=int, default=0, metavar="N",
+                   help="also synthesize N utterances together with the last rung's steps: x_realtime")
     b.add_argument("--out", type=Path, help="results JSON path (default: data/results/ on a GPU)")
     b.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     sub.add_parser("readme", help="regenerate README.md's results section from data/results/")
@@ -141,7 +145,7 @@ def main(argv=None) -> int:
         config = BenchConfig(source=args.checkpoint, preset=args.preset, device=args.device, tokens=args.tokens,
                              repeats=args.repeats, rungs=rungs, voice=args.voice, checks=args.checks,
                              profile=not args.no_profile, trace_dir=args.trace_dir,
-                             batch_sizes=tuple(args.batch))
+                             batch_sizes=tuple(args.batch), stream=args.stream, many=args.many)
         config.resolved()
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))
@@ -157,6 +161,8 @@ def main(argv=None) -> int:
     print(summary_table(doc))
     if "batch" in doc:
         print(batch_table(doc))
+    for kind, figures in doc.get("end_to_end", {}).items():
+        print(kind, {k: v for k, v in figures.items() if k != "raw"})
     if "roofline" in doc:
         print(f"copy bandwidth {doc['roofline']['copy_bandwidth_gb_s']:,.0f} GB/s")
     if doc["checks"]:

@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -51,6 +52,9 @@ class BenchConfig:
     checks: bool = False
     trace_dir: str | None = None
     batch_sizes: tuple = ()        # utterances decoded together, measured with the last rung's steps
+    stream: bool = False           # also time streamed speech (first audio) with the last rung's steps
+    many: int = 0                  # also synthesize this many utterances together (x_realtime)
+    stream_chunk_tokens: int = 32
     sampling: SamplingParams = field(default_factory=SamplingParams)
 
     def resolved(self) -> "BenchConfig":
@@ -69,8 +73,12 @@ class BenchConfig:
         if any(n < 1 for n in self.batch_sizes):
             raise ValueError(f"batch sizes must be >= 1, got {list(self.batch_sizes)}")
         last = ordered[-1] if ordered else "upstream_fp32"
-        if self.batch_sizes and (last == "upstream_fp32" or "embed_cache" not in ladder_prefix(last)):
+        if (self.batch_sizes or self.many) and (last == "upstream_fp32" or "embed_cache" not in ladder_prefix(last)):
             raise ValueError("batching needs a last rung at or past embed_cache (e.g. --ladder)")
+        if self.stream and last == "upstream_fp32":
+            raise ValueError("streaming needs a decoder rung as the last one (e.g. --ladder)")
+        if self.many < 0:
+            raise ValueError(f"--many must be >= 0, got {self.many}")
         return BenchConfig(**{**asdict(self), "device": device, "tokens": tokens, "repeats": repeats,
                               "rungs": ordered, "sampling": self.sampling})
 
@@ -86,6 +94,11 @@ def _reset_peak(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def _capacity(tts, cfg: BenchConfig) -> int:
+    """KV-cache slots for the benchmark's text and token count."""
+    return cache_len_for(prompt_len_for(tts.t3, text_tokens_for(tts, cfg.text)), cfg.tokens)
 
 
 def _median(values):
@@ -176,7 +189,7 @@ def measure_steps(tts, steps, cfg: BenchConfig, voice: Path, bar=None, bandwidth
 def measure_batch(tts, cfg: BenchConfig, streams: int) -> dict:
     """`streams` utterances decoded together with the last rung's steps, all to `cfg.tokens`."""
     text_tokens = text_tokens_for(tts, cfg.text)
-    capacity = cache_len_for(prompt_len_for(tts.t3, text_tokens), cfg.tokens)
+    capacity = _capacity(tts, cfg)
     build_start = time.perf_counter()
     decoder = T3Decoder(tts.t3, ladder_prefix(cfg.rungs[-1]), max_cache_len=capacity, streams=streams)
     build_s = time.perf_counter() - build_start
@@ -200,6 +213,62 @@ def measure_batch(tts, cfg: BenchConfig, streams: int) -> dict:
         kv_cache_mib=decoder.forward.cache.nbytes() / 2**20,
         compile_s=max(0.0, build_s + first.prefill_s + first.decode_s - _median([r.prefill_s + r.decode_s for r in runs])),
         raw=dict(decode_s=decode_s, prefill_s=[r.prefill_s for r in runs], steps=[r.steps_run for r in runs]),
+    )
+
+
+def measure_stream(tts, cfg: BenchConfig, voice: Path) -> dict:
+    """One utterance with the last rung's steps, streamed, the voice already prepared: time to
+    the first audio and to the last, from the request; and the seams' error against the same
+    tokens made into one waveform (unwatermarked, seeded alike)."""
+    from .streaming import seam_error, stream_speech
+
+    tts.prepare_conditionals(str(voice))
+    decoder = T3Decoder(tts.t3, ladder_prefix(cfg.rungs[-1]), max_cache_len=_capacity(tts, cfg))
+
+    def run(seed, watermark=True):
+        torch.manual_seed(seed)
+        return list(stream_speech(tts, cfg.text, decoder=decoder, max_new_tokens=cfg.tokens, sampling=cfg.sampling,
+                                  chunk_tokens=cfg.stream_chunk_tokens, watermark=watermark))
+
+    run(cfg.seed)
+    runs = [run(cfg.seed + i) for i in range(cfg.repeats)]
+    audio_s = [sum(len(p.wav) for p in pieces) / pieces[0].sample_rate for pieces in runs]
+    streamed = np.concatenate([p.wav for p in run(cfg.seed, watermark=False)])
+    torch.manual_seed(cfg.seed)
+    whole = synthesize(tts, cfg.text, decoder=decoder, max_new_tokens=cfg.tokens, sampling=cfg.sampling,
+                       watermark=False).wav
+    return dict(
+        steps=sorted(ladder_prefix(cfg.rungs[-1])), chunk_tokens=cfg.stream_chunk_tokens,
+        first_audio_s=_median([pieces[0].ready_s for pieces in runs]),
+        e2e_s=_median([pieces[-1].ready_s for pieces in runs]),
+        rtf=_median([pieces[-1].ready_s / a for pieces, a in zip(runs, audio_s)]),
+        seam_error=seam_error(streamed, whole),
+        raw=dict(ready_s=[[p.ready_s for p in pieces] for pieces in runs], audio_s=audio_s),
+    )
+
+
+def measure_many(tts, cfg: BenchConfig, voice: Path) -> dict:
+    """`cfg.many` utterances (voices alternating between the benchmark's and the other bundled
+    one) through batched T3 and S3Gen per utterance: seconds of audio per second of wall time."""
+    from .pipeline import synthesize_many
+    from .voices import bundled_voices
+
+    others = [v for v in bundled_voices() if v != voice.stem] or [voice]
+    voices = [voice if i % 2 == 0 else voice_path(others[0]) for i in range(cfg.many)]
+    decoder = T3Decoder(tts.t3, ladder_prefix(cfg.rungs[-1]), streams=cfg.many, max_cache_len=_capacity(tts, cfg))
+
+    def run(seed):
+        torch.manual_seed(seed)
+        return synthesize_many(tts, [cfg.text] * cfg.many, voices, decoder=decoder, max_new_tokens=cfg.tokens,
+                               sampling=cfg.sampling)
+
+    run(cfg.seed)
+    runs = [run(cfg.seed + i) for i in range(cfg.repeats)]
+    return dict(
+        steps=sorted(ladder_prefix(cfg.rungs[-1])), utterances=cfg.many,
+        x_realtime=_median([r.x_realtime for r in runs]), wall_s=_median([r.wall_s for r in runs]),
+        audio_s=_median([r.audio_s for r in runs]),
+        raw=dict(wall_s=[r.wall_s for r in runs], audio_s=[r.audio_s for r in runs]),
     )
 
 
@@ -268,6 +337,14 @@ def run(config: BenchConfig, progress: bool = True, tts=None, partial: Path | No
             doc["batch"]["streams"][str(n)] = measure_batch(tts, cfg, n)
             if partial:
                 results.write(doc, partial, overwrite=True)
+    if cfg.stream or cfg.many:
+        doc["end_to_end"] = {}
+        if cfg.stream:
+            doc["end_to_end"]["stream"] = measure_stream(tts, cfg, voice)
+        if cfg.many:
+            doc["end_to_end"]["many"] = measure_many(tts, cfg, voice)
+        if partial:
+            results.write(doc, partial, overwrite=True)
     if "upstream_fp32" in doc["rungs"]:
         base = doc["rungs"]["upstream_fp32"]["t3_decode_tok_s"]
         for figures in doc["rungs"].values():

@@ -100,6 +100,24 @@ def test_batched_decode_is_measured_per_batch_size(tiny_tts, tmp_path):
     assert json.loads(partial.read_text())["batch"]["streams"].keys() == streams.keys()
 
 
+def test_end_to_end_stream_and_many_are_measured_with_the_last_rung(tiny_tts):
+    import copy
+
+    tts = copy.copy(tiny_tts)
+    tts.t3 = copy.deepcopy(tiny_tts.t3)  # embed_cache's prefix casts T3 to bf16 in place
+    doc = run(BenchConfig(rungs=("embed_cache",), tokens=32, repeats=1, profile=False, device="cpu",
+                          stream=True, stream_chunk_tokens=16, many=3), progress=False, tts=tts)
+    stream, many = doc["end_to_end"]["stream"], doc["end_to_end"]["many"]
+    assert 0 < stream["first_audio_s"] < stream["e2e_s"] and len(stream["raw"]["ready_s"][0]) == 2
+    assert stream["steps"] == ["bf16", "embed_cache", "static_cache"] and stream["seam_error"] >= 0
+    assert many["utterances"] == 3 and many["x_realtime"] > 0
+    assert many["audio_s"] == pytest.approx(3 * 32 / 25)
+
+
 def test_batching_needs_a_cached_rung():
     with pytest.raises(ValueError, match="batching needs a last rung at or past embed_cache"):
         BenchConfig(rungs=("upstream_fp32", "static_cache"), batch_sizes=(8,), device="cpu").resolved()
+    with pytest.raises(ValueError, match="batching needs a last rung at or past embed_cache"):
+        BenchConfig(rungs=("static_cache",), many=4, device="cpu").resolved()
+    with pytest.raises(ValueError, match="streaming needs a decoder rung"):
+        BenchConfig(rungs=("upstream_fp32",), stream=True, device="cpu").resolved()
