@@ -1,0 +1,122 @@
+# %% [markdown]
+# # 08 · Streaming, long text and many utterances
+#
+# A listener hears audio, not tokens. Three ways of getting it to them sooner or
+# in bulk, each a plain function of the package:
+#
+# - **Streaming** (`streaming.stream_speech`): T3 hands over its tokens in chunks
+#   while it keeps decoding (`T3Decoder.generate_stream`), and S3Gen turns each
+#   chunk into sound. The first audio is ready after one chunk, not after the
+#   whole utterance.
+# - **Long text** (`pipeline.synthesize_long`): any length, split at sentence ends
+#   into chunks that each fit one utterance, joined with short fades and pauses.
+# - **Many utterances** (`pipeline.synthesize_many`): T3 decodes a batch of them
+#   together, each with its own voice, and the result reports seconds of audio per
+#   second of wall time (`x_realtime`).
+#
+# Here on a CPU with the `tiny` preset: the numbers check the mechanics, not the
+# speed. `bench --stream --many N` measures them on a GPU.
+
+# %%
+import numpy as np
+import torch
+from IPython.display import Audio, Markdown, display
+
+from chatterbox_lab.decoder import T3Decoder
+from chatterbox_lab.long_text import split_text
+from chatterbox_lab.models import load_tts
+from chatterbox_lab.pipeline import synthesize, synthesize_long, synthesize_many
+from chatterbox_lab.streaming import seam_error, stream_speech
+from chatterbox_lab.voices import voice_path
+
+tts = load_tts(preset="tiny", device="cpu")
+tts.prepare_conditionals(str(voice_path("alto")))
+decoder = T3Decoder(tts.t3, ("static_cache", "embed_cache"), max_new_tokens=128)
+text = "Streaming starts to speak before the sentence is decoded."
+
+# %% [markdown]
+# ## Streaming
+#
+# Chunks of 32 tokens (1.28 s of audio each). For every chunk the flow runs over
+# all the tokens so far (its encoder and estimator look at the whole sequence),
+# the frames of the last few tokens wait for the next chunk (they depend on what
+# follows), the vocoder gets some frames of left context, and two pieces meet in
+# a short cross-fade.
+
+# %%
+torch.manual_seed(0)
+pieces = list(stream_speech(tts, text, decoder=decoder, max_new_tokens=96, chunk_tokens=32, watermark=False))
+for i, piece in enumerate(pieces):
+    print(f"piece {i}: {len(piece.wav) / piece.sample_rate:.2f} s of audio, ready {piece.ready_s:.2f} s after the request")
+streamed = np.concatenate([p.wav for p in pieces])
+Audio(streamed, rate=pieces[0].sample_rate)
+
+# %%
+# NBVAL_CHECK_OUTPUT
+torch.manual_seed(0)
+whole = synthesize(tts, text, decoder=decoder, max_new_tokens=96, watermark=False).wav
+print("pieces arrive in order, the first well before the last:", pieces[0].ready_s < pieces[-1].ready_s)
+print("joined pieces as long as the whole utterance:", len(streamed) == len(whole))
+assert pieces[0].ready_s < pieces[-1].ready_s and len(streamed) == len(whole)
+
+# %% [markdown]
+# How close are the seams to the waveform made from all tokens at once?
+# `seam_error` is the RMS of the difference relative to the RMS of the whole.
+# The synthetic model's flow has random weights and looks at the whole
+# sequence, so its audio for early tokens changes when later ones arrive; the
+# figure here says little about real weights, where what a frame sounds like
+# depends mostly on the tokens near it. `bench --stream` records it for the
+# checkpoint it runs.
+
+# %%
+print(f"seam error (synthetic weights): {seam_error(streamed, whole):.2f}")
+
+# %% [markdown]
+# ## Long text
+#
+# `split_text` cuts at sentence ends and packs sentences into chunks of at most
+# `max_chars`; a sentence too long for one chunk is cut at a clause mark, else
+# a space, never inside a word.
+
+# %%
+chapter = ("The lab opened at eight, and by nine every bench held a card that hummed. "
+           "Each engineer had a question, a notebook and a number that would not sit still, "
+           "so they measured it again, warmed it up, synchronized, took the median of five, and "
+           "wrote the card's name next to it before anyone could ask which one. Then they "
+           "profiled it. ") * 3
+chunks = split_text(chapter, 300)
+display(Markdown("\n".join(f"{i}. ({len(c)} chars) {c[:70]}…" for i, c in enumerate(chunks))))
+
+# %%
+# NBVAL_CHECK_OUTPUT
+torch.manual_seed(0)
+long = synthesize_long(tts, chapter, decoder=decoder, max_new_tokens=8, watermark=False)
+print(f"{len(chapter)} characters in {len(chunks)} chunks, every chunk within 300:", all(len(c) <= 300 for c in chunks))
+print("every word kept, in order:", " ".join(chunks).split() == chapter.split())
+assert long.speech_tokens.numel() == 8 * len(chunks)
+
+# %% [markdown]
+# ## Many utterances together
+#
+# Four texts in two voices, decoded two at a time by a batched decoder
+# (`streams=2`); S3Gen then makes each one's audio. With the most likely token
+# always chosen (`top_p` tiny) every utterance gets the tokens it gets alone.
+
+# %%
+from chatterbox_lab.sampling import SamplingParams
+
+greedy = SamplingParams(top_p=1e-6)
+texts = ["One for the alto.", "One for the tenor, a little longer.", "Alto again.", "And the tenor."]
+voices = ["alto", "tenor", "alto", "tenor"]
+many = synthesize_many(tts, texts, voices, decoder=T3Decoder(tts.t3, ("static_cache", "embed_cache"), streams=2),
+                       max_new_tokens=16, sampling=greedy, watermark=False)
+print(f"{len(many.speeches)} utterances, {many.audio_s:.2f} s of audio in {many.wall_s:.2f} s: "
+      f"{many.x_realtime:.1f}x real time on this CPU")
+
+# %%
+# NBVAL_CHECK_OUTPUT
+alone = [synthesize(tts, t, voice=voice_path(v), decoder=decoder, max_new_tokens=16, sampling=greedy,
+                    watermark=False).speech_tokens for t, v in zip(texts, voices)]
+same = [torch.equal(a, s.speech_tokens) for a, s in zip(alone, many.speeches)]
+print("each utterance as when synthesized alone:", same)
+assert all(same)
