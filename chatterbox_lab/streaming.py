@@ -1,4 +1,8 @@
-"""Speech while it is decoded: audio for the first tokens plays while T3 writes the rest.
+"""Speech while it is decoded: audio for the first tokens is ready before T3 has written the rest.
+
+T3 and S3Gen take turns on one thread: a chunk of tokens, its audio, the next chunk.
+The listener hears the first piece while the later ones are made; running T3 on its
+own CUDA stream alongside S3Gen would overlap the two as well, and is not done here.
 
 T3 hands over its tokens in chunks (`T3Decoder.generate_stream`). For each chunk S3Gen's
 flow runs over every token so far, since its encoder and estimator look at the whole

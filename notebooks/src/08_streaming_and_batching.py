@@ -5,9 +5,9 @@
 # in bulk, each a plain function of the package:
 #
 # - **Streaming** (`streaming.stream_speech`): T3 hands over its tokens in chunks
-#   while it keeps decoding (`T3Decoder.generate_stream`), and S3Gen turns each
-#   chunk into sound. The first audio is ready after one chunk, not after the
-#   whole utterance.
+#   (`T3Decoder.generate_stream`) and S3Gen turns each chunk into sound before T3
+#   goes on (the two take turns). The first audio is ready after one chunk, not
+#   after the whole utterance.
 # - **Long text** (`pipeline.synthesize_long`): any length, split at sentence ends
 #   into chunks that each fit one utterance, joined with short fades and pauses.
 # - **Many utterances** (`pipeline.synthesize_many`): T3 decodes a batch of them
