@@ -92,7 +92,7 @@ def synthesize(tts, text: str, *, voice=None, decoder: T3Decoder | None = None, 
     None to use the voice prepared last. `decoder=None` runs upstream's T3 loop."""
     from chatterbox.models.s3gen.const import S3GEN_SR
 
-    from .voices import prepare_voice
+    from .voices import voice_or_prepared
 
     text = check_text(text)
     seconds = {}
@@ -101,10 +101,7 @@ def synthesize(tts, text: str, *, voice=None, decoder: T3Decoder | None = None, 
         return _timed(tts.device, seconds, stage)
     with torch.inference_mode():
         with clock("conditioning"):
-            if voice is not None:
-                prepare_voice(tts, voice, exaggeration=exaggeration)
-            elif tts.conds is None:
-                raise ValueError("no voice prepared yet: pass voice=<reference audio path>")
+            voice_or_prepared(tts, voice, exaggeration)
         with clock("t3"):
             text_tokens = text_tokens_for(tts, text)
             if decoder is None:
@@ -117,14 +114,20 @@ def synthesize(tts, text: str, *, voice=None, decoder: T3Decoder | None = None, 
                      t3_prefill_s=prefill_s, t3_decode_s=decode_s, t3_steps=steps)
 
 
+def speech_tokens_of(tokens: torch.Tensor) -> torch.Tensor:
+    """What S3Gen gets of T3's tokens (k,): speech ids only, without start, stop or specials."""
+    from chatterbox.models.s3tokenizer import drop_invalid_tokens
+
+    kept = drop_invalid_tokens(tokens)
+    return kept[kept < 6561]
+
+
 def tokens_to_speech(tts, tokens: torch.Tensor, gen_conds: dict, clock, watermark: bool = True):
     """T3's tokens (1, k) for one utterance -> (speech tokens, watermarked waveform) through
     S3Gen's flow and HiFi-GAN with the voice's S3Gen conditionals; `clock(stage)` times each."""
     from chatterbox.models.s3gen.const import S3GEN_SR
-    from chatterbox.models.s3tokenizer import drop_invalid_tokens
 
-    speech_tokens = drop_invalid_tokens(tokens[0])
-    speech_tokens = speech_tokens[speech_tokens < 6561].to(tts.device)
+    speech_tokens = speech_tokens_of(tokens[0]).to(tts.device)
     if speech_tokens.numel() == 0:
         raise RuntimeError("T3 produced no valid speech tokens (it stopped at once); nothing to synthesize")
     s3gen = tts.s3gen

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .decoder import T3Decoder, text_tokens_for
-from .pipeline import TOKENS_PER_SECOND
+from .pipeline import TOKENS_PER_SECOND, speech_tokens_of
 from .sampling import SamplingParams
 from .validation import check_text
 
@@ -50,7 +50,7 @@ def stream_speech(tts, text: str, *, decoder: T3Decoder, voice=None, max_new_tok
     Each piece is watermarked on its own, as upstream watermarks a whole utterance."""
     from chatterbox.models.s3gen.const import S3GEN_SR
 
-    from .voices import prepare_voice
+    from .voices import voice_or_prepared
 
     start = time.perf_counter()
     text = check_text(text)
@@ -59,19 +59,15 @@ def stream_speech(tts, text: str, *, decoder: T3Decoder, voice=None, max_new_tok
     frames_per_token = MEL_FRAMES_PER_SECOND // TOKENS_PER_SECOND
     held_frames = s3gen.flow.pre_lookahead_len * frames_per_token
     with torch.inference_mode():
-        if voice is not None:
-            prepare_voice(tts, voice, exaggeration=exaggeration)
-        elif tts.conds is None:
-            raise ValueError("no voice prepared yet: pass voice=<reference audio path>")
+        conds = voice_or_prepared(tts, voice, exaggeration)
         tokens = torch.zeros(0, dtype=torch.long, device=tts.device)
         done_frames, tail = 0, np.zeros(0, dtype=np.float32)
-        chunks = decoder.generate_stream(tts.conds.t3, text_tokens_for(tts, text), max_new_tokens, sampling,
-                                         chunk_tokens)
+        chunks = decoder.generate_stream(conds.t3, text_tokens_for(tts, text), max_new_tokens, sampling, chunk_tokens)
         for new, last in chunks:
-            tokens = torch.cat([tokens, _speech_only(new[0]).to(tts.device)])
+            tokens = torch.cat([tokens, speech_tokens_of(new[0]).to(tts.device)])
             if tokens.numel() == 0:
                 continue
-            mels = s3gen.flow_inference(tokens, ref_dict=tts.conds.gen, finalize=True)
+            mels = s3gen.flow_inference(tokens, ref_dict=conds.gen, finalize=True)
             ready_frames = mels.size(-1) if last else mels.size(-1) - held_frames
             if ready_frames <= done_frames and not last:
                 continue
@@ -94,14 +90,6 @@ def stream_speech(tts, text: str, *, decoder: T3Decoder, voice=None, max_new_tok
                 return
     if tokens.numel() == 0:
         raise RuntimeError("T3 produced no valid speech tokens (it stopped at once); nothing to synthesize")
-
-
-def _speech_only(tokens: torch.Tensor) -> torch.Tensor:
-    """What pipeline.synthesize keeps of T3's tokens: speech ids, without start and stop."""
-    from chatterbox.models.s3tokenizer import drop_invalid_tokens
-
-    kept = drop_invalid_tokens(tokens)
-    return kept[kept < 6561]
 
 
 def _crossfade(tail: np.ndarray, fresh: np.ndarray) -> np.ndarray:

@@ -57,6 +57,15 @@ def prepare_voice(tts, voice, exaggeration: float = 0.5):
     return tts.conds
 
 
+def voice_or_prepared(tts, voice, exaggeration: float = 0.5):
+    """`voice` prepared now, or with voice=None the one prepared last; returns its conditionals."""
+    if voice is not None:
+        return prepare_voice(tts, voice, exaggeration)
+    if tts.conds is None:
+        raise ValueError("no voice prepared yet: pass voice=<reference audio path>")
+    return tts.conds
+
+
 class VoiceCache:
     """Prepared conditionals for the last few voices; switching is an assignment, not a re-run."""
 
