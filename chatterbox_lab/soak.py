@@ -8,6 +8,7 @@ per-shape caches (sampled every 50 requests).
 from __future__ import annotations
 
 import io
+import os
 import random
 import statistics
 import threading
@@ -17,6 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from .compiled_step import compile_counters
 from .pipeline import SAMPLES_PER_TOKEN
 
+# Speech tokens per request, drawn from this range (inclusive).
+TOKENS = (4, 12)
 TEXTS = ["Short.", "A sentence of middling length, with a comma.", "Numbers like 42 and 7 read aloud.",
          "Questions end differently, don't they?", "Exclamations too!"]
 
@@ -24,8 +27,6 @@ TEXTS = ["Short.", "A sentence of middling length, with a comma.", "Numbers like
 def rss_mib() -> float:
     with open("/proc/self/statm") as f:
         pages = int(f.read().split()[1])
-    import os
-
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
@@ -59,7 +60,7 @@ class LoopbackServer:
         self.thread.join(timeout=30)
 
 
-def run_soak(url: str, voices: list[str], requests: int = 500, clients: int = 4, tokens=(4, 12),
+def run_soak(url: str, voices: list[str], requests: int = 500, clients: int = 4, tokens=TOKENS,
              seed: int = 0, time_limit_s: float = 600, progress: bool = True) -> dict:
     import httpx
     import soundfile as sf
@@ -89,12 +90,13 @@ def run_soak(url: str, voices: list[str], requests: int = 500, clients: int = 4,
             latencies.append(time.perf_counter() - start)
             if response.status_code != 200:
                 errors.append(f"{response.status_code}: {response.text[:200]}")
-                return
-            wav, sr = sf.read(io.BytesIO(response.content))
-            if sr != 24000 or len(wav) != job["max_new_tokens"] * SAMPLES_PER_TOKEN:
-                bad_lengths.append((job["max_new_tokens"], len(wav)))
+            else:
+                wav, sr = sf.read(io.BytesIO(response.content))
+                if sr != 24000 or len(wav) != job["max_new_tokens"] * SAMPLES_PER_TOKEN:
+                    bad_lengths.append((job["max_new_tokens"], len(wav)))
         except Exception as exc:  # a soak records failures instead of stopping at the first
             errors.append(repr(exc))
+        # Memory is sampled every 50 requests sent, failed ones included.
         with counting:
             n = next(done)
             if n % 50 == 0:
@@ -142,6 +144,6 @@ def soak_document(requests: int = 500, clients: int = 4, preset=None, device=Non
                       peak_vram_mib=torch.cuda.max_memory_allocated() / 2**20)
     doc = dict(schema=results.SCHEMA, rungs={"soak": report}, checks={},
                provenance=results.provenance(device=str(session.tts.device), preset=session.tts.preset,
-                                             text="soak.TEXTS", tokens=list((4, 12)), requests=requests,
+                                             text="soak.TEXTS", tokens=list(TOKENS), requests=requests,
                                              clients=clients))
     return results.validate(doc)
