@@ -12,6 +12,7 @@ from pathlib import Path
 from . import results
 from .architecture import PRESETS
 from .bench import RUNGS, BenchConfig, batch_table, run, summary_table
+from .s3gen_steps import S3GEN_STEPS
 from .sampling import SamplingParams
 
 LOCAL_RESULTS = Path("bench-results")
@@ -74,6 +75,9 @@ def main(argv=None) -> int:
                    help="also stream one utterance with the last rung's steps: time to first audio, seam error")
     b.add_argument("--many", type=int, default=0, metavar="N",
                    help="also synthesize N utterances together with the last rung's steps: x_realtime")
+    b.add_argument("--s3gen", nargs="*", choices=S3GEN_STEPS, metavar="STEP",
+                   help="then S3Gen's steps one by one, each a rung, with the last rung's T3 steps "
+                        f"(no STEP: all of {', '.join(S3GEN_STEPS)})")
     b.add_argument("--out", type=Path, help="results JSON path (default: data/results/ on a GPU)")
     b.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     sub.add_parser("readme", help="regenerate README.md's results section from data/results/")
@@ -145,7 +149,8 @@ def main(argv=None) -> int:
         config = BenchConfig(source=args.checkpoint, preset=args.preset, device=args.device, tokens=args.tokens,
                              repeats=args.repeats, rungs=rungs, voice=args.voice, checks=args.checks,
                              profile=not args.no_profile, trace_dir=args.trace_dir,
-                             batch_sizes=tuple(args.batch), stream=args.stream, many=args.many)
+                             batch_sizes=tuple(args.batch), stream=args.stream, many=args.many,
+                             s3gen_steps=() if args.s3gen is None else tuple(args.s3gen or S3GEN_STEPS))
         config.resolved()
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import gc
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ from .decoder import STEPS, T3Decoder, ladder_prefix, prompt_len_for, text_token
 from .kv_cache import cache_len_for
 from .models import load_tts, resolve_device
 from .pipeline import TOKENS_PER_SECOND, Synthesis, synthesize, upstream_t3
+from .s3gen_steps import (HALF_FLOW_TOLERANCE, S3GEN_STEPS, apply_s3gen_steps, check_s3gen_steps,                           half_flow_error, s3gen_steps_of)
 from .sampling import SamplingParams
 from .voices import voice_path
 
@@ -55,6 +56,7 @@ class BenchConfig:
     stream: bool = False           # also time streamed speech (first audio) with the last rung's steps
     many: int = 0                  # also synthesize this many utterances together (x_realtime)
     stream_chunk_tokens: int = 32
+    s3gen_steps: tuple = ()        # S3Gen rungs after the T3 rungs, with the last T3 rung's decoder
     sampling: SamplingParams = field(default_factory=SamplingParams)
 
     def resolved(self) -> "BenchConfig":
@@ -77,10 +79,12 @@ class BenchConfig:
             raise ValueError("batching needs a last rung at or past embed_cache (e.g. --ladder)")
         if self.stream and last == "upstream_fp32":
             raise ValueError("streaming needs a decoder rung as the last one (e.g. --ladder)")
+        s3gen_steps = tuple(step for step in S3GEN_STEPS if step in check_s3gen_steps(self.s3gen_steps))
         if self.many < 0:
             raise ValueError(f"--many must be >= 0, got {self.many}")
         return BenchConfig(**{**asdict(self), "device": device, "tokens": tokens, "repeats": repeats,
-                              "rungs": ordered, "sampling": self.sampling})
+                              "rungs": ordered, "s3gen_steps": s3gen_steps,
+                              "sampling": self.sampling})
 
 
 def _peak_mib(device: str) -> float | None:
@@ -97,8 +101,13 @@ def _reset_peak(device: str) -> None:
 
 
 def _capacity(tts, cfg: BenchConfig) -> int:
-    """KV-cache slots for the benchmark's text and token count."""
-    return cache_len_for(prompt_len_for(tts.t3, text_tokens_for(tts, cfg.text)), cfg.tokens)
+    """KV-cache slots for the benchmark's text and token count (and the profile's, if longer)."""
+    return cache_len_for(prompt_len_for(tts.t3, text_tokens_for(tts, cfg.text)), max(cfg.tokens, PROFILE_TOKENS[1]))
+
+
+def _t3_steps(cfg: BenchConfig) -> frozenset:
+    """The last T3 rung's steps: what batches, streams and S3Gen rungs decode with."""
+    return frozenset() if cfg.rungs[-1] == "upstream_fp32" else ladder_prefix(cfg.rungs[-1])
 
 
 def _median(values):
@@ -114,17 +123,16 @@ def measure_rung(tts, rung: str, cfg: BenchConfig, voice: Path, bar=None, bandwi
 
 
 def measure_steps(tts, steps, cfg: BenchConfig, voice: Path, bar=None, bandwidth: float | None = None,
-                  trace: Path | None = None) -> tuple[dict, Synthesis]:
+                  trace: Path | None = None, decoder: T3Decoder | None = None) -> tuple[dict, Synthesis]:
     """Warm up, time `cfg.repeats` syntheses and profile T3 with `steps` switched on (none: upstream's
-    own loop). Returns the figures and the first timed synthesis. `bar`: anything with tqdm's
-    `update()`, called after the warm-up and after each timed synthesis."""
-    decoder = None
+    own loop), or with `decoder`, built for those steps earlier. Returns the figures and the first
+    timed synthesis. `bar`: anything with tqdm's `update()`, called after the warm-up and after
+    each timed synthesis."""
     text_tokens = text_tokens_for(tts, cfg.text)
     prompt_len = prompt_len_for(tts.t3, text_tokens)
     build_start = time.perf_counter()
-    if steps:
-        capacity = cache_len_for(prompt_len, max(cfg.tokens, PROFILE_TOKENS[1]))
-        decoder = T3Decoder(tts.t3, steps, max_cache_len=capacity)
+    if steps and decoder is None:
+        decoder = T3Decoder(tts.t3, steps, max_cache_len=_capacity(tts, cfg))
     build_s = time.perf_counter() - build_start
 
     def run(n_tokens=cfg.tokens, seed=cfg.seed):
@@ -152,6 +160,8 @@ def measure_steps(tts, steps, cfg: BenchConfig, voice: Path, bar=None, bandwidth
         rtf=_median([r.e2e_s / r.audio_s for r in runs]),
         peak_vram_mib=peak,
         compile_s=max(0.0, build_s + first.seconds["t3"] - _median(t3_s)),
+        # The first synthesis's extra flow time: S3Gen's cold start, or capturing the flow's graphs.
+        s3gen_warmup_s=max(0.0, first.seconds["s3gen_flow"] - _median([r.seconds["s3gen_flow"] for r in runs])),
         tokens=runs[0].t3_steps,
         audio_s_per_token=1 / TOKENS_PER_SECOND,
         stages_s={stage: _median([r.seconds[stage] for r in runs]) for stage in runs[0].seconds},
@@ -186,12 +196,34 @@ def measure_steps(tts, steps, cfg: BenchConfig, voice: Path, bar=None, bandwidth
     return figures, runs[0]
 
 
+def measure_s3gen_rungs(tts, cfg: BenchConfig, voice: Path, doc: dict, bar=None, bandwidth: float | None = None,
+                        partial: Path | None = None) -> None:
+    """Each of `cfg.s3gen_steps` switched on in turn (they stay on), every one measured end to end
+    with one decoder of the last T3 rung's steps. Before `flow_half`, while the flow is still fp32,
+    the mel error it brings is measured into the checks: it is what that rung trades for speed."""
+    t3_steps = _t3_steps(cfg)
+    decoder = T3Decoder(tts.t3, t3_steps, max_cache_len=_capacity(tts, cfg)) if t3_steps else None
+    if "flow_half" in cfg.s3gen_steps and "flow_half" not in s3gen_steps_of(tts):
+        tts.prepare_conditionals(str(voice))
+        tokens = torch.randint(0, 6561, (cfg.tokens,), generator=torch.Generator().manual_seed(cfg.seed))
+        error = half_flow_error(tts, tokens.to(tts.device), cfg.seed)
+        doc["checks"].update(half_flow_mel_rel_error=error, half_flow_tolerance=HALF_FLOW_TOLERANCE,
+                             half_flow_within_tolerance=error <= HALF_FLOW_TOLERANCE)
+    for step in cfg.s3gen_steps:
+        apply_s3gen_steps(tts, [step])
+        figures, _ = measure_steps(tts, t3_steps, replace(cfg, profile=False), voice, bar, bandwidth,
+                                   decoder=decoder)
+        doc["rungs"][step] = dict(figures, t3_steps=sorted(t3_steps), s3gen_steps=sorted(s3gen_steps_of(tts)))
+        if partial:
+            results.write(doc, partial, overwrite=True)
+
+
 def measure_batch(tts, cfg: BenchConfig, streams: int) -> dict:
     """`streams` utterances decoded together with the last rung's steps, all to `cfg.tokens`."""
     text_tokens = text_tokens_for(tts, cfg.text)
     capacity = _capacity(tts, cfg)
     build_start = time.perf_counter()
-    decoder = T3Decoder(tts.t3, ladder_prefix(cfg.rungs[-1]), max_cache_len=capacity, streams=streams)
+    decoder = T3Decoder(tts.t3, _t3_steps(cfg), max_cache_len=capacity, streams=streams)
     build_s = time.perf_counter() - build_start
 
     def run(seed):
@@ -220,15 +252,16 @@ def measure_stream(tts, cfg: BenchConfig, voice: Path) -> dict:
     """One utterance with the last rung's steps, streamed, the voice already prepared: time to
     the first audio and to the last, from the request; and the seams' error against the same
     tokens made into one waveform (unwatermarked, seeded alike)."""
-    from .streaming import seam_error, stream_speech
+    from .streaming import FIRST_CHUNK_TOKENS, seam_error, stream_speech
 
     tts.prepare_conditionals(str(voice))
-    decoder = T3Decoder(tts.t3, ladder_prefix(cfg.rungs[-1]), max_cache_len=_capacity(tts, cfg))
+    decoder = T3Decoder(tts.t3, _t3_steps(cfg), max_cache_len=_capacity(tts, cfg))
 
     def run(seed, watermark=True):
         torch.manual_seed(seed)
         return list(stream_speech(tts, cfg.text, decoder=decoder, max_new_tokens=cfg.tokens, sampling=cfg.sampling,
-                                  chunk_tokens=cfg.stream_chunk_tokens, watermark=watermark))
+                                  chunk_tokens=cfg.stream_chunk_tokens, first_chunk_tokens=FIRST_CHUNK_TOKENS,
+                                  watermark=watermark))
 
     run(cfg.seed)
     runs = [run(cfg.seed + i) for i in range(cfg.repeats)]
@@ -238,7 +271,8 @@ def measure_stream(tts, cfg: BenchConfig, voice: Path) -> dict:
     whole = synthesize(tts, cfg.text, decoder=decoder, max_new_tokens=cfg.tokens, sampling=cfg.sampling,
                        watermark=False).wav
     return dict(
-        steps=sorted(ladder_prefix(cfg.rungs[-1])), chunk_tokens=cfg.stream_chunk_tokens,
+        steps=sorted(_t3_steps(cfg)), s3gen_steps=sorted(s3gen_steps_of(tts)), chunk_tokens=cfg.stream_chunk_tokens,
+        first_chunk_tokens=FIRST_CHUNK_TOKENS,
         first_audio_s=_median([pieces[0].ready_s for pieces in runs]),
         e2e_s=_median([pieces[-1].ready_s for pieces in runs]),
         rtf=_median([pieces[-1].ready_s / a for pieces, a in zip(runs, audio_s)]),
@@ -255,7 +289,7 @@ def measure_many(tts, cfg: BenchConfig, voice: Path) -> dict:
 
     others = [v for v in bundled_voices() if v != voice.stem] or [voice]
     voices = [voice if i % 2 == 0 else voice_path(others[0]) for i in range(cfg.many)]
-    decoder = T3Decoder(tts.t3, ladder_prefix(cfg.rungs[-1]), streams=cfg.many, max_cache_len=_capacity(tts, cfg))
+    decoder = T3Decoder(tts.t3, _t3_steps(cfg), streams=cfg.many, max_cache_len=_capacity(tts, cfg))
 
     def run(seed):
         torch.manual_seed(seed)
@@ -265,7 +299,7 @@ def measure_many(tts, cfg: BenchConfig, voice: Path) -> dict:
     run(cfg.seed)
     runs = [run(cfg.seed + i) for i in range(cfg.repeats)]
     return dict(
-        steps=sorted(ladder_prefix(cfg.rungs[-1])), utterances=cfg.many,
+        steps=sorted(_t3_steps(cfg)), s3gen_steps=sorted(s3gen_steps_of(tts)), utterances=cfg.many,
         x_realtime=_median([r.x_realtime for r in runs]), wall_s=_median([r.wall_s for r in runs]),
         audio_s=_median([r.audio_s for r in runs]),
         raw=dict(wall_s=[r.wall_s for r in runs], audio_s=[r.audio_s for r in runs]),
@@ -319,7 +353,7 @@ def run(config: BenchConfig, progress: bool = True, tts=None, partial: Path | No
         doc["checks"]["fp32_token_identity"] = checks["fp32_token_identity"]
         doc["checks"]["fp32_tokens_checked"] = checks["fp32_tokens_checked"]
 
-    total = len(cfg.rungs) * (cfg.repeats + 1)
+    total = (len(cfg.rungs) + len(cfg.s3gen_steps)) * (cfg.repeats + 1)
     with tqdm(total=total, desc="bench", disable=not progress) as bar:
         for rung in cfg.rungs:
             bar.set_postfix_str(rung)
@@ -331,8 +365,11 @@ def run(config: BenchConfig, progress: bool = True, tts=None, partial: Path | No
             doc["rungs"][rung] = measure_rung(tts, rung, cfg, voice, bar, bandwidth)
             if partial:
                 results.write(doc, partial, overwrite=True)
+        if cfg.s3gen_steps:
+            bar.set_postfix_str("S3Gen: " + ", ".join(cfg.s3gen_steps))
+            measure_s3gen_rungs(tts, cfg, voice, doc, bar, bandwidth, partial)
     if cfg.batch_sizes:
-        doc["batch"] = dict(steps=sorted(ladder_prefix(cfg.rungs[-1])), streams={})
+        doc["batch"] = dict(steps=sorted(_t3_steps(cfg)), streams={})
         for n in tqdm(cfg.batch_sizes, desc="batch", disable=not progress):
             doc["batch"]["streams"][str(n)] = measure_batch(tts, cfg, n)
             if partial:
@@ -354,7 +391,7 @@ def run(config: BenchConfig, progress: bool = True, tts=None, partial: Path | No
 
 def summary_table(doc: dict) -> str:
     cols = ("t3_decode_tok_s", "fraction_of_floor", "t3_prefill_s", "e2e_s", "rtf", "peak_vram_mib",
-            "compile_s", "gpu_kernels_per_token", "host_launches_per_token", "cpu_ops_per_token")
+            "compile_s", "s3gen_warmup_s", "gpu_kernels_per_token", "host_launches_per_token", "cpu_ops_per_token")
     prov = doc["provenance"]
     where = prov.get("gpu") or f"CPU ({prov.get('cpu')})"
     title = f"{where}, preset {prov['preset']}, {prov['tokens']} tokens, median of {prov.get('repeats')}"

@@ -282,19 +282,21 @@ class T3Decoder:
 
     @torch.inference_mode()
     def generate_stream(self, t3_cond, text_tokens: torch.Tensor, max_new_tokens: int,
-                        sampling: SamplingParams = SamplingParams(), chunk_tokens: int = 2 * STOP_CHECK_INTERVAL):
+                        sampling: SamplingParams = SamplingParams(), chunk_tokens: int = 2 * STOP_CHECK_INTERVAL,
+                        first_chunk_tokens: int | None = None):
         """One utterance's tokens while they are decoded: yields (tokens (1, k), last) with the
-        tokens decoded since the previous yield, at least `chunk_tokens` of them (counted at
-        the stop checks, every STOP_CHECK_INTERVAL tokens) but for the last, which ends at the
-        stop token. Same tokens, in the same order, as `generate`."""
+        tokens decoded since the previous yield, at least `chunk_tokens` of them (`first_chunk_tokens`
+        for the first, if given; counted at the stop checks, every STOP_CHECK_INTERVAL tokens) but
+        for the last, which ends at the stop token. Same tokens, in the same order, as `generate`."""
         if self.streams != 1:
             raise ValueError("streaming decodes one utterance: build the decoder with streams=1")
-        if chunk_tokens < 1:
-            raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+        first_chunk_tokens = chunk_tokens if first_chunk_tokens is None else first_chunk_tokens
+        if min(chunk_tokens, first_chunk_tokens) < 1:
+            raise ValueError(f"chunk sizes must be >= 1, got {first_chunk_tokens} and {chunk_tokens}")
         self._begin([t3_cond], [text_tokens], max_new_tokens, sampling)
         sent = 0
         for done, last in self._decode(max_new_tokens, stop_on_eos=True):
-            if last or done - sent >= chunk_tokens:
+            if last or done - sent >= (chunk_tokens if sent else first_chunk_tokens):
                 # A stop token is found at the check after it, so only the last chunk holds one.
                 yield _cut_at_stop(self.tokens[:1, sent:done].clone(), self.t3.hp.stop_speech_token), last
                 sent = done

@@ -32,6 +32,9 @@ from .validation import check_text
 MEL_FRAMES_PER_SECOND = 50
 CONTEXT_FRAMES = 16   # HiFi-GAN's left context for a piece that starts mid-utterance
 CROSSFADE_SAMPLES = 480
+# The first piece waits for its tokens: a short first chunk (0.64 s of audio) is heard
+# soonest, and later, longer chunks mean fewer flow runs over the growing sequence.
+FIRST_CHUNK_TOKENS = 16
 
 
 @dataclass
@@ -43,11 +46,13 @@ class AudioPiece:
 
 
 def stream_speech(tts, text: str, *, decoder: T3Decoder, voice=None, max_new_tokens: int = 1000,
-                  sampling: SamplingParams = SamplingParams(), chunk_tokens: int = 32, exaggeration: float = 0.5,
+                  sampling: SamplingParams = SamplingParams(), chunk_tokens: int = 32,
+                  first_chunk_tokens: int | None = FIRST_CHUNK_TOKENS, exaggeration: float = 0.5,
                   watermark: bool = True):
     """Yields `AudioPiece`s whose concatenation is the utterance; the first comes after
-    `chunk_tokens` tokens (plus the flow and vocoder for them), not after the whole text.
-    Each piece is watermarked on its own, as upstream watermarks a whole utterance."""
+    `first_chunk_tokens` tokens (plus the flow and vocoder for them), not after the whole text,
+    the later ones every `chunk_tokens`. Each piece is watermarked on its own, as upstream
+    watermarks a whole utterance."""
     from chatterbox.models.s3gen.const import S3GEN_SR
 
     from .voices import voice_or_prepared
@@ -62,7 +67,8 @@ def stream_speech(tts, text: str, *, decoder: T3Decoder, voice=None, max_new_tok
         conds = voice_or_prepared(tts, voice, exaggeration)
         tokens = torch.zeros(0, dtype=torch.long, device=tts.device)
         done_frames, tail = 0, np.zeros(0, dtype=np.float32)
-        chunks = decoder.generate_stream(conds.t3, text_tokens_for(tts, text), max_new_tokens, sampling, chunk_tokens)
+        chunks = decoder.generate_stream(conds.t3, text_tokens_for(tts, text), max_new_tokens, sampling, chunk_tokens,
+                                         first_chunk_tokens)
         for new, last in chunks:
             tokens = torch.cat([tokens, speech_tokens_of(new[0]).to(tts.device)])
             if tokens.numel() == 0:

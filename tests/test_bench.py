@@ -121,3 +121,18 @@ def test_batching_needs_a_cached_rung():
         BenchConfig(rungs=("static_cache",), many=4, device="cpu").resolved()
     with pytest.raises(ValueError, match="streaming needs a decoder rung"):
         BenchConfig(rungs=("upstream_fp32",), stream=True, device="cpu").resolved()
+
+
+def test_s3gen_rungs_follow_the_t3_rungs_with_the_half_flow_check(tmp_path, capsys):
+    """S3Gen's steps change the model in place, so this loads its own (the CLI does)."""
+    out = tmp_path / "s3gen.json"
+    assert main(["bench", "--tokens", "8", "--repeats", "1", "--rungs", "static_cache", "--s3gen",
+                 "--no-profile", "--out", str(out), "--device", "cpu"]) == 0
+    assert "| watermark_on_device |" in capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    assert list(doc["rungs"]) == ["static_cache", "flow_graphs", "flow_half", "watermark_on_device"]
+    last = doc["rungs"]["watermark_on_device"]
+    assert last["t3_steps"] == ["bf16", "static_cache"]
+    assert last["s3gen_steps"] == ["flow_graphs", "flow_half", "watermark_on_device"]
+    assert last["rtf"] > 0 and last["s3gen_warmup_s"] >= 0
+    assert doc["checks"]["half_flow_within_tolerance"] and doc["checks"]["half_flow_mel_rel_error"] > 0

@@ -23,13 +23,18 @@ def test_streamed_tokens_are_generates_tokens_in_chunks(tiny_tts, decoder):
     chunks = list(decoder.generate_stream(tiny_tts.conds.t3, tokens, 80, chunk_tokens=32))
     assert [c.size(1) for c, _ in chunks] == [32, 32, 16] and [last for _, last in chunks] == [False, False, True]
     assert torch.equal(torch.cat([c for c, _ in chunks], dim=1), whole)
+    torch.manual_seed(5)
+    chunks = list(decoder.generate_stream(tiny_tts.conds.t3, tokens, 80, chunk_tokens=32, first_chunk_tokens=16))
+    assert [c.size(1) for c, _ in chunks] == [16, 32, 32]
+    assert torch.equal(torch.cat([c for c, _ in chunks], dim=1), whole)
 
 
 def test_one_chunk_is_the_whole_utterance(tiny_tts, decoder):
     torch.manual_seed(3)
     whole = synthesize(tiny_tts, TEXT, decoder=decoder, max_new_tokens=40, watermark=False).wav
     torch.manual_seed(3)
-    pieces = list(stream_speech(tiny_tts, TEXT, decoder=decoder, max_new_tokens=40, chunk_tokens=64, watermark=False))
+    pieces = list(stream_speech(tiny_tts, TEXT, decoder=decoder, max_new_tokens=40, chunk_tokens=64,
+                                 first_chunk_tokens=None, watermark=False))
     assert len(pieces) == 1 and pieces[0].last
     np.testing.assert_array_equal(pieces[0].wav, whole)
 

@@ -1,0 +1,192 @@
+"""S3Gen's steps: the waveform side made fast without changing what it computes.
+
+Once T3 is fast, S3Gen's flow is most of a request: ten Euler steps of the CFM
+estimator (a U-Net with transformer blocks, CFG pair as a batch of two) over the
+voice's prompt frames plus two mel frames per new token. Measured on an H100 (full
+preset, 256 tokens after a 161-token voice prompt, so 834 frames): 1,492 kernels and
+37 ms an estimator call in fp32, 47 ms in bf16. Slower in half precision means the
+GPU is not what the call waits for: it waits for the host to launch the kernels.
+So graphs come first and half precision second, the same order as T3's ladder.
+
+- "flow_graphs": the estimator replayed from CUDA graphs, one per batch size and
+  length bucket (`FRAME_BUCKET` frames). A call's frames are padded to its bucket
+  with masked frames. The estimator's convolutions are causal, its attention masks
+  padded keys and every block multiplies by the mask, so a padded frame changes no
+  real one: the output is the unpadded call's (CPU test, tiny preset; 6e-6 apart for
+  the full preset in fp32 on the CPU). Captured on first use of a bucket.
+- "flow_half": the estimator in float16. float16, not bfloat16: the estimator's values
+  are small (|output| < 4 on the full preset) and float16's three extra mantissa bits
+  make one call's error 0.7% against fp32 instead of 4.4% (full preset, CPU). The
+  encoder, HiFi-GAN (STFTs) and everything around the estimator stay fp32; the mel
+  difference from fp32 after all ten steps is measured (`half_flow_error`).
+- "watermark_on_device": perth's watermarking network on the model's device; it
+  ran on the CPU in upstream (its resampling stays there either way).
+
+Steps are applied to a loaded model in place and cannot be taken back (reload the
+model), as T3's bf16 step casts in place.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+S3GEN_STEPS = ("flow_graphs", "flow_half", "watermark_on_device")
+FLOW_HALF_DTYPE = torch.float16
+# Mel frames per length bucket: one graph serves every length up to its bucket.
+# 64 frames (1.28 s of audio) keeps the padding, at most 63 frames, small next to a
+# voice prompt of several hundred.
+FRAME_BUCKET = 64
+# Relative L2 difference of the flow's mel output, fp32 vs `flow_half`, same tokens and
+# noise. Measured 0.7% for one estimator call of the full preset; ten Euler steps add up.
+HALF_FLOW_TOLERANCE = 5e-2
+
+
+def check_s3gen_steps(steps) -> frozenset:
+    steps = frozenset(steps)
+    unknown = steps - set(S3GEN_STEPS)
+    if unknown:
+        raise ValueError(f"unknown S3Gen steps {sorted(unknown)}: choose from {', '.join(S3GEN_STEPS)}")
+    return steps
+
+
+def s3gen_steps_of(tts) -> frozenset:
+    """The S3Gen steps applied to `tts` so far."""
+    return frozenset(getattr(tts, "_chatterbox_lab_s3gen_steps", ()))
+
+
+def apply_s3gen_steps(tts, steps) -> frozenset:
+    """Switch on `steps` (any not yet on) for `tts`'s S3Gen and watermarker; returns all on now."""
+    steps = check_s3gen_steps(steps)
+    done = s3gen_steps_of(tts)
+    flow = tts.s3gen.flow
+    if "flow_half" in steps - done:
+        estimator = _unwrapped(flow.decoder.estimator)
+        estimator.to(FLOW_HALF_DTYPE)
+        if isinstance(flow.decoder.estimator, BucketedEstimator):
+            flow.decoder.estimator = BucketedEstimator(estimator)  # graphs of fp32 weights are stale
+    if "flow_graphs" in steps - done:
+        flow.decoder.estimator = BucketedEstimator(flow.decoder.estimator)
+    if "watermark_on_device" in steps - done:
+        tts.watermarker.perth_net.to(tts.device)
+    tts._chatterbox_lab_s3gen_steps = done | steps
+    return done | steps
+
+
+def _unwrapped(estimator):
+    return estimator.estimator if isinstance(estimator, BucketedEstimator) else estimator
+
+
+class BucketedEstimator(torch.nn.Module):
+    """Upstream's CFM estimator with each call padded to a length bucket and, on CUDA,
+    replayed from a graph captured for that bucket and batch size. Called exactly as
+    upstream's `solve_euler` calls the estimator; anything else (meanflow's `r`) runs eagerly."""
+
+    def __init__(self, estimator: torch.nn.Module, frame_bucket: int = FRAME_BUCKET):
+        super().__init__()
+        if getattr(estimator, "static_chunk_size", 0):
+            raise ValueError("chunked attention in the estimator is not supported by flow_graphs")
+        self.estimator = estimator
+        self.frame_bucket = frame_bucket
+        self._graphs: dict = {}
+        self._pool = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.estimator.dtype
+
+    @property
+    def graphs_captured(self) -> int:
+        return len(self._graphs)
+
+    def forward(self, x, mask, mu, t, spks=None, cond=None, r=None):
+        if r is not None or spks is None or cond is None:
+            return self.estimator(x=x, mask=mask, mu=mu, t=t, spks=spks, cond=cond, r=r)
+        frames = x.size(2)
+        padded = math.ceil(frames / self.frame_bucket) * self.frame_bucket
+        if not x.is_cuda:
+            inputs = _padded_inputs(x, mask, mu, t, spks, cond, padded)
+            return self.estimator(**inputs)[:, :, :frames]
+        key = (x.size(0), padded, x.dtype)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(_padded_inputs(x, mask, mu, t, spks, cond, padded))
+        graph, inputs, output = self._graphs[key]
+        for name, value in dict(x=x, mask=mask, mu=mu, cond=cond).items():
+            inputs[name][..., :frames].copy_(value)
+            inputs[name][..., frames:].zero_()
+        inputs["t"].copy_(t)
+        inputs["spks"].copy_(spks)
+        graph.replay()
+        # The output lives in the graphs' shared pool, which the next replay overwrites.
+        return output[:, :, :frames].clone()
+
+    def _capture(self, inputs: dict):
+        # Warm-up on a side stream first: cuBLAS / cuDNN set themselves up outside the capture.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.estimator(**inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with _sync_free_attention_masks(), torch.cuda.graph(graph, pool=self._pool):
+            output = self.estimator(**inputs)
+        return graph, inputs, output
+
+
+def _padded_inputs(x, mask, mu, t, spks, cond, frames: int) -> dict:
+    def pad(value):
+        return torch.nn.functional.pad(value, (0, frames - value.size(-1)))
+    return dict(x=pad(x), mask=pad(mask), mu=pad(mu), t=t.clone(), spks=spks.clone(), cond=pad(cond))
+
+
+@contextlib.contextmanager
+def _sync_free_attention_masks():
+    """Upstream's `add_optional_chunk_mask` ends with a host check (`.item()`) for rows with
+    no valid frame, which a CUDA graph cannot capture. For the estimator's full-context call
+    it only returns the mask with such rows set to True: the same on the device, no sync."""
+    from chatterbox.models.s3gen import decoder
+
+    original = decoder.add_optional_chunk_mask
+
+    def full_context_mask(xs, masks, use_dynamic_chunk, use_dynamic_left_chunk, decoding_chunk_size,
+                          static_chunk_size, num_decoding_left_chunks, enable_full_context=True):
+        if use_dynamic_chunk or static_chunk_size > 0:
+            raise ValueError("flow_graphs supports the estimator's full-context attention only")
+        return masks | (masks.sum(dim=-1, keepdim=True) == 0)
+
+    decoder.add_optional_chunk_mask = full_context_mask
+    try:
+        yield
+    finally:
+        decoder.add_optional_chunk_mask = original
+
+
+def half_flow_error(tts, speech_tokens: torch.Tensor, seed: int = 0) -> float:
+    """Relative L2 difference of the flow's mels with the estimator in `FLOW_HALF_DTYPE` from
+    the same in fp32: same tokens, same voice (the one prepared last), same noise. Measured on
+    the unwrapped estimator before `flow_half` is applied, which is left as it was."""
+    from .precision import weights_restored
+
+    decoder = tts.s3gen.flow.decoder
+    installed = decoder.estimator
+    estimator = _unwrapped(installed)
+    if estimator.dtype != torch.float32:
+        raise ValueError("measure the half-precision error before flow_half is applied (the estimator is not fp32)")
+
+    def mels():
+        torch.manual_seed(seed)  # the flow's starting noise
+        with torch.inference_mode():
+            return tts.s3gen.flow_inference(speech_tokens, ref_dict=tts.conds.gen, finalize=True).float()
+
+    decoder.estimator = estimator  # graphs hold the fp32 weights' addresses: keep them out of the cast
+    try:
+        reference = mels()
+        with weights_restored(estimator):
+            estimator.to(FLOW_HALF_DTYPE)
+            half = mels()
+    finally:
+        decoder.estimator = installed
+    return float((half - reference).norm() / reference.norm())

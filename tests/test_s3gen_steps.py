@@ -1,0 +1,67 @@
+"""S3Gen's steps on the CPU, tiny preset: same audio from padded buckets, half precision within
+its stated tolerance, steps applied once and in any order."""
+import pytest
+import torch
+
+from chatterbox_lab.pipeline import synthesize
+from chatterbox_lab.s3gen_steps import (HALF_FLOW_TOLERANCE, BucketedEstimator, apply_s3gen_steps,
+                                        half_flow_error, s3gen_steps_of)
+
+TEXT = "The waveform side, made fast without changing what it computes."
+
+
+@pytest.fixture()
+def fresh_tts():
+    """Steps change a model in place: each test gets its own."""
+    from chatterbox_lab.models import load_tts
+    from chatterbox_lab.voices import voice_path
+
+    tts = load_tts(preset="tiny", device="cpu")
+    tts.prepare_conditionals(str(voice_path("alto")))
+    return tts
+
+
+def _mels(tts, tokens, seed=0):
+    torch.manual_seed(seed)
+    return tts.s3gen.flow_inference(tokens, ref_dict=tts.conds.gen, finalize=True)
+
+
+@pytest.mark.parametrize("n_tokens", [5, 32, 33])
+def test_padded_buckets_give_the_unpadded_mels(fresh_tts, n_tokens):
+    tokens = torch.randint(0, 6561, (n_tokens,), generator=torch.Generator().manual_seed(n_tokens))
+    plain = _mels(fresh_tts, tokens)
+    apply_s3gen_steps(fresh_tts, ["flow_graphs"])
+    assert isinstance(fresh_tts.s3gen.flow.decoder.estimator, BucketedEstimator)
+    frames = plain.size(-1) + 2 * fresh_tts.conds.gen["prompt_token"].size(-1)
+    assert frames % 64 != 0  # the call is padded
+    torch.testing.assert_close(_mels(fresh_tts, tokens), plain, rtol=1e-5, atol=1e-5)
+
+
+def test_half_flow_error_is_within_its_tolerance(fresh_tts):
+    tokens = torch.randint(0, 6561, (40,), generator=torch.Generator().manual_seed(1))
+    error = half_flow_error(fresh_tts, tokens)
+    print("float16 estimator, mel relative error", error)
+    assert 0 < error <= HALF_FLOW_TOLERANCE
+    assert fresh_tts.s3gen.flow.decoder.estimator.dtype == torch.float32  # left as it was
+    apply_s3gen_steps(fresh_tts, ["flow_half"])
+    with pytest.raises(ValueError, match="before flow_half"):
+        half_flow_error(fresh_tts, tokens)
+
+
+def test_steps_apply_once_in_any_order(fresh_tts):
+    assert s3gen_steps_of(fresh_tts) == frozenset()
+    apply_s3gen_steps(fresh_tts, ["flow_graphs"])
+    assert apply_s3gen_steps(fresh_tts, ["flow_half", "watermark_on_device"]) == {
+        "flow_graphs", "flow_half", "watermark_on_device"}
+    estimator = fresh_tts.s3gen.flow.decoder.estimator
+    assert isinstance(estimator, BucketedEstimator) and not isinstance(estimator.estimator, BucketedEstimator)
+    assert estimator.dtype == torch.float16
+    apply_s3gen_steps(fresh_tts, ["flow_graphs"])  # already on: nothing wraps twice
+    assert fresh_tts.s3gen.flow.decoder.estimator is estimator
+    speech = synthesize(fresh_tts, TEXT, max_new_tokens=24)
+    assert speech.wav.size > 0 and torch.isfinite(torch.from_numpy(speech.wav)).all()
+
+
+def test_unknown_step_is_refused(fresh_tts):
+    with pytest.raises(ValueError, match="choose from flow_graphs"):
+        apply_s3gen_steps(fresh_tts, ["flow_graph"])
