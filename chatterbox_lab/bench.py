@@ -283,7 +283,8 @@ def measure_stream(tts, cfg: BenchConfig, voice: Path) -> dict:
 
 def measure_many(tts, cfg: BenchConfig, voice: Path) -> dict:
     """`cfg.many` utterances (voices alternating between the benchmark's and the other bundled
-    one) through batched T3 and S3Gen per utterance: seconds of audio per second of wall time."""
+    one) through batched T3 and a flow run per voice and batch: seconds of audio per second of
+    wall time, and where that time went."""
     from .pipeline import synthesize_many
     from .voices import bundled_voices
 
@@ -302,7 +303,9 @@ def measure_many(tts, cfg: BenchConfig, voice: Path) -> dict:
         steps=sorted(_t3_steps(cfg)), s3gen_steps=sorted(s3gen_steps_of(tts)), utterances=cfg.many,
         x_realtime=_median([r.x_realtime for r in runs]), wall_s=_median([r.wall_s for r in runs]),
         audio_s=_median([r.audio_s for r in runs]),
-        raw=dict(wall_s=[r.wall_s for r in runs], audio_s=[r.audio_s for r in runs]),
+        stages_s={stage: _median([r.seconds[stage] for r in runs]) for stage in runs[0].seconds},
+        raw=dict(wall_s=[r.wall_s for r in runs], audio_s=[r.audio_s for r in runs],
+                 stages_s=[r.seconds for r in runs]),
     )
 
 

@@ -56,6 +56,15 @@ def _timed(device, seconds: dict, stage: str):
     seconds[stage] = time.perf_counter() - start
 
 
+@contextlib.contextmanager
+def _accumulated(device, seconds: dict, stage: str):
+    """`_timed`, adding to what seconds[stage] holds already."""
+    part = {}
+    with _timed(device, part, stage):
+        yield
+    seconds[stage] = seconds.get(stage, 0.0) + part[stage]
+
+
 def upstream_t3(tts, text_tokens, max_new_tokens, sampling: SamplingParams, stop_on_eos=True):
     """Upstream `T3.inference` with its prefill timed apart from its decode loop."""
     marks = []
@@ -125,22 +134,53 @@ def speech_tokens_of(tokens: torch.Tensor) -> torch.Tensor:
 def tokens_to_speech(tts, tokens: torch.Tensor, gen_conds: dict, clock, watermark: bool = True):
     """T3's tokens (1, k) for one utterance -> (speech tokens, watermarked waveform) through
     S3Gen's flow and HiFi-GAN with the voice's S3Gen conditionals; `clock(stage)` times each."""
+    return tokens_to_speeches(tts, [tokens], gen_conds, clock, watermark)[0]
+
+
+def tokens_to_speeches(tts, all_tokens: list, gen_conds: dict, clock, watermark: bool = True) -> list:
+    """T3's tokens for utterances of one voice ((1, k_i) each) -> (speech tokens, watermarked
+    waveform) for each: one flow run for all of them (upstream's batched flow: tokens padded to
+    the longest and masked by their lengths), then HiFi-GAN and the watermark one by one, since
+    the vocoder does not mask padding. `clock(stage)` times each stage for all of them."""
     from chatterbox.models.s3gen.const import S3GEN_SR
 
-    speech_tokens = speech_tokens_of(tokens[0]).to(tts.device)
-    if speech_tokens.numel() == 0:
+    speech = [speech_tokens_of(tokens[0]).to(tts.device) for tokens in all_tokens]
+    if any(s.numel() == 0 for s in speech):
         raise RuntimeError("T3 produced no valid speech tokens (it stopped at once); nothing to synthesize")
     s3gen = tts.s3gen
-    with clock("s3gen_flow"):
-        mels = s3gen.flow_inference(speech_tokens, ref_dict=gen_conds, finalize=True)
+    lengths = torch.tensor([s.numel() for s in speech], device=tts.device)
+    with clock("s3gen_flow"), padding_zeroed(s3gen.flow.encoder):
+        mels = s3gen.flow_inference(torch.nn.utils.rnn.pad_sequence(speech, batch_first=True), ref_dict=gen_conds,
+                                    speech_token_lens=lengths, finalize=True)
+    frames_per_token = s3gen.flow.token_mel_ratio
+    wavs = []
     with clock("hifigan"):
-        wav, _ = s3gen.hift_inference(mels.to(dtype=s3gen.dtype), None)
-        wav[:, : len(s3gen.trim_fade)] *= s3gen.trim_fade
-        wav = wav.squeeze(0).float().cpu().numpy()
+        for mel, n in zip(mels, lengths.tolist()):
+            wav, _ = s3gen.hift_inference(mel[None, :, : n * frames_per_token].to(dtype=s3gen.dtype), None)
+            wav[:, : len(s3gen.trim_fade)] *= s3gen.trim_fade
+            wavs.append(wav.squeeze(0).float().cpu().numpy())
     if watermark:
         with clock("watermark"):
-            wav = tts.watermarker.apply_watermark(wav, sample_rate=S3GEN_SR)
-    return speech_tokens, wav
+            wavs = [tts.watermarker.apply_watermark(wav, sample_rate=S3GEN_SR) for wav in wavs]
+    return list(zip(speech, wavs))
+
+
+@contextlib.contextmanager
+def padding_zeroed(encoder):
+    """Upstream's flow encoder with its embedding's output zeroed past each row's length.
+    Its look-ahead convolution reads the frames after a row's last token: zeros when the row
+    runs alone (the convolution's own padding), the embedded padding of a longer row's batch
+    otherwise, which then reaches every frame through attention. Zeroed, a batched row's mels
+    are the lone row's; a row without padding is unchanged."""
+    def zero_padding(module, args, output):
+        xs, pos_emb, masks = output
+        return xs * masks.transpose(1, 2).to(xs.dtype), pos_emb, masks
+
+    handle = encoder.embed.register_forward_hook(zero_padding)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def synthesize_long(tts, text: str, *, max_chars: int = MAX_CHUNK_CHARS, voice=None, progress: bool = False,
@@ -167,8 +207,9 @@ def synthesize_long(tts, text: str, *, max_chars: int = MAX_CHUNK_CHARS, voice=N
 
 @dataclass
 class BatchSynthesis:
-    speeches: list  # Synthesis per text, in order; seconds hold each one's S3Gen stages
+    speeches: list  # Synthesis per text, in order (their stage times are the batch's, below)
     wall_s: float
+    seconds: dict = field(default_factory=dict)  # stage -> wall seconds, all batches together
 
     @property
     def audio_s(self) -> float:
@@ -184,9 +225,10 @@ def synthesize_many(tts, texts: list[str], voices, *, decoder: T3Decoder, max_ne
                     sampling: SamplingParams = SamplingParams(), watermark: bool = True,
                     progress: bool = False) -> BatchSynthesis:
     """Many utterances: T3 decodes `decoder.streams` of them at a time (`generate_batch`), each
-    with its own voice (`voices`: one for all, or one per text), then S3Gen makes each one's
-    audio. A last batch that is not full is topped up with copies of its last utterance,
-    whose output is dropped: the captured step has a fixed batch size."""
+    with its own voice (`voices`: one for all, or one per text), then S3Gen's flow runs once for
+    each voice's utterances of the batch (`tokens_to_speeches`). A last batch that is not full is
+    topped up with copies of its last utterance, whose output is dropped: the captured step has
+    a fixed batch size."""
     from chatterbox.models.s3gen.const import S3GEN_SR
     from tqdm.auto import tqdm
 
@@ -198,24 +240,32 @@ def synthesize_many(tts, texts: list[str], voices, *, decoder: T3Decoder, max_ne
     if len(voices) != len(texts) or not texts:
         raise ValueError(f"give one voice for all texts or one per text: {len(texts)} texts, {len(voices)} voices")
     start = time.perf_counter()
+    seconds = {}
+
+    def clock(stage):
+        # Accumulates: a stage runs once per batch and voice.
+        return _accumulated(tts.device, seconds, stage)
     cache = VoiceCache(tts, capacity=len(set(map(str, voices))))
     conds = [cache.use(v) for v in voices]
     n = decoder.streams
-    speeches = []
+    speeches = [None] * len(texts)
     with torch.inference_mode(), tqdm(total=len(texts), desc="utterances", disable=not progress) as bar:
         for first in range(0, len(texts), n):
             batch = list(range(first, min(first + n, len(texts))))
             padded = batch + [batch[-1]] * (n - len(batch))
-            result = decoder.generate_batch([conds[i].t3 for i in padded],
-                                            [text_tokens_for(tts, texts[i]) for i in padded], max_new_tokens, sampling)
+            with clock("t3"):
+                result = decoder.generate_batch([conds[i].t3 for i in padded],
+                                                [text_tokens_for(tts, texts[i]) for i in padded], max_new_tokens,
+                                                sampling)
+            by_voice = {}
             for i, tokens in zip(batch, result.all_tokens):
-                seconds = {}
-                speech_tokens, wav = tokens_to_speech(tts, tokens, conds[i].gen,
-                                                      lambda stage, seconds=seconds: _timed(tts.device, seconds, stage),
-                                                      watermark)
-                speeches.append(Synthesis(wav=wav, sample_rate=S3GEN_SR, speech_tokens=speech_tokens, seconds=seconds,
-                                          t3_steps=tokens.size(1)))
-                bar.update()
+                by_voice.setdefault(id(conds[i]), []).append((i, tokens))
+            for group in by_voice.values():
+                made = tokens_to_speeches(tts, [tokens for _, tokens in group], conds[group[0][0]].gen, clock,
+                                          watermark)
+                for (i, tokens), (speech_tokens, wav) in zip(group, made):
+                    speeches[i] = Synthesis(wav=wav, sample_rate=S3GEN_SR, speech_tokens=speech_tokens,
+                                            t3_steps=tokens.size(1))
+                bar.update(len(group))
     sync_device(tts.device)
-    return BatchSynthesis(speeches, time.perf_counter() - start)
-
+    return BatchSynthesis(speeches, time.perf_counter() - start, seconds)

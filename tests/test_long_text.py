@@ -1,3 +1,5 @@
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -106,3 +108,33 @@ def test_many_texts_in_batches_match_one_at_a_time(tiny_tts):
         assert len(single.wav) == len(speech.wav) == 6 * SAMPLES_PER_TOKEN
     with pytest.raises(ValueError, match="one voice for all texts or one per text"):
         synthesize_many(tiny_tts, texts, ["alto"], decoder=alone)
+
+
+def test_one_flow_run_for_utterances_of_different_lengths_gives_each_ones_own_mels(tiny_tts, monkeypatch):
+    """Upstream's batched flow, as `tokens_to_speeches` calls it: with the encoder's padding
+    zeroed, each utterance's mels are those of a run on its own (noise set to zero to compare
+    them); without, the shorter rows' look-ahead reads the padding."""
+    import torch
+
+    from chatterbox_lab.pipeline import padding_zeroed, tokens_to_speeches
+
+    monkeypatch.setattr(torch, "randn_like", torch.zeros_like)
+    s3gen, ref = tiny_tts.s3gen, tiny_tts.conds.gen
+    rows = [torch.randint(0, 6561, (n,), generator=torch.Generator().manual_seed(n)) for n in (9, 23, 16)]
+    lengths = torch.tensor([len(r) for r in rows])
+
+    def batched():
+        return s3gen.flow_inference(torch.nn.utils.rnn.pad_sequence(rows, batch_first=True), ref_dict=ref,
+                                    speech_token_lens=lengths, finalize=True)
+    with torch.inference_mode():
+        upstream = batched()
+        with padding_zeroed(s3gen.flow.encoder):
+            zeroed = batched()
+        for row, mels, leaky in zip(rows, zeroed, upstream):
+            alone = s3gen.flow_inference(row, ref_dict=ref, finalize=True)[0]
+            torch.testing.assert_close(mels[:, : alone.size(-1)], alone, rtol=1e-4, atol=1e-4)
+            assert (len(row) == 23) == torch.allclose(leaky[:, : alone.size(-1)], alone, rtol=1e-4, atol=1e-4)
+        made = tokens_to_speeches(tiny_tts, [r[None] for r in rows], ref, lambda stage: contextlib.nullcontext(),
+                                  watermark=False)
+    assert [len(wav) for _, wav in made] == [n * SAMPLES_PER_TOKEN for n in (9, 23, 16)]
+    assert all(torch.equal(tokens, row) for (tokens, _), row in zip(made, rows))
