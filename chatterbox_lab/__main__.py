@@ -58,7 +58,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m chatterbox_lab")
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="measure rungs of the ladder; prints a table, writes one JSON file")
-    b.add_argument("--ladder", action="store_true", help="every rung: " + ", ".join(RUNGS))
+    b.add_argument("--ladder", action="store_true",
+                   help="every rung: " + ", ".join(RUNGS + S3GEN_STEPS) + " (S3Gen's as --s3gen)")
     b.add_argument("--rungs", nargs="+", choices=RUNGS, help="rungs to run (default: upstream_fp32)")
     b.add_argument("--preset", choices=PRESETS, help="synthetic model size (default: full on GPU, tiny on CPU)")
     b.add_argument("--checkpoint", default="synthetic", help="'synthetic', 'hub' or a checkpoint directory")
@@ -150,7 +151,8 @@ def main(argv=None) -> int:
                              repeats=args.repeats, rungs=rungs, voice=args.voice, checks=args.checks,
                              profile=not args.no_profile, trace_dir=args.trace_dir,
                              batch_sizes=tuple(args.batch), stream=args.stream, many=args.many,
-                             s3gen_steps=() if args.s3gen is None else tuple(args.s3gen or S3GEN_STEPS))
+                             s3gen_steps=tuple(args.s3gen or S3GEN_STEPS) if args.s3gen is not None or args.ladder
+                             else ())
         config.resolved()
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))

@@ -277,7 +277,10 @@ def measure_stream(tts, cfg: BenchConfig, voice: Path) -> dict:
         e2e_s=_median([pieces[-1].ready_s for pieces in runs]),
         rtf=_median([pieces[-1].ready_s / a for pieces, a in zip(runs, audio_s)]),
         seam_error=seam_error(streamed, whole),
-        raw=dict(ready_s=[[p.ready_s for p in pieces] for pieces in runs], audio_s=audio_s),
+        first_piece_stages_s={stage: _median([pieces[0].seconds.get(stage, 0.0) for pieces in runs])
+                              for stage in runs[0][0].seconds},
+        raw=dict(ready_s=[[p.ready_s for p in pieces] for pieces in runs], audio_s=audio_s,
+                 first_piece_stages_s=[pieces[0].seconds for pieces in runs]),
     )
 
 

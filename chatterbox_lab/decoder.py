@@ -226,10 +226,43 @@ class T3Decoder:
                 stream: int = 0) -> torch.Tensor:
         """Run one utterance's prompt (conditioning, text, start token) into its rows of the
         cache; returns its logits (2, V)."""
+        return self.prefill_streams([t3_cond], [text_tokens], max_new_tokens, cfg_weight, first_stream=stream)
+
+    def prefill_streams(self, t3_conds: list, text_tokens: list, max_new_tokens: int, cfg_weight: float,
+                        first_stream: int = 0) -> torch.Tensor:
+        """`prefill` for consecutive streams from `first_stream`; returns their logits (2 per stream, V).
+        Neighbouring streams with prompts of one length share a forward pass: a prefill is
+        launch-bound, so 64 utterances of one text cost about what one costs."""
         limit = self.tokens.size(1) - 1
         if not 1 <= max_new_tokens <= limit:
             raise ValueError(f"max_new_tokens must be between 1 and {limit} (T3's speech position table), "
                              f"got {max_new_tokens}")
+        prompts = [self._prompt(cond, text, cfg_weight) for cond, text in zip(t3_conds, text_tokens)]
+        hp = self.t3.hp
+        for stream, prompt in enumerate(prompts, start=first_stream):
+            self.prompt_len_t[stream] = prompt.size(1)
+            self.seen[stream] = False
+            self.seen[stream, hp.start_speech_token] = True
+        if self.forward is None:
+            if len(prompts) != 1:
+                raise ValueError("without static_cache the decoder prefills one utterance")
+            self._active_forward = DynamicT3Forward(self.t3)
+            return self._active_forward(prompts[0])
+        logits, start = [], 0
+        while start < len(prompts):
+            length = prompts[start].size(1)
+            end = start + 1
+            while end < len(prompts) and prompts[end].size(1) == length:
+                end += 1
+            check_fits(length, max_new_tokens, self.capacity)
+            rows = slice(2 * (first_stream + start), 2 * (first_stream + end))
+            logits.append(self.forward(torch.cat(prompts[start:end]), torch.arange(length, device=self.device),
+                                       rows=rows))
+            start = end
+        return torch.cat(logits)
+
+    def _prompt(self, t3_cond, text_tokens: torch.Tensor, cfg_weight: float) -> torch.Tensor:
+        """One utterance's prompt embeddings (2, L, dim), CFG pair, as upstream builds them."""
         t3, hp, device = self.t3, self.t3.hp, self.device
         if t3_cond.speaker_emb.dtype != self.dtype:
             t3_cond = type(t3_cond)(**vars(t3_cond)).to(dtype=self.dtype)
@@ -239,16 +272,7 @@ class T3Decoder:
                                             speech_tokens=bos.expand(text_tokens.size(0), 1),
                                             cfg_weight=cfg_weight)
         # Upstream appends a second start token after the one prepare_input_embeds adds.
-        prompt = torch.cat([embeds, upstream_step_embedding(t3, bos, 0)], dim=1)
-        prompt_len = prompt.size(1)
-        self.prompt_len_t[stream] = prompt_len
-        self.seen[stream] = False
-        self.seen[stream, hp.start_speech_token] = True
-        if self.forward is None:
-            self._active_forward = DynamicT3Forward(t3)
-            return self._active_forward(prompt)
-        check_fits(prompt_len, max_new_tokens, self.capacity)
-        return self.forward(prompt, torch.arange(prompt_len, device=device), rows=slice(2 * stream, 2 * stream + 2))
+        return torch.cat([embeds, upstream_step_embedding(t3, bos, 0)], dim=1)
 
     def forward_step(self, token: torch.Tensor, step: int) -> torch.Tensor:
         """Logits (2, V) after feeding `token` as the one sampled at `step` (eager; for checks)."""
@@ -311,8 +335,7 @@ class T3Decoder:
         self.step_index.zero_()
         self.nonfinite.zero_()
         self.stopped.zero_()
-        logits = torch.cat([self.prefill(cond, text, max_new_tokens, sampling.cfg_weight, stream)
-                            for stream, (cond, text) in enumerate(zip(t3_conds, text_tokens))])
+        logits = self.prefill_streams(t3_conds, text_tokens, max_new_tokens, sampling.cfg_weight)
         probs = self._probs(logits)
         sync_device(self.device)
         sample_token(probs, out=self.tokens[:, :1])

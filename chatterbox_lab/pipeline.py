@@ -47,7 +47,7 @@ class Synthesis:
 
 
 @contextlib.contextmanager
-def _timed(device, seconds: dict, stage: str):
+def timed_stage(device, seconds: dict, stage: str):
     """Wall time of the block into seconds[stage], device work included."""
     sync_device(device)
     start = time.perf_counter()
@@ -58,9 +58,9 @@ def _timed(device, seconds: dict, stage: str):
 
 @contextlib.contextmanager
 def _accumulated(device, seconds: dict, stage: str):
-    """`_timed`, adding to what seconds[stage] holds already."""
+    """`timed_stage`, adding to what seconds[stage] holds already."""
     part = {}
-    with _timed(device, part, stage):
+    with timed_stage(device, part, stage):
         yield
     seconds[stage] = seconds.get(stage, 0.0) + part[stage]
 
@@ -107,7 +107,7 @@ def synthesize(tts, text: str, *, voice=None, decoder: T3Decoder | None = None, 
     seconds = {}
 
     def clock(stage):
-        return _timed(tts.device, seconds, stage)
+        return timed_stage(tts.device, seconds, stage)
     with torch.inference_mode():
         with clock("conditioning"):
             voice_or_prepared(tts, voice, exaggeration)

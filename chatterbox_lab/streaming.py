@@ -19,13 +19,13 @@ shape, so each flow run here is a finished one and the hold-back is done on its 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from .decoder import T3Decoder, text_tokens_for
-from .pipeline import TOKENS_PER_SECOND, speech_tokens_of
+from .pipeline import TOKENS_PER_SECOND, speech_tokens_of, timed_stage
 from .sampling import SamplingParams
 from .validation import check_text
 
@@ -43,6 +43,7 @@ class AudioPiece:
     sample_rate: int
     ready_s: float      # seconds from the request to this piece being ready
     last: bool
+    seconds: dict = field(default_factory=dict)  # stage -> wall seconds spent on this piece
 
 
 def stream_speech(tts, text: str, *, decoder: T3Decoder, voice=None, max_new_tokens: int = 1000,
@@ -69,20 +70,28 @@ def stream_speech(tts, text: str, *, decoder: T3Decoder, voice=None, max_new_tok
         done_frames, tail = 0, np.zeros(0, dtype=np.float32)
         chunks = decoder.generate_stream(conds.t3, text_tokens_for(tts, text), max_new_tokens, sampling, chunk_tokens,
                                          first_chunk_tokens)
+        # Stage times of the piece being made; T3's run from the last piece's hand-over.
+        seconds, resumed = {}, time.perf_counter()
         for new, last in chunks:
+            seconds["t3"] = seconds.get("t3", 0.0) + time.perf_counter() - resumed
             tokens = torch.cat([tokens, speech_tokens_of(new[0]).to(tts.device)])
             if tokens.numel() == 0:
+                resumed = time.perf_counter()
                 continue
-            mels = s3gen.flow_inference(tokens, ref_dict=conds.gen, finalize=True)
+            with timed_stage(tts.device, seconds, "s3gen_flow"):
+                mels = s3gen.flow_inference(tokens, ref_dict=conds.gen, finalize=True)
             ready_frames = mels.size(-1) if last else mels.size(-1) - held_frames
             if ready_frames <= done_frames and not last:
+                resumed = time.perf_counter()
                 continue
             context = min(done_frames, CONTEXT_FRAMES)
-            wav, _ = s3gen.hift_inference(mels[:, :, done_frames - context:ready_frames].to(dtype=s3gen.dtype), None)
-            wav = wav.squeeze(0).float()
-            if done_frames == 0:
-                wav[: len(s3gen.trim_fade)] *= s3gen.trim_fade  # upstream's fade-in of an utterance
-            wav = wav.cpu().numpy()
+            with timed_stage(tts.device, seconds, "hifigan"):
+                wav, _ = s3gen.hift_inference(mels[:, :, done_frames - context:ready_frames].to(dtype=s3gen.dtype),
+                                              None)
+                wav = wav.squeeze(0).float()
+                if done_frames == 0:
+                    wav[: len(s3gen.trim_fade)] *= s3gen.trim_fade  # upstream's fade-in of an utterance
+                wav = wav.cpu().numpy()
             # New samples from where the held tail starts: the tail is cross-faded into them.
             fresh = wav[context * hop - len(tail):]
             piece = _crossfade(tail, fresh)
@@ -90,10 +99,12 @@ def stream_speech(tts, text: str, *, decoder: T3Decoder, voice=None, max_new_tok
             tail = np.zeros(0, dtype=np.float32) if last else piece[len(piece) - CROSSFADE_SAMPLES:]
             out = piece if last else piece[: len(piece) - CROSSFADE_SAMPLES]
             if watermark:
-                out = tts.watermarker.apply_watermark(out, sample_rate=S3GEN_SR)
-            yield AudioPiece(out, S3GEN_SR, time.perf_counter() - start, last)
+                with timed_stage(tts.device, seconds, "watermark"):
+                    out = tts.watermarker.apply_watermark(out, sample_rate=S3GEN_SR)
+            yield AudioPiece(out, S3GEN_SR, time.perf_counter() - start, last, seconds)
             if last:
                 return
+            seconds, resumed = {}, time.perf_counter()
     if tokens.numel() == 0:
         raise RuntimeError("T3 produced no valid speech tokens (it stopped at once); nothing to synthesize")
 

@@ -137,6 +137,22 @@ def test_batched_utterances_match_one_at_a_time(tiny_tts, three_utterances, step
     assert result.aggregate_tok_s == pytest.approx(3 * result.decode_tok_s)
 
 
+def test_prompts_of_one_length_share_a_prefill_and_keep_their_own_tokens(tiny_tts, three_utterances):
+    conds, texts = three_utterances
+    texts = [texts[0], texts[0], texts[1]]  # two voices, one text: one prefill for both, one for the third
+    steps = ("static_cache", "embed_cache")
+    batch = T3Decoder(tiny_tts.t3, steps, streams=3, max_new_tokens=20)
+    single = T3Decoder(tiny_tts.t3, steps, max_new_tokens=20)
+    with torch.inference_mode():
+        logits = batch.prefill_streams(conds, texts, 20, cfg_weight=0.5)
+        for i, (cond, text) in enumerate(zip(conds, texts)):
+            torch.testing.assert_close(logits[2 * i: 2 * i + 2], single.prefill(cond, text, 20, cfg_weight=0.5),
+                                       rtol=1e-5, atol=1e-5)
+    result = batch.generate_batch(conds, texts, 20, GREEDY, stop_on_eos=False)
+    for cond, text, tokens in zip(conds, texts, result.all_tokens):
+        assert torch.equal(single.generate(cond, text, 20, GREEDY, stop_on_eos=False).tokens, tokens)
+
+
 def test_each_utterance_stops_at_its_own_stop_token(tiny_tts, three_utterances):
     conds, texts = three_utterances
     decoder = T3Decoder(tiny_tts.t3, ("static_cache", "embed_cache"), streams=3, max_new_tokens=40)

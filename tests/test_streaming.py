@@ -45,6 +45,8 @@ def test_chunks_join_to_the_utterances_length_and_arrive_in_order(tiny_tts, deco
     torch.manual_seed(4)
     pieces = list(stream_speech(tiny_tts, TEXT, decoder=decoder, max_new_tokens=80, chunk_tokens=16, watermark=False))
     assert len(pieces) >= 3 and [p.last for p in pieces] == [False] * (len(pieces) - 1) + [True]
+    assert set(pieces[0].seconds) == {"t3", "s3gen_flow", "hifigan"}  # unwatermarked
+    assert sum(pieces[0].seconds.values()) <= pieces[0].ready_s
     ready = [p.ready_s for p in pieces]
     assert ready == sorted(ready) and ready[0] < ready[-1]
     streamed = np.concatenate([p.wav for p in pieces])
