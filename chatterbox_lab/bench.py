@@ -384,10 +384,12 @@ def run(config: BenchConfig, progress: bool = True, tts=None, partial: Path | No
         doc["end_to_end"] = {}
         if cfg.stream:
             doc["end_to_end"]["stream"] = measure_stream(tts, cfg, voice)
+            if partial:
+                results.write(doc, partial, overwrite=True)
         if cfg.many:
             doc["end_to_end"]["many"] = measure_many(tts, cfg, voice)
-        if partial:
-            results.write(doc, partial, overwrite=True)
+            if partial:
+                results.write(doc, partial, overwrite=True)
     if "upstream_fp32" in doc["rungs"]:
         base = doc["rungs"]["upstream_fp32"]["t3_decode_tok_s"]
         for figures in doc["rungs"].values():
