@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 CATALOG = ROOT / "notebooks" / "catalog.json"
 BLOCKS = {"results": lambda: results_section(), "notebooks": lambda: notebook_section(),
-          "soak": lambda: soak_section()}
+          "soak": lambda: soak_section(), "e2e": lambda: end_to_end_section()}
 README_FIGURES = ("t3_decode_tok_s", "t3_speedup_vs_upstream", "fraction_of_floor", "t3_prefill_s", "e2e_s", "rtf",
                   "peak_vram_mib", "compile_s", "gpu_kernels_per_token", "host_launches_per_token")
 
@@ -81,6 +81,89 @@ def soak_section() -> str:
             f"{soak['rss_end_mib']:,.1f} MiB at the end; GPU memory allocated "
             f"{soak['gpu_allocated_start_mib']:,.0f} MiB after warm-up, {soak['gpu_allocated_end_mib']:,.0f} MiB "
             f"at the end. The service time is S3Gen's eager flow, not T3.")
+
+
+STAGES = ("conditioning", "t3", "s3gen_flow", "hifigan", "watermark")
+# Issue 6's goals for one card, full preset: one 10-second utterance with a cached voice, and
+# many utterances at once.
+END_TO_END_GOALS = dict(rtf=0.03, first_audio_s=0.08, peak_vram_mib=2.0e9 / 2**20, x_realtime=2000)
+
+
+def end_to_end_rows(rungs_doc: dict, e2e_doc: dict) -> list[dict]:
+    """Issue 6's goals next to what was measured: the last S3Gen rung of `rungs_doc` and the
+    stream and many-utterance figures of `e2e_doc`. The real-time factor is given with and
+    without the voice's conditioning, since the goal is for a voice already prepared."""
+    last = list(rungs_doc["rungs"].values())[-1]
+    cached = (last["e2e_s"] - last["stages_s"]["conditioning"]) / last["audio_s"]
+    e2e = e2e_doc["end_to_end"]
+    measured = dict(rtf=cached, first_audio_s=e2e["stream"]["first_audio_s"], peak_vram_mib=last["peak_vram_mib"],
+                    x_realtime=e2e["many"]["x_realtime"])
+    better_below = {"rtf", "first_audio_s", "peak_vram_mib"}
+    return [dict(figure=k, goal=goal, measured=measured[k],
+                 met=measured[k] <= goal if k in better_below else measured[k] >= goal)
+            for k, goal in END_TO_END_GOALS.items()]
+
+
+def _latest_end_to_end() -> tuple[tuple, tuple]:
+    """The latest e2e record with upstream and every S3Gen rung, and the latest with stream and many figures."""
+    from .s3gen_steps import S3GEN_STEPS
+
+    rungs = results.latest_with("e2e", ("upstream_fp32", *S3GEN_STEPS))
+    streamed = [(p, d) for p, d in results.committed(gpu_only=True, folder="e2e")
+                if {"stream", "many"} <= set(d.get("end_to_end", {}))]
+    return rungs, streamed[-1]
+
+
+def end_to_end_section() -> str:
+    try:
+        (rungs_path, rungs_doc), (e2e_path, e2e_doc) = _latest_end_to_end()
+    except (LookupError, IndexError):
+        return "No end-to-end GPU run committed yet."
+    prov = rungs_doc["provenance"]
+    cols = ("e2e_s", "rtf") + tuple(f"{s}_s" for s in STAGES) + ("peak_vram_mib",)
+    rows = [f"| rung | {' | '.join(cols)} |", "|---|" + "---|" * len(cols)]
+    for name, r in rungs_doc["rungs"].items():
+        values = [r["e2e_s"], r["rtf"], *(r["stages_s"].get(s) for s in STAGES), r["peak_vram_mib"]]
+        rows.append(f"| {name} | " + " | ".join(results.fmt(v) for v in values) + " |")
+    e2e = e2e_doc["end_to_end"]
+    goals = ["| figure | goal | measured | met |", "|---|---|---|---|"]
+    goals += [f"| {g['figure']} | {results.fmt(g['goal'])} | {results.fmt(g['measured'])} | {'yes' if g['met'] else 'no'} |"
+              for g in end_to_end_rows(rungs_doc, e2e_doc)]
+    checks = rungs_doc["checks"]
+    return "\n".join([
+        f"End to end on an **{prov['gpu']}** (preset `{prov['preset']}`, {prov['tokens']} tokens = "
+        f"{prov['tokens'] / 25:.2f} s of audio, median of {prov['repeats']}, commit `{prov['git_commit'][:7]}`, "
+        f"[`{rungs_path.name}`]({rungs_path.relative_to(ROOT)})); the S3Gen rungs decode with "
+        f"{', '.join(list(rungs_doc['rungs'].values())[-1]['t3_steps'])}. Seconds per stage:",
+        "", *rows, "",
+        f"`flow_half`'s mel difference from the fp32 flow: {checks['half_flow_mel_rel_error']:.2%} "
+        f"(tolerance {checks['half_flow_tolerance']:.0%}). Streaming and many utterances "
+        f"([`{e2e_path.name}`]({e2e_path.relative_to(ROOT)})): first audio "
+        f"{e2e['stream']['first_audio_s'] * 1e3:.0f} ms after the request (first chunk "
+        f"{e2e['stream']['first_chunk_tokens']} tokens); {e2e['many']['utterances']} utterances "
+        f"{e2e['many']['x_realtime']:.0f}x real time. Issue 6's goals (`rtf` here without the voice's "
+        f"conditioning, which a cached voice skips):",
+        "", *goals])
+
+
+def plot_stages(stages_by_name: dict, ax=None, title: str = ""):
+    """Horizontal bars of wall seconds per stage (conditioning, T3, flow, HiFi-GAN, watermark),
+    one bar per entry of `stages_by_name` (name -> {stage: seconds})."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(9, 0.5 + 0.45 * len(stages_by_name)))
+    names = list(stages_by_name)[::-1]
+    left = [0.0] * len(names)
+    for stage, colour in zip(STAGES, ("tab:gray", "tab:green", "tab:blue", "tab:orange", "tab:purple")):
+        widths = [stages_by_name[n].get(stage, 0.0) for n in names]
+        ax.barh(names, widths, left=left, color=colour, label=stage)
+        left = [a + b for a, b in zip(left, widths)]
+    ax.set_xlabel("seconds")
+    ax.legend(ncol=len(STAGES), fontsize="small", loc="lower right")
+    ax.set_title(title)
+    ax.figure.tight_layout()
+    return ax.figure
 
 
 def notebook_catalog() -> list[dict]:
