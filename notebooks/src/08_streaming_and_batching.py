@@ -37,7 +37,8 @@ text = "Streaming starts to speak before the sentence is decoded."
 # %% [markdown]
 # ## Streaming
 #
-# Chunks of 32 tokens (1.28 s of audio each). For every chunk the flow runs over
+# A first chunk of 16 tokens (0.64 s of audio), heard soonest, then chunks of 32
+# (1.28 s), which mean fewer flow runs. For every chunk the flow runs over
 # all the tokens so far (its encoder and estimator look at the whole sequence),
 # the frames of the last few tokens wait for the next chunk (they depend on what
 # follows), the vocoder gets some frames of left context, and two pieces meet in
@@ -99,7 +100,8 @@ assert long.speech_tokens.numel() == 8 * len(chunks)
 # ## Many utterances together
 #
 # Four texts in two voices, decoded two at a time by a batched decoder
-# (`streams=2`); S3Gen then makes each one's audio. With the most likely token
+# (`streams=2`); S3Gen's flow then runs once for each voice's utterances of a
+# batch (`pipeline.tokens_to_speeches`), HiFi-GAN once per utterance. With the most likely token
 # always chosen (`top_p` tiny) every utterance gets the tokens it gets alone.
 
 # %%

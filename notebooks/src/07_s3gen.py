@@ -1,0 +1,186 @@
+# %% [markdown]
+# # 07 · S3Gen: the waveform side
+#
+# Once T3 runs from one CUDA graph, a request's time moves to S3Gen: its flow (a
+# conformer encoder, then ten Euler steps of a CFM estimator, a U-Net run on the
+# CFG pair), HiFi-GAN and the watermark. This notebook makes that side fast
+# without changing what it computes, in the ladder's order:
+#
+# 1. `flow_graphs`: the estimator replayed from CUDA graphs, one per length bucket;
+# 2. `flow_half`: the estimator in float16, its difference from fp32 measured;
+# 3. `watermark_on_device`: perth's network on the GPU;
+# 4. batched flow: one flow run for many utterances of one voice.
+#
+# All in `chatterbox_lab/s3gen_steps.py` and `pipeline.tokens_to_speeches`; the GPU
+# figures come from the committed H100 records in `data/results/e2e/`, the checks
+# run here on a CPU with the `tiny` preset.
+
+# %%
+import numpy as np
+import torch
+from IPython.display import Audio, Markdown, display
+
+from chatterbox_lab import report, results
+from chatterbox_lab.models import load_tts
+from chatterbox_lab.pipeline import synthesize
+from chatterbox_lab.s3gen_steps import (FRAME_BUCKET, HALF_FLOW_TOLERANCE, S3GEN_STEPS, BucketedEstimator,
+                                        apply_s3gen_steps, half_flow_error)
+from chatterbox_lab.voices import voice_path
+
+# %% [markdown]
+# ## Where the time goes (H100, full preset)
+#
+# One 10-second utterance (256 tokens) per rung: upstream as shipped, T3 with every
+# step past the guide (`sampling_in_graph`), then S3Gen's steps one by one with that
+# same T3 decoder. Once T3 is compiled, the flow is the largest stage.
+
+# %%
+path, doc = results.latest_with("e2e", ("upstream_fp32", *S3GEN_STEPS))
+prov = doc["provenance"]
+fast = {name: r for name, r in doc["rungs"].items() if name != "upstream_fp32"}
+report.plot_stages({name: r["stages_s"] for name, r in fast.items()},
+                   title=f"{prov['gpu']}, {prov['tokens']} tokens, seconds per stage ({path.name})");
+
+# %%
+rows = ["| rung | e2e s | RTF | flow s | HiFi-GAN s | watermark s | peak VRAM MiB |", "|---|---|---|---|---|---|---|"]
+for name, r in doc["rungs"].items():
+    st = r["stages_s"]
+    rows.append(f"| {name} | {r['e2e_s']:.3f} | {r['rtf']:.3f} | {st['s3gen_flow']:.3f} | {st['hifigan']:.3f} | "
+                f"{st['watermark']:.3f} | {r['peak_vram_mib']:,.0f} |")
+display(Markdown("\n".join(rows)))
+flow = {name: r["stages_s"]["s3gen_flow"] for name, r in doc["rungs"].items()}
+print(f"flow: {flow['sampling_in_graph']:.3f} s eager fp32 -> {flow['flow_graphs']:.3f} s from graphs "
+      f"-> {flow['flow_half']:.3f} s in float16")
+assert flow["flow_graphs"] < flow["sampling_in_graph"] and flow["flow_half"] < flow["flow_graphs"]
+
+# %% [markdown]
+# The same fp32 kernels replayed from graphs take less than half the time: the
+# eager flow waits for Python to launch them. float16 then pays, because the GPU's
+# own time is what is left.
+#
+# ## Graphs per length bucket
+#
+# A CUDA graph replays fixed shapes, but every utterance has its own length. The
+# estimator's frames are padded to the next multiple of `FRAME_BUCKET` with masked
+# frames, so one graph serves every length in its bucket. That changes nothing
+# the model computes: its convolutions are causal, its attention masks padded
+# keys, and every block multiplies by the mask. On the CPU there are no graphs,
+# but the padding is the same, so the check runs here.
+
+# %%
+tts = load_tts(preset="tiny", device="cpu")
+tts.prepare_conditionals(str(voice_path("alto")))
+tokens = torch.randint(0, 6561, (45,), generator=torch.Generator().manual_seed(0))
+
+
+def flow_mels(model, seed=0):
+    torch.manual_seed(seed)  # the flow's starting noise
+    with torch.inference_mode():
+        return model.s3gen.flow_inference(tokens, ref_dict=model.conds.gen, finalize=True)
+
+
+plain = flow_mels(tts)
+frames = 2 * (tts.conds.gen["prompt_token"].size(-1) + tokens.numel())
+print(f"{frames} frames padded to {-(-frames // FRAME_BUCKET) * FRAME_BUCKET}")
+
+# %%
+# NBVAL_CHECK_OUTPUT
+bucketed = load_tts(preset="tiny", device="cpu")  # steps change a model in place
+bucketed.prepare_conditionals(str(voice_path("alto")))
+apply_s3gen_steps(bucketed, ["flow_graphs"])
+assert isinstance(bucketed.s3gen.flow.decoder.estimator, BucketedEstimator)
+difference = (flow_mels(bucketed) - plain).abs().max().item()
+print("padded to the bucket, same mels as unpadded:", difference < 1e-5)
+assert difference < 1e-5
+
+# %% [markdown]
+# On the GPU, `tests/test_gpu.py` checks the same with graphs, that one graph
+# serves two lengths of one bucket and that a flow run is ten graph launches
+# (recorded runs in `data/results/gpu-tests/`).
+#
+# ## Half precision, measured
+#
+# The estimator's numbers are small, so float16's extra mantissa bits buy more
+# than bfloat16's range. `half_flow_error` runs the flow twice on the same tokens
+# and noise, fp32 and half, and gives the relative L2 difference of the mels.
+
+# %%
+errors = {str(dtype): half_flow_error(tts, tokens, dtype=dtype) for dtype in (torch.bfloat16, torch.float16)}
+display(Markdown("| estimator dtype | mel difference from fp32 (tiny, CPU) |\n|---|---|\n"
+                 + "\n".join(f"| {k} | {v:.2%} |" for k, v in errors.items())))
+print(f"full preset on the {prov['gpu']}: float16 {doc['checks']['half_flow_mel_rel_error']:.2%} "
+      f"(tolerance {HALF_FLOW_TOLERANCE:.0%})")
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print("float16 closer to fp32 than bfloat16:", errors["torch.float16"] < errors["torch.bfloat16"])
+print("float16 within tolerance here and on the GPU:",
+      errors["torch.float16"] <= HALF_FLOW_TOLERANCE and doc["checks"]["half_flow_within_tolerance"])
+assert errors["torch.float16"] < errors["torch.bfloat16"] and errors["torch.float16"] <= HALF_FLOW_TOLERANCE
+assert doc["checks"]["half_flow_within_tolerance"]
+
+# %% [markdown]
+# ## Listen
+#
+# The same T3 tokens (same seed) through S3Gen as shipped and with every S3Gen
+# step on. The synthetic model's random weights make noise, not speech; what
+# matters is that the two match.
+
+# %%
+apply_s3gen_steps(bucketed, S3GEN_STEPS)
+text = "The waveform side, made fast without changing what it computes."
+torch.manual_seed(1)
+before = synthesize(tts, text, max_new_tokens=50, watermark=False)
+torch.manual_seed(1)
+after = synthesize(bucketed, text, max_new_tokens=50, watermark=False)
+display(Audio(before.wav, rate=before.sample_rate), Audio(after.wav, rate=after.sample_rate))
+
+# %%
+# NBVAL_CHECK_OUTPUT
+same_tokens = torch.equal(before.speech_tokens, after.speech_tokens)
+rel = float(np.linalg.norm(after.wav - before.wav) / np.linalg.norm(before.wav))
+print("same tokens:", same_tokens, "| same length:", len(after.wav) == len(before.wav),
+      "| waveforms within 5% of each other:", rel < 0.05)
+assert same_tokens and len(after.wav) == len(before.wav) and rel < 0.05
+
+# %%
+print(f"waveform relative difference: {rel:.1e}")
+
+# %% [markdown]
+# The tolerance is stated on the mels, what the flow makes; a waveform's samples
+# are a harsher measure with real weights, where a small change of phase is a
+# large difference between samples that sound the same.
+#
+# ## Many utterances, and the first audio of a stream
+#
+# `pipeline.synthesize_many` decodes a batch in T3, then runs the flow once for
+# each voice's utterances of the batch (`tokens_to_speeches`). Upstream's batched
+# flow pads the shorter rows, and its encoder's look-ahead convolution then reads
+# that padding into their last frames, which attention spreads to every frame;
+# `padding_zeroed` zeroes it, so each row's mels are the ones it gets alone
+# (`tests/test_long_text.py` compares them with the noise set to zero). HiFi-GAN
+# and the watermark still run per utterance.
+
+# %%
+streamed = [(p, d) for p, d in results.committed(folder="e2e") if {"stream", "many"} <= set(d.get("end_to_end", {}))]
+e2e_path, e2e_doc = streamed[-1]
+many, stream = e2e_doc["end_to_end"]["many"], e2e_doc["end_to_end"]["stream"]
+report.plot_stages({f"{many['utterances']} utterances": many["stages_s"],
+                    "first streamed piece": stream["first_piece_stages_s"]},
+                   title=f"{e2e_doc['provenance']['gpu']}, seconds per stage ({e2e_path.name})");
+print(f"{many['utterances']} utterances: {many['audio_s']:.0f} s of audio in {many['wall_s']:.2f} s, "
+      f"{many['x_realtime']:.0f}x real time; first streamed audio {stream['first_audio_s'] * 1e3:.0f} ms "
+      f"after the request")
+
+# %% [markdown]
+# ## Against issue 6's goals
+#
+# Measured, not met yet: T3 alone takes most of a 10-second utterance's budget
+# (its decode rate is issue 5's work), HiFi-GAN and the flow's encoder still run
+# eagerly, and the many-utterance figure is bound by per-utterance vocoding.
+
+# %%
+goals = report.end_to_end_rows(doc, e2e_doc)
+display(Markdown("| figure | goal | measured | met |\n|---|---|---|---|\n"
+                 + "\n".join(f"| {g['figure']} | {results.fmt(g['goal'])} | {results.fmt(g['measured'])} | "
+                             f"{'yes' if g['met'] else 'no'} |" for g in goals)))
