@@ -27,7 +27,8 @@ from .decoder import STEPS, T3Decoder, ladder_prefix, prompt_len_for, text_token
 from .kv_cache import cache_len_for
 from .models import load_tts, resolve_device
 from .pipeline import TOKENS_PER_SECOND, Synthesis, synthesize, upstream_t3
-from .s3gen_steps import (HALF_FLOW_TOLERANCE, S3GEN_STEPS, apply_s3gen_steps, check_s3gen_steps,                           half_flow_error, s3gen_steps_of)
+from .s3gen_steps import (HALF_FLOW_TOLERANCE, S3GEN_STEPS, apply_s3gen_steps, check_s3gen_steps,
+                          half_flow_error, s3gen_steps_of)
 from .sampling import SamplingParams
 from .voices import voice_path
 

@@ -231,8 +231,8 @@ class T3Decoder:
     def prefill_streams(self, t3_conds: list, text_tokens: list, max_new_tokens: int, cfg_weight: float,
                         first_stream: int = 0) -> torch.Tensor:
         """`prefill` for consecutive streams from `first_stream`; returns their logits (2 per stream, V).
-        Neighbouring streams with prompts of one length share a forward pass: a prefill is
-        launch-bound, so 64 utterances of one text cost about what one costs."""
+        Neighbouring streams with prompts of one length share a forward pass: an eager prefill
+        is launch-bound, so one pass for many utterances costs far less than a pass each."""
         limit = self.tokens.size(1) - 1
         if not 1 <= max_new_tokens <= limit:
             raise ValueError(f"max_new_tokens must be between 1 and {limit} (T3's speech position table), "

@@ -43,6 +43,8 @@ def test_half_flow_error_is_within_its_tolerance(fresh_tts):
     print("float16 estimator, mel relative error", error)
     assert 0 < error <= HALF_FLOW_TOLERANCE
     assert fresh_tts.s3gen.flow.decoder.estimator.dtype == torch.float32  # left as it was
+    apply_s3gen_steps(fresh_tts, ["flow_graphs"])
+    assert half_flow_error(fresh_tts, tokens) == error  # also with the graphs' wrapper installed
     apply_s3gen_steps(fresh_tts, ["flow_half"])
     with pytest.raises(ValueError, match="before flow_half"):
         half_flow_error(fresh_tts, tokens)
