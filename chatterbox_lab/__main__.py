@@ -54,6 +54,11 @@ def say(args) -> Path:
         session.close()
 
 
+def _s3gen_steps(args) -> tuple:
+    """`--s3gen` alone means all of S3Gen's steps; without it, none."""
+    return () if args.s3gen is None else tuple(args.s3gen or S3GEN_STEPS)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m chatterbox_lab")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +93,8 @@ def main(argv=None) -> int:
     s.add_argument("--preset", choices=PRESETS)
     s.add_argument("--checkpoint", default="synthetic")
     s.add_argument("--device")
+    s.add_argument("--s3gen", nargs="*", choices=S3GEN_STEPS, metavar="STEP",
+                   help=f"S3Gen's steps (no STEP: all of {', '.join(S3GEN_STEPS)}); default none")
     k = sub.add_parser("soak", help="serve on 127.0.0.1 and soak it with concurrent clients; writes one JSON")
     k.add_argument("--requests", type=int, default=500)
     k.add_argument("--clients", type=int, default=4)
@@ -95,6 +102,8 @@ def main(argv=None) -> int:
                    help="seconds; requests not started by then are counted as not_started")
     k.add_argument("--preset", choices=PRESETS)
     k.add_argument("--device")
+    k.add_argument("--s3gen", nargs="*", choices=S3GEN_STEPS, metavar="STEP",
+                   help=f"S3Gen's steps for the session (no STEP: all of {', '.join(S3GEN_STEPS)}); default none")
     k.add_argument("--out", type=Path, required=True)
     k.add_argument("--overwrite", action="store_true")
     y = sub.add_parser("say", help="speak TEXT into a 16-bit WAV file (no compile, no warm-up)")
@@ -123,7 +132,7 @@ def main(argv=None) -> int:
         from .soak import soak_document
 
         doc = soak_document(requests=args.requests, clients=args.clients, preset=args.preset, device=args.device,
-                            time_limit_s=args.time_limit)
+                            time_limit_s=args.time_limit, s3gen_steps=_s3gen_steps(args))
         out = results.write(doc, args.out, overwrite=args.overwrite)
         print({k: v for k, v in doc["rungs"]["soak"].items() if k != "rss_every_50"})
         print(f"wrote {out}")
@@ -135,7 +144,8 @@ def main(argv=None) -> int:
         from .server import create_app
         from .session import TTSSession
 
-        session = TTSSession(args.checkpoint, preset=args.preset, device=args.device)
+        session = TTSSession(args.checkpoint, preset=args.preset, device=args.device,
+                             s3gen_steps=_s3gen_steps(args))
         print(f"warm-up (compile and capture): {session.warmup():.1f} s")
         uvicorn.run(create_app(session), host=args.host, port=args.port)
         return 0

@@ -87,9 +87,17 @@ class Speech:
 
 
 class TTSSession:
-    def __init__(self, source="synthetic", *, preset=None, device=None, steps=LADDER,
+    """`steps`: T3's (`decoder.STEPS`). `s3gen_steps`: S3Gen's (`s3gen_steps.S3GEN_STEPS`), applied
+    to the session's model in place; none by default, since the recorded GPU soak ran without
+    them. With `flow_graphs`, the first request whose length falls in a new bucket captures its
+    graph (tens of milliseconds on a GPU), once."""
+
+    def __init__(self, source="synthetic", *, preset=None, device=None, steps=LADDER, s3gen_steps=(),
                  max_new_tokens: int = 1000, voices: int = 8, tts=None):
+        from .s3gen_steps import apply_s3gen_steps
+
         self.tts = tts if tts is not None else load_tts(source, preset=preset, device=device)
+        apply_s3gen_steps(self.tts, s3gen_steps)
         self.max_new_tokens = check_token_count(max_new_tokens)
         self.decoder = T3Decoder(self.tts.t3, steps, max_new_tokens=max_new_tokens,
                                  max_text_tokens=MAX_TEXT_CHARS)

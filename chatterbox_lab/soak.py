@@ -121,23 +121,28 @@ def run_soak(url: str, voices: list[str], requests: int = 500, clients: int = 4,
                 rss_start_mib=rss_start, rss_end_mib=rss_mib(), rss_every_50=rss_trace)
 
 
-def soak_document(requests: int = 500, clients: int = 4, preset=None, device=None, time_limit_s: float = 600) -> dict:
-    """Warm a session, serve it on loopback, soak it; returns a results document."""
+def soak_document(requests: int = 500, clients: int = 4, preset=None, device=None, time_limit_s: float = 600,
+                  s3gen_steps=()) -> dict:
+    """Warm a session (with `s3gen_steps`, see `TTSSession`), serve it on loopback, soak it;
+    returns a results document."""
     import torch
 
     from . import results
     from .server import create_app
     from .session import TTSSession
 
-    session = TTSSession(preset=preset, device=device, max_new_tokens=64)
-    warmup_s = session.warmup()
-    on_gpu = str(session.tts.device).startswith("cuda")
-    if on_gpu:
-        torch.cuda.synchronize()
-        gpu_start = torch.cuda.memory_allocated() / 2**20
-    with LoopbackServer(create_app(session)) as server:
-        report = run_soak(server.url, ["alto", "tenor"], requests=requests, clients=clients,
-                          time_limit_s=time_limit_s)
+    session = TTSSession(preset=preset, device=device, max_new_tokens=64, s3gen_steps=s3gen_steps)
+    try:
+        warmup_s = session.warmup()
+        on_gpu = str(session.tts.device).startswith("cuda")
+        if on_gpu:
+            torch.cuda.synchronize()
+            gpu_start = torch.cuda.memory_allocated() / 2**20
+        with LoopbackServer(create_app(session)) as server:
+            report = run_soak(server.url, ["alto", "tenor"], requests=requests, clients=clients,
+                              time_limit_s=time_limit_s)
+    finally:
+        session.close()  # its worker thread, not left to the interpreter's exit
     report["warmup_s"] = warmup_s
     if on_gpu:
         report.update(gpu_allocated_start_mib=gpu_start, gpu_allocated_end_mib=torch.cuda.memory_allocated() / 2**20,
@@ -145,5 +150,5 @@ def soak_document(requests: int = 500, clients: int = 4, preset=None, device=Non
     doc = dict(schema=results.SCHEMA, rungs={"soak": report}, checks={},
                provenance=results.provenance(device=str(session.tts.device), preset=session.tts.preset,
                                              text="soak.TEXTS", tokens=list(TOKENS), requests=requests,
-                                             clients=clients))
+                                             clients=clients, s3gen_steps=sorted(s3gen_steps)))
     return results.validate(doc)

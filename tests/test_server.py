@@ -83,3 +83,17 @@ def test_soak(server):
 def test_voice_id_with_odd_characters_is_refused(server):
     response = httpx.put(f"{server.url}/voices/a.b", content=b"x")
     assert response.status_code == 422 and "voice id" in response.json()["detail"]
+
+
+def test_soak_command_with_s3gen_steps(tmp_path, capsys):
+    import json
+
+    from chatterbox_lab.__main__ import main
+
+    out = tmp_path / "soak.json"
+    assert main(["soak", "--requests", "4", "--clients", "2", "--preset", "tiny", "--device", "cpu", "--s3gen",
+                 "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    report = doc["rungs"]["soak"]
+    assert report["completed"] == 4 and report["errors"] == 0 and report["bad_lengths"] == 0
+    assert doc["provenance"]["s3gen_steps"] == ["flow_graphs", "flow_half", "watermark_on_device"]

@@ -16,7 +16,8 @@ def session():
     # Its own model: the ladder's bf16 step casts T3 in place.
     s = TTSSession(preset="tiny", device="cpu", max_new_tokens=64)
     s.warmup()
-    return s
+    yield s
+    s.close()
 
 
 def test_synthesis_has_the_expected_length(session):
@@ -86,3 +87,21 @@ def test_a_registered_voice_is_prepared_before_its_first_request(session, tmp_pa
     assert session.voices.prepared_count == before + 1
     session.synthesize("Registered, then spoken.", voice="quieter", max_new_tokens=4)
     assert session.voices.prepared_count == before + 1
+
+
+def test_a_session_with_s3gen_steps_gives_the_same_length_and_close_audio():
+    from chatterbox_lab.s3gen_steps import S3GEN_STEPS, BucketedEstimator, s3gen_steps_of
+
+    fast = TTSSession(preset="tiny", device="cpu", steps=("static_cache", "embed_cache"), s3gen_steps=S3GEN_STEPS,
+                      max_new_tokens=64)
+    plain = TTSSession(preset="tiny", device="cpu", steps=("static_cache", "embed_cache"), max_new_tokens=64)
+    try:
+        assert s3gen_steps_of(fast.tts) == set(S3GEN_STEPS) and not s3gen_steps_of(plain.tts)
+        assert isinstance(fast.tts.s3gen.flow.decoder.estimator, BucketedEstimator)
+        a = fast.synthesize("Same tokens either way.", max_new_tokens=20, seed=2)
+        b = plain.synthesize("Same tokens either way.", max_new_tokens=20, seed=2)
+        assert len(a.wav) == len(b.wav) == 20 * SAMPLES_PER_TOKEN
+        assert float(np.linalg.norm(a.wav - b.wav) / np.linalg.norm(b.wav)) < 0.05
+    finally:
+        fast.close()
+        plain.close()
