@@ -17,6 +17,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from .decoder import T3Decoder, sync_device, text_tokens_for
+from .s3gen_steps import padding_zeroed
 from .sampling import SamplingParams
 from .validation import MAX_LONG_TEXT_CHARS, check_text
 
@@ -163,24 +164,6 @@ def tokens_to_speeches(tts, all_tokens: list, gen_conds: dict, clock, watermark:
         with clock("watermark"):
             wavs = [tts.watermarker.apply_watermark(wav, sample_rate=S3GEN_SR) for wav in wavs]
     return list(zip(speech, wavs))
-
-
-@contextlib.contextmanager
-def padding_zeroed(encoder):
-    """Upstream's flow encoder with its embedding's output zeroed past each row's length.
-    Its look-ahead convolution reads the frames after a row's last token: zeros when the row
-    runs alone (the convolution's own padding), the embedded padding of a longer row's batch
-    otherwise, which then reaches every frame through attention. Zeroed, a batched row's mels
-    are the lone row's; a row without padding is unchanged."""
-    def zero_padding(module, args, output):
-        xs, pos_emb, masks = output
-        return xs * masks.transpose(1, 2).to(xs.dtype), pos_emb, masks
-
-    handle = encoder.embed.register_forward_hook(zero_padding)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def synthesize_long(tts, text: str, *, max_chars: int = MAX_CHUNK_CHARS, voice=None, progress: bool = False,

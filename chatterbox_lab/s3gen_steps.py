@@ -21,6 +21,11 @@ come first and half precision second, the order of T3's ladder.
   difference from fp32 after all ten steps is measured in every S3Gen bench run.
 - "watermark_on_device": perth's watermarking network on the model's device; it
   ran on the CPU in upstream (its resampling stays there either way).
+- "encoder_graphs": the flow's encoder (conformer, 2x upsampling, conformer; fp32)
+  replayed from CUDA graphs per batch size and `TOKEN_BUCKET` tokens. Padding is exact
+  once the embedding's output is zeroed past each row's length (`padding_zeroed`): the
+  look-ahead convolution is the only layer that reads ahead and attention masks padded
+  keys (CPU test). Built and tested on the CPU; its graphs are not yet measured on a GPU.
 
 Steps are applied to a loaded model in place and cannot be taken back (reload the
 model), as T3's bf16 step casts in place.
@@ -32,12 +37,14 @@ import math
 
 import torch
 
-S3GEN_STEPS = ("flow_graphs", "flow_half", "watermark_on_device")
+S3GEN_STEPS = ("flow_graphs", "flow_half", "watermark_on_device", "encoder_graphs")
 FLOW_HALF_DTYPE = torch.float16
 # Mel frames per length bucket: one graph serves every length up to its bucket.
 # 64 frames (1.28 s of audio) keeps the padding, at most 63 frames, small next to a
 # voice prompt of several hundred.
 FRAME_BUCKET = 64
+# Tokens (the voice's prompt and the new ones) per length bucket of the flow's encoder.
+TOKEN_BUCKET = 32
 # Relative L2 difference of the flow's mel output, fp32 vs `flow_half`, same tokens and
 # noise: a bound with room above what the full and tiny presets measure (see the records).
 HALF_FLOW_TOLERANCE = 5e-2
@@ -70,6 +77,8 @@ def apply_s3gen_steps(tts, steps) -> frozenset:
         flow.decoder.estimator = BucketedEstimator(flow.decoder.estimator)
     if "watermark_on_device" in steps - done:
         tts.watermarker.perth_net.to(tts.device)
+    if "encoder_graphs" in steps - done:
+        flow.encoder = BucketedEncoder(flow.encoder)
     tts._chatterbox_lab_s3gen_steps = done | steps
     return done | steps
 
@@ -78,7 +87,41 @@ def _unwrapped(estimator):
     return estimator.estimator if isinstance(estimator, BucketedEstimator) else estimator
 
 
-class BucketedEstimator(torch.nn.Module):
+class _GraphedCalls(torch.nn.Module):
+    """CUDA graphs of calls to one module, one per key (batch size, length bucket, dtype),
+    sharing one memory pool: replays run one at a time, and outputs are copied out."""
+
+    def __init__(self):
+        super().__init__()
+        self._graphs: dict = {}
+        self._pool = None
+
+    @property
+    def graphs_captured(self) -> int:
+        return len(self._graphs)
+
+    def drop_graphs(self) -> None:
+        """Forget the captured graphs (recaptured on next use): a graph holds the addresses of
+        the weights it was captured with, so it must go when they are reallocated."""
+        self._graphs.clear()
+
+    def _capture(self, call, inputs: dict):
+        """(graph, its static inputs, its outputs) for `call(**inputs)`."""
+        # Warm-up on a side stream first: cuBLAS / cuDNN set themselves up outside the capture.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            call(**inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with _sync_free_attention_masks(), torch.cuda.graph(graph, pool=self._pool):
+            output = call(**inputs)
+        return graph, inputs, output
+
+
+class BucketedEstimator(_GraphedCalls):
     """Upstream's CFM estimator with each call padded to a length bucket and, on CUDA,
     replayed from a graph captured for that bucket and batch size. Called exactly as
     upstream's `solve_euler` calls the estimator; anything else (meanflow's `r`) runs eagerly."""
@@ -89,21 +132,10 @@ class BucketedEstimator(torch.nn.Module):
             raise ValueError("chunked attention in the estimator is not supported by flow_graphs")
         self.estimator = estimator
         self.frame_bucket = frame_bucket
-        self._graphs: dict = {}
-        self._pool = None
 
     @property
     def dtype(self) -> torch.dtype:
         return self.estimator.dtype
-
-    @property
-    def graphs_captured(self) -> int:
-        return len(self._graphs)
-
-    def drop_graphs(self) -> None:
-        """Forget the captured graphs (recaptured on next use): a graph holds the addresses of
-        the weights it was captured with, so it must go when they are reallocated."""
-        self._graphs.clear()
 
     def forward(self, x, mask, mu, t, spks=None, cond=None, r=None):
         if r is not None or spks is None or cond is None:
@@ -115,7 +147,7 @@ class BucketedEstimator(torch.nn.Module):
             return self.estimator(**inputs)[:, :, :frames]
         key = (x.size(0), padded, x.dtype)
         if key not in self._graphs:
-            self._graphs[key] = self._capture(_padded_inputs(x, mask, mu, t, spks, cond, padded))
+            self._graphs[key] = self._capture(self.estimator, _padded_inputs(x, mask, mu, t, spks, cond, padded))
         graph, inputs, output = self._graphs[key]
         for name, value in dict(x=x, mask=mask, mu=mu, cond=cond).items():
             inputs[name][..., :frames].copy_(value)
@@ -126,19 +158,65 @@ class BucketedEstimator(torch.nn.Module):
         # The output lives in the graphs' shared pool, which the next replay overwrites.
         return output[:, :, :frames].clone()
 
-    def _capture(self, inputs: dict):
-        # Warm-up on a side stream first: cuBLAS / cuDNN set themselves up outside the capture.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self.estimator(**inputs)
-        torch.cuda.current_stream().wait_stream(side)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with _sync_free_attention_masks(), torch.cuda.graph(graph, pool=self._pool):
-            output = self.estimator(**inputs)
-        return graph, inputs, output
+
+class BucketedEncoder(_GraphedCalls):
+    """Upstream's flow encoder with its input padded to a token bucket, the embedding's output
+    zeroed past each row's length, and on CUDA replayed from a graph per bucket and batch
+    size; its output trimmed back. Called as upstream's flow calls it, `(xs, xs_lens)`;
+    a chunked (streaming-mode) call runs eagerly."""
+
+    def __init__(self, encoder: torch.nn.Module, token_bucket: int = TOKEN_BUCKET):
+        super().__init__()
+        self.encoder = encoder
+        self.token_bucket = token_bucket
+
+    def output_size(self) -> int:
+        return self.encoder.output_size()
+
+    def forward(self, xs, xs_lens, decoding_chunk_size: int = 0, num_decoding_left_chunks: int = -1):
+        if decoding_chunk_size != 0 or num_decoding_left_chunks != -1:
+            return self.encoder(xs, xs_lens, decoding_chunk_size, num_decoding_left_chunks)
+        tokens = xs.size(1)
+        padded = math.ceil(tokens / self.token_bucket) * self.token_bucket
+        inputs = dict(xs=torch.nn.functional.pad(xs, (0, 0, 0, padded - tokens)), xs_lens=xs_lens.clone())
+        if xs.is_cuda:
+            key = (xs.size(0), padded, xs.dtype)
+            if key not in self._graphs:
+                self._graphs[key] = self._capture(self._zeroed, inputs)
+            graph, static, (h, masks) = self._graphs[key]
+            for name, value in inputs.items():
+                static[name].copy_(value)
+            graph.replay()
+        else:
+            h, masks = self._zeroed(**inputs)
+        frames = tokens * self.encoder.up_layer.stride
+        return h[:, :frames].clone(), masks[..., :frames].clone()
+
+    def _zeroed(self, xs, xs_lens):
+        with padding_zeroed(self.encoder):
+            return self.encoder(xs, xs_lens)
+
+
+@contextlib.contextmanager
+def padding_zeroed(encoder):
+    """Upstream's flow encoder with its embedding's output zeroed past each row's length.
+    Its look-ahead convolution reads the frames after a row's last token: zeros when the row
+    runs alone (the convolution's own padding), embedded padding when the row is padded (in
+    a batch, or to a bucket), which then reaches every frame through attention. Zeroed, a
+    padded row's output is the lone row's; a row without padding is unchanged. `encoder`
+    may be a `BucketedEncoder`, which zeroes its own padding the same way."""
+    if isinstance(encoder, BucketedEncoder):
+        encoder = encoder.encoder
+
+    def zero_padding(module, args, output):
+        xs, pos_emb, masks = output
+        return xs * masks.transpose(1, 2).to(xs.dtype), pos_emb, masks
+
+    handle = encoder.embed.register_forward_hook(zero_padding)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _padded_inputs(x, mask, mu, t, spks, cond, frames: int) -> dict:
@@ -150,23 +228,28 @@ def _padded_inputs(x, mask, mu, t, spks, cond, frames: int) -> dict:
 @contextlib.contextmanager
 def _sync_free_attention_masks():
     """Upstream's `add_optional_chunk_mask` ends with a host check (`.item()`) for rows with
-    no valid frame, which a CUDA graph cannot capture. For the estimator's full-context call
-    it only returns the mask with such rows set to True: the same on the device, no sync."""
+    no valid frame, which a CUDA graph cannot capture. For the full-context calls of the
+    estimator and the encoder it only returns the mask with such rows set to True: the same
+    on the device, no sync."""
     from chatterbox.models.s3gen import decoder
+    from chatterbox.models.s3gen.transformer import upsample_encoder
 
-    original = decoder.add_optional_chunk_mask
+    users = (decoder, upsample_encoder)
+    originals = [module.add_optional_chunk_mask for module in users]
 
     def full_context_mask(xs, masks, use_dynamic_chunk, use_dynamic_left_chunk, decoding_chunk_size,
                           static_chunk_size, num_decoding_left_chunks, enable_full_context=True):
         if use_dynamic_chunk or static_chunk_size > 0:
-            raise ValueError("flow_graphs supports the estimator's full-context attention only")
+            raise ValueError("S3Gen's graphs support full-context attention only")
         return masks | (masks.sum(dim=-1, keepdim=True) == 0)
 
-    decoder.add_optional_chunk_mask = full_context_mask
+    for module in users:
+        module.add_optional_chunk_mask = full_context_mask
     try:
         yield
     finally:
-        decoder.add_optional_chunk_mask = original
+        for module, original in zip(users, originals):
+            module.add_optional_chunk_mask = original
 
 
 def half_flow_error(tts, speech_tokens: torch.Tensor, seed: int = 0, dtype: torch.dtype = FLOW_HALF_DTYPE) -> float:

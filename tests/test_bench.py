@@ -6,6 +6,7 @@ from chatterbox_lab import profiling, results
 from chatterbox_lab.__main__ import main
 from chatterbox_lab.bench import RUNGS, BenchConfig, run
 from chatterbox_lab.decoder import T3Decoder, text_tokens_for
+from chatterbox_lab.s3gen_steps import S3GEN_STEPS
 
 
 def test_cli_bench_prints_a_table_and_writes_json(tmp_path, capsys):
@@ -128,11 +129,11 @@ def test_s3gen_rungs_follow_the_t3_rungs_with_the_half_flow_check(tmp_path, caps
     out = tmp_path / "s3gen.json"
     assert main(["bench", "--tokens", "8", "--repeats", "1", "--rungs", "static_cache", "--s3gen",
                  "--no-profile", "--out", str(out), "--device", "cpu"]) == 0
-    assert "| watermark_on_device |" in capsys.readouterr().out
+    assert "| encoder_graphs |" in capsys.readouterr().out
     doc = json.loads(out.read_text())
-    assert list(doc["rungs"]) == ["static_cache", "flow_graphs", "flow_half", "watermark_on_device"]
-    last = doc["rungs"]["watermark_on_device"]
+    assert list(doc["rungs"]) == ["static_cache", *S3GEN_STEPS]
+    last = doc["rungs"][S3GEN_STEPS[-1]]
     assert last["t3_steps"] == ["bf16", "static_cache"]
-    assert last["s3gen_steps"] == ["flow_graphs", "flow_half", "watermark_on_device"]
+    assert last["s3gen_steps"] == sorted(S3GEN_STEPS)
     assert last["rtf"] > 0 and last["s3gen_warmup_s"] >= 0
     assert doc["checks"]["half_flow_within_tolerance"] and doc["checks"]["half_flow_mel_rel_error"] > 0

@@ -109,3 +109,25 @@ def test_flow_graphs_replay_the_eager_flow_and_half_precision_stays_within_toler
     assert counts["graph_launches"] == 10, counts  # one per Euler step
     # Eager, the estimator alone launched ~15,000 kernels (1,492 a call); the encoder stays eager.
     assert counts["host_launches"] < 2_000, counts
+
+
+def test_encoder_graphs_replay_the_eager_encoder():
+    """Its own model: S3Gen's steps change a model in place."""
+    import torch
+
+    from chatterbox_lab.models import load_tts
+    from chatterbox_lab.s3gen_steps import apply_s3gen_steps
+
+    tts = load_tts(preset="full", device="cuda")
+    tts.prepare_conditionals("data/voices/alto.wav")
+    tokens = torch.randint(0, 6561, (200,), generator=torch.Generator().manual_seed(0)).cuda()
+
+    def mels(n=200):
+        torch.manual_seed(0)
+        return tts.s3gen.flow_inference(tokens[:n], ref_dict=tts.conds.gen, finalize=True)
+
+    eager = mels()
+    apply_s3gen_steps(tts, ["encoder_graphs"])
+    torch.testing.assert_close(mels(), eager, rtol=1e-3, atol=1e-3)
+    mels(199)  # (161 prompt + 199) tokens: the same 32-token bucket as 361, 384
+    assert tts.s3gen.flow.encoder.graphs_captured == 1

@@ -116,7 +116,8 @@ def test_one_flow_run_for_utterances_of_different_lengths_gives_each_ones_own_me
     them); without, the shorter rows' look-ahead reads the padding."""
     import torch
 
-    from chatterbox_lab.pipeline import padding_zeroed, tokens_to_speeches
+    from chatterbox_lab.pipeline import tokens_to_speeches
+    from chatterbox_lab.s3gen_steps import padding_zeroed
 
     monkeypatch.setattr(torch, "randn_like", torch.zeros_like)
     s3gen, ref = tiny_tts.s3gen, tiny_tts.conds.gen

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from chatterbox_lab.pipeline import synthesize
-from chatterbox_lab.s3gen_steps import (HALF_FLOW_TOLERANCE, BucketedEstimator, apply_s3gen_steps,
-                                        half_flow_error, s3gen_steps_of)
+from chatterbox_lab.s3gen_steps import (HALF_FLOW_TOLERANCE, S3GEN_STEPS, BucketedEncoder, BucketedEstimator,
+                                        apply_s3gen_steps, half_flow_error, s3gen_steps_of)
 
 TEXT = "The waveform side, made fast without changing what it computes."
 
@@ -37,6 +37,17 @@ def test_padded_buckets_give_the_unpadded_mels(fresh_tts, n_tokens):
     torch.testing.assert_close(_mels(fresh_tts, tokens), plain, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("n_tokens", [5, 40])
+def test_encoder_buckets_give_the_unpadded_mels(fresh_tts, n_tokens):
+    tokens = torch.randint(0, 6561, (n_tokens,), generator=torch.Generator().manual_seed(n_tokens))
+    plain = _mels(fresh_tts, tokens)
+    apply_s3gen_steps(fresh_tts, ["encoder_graphs"])
+    encoder = fresh_tts.s3gen.flow.encoder
+    assert isinstance(encoder, BucketedEncoder)
+    assert (fresh_tts.conds.gen["prompt_token"].size(-1) + n_tokens) % encoder.token_bucket != 0  # padded
+    torch.testing.assert_close(_mels(fresh_tts, tokens), plain, rtol=1e-5, atol=1e-5)
+
+
 def test_half_flow_error_is_within_its_tolerance(fresh_tts):
     tokens = torch.randint(0, 6561, (40,), generator=torch.Generator().manual_seed(1))
     error = half_flow_error(fresh_tts, tokens)
@@ -53,8 +64,7 @@ def test_half_flow_error_is_within_its_tolerance(fresh_tts):
 def test_steps_apply_once_in_any_order(fresh_tts):
     assert s3gen_steps_of(fresh_tts) == frozenset()
     apply_s3gen_steps(fresh_tts, ["flow_graphs"])
-    assert apply_s3gen_steps(fresh_tts, ["flow_half", "watermark_on_device"]) == {
-        "flow_graphs", "flow_half", "watermark_on_device"}
+    assert apply_s3gen_steps(fresh_tts, S3GEN_STEPS[1:]) == set(S3GEN_STEPS)
     estimator = fresh_tts.s3gen.flow.decoder.estimator
     assert isinstance(estimator, BucketedEstimator) and not isinstance(estimator.estimator, BucketedEstimator)
     assert estimator.dtype == torch.float16
