@@ -81,12 +81,13 @@ def test_session_serves_callers_on_other_threads():
     assert compile_counters() == before
 
 
-def test_flow_graphs_replay_the_eager_flow_and_half_precision_stays_within_tolerance():
-    """Its own model: S3Gen's steps change a model in place."""
+@pytest.fixture()
+def fresh_flow():
+    """A model of its own (S3Gen's steps change a model in place) and its flow's mels for the
+    first n of 200 fixed tokens, with fixed noise."""
     import torch
 
     from chatterbox_lab.models import load_tts
-    from chatterbox_lab.s3gen_steps import HALF_FLOW_TOLERANCE, apply_s3gen_steps, half_flow_error
 
     tts = load_tts(preset="full", device="cuda")
     tts.prepare_conditionals("data/voices/alto.wav")
@@ -95,7 +96,15 @@ def test_flow_graphs_replay_the_eager_flow_and_half_precision_stays_within_toler
     def mels(n=200):
         torch.manual_seed(0)
         return tts.s3gen.flow_inference(tokens[:n], ref_dict=tts.conds.gen, finalize=True)
+    return tts, tokens, mels
 
+
+def test_flow_graphs_replay_the_eager_flow_and_half_precision_stays_within_tolerance(fresh_flow):
+    import torch
+
+    from chatterbox_lab.s3gen_steps import HALF_FLOW_TOLERANCE, apply_s3gen_steps, half_flow_error
+
+    tts, tokens, mels = fresh_flow
     eager = mels()
     error = half_flow_error(tts, tokens)
     print("float16 estimator, mel relative error (full preset)", error)
@@ -111,21 +120,12 @@ def test_flow_graphs_replay_the_eager_flow_and_half_precision_stays_within_toler
     assert counts["host_launches"] < 2_000, counts
 
 
-def test_encoder_graphs_replay_the_eager_encoder():
-    """Its own model: S3Gen's steps change a model in place."""
+def test_encoder_graphs_replay_the_eager_encoder(fresh_flow):
     import torch
 
-    from chatterbox_lab.models import load_tts
     from chatterbox_lab.s3gen_steps import apply_s3gen_steps
 
-    tts = load_tts(preset="full", device="cuda")
-    tts.prepare_conditionals("data/voices/alto.wav")
-    tokens = torch.randint(0, 6561, (200,), generator=torch.Generator().manual_seed(0)).cuda()
-
-    def mels(n=200):
-        torch.manual_seed(0)
-        return tts.s3gen.flow_inference(tokens[:n], ref_dict=tts.conds.gen, finalize=True)
-
+    tts, _, mels = fresh_flow
     eager = mels()
     apply_s3gen_steps(tts, ["encoder_graphs"])
     torch.testing.assert_close(mels(), eager, rtol=1e-3, atol=1e-3)
