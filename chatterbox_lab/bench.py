@@ -115,18 +115,21 @@ def _median(values):
     return statistics.median(values) if values else None
 
 
-def measure_rung(tts, rung: str, cfg: BenchConfig, voice: Path, bar=None, bandwidth: float | None = None) -> dict:
-    """Warm up, time `cfg.repeats` syntheses and profile one rung; returns its figures."""
+def measure_rung(tts, rung: str, cfg: BenchConfig, voice: Path, bar=None, bandwidth: float | None = None,
+                 decoder: T3Decoder | None = None) -> dict:
+    """Warm up, time `cfg.repeats` syntheses and profile one rung (with `decoder`, if given,
+    built for its steps); returns its figures."""
     trace = profiling.trace_path_for(cfg.trace_dir, rung) if cfg.trace_dir else None
     steps = frozenset() if rung == "upstream_fp32" else ladder_prefix(rung)
-    figures, _ = measure_steps(tts, steps, cfg, voice, bar, bandwidth, trace)
+    figures, _ = measure_steps(tts, steps, cfg, voice, bar, bandwidth, trace, decoder)
     return figures
 
 
 def measure_steps(tts, steps, cfg: BenchConfig, voice: Path, bar=None, bandwidth: float | None = None,
                   trace: Path | None = None, decoder: T3Decoder | None = None) -> tuple[dict, Synthesis]:
     """Warm up, time `cfg.repeats` syntheses and profile T3 with `steps` switched on (none: upstream's
-    own loop), or with `decoder`, built for those steps earlier. Returns the figures and the first
+    own loop), or with `decoder`, built for those steps earlier (its construction is then not in
+    `compile_s`; its compile and capture, on first use, are). Returns the figures and the first
     timed synthesis. `bar`: anything with tqdm's `update()`, called after the warm-up and after
     each timed synthesis."""
     text_tokens = text_tokens_for(tts, cfg.text)
@@ -197,13 +200,13 @@ def measure_steps(tts, steps, cfg: BenchConfig, voice: Path, bar=None, bandwidth
     return figures, runs[0]
 
 
-def measure_s3gen_rungs(tts, cfg: BenchConfig, voice: Path, doc: dict, bar=None, bandwidth: float | None = None,
-                        partial: Path | None = None) -> None:
+def measure_s3gen_rungs(tts, cfg: BenchConfig, voice: Path, doc: dict, decoder: T3Decoder | None, bar=None,
+                        bandwidth: float | None = None, partial: Path | None = None) -> None:
     """Each of `cfg.s3gen_steps` switched on in turn (they stay on), every one measured end to end
-    with one decoder of the last T3 rung's steps. Before `flow_half`, while the flow is still fp32,
-    the mel error it brings is measured into the checks: it is what that rung trades for speed."""
+    with `decoder`, the last T3 rung's (None: upstream's loop), already compiled. Before
+    `flow_half`, while the flow is still fp32, the mel error it brings is measured into the
+    checks: it is what that rung trades for speed."""
     t3_steps = _t3_steps(cfg)
-    decoder = T3Decoder(tts.t3, t3_steps, max_cache_len=_capacity(tts, cfg)) if t3_steps else None
     if "flow_half" in cfg.s3gen_steps and "flow_half" not in s3gen_steps_of(tts):
         tts.prepare_conditionals(str(voice))
         tokens = torch.randint(0, 6561, (cfg.tokens,), generator=torch.Generator().manual_seed(cfg.seed))
@@ -361,6 +364,7 @@ def run(config: BenchConfig, progress: bool = True, tts=None, partial: Path | No
         doc["checks"]["fp32_tokens_checked"] = checks["fp32_tokens_checked"]
 
     total = (len(cfg.rungs) + len(cfg.s3gen_steps)) * (cfg.repeats + 1)
+    decoder = None
     with tqdm(total=total, desc="bench", disable=not progress) as bar:
         for rung in cfg.rungs:
             bar.set_postfix_str(rung)
@@ -369,12 +373,15 @@ def run(config: BenchConfig, progress: bool = True, tts=None, partial: Path | No
                 err = bf16_logit_error(tts, text_tokens, checks["forced"], checks["reference"])
                 doc["checks"].update(bf16_logit_rel_error=err, bf16_logit_tolerance=equivalence.BF16_LOGIT_TOLERANCE,
                                      bf16_within_tolerance=err <= equivalence.BF16_LOGIT_TOLERANCE)
-            doc["rungs"][rung] = measure_rung(tts, rung, cfg, voice, bar, bandwidth)
+            # The S3Gen rungs decode with the last T3 rung's decoder, compiled once for both.
+            if cfg.s3gen_steps and rung == cfg.rungs[-1] and rung != "upstream_fp32":
+                decoder = T3Decoder(tts.t3, ladder_prefix(rung), max_cache_len=_capacity(tts, cfg))
+            doc["rungs"][rung] = measure_rung(tts, rung, cfg, voice, bar, bandwidth, decoder)
             if partial:
                 results.write(doc, partial, overwrite=True)
         if cfg.s3gen_steps:
             bar.set_postfix_str("S3Gen: " + ", ".join(cfg.s3gen_steps))
-            measure_s3gen_rungs(tts, cfg, voice, doc, bar, bandwidth, partial)
+            measure_s3gen_rungs(tts, cfg, voice, doc, decoder, bar, bandwidth, partial)
     if cfg.batch_sizes:
         doc["batch"] = dict(steps=sorted(_t3_steps(cfg)), streams={})
         for n in tqdm(cfg.batch_sizes, desc="batch", disable=not progress):
