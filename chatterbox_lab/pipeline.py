@@ -49,21 +49,13 @@ class Synthesis:
 
 @contextlib.contextmanager
 def timed_stage(device, seconds: dict, stage: str):
-    """Wall time of the block into seconds[stage], device work included."""
+    """Wall time of the block added to seconds[stage], device work included: a stage that
+    runs more than once (per batch, per flow run of a streamed piece) is counted in full."""
     sync_device(device)
     start = time.perf_counter()
     yield
     sync_device(device)
-    seconds[stage] = time.perf_counter() - start
-
-
-@contextlib.contextmanager
-def _accumulated(device, seconds: dict, stage: str):
-    """`timed_stage`, adding to what seconds[stage] holds already."""
-    part = {}
-    with timed_stage(device, part, stage):
-        yield
-    seconds[stage] = seconds.get(stage, 0.0) + part[stage]
+    seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - start
 
 
 def upstream_t3(tts, text_tokens, max_new_tokens, sampling: SamplingParams, stop_on_eos=True):
@@ -226,8 +218,7 @@ def synthesize_many(tts, texts: list[str], voices, *, decoder: T3Decoder, max_ne
     seconds = {}
 
     def clock(stage):
-        # Accumulates: a stage runs once per batch and voice.
-        return _accumulated(tts.device, seconds, stage)
+        return timed_stage(tts.device, seconds, stage)
     cache = VoiceCache(tts, capacity=len(set(map(str, voices))))
     conds = [cache.use(v) for v in voices]
     n = decoder.streams
