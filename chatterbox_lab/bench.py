@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import equivalence, profiling, results, roofline
+from . import equivalence, fused_matvec, profiling, results, roofline
 from .decoder import STEPS, T3Decoder, ladder_prefix, prompt_len_for, text_tokens_for
 from .kv_cache import cache_len_for
 from .models import load_tts, resolve_device
@@ -323,7 +323,8 @@ def run_checks(tts, cfg: BenchConfig, progress: bool = False) -> dict:
     step_sets = [(), ("static_cache",), ("embed_cache",), ("static_cache", "embed_cache"),
                  ("static_cache", "embed_cache", "compiled"), ("static_cache", "embed_cache", "fused_projections"),
                  ("static_cache", "embed_cache", "compiled", "fused_projections", "sampling_in_graph"),
-                 tuple(step for step in STEPS if step != "bf16")]
+                 # fused_matvec's kernels sum in their own order: checked by logits, not tokens.
+                 tuple(step for step in STEPS if step not in ("bf16", "fused_matvec"))]
     forced = equivalence.seeded_tokens(tts, text_tokens, n, cfg.seed)
     identity = equivalence.token_identity(tts, text_tokens, step_sets, n, seed=cfg.seed, reference=forced,
                                           progress=progress)
@@ -331,8 +332,14 @@ def run_checks(tts, cfg: BenchConfig, progress: bool = False) -> dict:
     return dict(fp32_token_identity=identity, fp32_tokens_checked=n, forced=forced, reference=reference)
 
 
-def bf16_logit_error(tts, text_tokens, forced, reference) -> float:
-    decoder = T3Decoder(tts.t3, ("bf16", "static_cache", "embed_cache"))
+# Teacher-forced logits against the fp32 reference: bf16 with PyTorch's matmuls, and bf16
+# with the fused kernels (on the CPU these are the same computation).
+LOGIT_CHECKS = {"bf16": ("bf16", "static_cache", "embed_cache"),
+                "fused_matvec": ("bf16", "static_cache", "embed_cache", "fused_projections", "fused_matvec")}
+
+
+def bf16_logit_error(tts, text_tokens, forced, reference, steps=LOGIT_CHECKS["bf16"]) -> float:
+    decoder = T3Decoder(tts.t3, steps)
     return equivalence.relative_error(
         equivalence.forced_logits(decoder, tts.conds.t3, text_tokens, forced), reference)
 
@@ -356,6 +363,10 @@ def run(config: BenchConfig, progress: bool = True, tts=None, partial: Path | No
                            method="median of 10 timed copies of a 2 GiB (GPU) / 256 MiB (CPU) "
                                   "random tensor, bytes read + written")
 
+    if "fused_matvec" in _t3_steps(cfg) and cfg.device.startswith("cuda"):
+        # The kernels' block sizes for this card, tuned before any rung is timed; recorded.
+        doc["matvec_sweep"] = fused_matvec.sweep(tts.t3)
+
     checks = None
     if cfg.checks:
         tts.prepare_conditionals(str(voice))
@@ -370,9 +381,11 @@ def run(config: BenchConfig, progress: bool = True, tts=None, partial: Path | No
             bar.set_postfix_str(rung)
             if rung != "upstream_fp32" and checks is not None and "bf16_logit_rel_error" not in doc["checks"]:
                 text_tokens = text_tokens_for(tts, cfg.text)
-                err = bf16_logit_error(tts, text_tokens, checks["forced"], checks["reference"])
-                doc["checks"].update(bf16_logit_rel_error=err, bf16_logit_tolerance=equivalence.BF16_LOGIT_TOLERANCE,
-                                     bf16_within_tolerance=err <= equivalence.BF16_LOGIT_TOLERANCE)
+                for name, steps in LOGIT_CHECKS.items():
+                    err = bf16_logit_error(tts, text_tokens, checks["forced"], checks["reference"], steps)
+                    doc["checks"].update({f"{name}_logit_rel_error": err,
+                                          f"{name}_within_tolerance": err <= equivalence.BF16_LOGIT_TOLERANCE})
+                doc["checks"]["bf16_logit_tolerance"] = equivalence.BF16_LOGIT_TOLERANCE
             # The S3Gen rungs decode with the last T3 rung's decoder, compiled once for both.
             if cfg.s3gen_steps and rung == cfg.rungs[-1] and rung != "upstream_fp32":
                 decoder = T3Decoder(tts.t3, ladder_prefix(rung), max_cache_len=_capacity(tts, cfg))

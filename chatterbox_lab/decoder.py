@@ -14,6 +14,10 @@ Past the guide (`BEYOND`):
 - "fused_projections": q/k/v and gate/up each as one matmul (`fused_projections.py`)
 - "sampling_in_graph": sampling and the token write inside the captured step, so a
                        token costs one graph launch and nothing else on the host
+- "fused_matvec":   each matmul of the one-token step a Triton kernel that streams its
+                       weights and folds in the RMSNorm before it and the SiLU gate or
+                       residual add after it (`fused_matvec.py`); four kernels a layer
+                       around attention; prefill and large batches keep cuBLAS
 - "filled_cache_attention": each step's attention reads only the filled blocks of each
                        row's cache (flex attention, `t3_forward.filled_cache_mask`), not the
                        whole allocation; compiled only (flex attention's eager form is a
@@ -37,10 +41,11 @@ from .sampling import DeviceSampling, SamplingParams, next_token_probs, sample_t
 from .t3_forward import DynamicT3Forward, StaticT3Forward, filled_cache_mask
 
 LADDER = ("bf16", "static_cache", "embed_cache", "compiled")
-BEYOND = ("fused_projections", "sampling_in_graph", "filled_cache_attention")
+BEYOND = ("fused_projections", "sampling_in_graph", "fused_matvec", "filled_cache_attention")
 STEPS = LADDER + BEYOND
 REQUIRES = {"compiled": ("static_cache", "embed_cache"), "fused_projections": ("static_cache",),
-            "sampling_in_graph": ("compiled",), "filled_cache_attention": ("compiled",)}
+            "sampling_in_graph": ("compiled",), "fused_matvec": ("fused_projections",),
+            "filled_cache_attention": ("compiled",)}
 
 # How often the host looks for the stop token: each look is a device sync that
 # stops the CPU from queueing further steps ahead of the GPU.
@@ -171,7 +176,8 @@ class T3Decoder:
                 raise ValueError(f"filled_cache_attention reads the cache in blocks of {CACHE_MULTIPLE} slots: "
                                  f"max_cache_len must be a multiple of it, got {max_cache_len}")
             self.forward = StaticT3Forward(self.t3, max_cache_len, batch=2 * streams,
-                                           fused="fused_projections" in self.steps)
+                                           fused="fused_projections" in self.steps,
+                                           matvec="fused_matvec" in self.steps)
         self._active_forward = self.forward
         self.compiled = "compiled" in self.steps
         self.sample_in_graph = "sampling_in_graph" in self.steps

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from .fused_matvec import Norm, fused_matvec
 from .kv_cache import CACHE_MULTIPLE, StaticKVCache
 
 
@@ -52,8 +53,13 @@ def filled_cache_mask(prompt_lens: torch.Tensor, step_index: torch.Tensor, heads
 class StaticT3Forward:
     """Rows of the batch are CFG pairs, one pair per utterance (cond, uncond, cond, ...)."""
 
-    def __init__(self, t3, capacity: int, batch: int = 2, fused: bool = False):
+    def __init__(self, t3, capacity: int, batch: int = 2, fused: bool = False, matvec: bool = False):
+        """`fused`: q/k/v and gate/up as one matrix each. `matvec` (needs `fused`): every
+        matmul with its norm, activation or residual as one kernel (`fused_matvec.py`)."""
         from .fused_projections import FusedProjections
+
+        if matvec and not fused:
+            raise ValueError("matvec kernels multiply the fused q/k/v and gate/up matrices: pass fused=True")
 
         cfg = t3.cfg
         self.t3 = t3
@@ -62,6 +68,7 @@ class StaticT3Forward:
         self.n_kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.fused = FusedProjections(self.layers) if fused else None
+        self.matvec = matvec
         weight = t3.speech_head.weight
         self.cache = StaticKVCache(len(self.layers), batch, self.n_kv_heads, capacity, self.head_dim,
                                    weight.dtype, weight.device)
@@ -73,15 +80,23 @@ class StaticT3Forward:
     def capacity(self) -> int:
         return self.cache.capacity
 
-    def _qkv(self, i: int, attn, x: torch.Tensor):
+    def _qkv(self, i: int, layer, x: torch.Tensor):
+        """q, k, v of layer i's input x (before its norm)."""
+        attn = layer.self_attn
         if self.fused is None:
+            x = layer.input_layernorm(x)
             return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        if self.matvec:
+            qkv = fused_matvec(x, self.fused.qkv[i], norm=Norm.of(layer.input_layernorm))
+        else:
+            qkv = F.linear(layer.input_layernorm(x), self.fused.qkv[i])
         kv = self.n_kv_heads * self.head_dim
-        return F.linear(x, self.fused.qkv[i]).split([self.n_heads * self.head_dim, kv, kv], dim=-1)
+        return qkv.split([self.n_heads * self.head_dim, kv, kv], dim=-1)
 
-    def _attention(self, i: int, attn, x: torch.Tensor, positions: torch.Tensor, rows: slice, rotary, mask):
+    def _attention(self, i: int, layer, x: torch.Tensor, positions: torch.Tensor, rows: slice, rotary, mask):
+        """Attention's output for layer i, before the output projection: (B, T, heads * head_dim)."""
         B, T, _ = x.shape
-        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in self._qkv(i, attn, x))
+        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in self._qkv(i, layer, x))
         q, k = apply_rotary_pos_emb(q, k, *rotary)
         keys, values = self.cache.update(i, positions, k, v, rows)
         gqa = self.n_heads != self.n_kv_heads
@@ -91,10 +106,17 @@ class StaticT3Forward:
             from torch.nn.attention.flex_attention import flex_attention
 
             out = flex_attention(q, keys, values, block_mask=mask, enable_gqa=gqa)
-        return attn.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        return out.transpose(1, 2).reshape(B, T, -1)
 
-    def _mlp(self, i: int, layer, x: torch.Tensor) -> torch.Tensor:
-        return layer.mlp(x) if self.fused is None else self.fused.mlp(i, layer, x)
+    def _layer(self, i: int, layer, x: torch.Tensor, positions: torch.Tensor, rows: slice, rotary, mask):
+        attended = self._attention(i, layer, x, positions, rows, rotary, mask)
+        if self.matvec:
+            x = fused_matvec(attended, layer.self_attn.o_proj.weight, residual=x)
+            act = fused_matvec(x, self.fused.gate_up[i], norm=Norm.of(layer.post_attention_layernorm), gated=True)
+            return fused_matvec(act, layer.mlp.down_proj.weight, residual=x)
+        x = x + layer.self_attn.o_proj(attended)
+        normed = layer.post_attention_layernorm(x)
+        return x + (layer.mlp(normed) if self.fused is None else self.fused.mlp(i, layer, normed))
 
     def __call__(self, embeds: torch.Tensor, positions: torch.Tensor, rows: slice = slice(None),
                  block_mask=None) -> torch.Tensor:
@@ -108,10 +130,11 @@ class StaticT3Forward:
             (self.cos[positions][None], self.sin[positions][None])
         x = embeds
         for i, layer in enumerate(self.layers):
-            x = x + self._attention(i, layer.self_attn, layer.input_layernorm(x), positions, rows, rotary, mask)
-            x = x + self._mlp(i, layer, layer.post_attention_layernorm(x))
-        x = self.t3.tfmr.norm(x[:, -1])
-        return self.t3.speech_head(x)
+            x = self._layer(i, layer, x, positions, rows, rotary, mask)
+        if self.matvec:
+            head = self.t3.speech_head
+            return fused_matvec(x[:, -1], head.weight, head.bias, norm=Norm.of(self.t3.tfmr.norm))
+        return self.t3.speech_head(self.t3.tfmr.norm(x[:, -1]))
 
 
 class DynamicT3Forward:

@@ -4,6 +4,10 @@ import pytest
 import torch
 
 os.environ.setdefault("TQDM_DISABLE", "1")
+if not torch.cuda.is_available():
+    # Triton reads this when it is first imported: its kernels defined from then on run
+    # on the CPU through its interpreter (tests of fused_matvec's kernel).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -131,3 +131,43 @@ def test_encoder_graphs_replay_the_eager_encoder(fresh_flow):
     torch.testing.assert_close(mels(), eager, rtol=1e-3, atol=1e-3)
     mels(199)  # (161 prompt + 199) tokens: the same 32-token bucket as 361, 384
     assert tts.s3gen.flow.encoder.graphs_captured == 1
+
+
+def test_fused_matvec_kernels_match_pytorch_on_every_call_of_the_step(full_tts):
+    import torch
+
+    from chatterbox_lab.fused_matvec import Norm, reference_matvec, step_calls, triton_matvec
+
+    torch.manual_seed(0)
+    for name, call in step_calls(full_tts.t3).items():
+        n, k, gated = call["n"], call["k"], call.get("gated", False)
+        new = dict(device="cuda", dtype=torch.bfloat16)
+        weight = torch.randn(2 * n if gated else n, k, **new) / k ** 0.5
+        kw = dict(gated=gated, norm=Norm(torch.rand(k, **new) + 0.5, 1e-5) if call.get("norm") else None,
+                  residual=torch.randn(2, 1, n, **new) if call.get("residual") else None,
+                  bias=torch.randn(n, **new) if call.get("bias") else None)
+        x = torch.randn(2, 1, k, **new)
+        got, want = triton_matvec(x, weight, **kw).float(), reference_matvec(x, weight, **kw).float()
+        error = float((got - want).norm() / want.norm())
+        assert error < 5e-3, (name, error)  # a few values one bf16 step apart: sums in another order
+
+
+def test_fused_matvec_step_replays_one_graph_and_keeps_bf16_logits(full_tts):
+    from chatterbox_lab import equivalence
+    from chatterbox_lab.decoder import ladder_prefix
+
+    text_tokens = text_tokens_for(full_tts, "The fused kernels read the weights once.")
+    steps = ladder_prefix("fused_matvec")
+    compiled = T3Decoder(full_tts.t3, steps, max_cache_len=512)
+    compiled.generate(full_tts.conds.t3, text_tokens, 16)
+    counts = profiling.per_token_counts(lambda n: compiled.generate(full_tts.conds.t3, text_tokens, n))
+    assert counts["graph_launches"] == pytest.approx(1.0), counts
+
+    forced = compiled.generate(full_tts.conds.t3, text_tokens, 48, stop_on_eos=False).tokens
+    eager = ("bf16", "static_cache", "embed_cache", "fused_projections")
+    logits = {extra: equivalence.forced_logits(T3Decoder(full_tts.t3, eager + extra, max_cache_len=512),
+                                               full_tts.conds.t3, text_tokens, forced)
+              for extra in [(), ("fused_matvec",)]}
+    error = equivalence.relative_error(logits[("fused_matvec",)], logits[()])
+    print("fused_matvec logits vs PyTorch's bf16 path: relative error", error)
+    assert error < equivalence.BF16_LOGIT_TOLERANCE

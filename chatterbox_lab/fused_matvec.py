@@ -1,0 +1,265 @@
+"""Thin matmuls as Triton kernels, fused with the norm before them and what follows.
+
+A decode step multiplies two rows (the CFG pair) by every weight matrix. cuBLAS
+reads these tall, thin problems at well under the card's bandwidth, and each
+matmul comes with its own small kernels around it: an RMSNorm before, a SiLU
+gate or a residual add after. Here one kernel does all of it. A program owns a
+few output columns, streams their weight rows once, and:
+
+- `norm`: normalizes the input rows first (RMSNorm, recomputed by every program:
+  the input is two rows of 1,024 values, cheap next to the weights it multiplies);
+- `gated`: multiplies by gate and up rows together and writes SiLU(gate) * up, so
+  the MLP's activation never goes through memory;
+- `residual`: adds the residual stream to its result.
+
+A Llama layer becomes four of these kernels plus rotary, cache write and attention.
+Rounding follows transformers' Llama in the model's dtype: the normed input, the
+matmul output, the activation and the residual sum are each rounded to it, so the
+results differ from the unfused modules only by the order of the fp32 sums.
+
+`fused_matvec` runs the kernel on CUDA when Triton is there and the rows are few;
+otherwise `reference_matvec`, the same computation in PyTorch, with upstream's
+operations in upstream's order. On the CPU, Triton's interpreter runs the kernel
+itself (tests).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU install: every call takes the reference path
+    triton = None
+
+# Run the kernel on CPU tensors through Triton's interpreter (slow; for tests and for stepping
+# through the kernel). Needs TRITON_INTERPRET=1 in the environment before Triton is imported.
+interpreter_on_cpu = False
+
+# Above this many rows (batches of utterances, the prefill) a matmul is no longer thin,
+# and cuBLAS's tiles do better than streaming rows.
+MAX_ROWS = 8
+
+
+@dataclass(frozen=True)
+class Norm:
+    """An RMSNorm's weight and epsilon (transformers' `LlamaRMSNorm`)."""
+    weight: torch.Tensor
+    eps: float
+
+    @classmethod
+    def of(cls, module) -> "Norm":
+        return cls(module.weight, module.variance_epsilon)
+
+
+def rms_normed(x: torch.Tensor, norm: Norm) -> torch.Tensor:
+    """transformers' LlamaRMSNorm, operation for operation."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.eps)
+    return norm.weight * x32.to(x.dtype)
+
+
+def reference_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                     norm: Norm | None = None, gated: bool = False,
+                     residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) @ weight.T (+ bias), with the optional norm before and gate / residual after.
+    `gated`: weight holds gate rows then up rows; the result is SiLU(gate) * up."""
+    if norm is not None:
+        x = rms_normed(x, norm)
+    y = F.linear(x, weight, bias)
+    if gated:
+        gate, up = y.chunk(2, dim=-1)
+        y = F.silu(gate) * up
+    return y if residual is None else residual + y
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_n: int   # output columns per program
+    block_k: int   # input values per loop iteration
+    warps: int
+
+
+def default_config(n: int, k: int) -> KernelConfig:
+    """Enough programs to fill the card with loads in flight: few columns each."""
+    return KernelConfig(block_n=4 if k > 2048 else 8, block_k=min(512, triton.next_power_of_2(k)), warps=4)
+
+
+# Per (rows, columns, inputs, gated) shape: a config found faster on the card by
+# `sweep` (bench --matvec-sweep); anything else uses `default_config`.
+CONFIGS: dict[tuple[int, int, int, bool], KernelConfig] = {}
+
+
+if triton is not None:
+    @triton.jit
+    def _matvec_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, res_ptr, norm_ptr, M, N, K, eps,
+                       stride_x, stride_w, stride_out, stride_res,
+                       BIAS: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        rows = tl.arange(0, BLOCK_M)
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < M
+        col_ok = cols < N
+        dtype = out_ptr.dtype.element_ty
+        if NORM:
+            squares = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                xs = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :],
+                             mask=row_ok[:, None] & (ks < K)[None, :], other=0.0).to(tl.float32)
+                squares += tl.sum(xs * xs, axis=1)
+            inv_rms = 1.0 / tl.sqrt(squares / K + eps)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            xs = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :],
+                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            if NORM:
+                normed = (xs.to(tl.float32) * inv_rms[:, None]).to(dtype)
+                gain = tl.load(norm_ptr + ks, mask=k_ok, other=0.0)
+                xs = (gain[None, :].to(tl.float32) * normed.to(tl.float32)).to(dtype)
+            xs = xs.to(tl.float32)[:, None, :]
+            w_mask = col_ok[:, None] & k_ok[None, :]
+            w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :], mask=w_mask, other=0.0)
+            acc += tl.sum(xs * w.to(tl.float32)[None, :, :], axis=2)
+            if GATED:
+                w_up = tl.load(w_ptr + (cols + N)[:, None] * stride_w + ks[None, :], mask=w_mask, other=0.0)
+                acc_up += tl.sum(xs * w_up.to(tl.float32)[None, :, :], axis=2)
+        if BIAS:
+            acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        y = acc.to(dtype).to(tl.float32)
+        if GATED:
+            silu = (y / (1.0 + tl.exp(-y))).to(dtype).to(tl.float32)
+            y = (silu * acc_up.to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+        out_mask = row_ok[:, None] & col_ok[None, :]
+        if RESIDUAL:
+            res = tl.load(res_ptr + rows[:, None] * stride_res + cols[None, :], mask=out_mask, other=0.0)
+            y = res.to(tl.float32) + y
+        tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], y.to(dtype), mask=out_mask)
+
+
+def kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The Triton kernel serves this call: few rows, on CUDA (or `interpreter_on_cpu`)."""
+    if triton is None or x.numel() // x.size(-1) > MAX_ROWS or not weight.is_contiguous():
+        return False
+    return x.is_cuda or (x.device.type == "cpu" and interpreter_on_cpu)
+
+
+def triton_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  norm: Norm | None = None, gated: bool = False, residual: torch.Tensor | None = None,
+                  config: KernelConfig | None = None) -> torch.Tensor:
+    """`reference_matvec` as one Triton kernel (x has at most MAX_ROWS rows)."""
+    from torch.library import wrap_triton
+
+    if gated and bias is not None:
+        raise ValueError("a gated matvec takes no bias (Llama's MLP has none)")
+    lead = x.shape[:-1]
+    k = x.size(-1)
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.size(0)
+    n = weight.size(0) // 2 if gated else weight.size(0)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    res = residual.reshape(m, n) if residual is not None else out
+    if config is None:
+        config = CONFIGS.get((m, n, k, gated)) or default_config(n, k)
+    grid = (triton.cdiv(n, config.block_n),)
+    wrap_triton(_matvec_kernel)[grid](
+        x2, weight, bias if bias is not None else weight, out, res, norm.weight if norm is not None else weight, m, n, k,
+        norm.eps if norm is not None else 0.0,
+        x2.stride(0), weight.stride(0), out.stride(0), res.stride(0),
+        BIAS=bias is not None, NORM=norm is not None, GATED=gated, RESIDUAL=residual is not None,
+        BLOCK_M=max(2, triton.next_power_of_2(m)), BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        num_warps=config.warps)
+    return out.view(*lead, n)
+
+
+def fused_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 norm: Norm | None = None, gated: bool = False,
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
+    """The Triton kernel where it applies (`kernel_applies`), else `reference_matvec`."""
+    fn = triton_matvec if kernel_applies(x, weight) else reference_matvec
+    return fn(x, weight, bias, norm=norm, gated=gated, residual=residual)
+
+
+# What `sweep` tries per call: columns per program, input values per iteration, warps.
+SWEEP_CONFIGS = tuple(KernelConfig(n, k, w) for n in (2, 4, 8) for k in (256, 512, 1024) for w in (4, 8))
+
+
+def step_calls(t3) -> dict[str, dict]:
+    """The five matvecs of a one-token step of `t3` (per layer four, then the head), as
+    shapes and options: {name: dict(n=output columns, k=inputs, options)}."""
+    cfg = t3.cfg
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    dim, heads, kv = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
+    return {
+        "qkv": dict(n=(heads + 2 * kv) * head_dim, k=dim, norm=True),
+        "o_proj": dict(n=dim, k=heads * head_dim, residual=True),
+        "gate_up": dict(n=cfg.intermediate_size, k=dim, norm=True, gated=True),
+        "down": dict(n=dim, k=cfg.intermediate_size, residual=True),
+        "head": dict(n=t3.speech_head.out_features, k=dim, norm=True, bias=t3.speech_head.bias is not None),
+    }
+
+
+def _time_in_graph(calls: list, repeats: int = 5) -> float:
+    """Seconds per call of `calls` (zero-argument functions) replayed as one CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls:
+            call()  # compiles each kernel, and warms up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / len(calls))
+    return sorted(times)[len(times) // 2]
+
+
+def sweep(t3, dtype: torch.dtype = torch.bfloat16, rows: int = 2, configs=SWEEP_CONFIGS,
+          l2_bytes: int = 256 * 2**20) -> dict:
+    """Time every config on each of the step's calls against PyTorch's path, inside CUDA graphs,
+    and put the fastest in CONFIGS. Each call cycles through enough copies of its weights to
+    overflow L2, as a step over 30 layers does. Returns microseconds per call."""
+    device = t3.speech_head.weight.device
+    found = {}
+    for name, call in step_calls(t3).items():
+        n, k, gated = call["n"], call["k"], call.get("gated", False)
+        copies = max(2, l2_bytes // ((2 * n if gated else n) * k * dtype.itemsize))
+        weights = [torch.randn(2 * n if gated else n, k, device=device, dtype=dtype) / k ** 0.5
+                   for _ in range(copies)]
+        x = torch.randn(rows, 1, k, device=device, dtype=dtype)
+        kw = dict(gated=gated,
+                  norm=Norm(torch.ones(k, device=device, dtype=dtype), 1e-5) if call.get("norm") else None,
+                  residual=torch.randn(rows, 1, n, device=device, dtype=dtype) if call.get("residual") else None,
+                  bias=torch.zeros(n, device=device, dtype=dtype) if call.get("bias") else None)
+
+        def timed(fn, **extra):
+            return _time_in_graph([lambda w=w: fn(x, w, **kw, **extra) for w in weights]) * 1e6
+
+        entry = dict(n=n, k=k, weight_mib=(2 * n if gated else n) * k * dtype.itemsize / 2**20,
+                     pytorch_us=timed(reference_matvec), configs={})
+        for config in configs:
+            entry["configs"][f"n{config.block_n}_k{config.block_k}_w{config.warps}"] = \
+                timed(triton_matvec, config=config)
+        best = min(entry["configs"], key=entry["configs"].get)
+        entry["best"], entry["best_us"] = best, entry["configs"][best]
+        CONFIGS[(rows, n, k, gated)] = configs[list(entry["configs"]).index(best)]
+        found[name] = entry
+        del weights
+    return found
