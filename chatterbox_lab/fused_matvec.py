@@ -13,11 +13,9 @@ few output columns, streams their weight rows once, and:
 - `residual`: adds the residual stream to its result.
 
 A Llama layer becomes four of these kernels plus rotary, cache write and attention.
-Rounding follows transformers' Llama in the model's dtype where it can: the matmul
-output, the activation and the residual sum are each rounded to it. The norm's scale
-is applied after the sums (one pass over the input instead of two), so its two
-roundings of the normed input are skipped: results differ from the unfused modules
-by that and by the order of the fp32 sums (logits within the bf16 tolerance, tested).
+Rounding follows transformers' Llama in the model's dtype: the normed input, the
+matmul output, the activation and the residual sum are each rounded to it, so the
+results differ from the unfused modules only by the order of the fp32 sums.
 
 `fused_matvec` runs the kernel on CUDA when Triton is there and the rows are few;
 otherwise `reference_matvec`, the same computation in PyTorch, with upstream's
@@ -86,8 +84,11 @@ class KernelConfig:
 
 
 def default_config(n: int, k: int) -> KernelConfig:
-    """Enough programs to fill the card with loads in flight: few columns each."""
-    return KernelConfig(block_n=4 if k > 2048 else 8, block_k=min(512, triton.next_power_of_2(k)), warps=4)
+    """What `sweep` found fastest for the full model's calls on an H100 (recorded under
+    `matvec_sweep` in the bench's results): each program reads whole rows in one load, a
+    few of them, so that thousands of loads are in flight at once."""
+    block_k = min(4096, triton.next_power_of_2(k))
+    return KernelConfig(block_n=4 if n >= 2048 else 2, block_k=block_k, warps=8 if block_k > 2048 else 4)
 
 
 # Per (rows, columns, inputs, gated) shape: a config found faster on the card by
@@ -106,31 +107,32 @@ if triton is not None:
         row_ok = rows < M
         col_ok = cols < N
         dtype = out_ptr.dtype.element_ty
+        if NORM:
+            squares = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                xs = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :],
+                             mask=row_ok[:, None] & (ks < K)[None, :], other=0.0).to(tl.float32)
+                squares += tl.sum(xs * xs, axis=1)
+            inv_rms = 1.0 / tl.sqrt(squares / K + eps)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        squares = tl.zeros([BLOCK_M], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < K
-            # The weights first: their loads are what the kernel waits for.
+            xs = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :],
+                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            if NORM:
+                normed = (xs.to(tl.float32) * inv_rms[:, None]).to(dtype)
+                gain = tl.load(norm_ptr + ks, mask=k_ok, other=0.0)
+                xs = (gain[None, :].to(tl.float32) * normed.to(tl.float32)).to(dtype)
+            xs = xs.to(tl.float32)[:, None, :]
             w_mask = col_ok[:, None] & k_ok[None, :]
             w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :], mask=w_mask, other=0.0)
+            acc += tl.sum(xs * w.to(tl.float32)[None, :, :], axis=2)
             if GATED:
                 w_up = tl.load(w_ptr + (cols + N)[:, None] * stride_w + ks[None, :], mask=w_mask, other=0.0)
-            xs = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :],
-                         mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            if NORM:
-                # RMSNorm(x) @ W = rsqrt(mean(x^2) + eps) * ((x * gain) @ W): the scale is
-                # applied after the sums, so the norm needs no pass of its own over x.
-                squares += tl.sum(xs * xs, axis=1)
-                xs = xs * tl.load(norm_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-            acc += tl.sum(xs[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
-            if GATED:
-                acc_up += tl.sum(xs[:, None, :] * w_up.to(tl.float32)[None, :, :], axis=2)
-        if NORM:
-            inv_rms = (1.0 / tl.sqrt(squares / K + eps))[:, None]
-            acc = acc * inv_rms
-            acc_up = acc_up * inv_rms
+                acc_up += tl.sum(xs * w_up.to(tl.float32)[None, :, :], axis=2)
         if BIAS:
             acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         y = acc.to(dtype).to(tl.float32)
