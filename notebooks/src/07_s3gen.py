@@ -10,7 +10,7 @@
 # 2. `flow_half`: the estimator in float16, its difference from fp32 measured;
 # 3. `watermark_on_device`: perth's network on the GPU;
 # 4. `encoder_graphs`: the flow's encoder from graphs too, per token bucket (checked
-#    here; on an H100 its mels are within 5e-4 of the eager encoder's, see the GPU tests);
+#    here; on an H100 its mels are within the GPU test's 1e-3 relative tolerance);
 # 5. batched flow: one flow run for many utterances of one voice.
 #
 # All in `chatterbox_lab/s3gen_steps.py` and `pipeline.tokens_to_speeches`; the GPU
