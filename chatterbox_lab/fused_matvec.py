@@ -169,7 +169,7 @@ def triton_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     m = x2.size(0)
     n = weight.size(0) // 2 if gated else weight.size(0)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    res = residual.reshape(m, n) if residual is not None else out
+    res = residual.reshape(m, n).contiguous() if residual is not None else out  # the kernel walks rows
     if config is None:
         config = CONFIGS.get((m, n, k, gated)) or default_config(n, k)
     grid = (triton.cdiv(n, config.block_n),)
