@@ -222,7 +222,9 @@ display(Markdown("| call | weights MiB | PyTorch us | kernel us | kernel GB/s | 
                  "\n".join(f"| {name} | {c['weight_mib']:.0f} | {c['pytorch_us']:.1f} | {c['best_us']:.1f} | "
                            f"{c['weight_mib'] * 2**20 / c['best_us'] / 1e3:,.0f} | `{c['best']}` |"
                            for name, c in sweep.items())))
-layers = 30
+from chatterbox.models.t3.llama_configs import LLAMA_520M_CONFIG_DICT
+
+layers = LLAMA_520M_CONFIG_DICT["num_hidden_layers"]  # the full preset is upstream's T3
 kernels_ms = (layers * sum(sweep[n]["best_us"] for n in ("qkv", "o_proj", "gate_up", "down")) + sweep["head"]["best_us"]) / 1e3
 step_ms = 1e3 / mv["rungs"]["fused_matvec"]["t3_decode_tok_s"]
 print(f"the step's matvecs: {kernels_ms:.2f} ms of a {step_ms:.2f} ms step "
