@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import equivalence, fused_matvec, profiling, results, roofline
+from . import decode_attention, equivalence, fused_matvec, profiling, results, roofline
 from .decoder import STEPS, T3Decoder, ladder_prefix, prompt_len_for, text_tokens_for
 from .kv_cache import cache_len_for
 from .models import load_tts, resolve_device
@@ -323,8 +323,8 @@ def run_checks(tts, cfg: BenchConfig, progress: bool = False) -> dict:
     step_sets = [(), ("static_cache",), ("embed_cache",), ("static_cache", "embed_cache"),
                  ("static_cache", "embed_cache", "compiled"), ("static_cache", "embed_cache", "fused_projections"),
                  ("static_cache", "embed_cache", "compiled", "fused_projections", "sampling_in_graph"),
-                 # fused_matvec's kernels sum in their own order: checked by logits, not tokens.
-                 tuple(step for step in STEPS if step not in ("bf16", "fused_matvec"))]
+                 # The Triton kernels sum in their own order: checked by logits, not tokens.
+                 tuple(step for step in STEPS if step not in ("bf16", "fused_matvec", "fused_attention"))]
     forced = equivalence.seeded_tokens(tts, text_tokens, n, cfg.seed)
     identity = equivalence.token_identity(tts, text_tokens, step_sets, n, seed=cfg.seed, reference=forced,
                                           progress=progress)
@@ -335,7 +335,9 @@ def run_checks(tts, cfg: BenchConfig, progress: bool = False) -> dict:
 # Teacher-forced logits against the fp32 reference: bf16 with PyTorch's matmuls, and bf16
 # with the fused kernels (on the CPU these are the same computation).
 LOGIT_CHECKS = {"bf16": ("bf16", "static_cache", "embed_cache"),
-                "fused_matvec": ("bf16", "static_cache", "embed_cache", "fused_projections", "fused_matvec")}
+                "fused_matvec": ("bf16", "static_cache", "embed_cache", "fused_projections", "fused_matvec"),
+                "fused_attention": ("bf16", "static_cache", "embed_cache", "fused_projections", "fused_matvec",
+                                    "fused_attention")}
 
 
 def bf16_logit_error(tts, text_tokens, forced, reference, steps=LOGIT_CHECKS["bf16"]) -> float:
@@ -366,6 +368,8 @@ def run(config: BenchConfig, progress: bool = True, tts=None, partial: Path | No
     if "fused_matvec" in _t3_steps(cfg) and cfg.device.startswith("cuda"):
         # The kernels' block sizes for this card, tuned before any rung is timed; recorded.
         doc["matvec_sweep"] = fused_matvec.sweep(tts.t3)
+    if "fused_attention" in _t3_steps(cfg) and cfg.device.startswith("cuda"):
+        doc["attention_sweep"] = decode_attention.sweep(tts.t3, _capacity(tts, cfg))
 
     checks = None
     if cfg.checks:

@@ -22,6 +22,10 @@ Past the guide (`BEYOND`):
                        row's cache (flex attention, `t3_forward.filled_cache_mask`), not the
                        whole allocation; compiled only (flex attention's eager form is a
                        reference that materializes every score)
+- "fused_attention": the one-token step's rotary, cache write and attention over the filled
+                       slots as one Triton kernel a layer (`decode_attention.py`); it takes
+                       the step's attention over from `filled_cache_attention`, which then
+                       serves nothing
 
 Any number of utterances decode together (`streams`): each is a CFG pair of rows,
 with its own prompt, position, repetition mask and stop.
@@ -41,11 +45,11 @@ from .sampling import DeviceSampling, SamplingParams, next_token_probs, sample_t
 from .t3_forward import DynamicT3Forward, StaticT3Forward, filled_cache_mask
 
 LADDER = ("bf16", "static_cache", "embed_cache", "compiled")
-BEYOND = ("fused_projections", "sampling_in_graph", "fused_matvec", "filled_cache_attention")
+BEYOND = ("fused_projections", "sampling_in_graph", "fused_matvec", "filled_cache_attention", "fused_attention")
 STEPS = LADDER + BEYOND
 REQUIRES = {"compiled": ("static_cache", "embed_cache"), "fused_projections": ("static_cache",),
             "sampling_in_graph": ("compiled",), "fused_matvec": ("fused_projections",),
-            "filled_cache_attention": ("compiled",)}
+            "filled_cache_attention": ("compiled",), "fused_attention": ("static_cache",)}
 
 # How often the host looks for the stop token: each look is a device sync that
 # stops the CPU from queueing further steps ahead of the GPU.
@@ -168,7 +172,7 @@ class T3Decoder:
         for t in (self.tokens, self.seen, self.step_index, self.prompt_len_t, self.stopped, self.nonfinite):
             torch._dynamo.mark_static_address(t)
         self.forward = None
-        self.filled_only = "filled_cache_attention" in self.steps
+        self.filled_only = "filled_cache_attention" in self.steps and "fused_attention" not in self.steps
         if "static_cache" in self.steps:
             if max_cache_len is None:
                 max_cache_len = cache_len_for(cond_len(self.t3) + max_text_tokens + 4, max_new_tokens)
@@ -177,7 +181,8 @@ class T3Decoder:
                                  f"max_cache_len must be a multiple of it, got {max_cache_len}")
             self.forward = StaticT3Forward(self.t3, max_cache_len, batch=2 * streams,
                                            fused="fused_projections" in self.steps,
-                                           matvec="fused_matvec" in self.steps)
+                                           matvec="fused_matvec" in self.steps,
+                                           attention_kernel="fused_attention" in self.steps)
         self._active_forward = self.forward
         self.compiled = "compiled" in self.steps
         self.sample_in_graph = "sampling_in_graph" in self.steps

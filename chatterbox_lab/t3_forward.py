@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from . import decode_attention
 from .fused_matvec import Norm, fused_matvec
 from .kv_cache import CACHE_MULTIPLE, StaticKVCache
 
@@ -50,12 +51,36 @@ def filled_cache_mask(prompt_lens: torch.Tensor, step_index: torch.Tensor, heads
                                     seq_lengths=(1, capacity), compute_q_blocks=False)
 
 
+def cached_attention(q, k, v, positions: torch.Tensor, rows: slice, rotary, cache: StaticKVCache,
+                     layer: int, mask) -> torch.Tensor:
+    """PyTorch's attention over the static cache: q (B, T, heads * D), k and v (B, T, kv_heads * D)
+    at `positions` get transformers' rotary (`rotary`: cos, sin gathered at the positions), are
+    written into cache rows `rows`, and attend to the slots `mask` allows: a boolean tensor
+    (SDPA) or a flex-attention block mask -> (B, T, heads * D)."""
+    B, T, _ = q.shape
+    head_dim = rotary[0].size(-1)
+    q, k, v = (t.view(B, T, -1, head_dim).transpose(1, 2) for t in (q, k, v))
+    q, k = apply_rotary_pos_emb(q, k, *rotary)
+    keys, values = cache.update(layer, positions, k, v, rows)
+    gqa = q.size(1) != keys.size(1)
+    if isinstance(mask, torch.Tensor):
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
+    else:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        out = flex_attention(q, keys, values, block_mask=mask, enable_gqa=gqa)
+    return out.transpose(1, 2).reshape(B, T, -1)
+
+
 class StaticT3Forward:
     """Rows of the batch are CFG pairs, one pair per utterance (cond, uncond, cond, ...)."""
 
-    def __init__(self, t3, capacity: int, batch: int = 2, fused: bool = False, matvec: bool = False):
+    def __init__(self, t3, capacity: int, batch: int = 2, fused: bool = False, matvec: bool = False,
+                 attention_kernel: bool = False):
         """`fused`: q/k/v and gate/up as one matrix each. `matvec` (needs `fused`): every
-        matmul with its norm, activation or residual as one kernel (`fused_matvec.py`)."""
+        matmul with its norm, activation or residual as one kernel (`fused_matvec.py`).
+        `attention_kernel`: a one-token step's rotary, cache write and attention as one
+        kernel a layer (`decode_attention.py`)."""
         from .fused_projections import FusedProjections
 
         if matvec and not fused:
@@ -75,6 +100,11 @@ class StaticT3Forward:
         self.cos, self.sin = rotary_tables(t3, capacity, weight.dtype)
         torch._dynamo.mark_static_address(self.cos)
         torch._dynamo.mark_static_address(self.sin)
+        self.attention_kernel = attention_kernel
+        self.splits = decode_attention.splits_for(capacity)
+        # The kernel's per-(row, head) arrival counter: zero between calls, at a fixed address.
+        self.arrivals = torch.zeros(batch * self.n_heads, dtype=torch.int32, device=weight.device)
+        torch._dynamo.mark_static_address(self.arrivals)
 
     @property
     def capacity(self) -> int:
@@ -95,18 +125,12 @@ class StaticT3Forward:
 
     def _attention(self, i: int, layer, x: torch.Tensor, positions: torch.Tensor, rows: slice, rotary, mask):
         """Attention's output for layer i, before the output projection: (B, T, heads * head_dim)."""
-        B, T, _ = x.shape
-        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in self._qkv(i, layer, x))
-        q, k = apply_rotary_pos_emb(q, k, *rotary)
-        keys, values = self.cache.update(i, positions, k, v, rows)
-        gqa = self.n_heads != self.n_kv_heads
-        if isinstance(mask, torch.Tensor):
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
-        else:
-            from torch.nn.attention.flex_attention import flex_attention
-
-            out = flex_attention(q, keys, values, block_mask=mask, enable_gqa=gqa)
-        return out.transpose(1, 2).reshape(B, T, -1)
+        q, k, v = self._qkv(i, layer, x)
+        if self.attention_kernel and rows == slice(None) and decode_attention.kernel_applies(q):
+            return decode_attention.triton_decode_attention(
+                q, k, v, positions, self.cos, self.sin, self.cache.keys[i], self.cache.values[i],
+                self.arrivals, self.splits)
+        return cached_attention(q, k, v, positions, rows, rotary, self.cache, i, mask)
 
     def _layer(self, i: int, layer, x: torch.Tensor, positions: torch.Tensor, rows: slice, rotary, mask):
         attended = self._attention(i, layer, x, positions, rows, rotary, mask)

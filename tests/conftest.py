@@ -6,7 +6,7 @@ import torch
 os.environ.setdefault("TQDM_DISABLE", "1")
 if not torch.cuda.is_available():
     # Triton reads this when it is first imported: its kernels defined from then on run
-    # on the CPU through its interpreter (tests of fused_matvec's kernel).
+    # on the CPU through its interpreter (tests of the fused_matvec and decode_attention kernels).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
@@ -17,6 +17,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def interpreted(monkeypatch):
+    """Our Triton kernels run on the CPU by Triton's interpreter (the switch lives in fused_matvec)."""
+    from chatterbox_lab import fused_matvec
+
+    if fused_matvec.triton is None or os.environ.get("TRITON_INTERPRET") != "1" or torch.cuda.is_available():
+        pytest.skip("needs Triton's interpreter, on a machine without a GPU")
+    monkeypatch.setattr(fused_matvec, "interpreter_on_cpu", True)
+    return fused_matvec
 
 
 @pytest.fixture(scope="session")

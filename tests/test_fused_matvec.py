@@ -1,6 +1,4 @@
 """fused_matvec: the reference is upstream's math, the kernel is the reference, the step uses them."""
-import os
-
 import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
@@ -8,15 +6,6 @@ from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 from chatterbox_lab import equivalence, fused_matvec
 from chatterbox_lab.decoder import T3Decoder, text_tokens_for
 from chatterbox_lab.fused_matvec import KernelConfig, Norm, reference_matvec
-
-
-@pytest.fixture
-def interpreted(monkeypatch):
-    """fused_matvec with its kernel run on the CPU by Triton's interpreter (conftest sets it up)."""
-    if fused_matvec.triton is None or os.environ.get("TRITON_INTERPRET") != "1" or torch.cuda.is_available():
-        pytest.skip("needs Triton's interpreter, on a machine without a GPU")
-    monkeypatch.setattr(fused_matvec, "interpreter_on_cpu", True)
-    return fused_matvec
 
 
 def _mlp(dim, hidden, dtype):

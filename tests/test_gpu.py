@@ -157,13 +157,13 @@ def test_fused_matvec_kernels_match_pytorch_on_every_call_of_the_step(full_tts):
         assert error < 5e-3, (name, error)  # a few values one bf16 step apart: sums in another order
 
 
-def test_fused_matvec_step_replays_one_graph_and_keeps_bf16_logits(full_tts):
+@pytest.mark.parametrize("kernels", [("fused_matvec",), ("fused_matvec", "fused_attention")])
+def test_kernel_steps_replay_one_graph_and_keep_bf16_logits(full_tts, kernels):
     from chatterbox_lab import equivalence
     from chatterbox_lab.decoder import ladder_prefix
 
     text_tokens = text_tokens_for(full_tts, "The fused kernels read the weights once.")
-    steps = ladder_prefix("fused_matvec")
-    compiled = T3Decoder(full_tts.t3, steps, max_cache_len=512)
+    compiled = T3Decoder(full_tts.t3, ladder_prefix(kernels[-1]), max_cache_len=512)
     compiled.generate(full_tts.conds.t3, text_tokens, 16)
     counts = profiling.per_token_counts(lambda n: compiled.generate(full_tts.conds.t3, text_tokens, n))
     assert counts["graph_launches"] == pytest.approx(1.0), counts
@@ -172,7 +172,46 @@ def test_fused_matvec_step_replays_one_graph_and_keeps_bf16_logits(full_tts):
     eager = ("bf16", "static_cache", "embed_cache", "fused_projections")
     logits = {extra: equivalence.forced_logits(T3Decoder(full_tts.t3, eager + extra, max_cache_len=512),
                                                full_tts.conds.t3, text_tokens, forced)
-              for extra in [(), ("fused_matvec",)]}
-    error = equivalence.relative_error(logits[("fused_matvec",)], logits[()])
-    print("fused_matvec logits vs PyTorch's bf16 path: relative error", error)
+              for extra in [(), kernels]}
+    error = equivalence.relative_error(logits[kernels], logits[()])
+    print(f"{'+'.join(kernels)} logits vs PyTorch's bf16 path: relative error", error)
     assert error < equivalence.BF16_LOGIT_TOLERANCE
+
+
+@pytest.mark.parametrize("capacity", [128, 512, 1024])
+def test_decode_attention_kernel_matches_pytorch_at_every_stretch(full_tts, capacity):
+    """The full model's heads, bf16, positions at both ends of the cache and of a block; the
+    stretches' partials cross SMs through the arrival counter, which must come back to zero."""
+    import torch
+
+    from chatterbox_lab.decode_attention import splits_for, triton_decode_attention
+    from chatterbox_lab.kv_cache import StaticKVCache
+    from chatterbox_lab.t3_forward import cached_attention, rotary_tables
+
+    cfg = full_tts.t3.cfg
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = cfg.hidden_size // heads
+    new = dict(device="cuda", dtype=torch.bfloat16)
+    cos, sin = rotary_tables(full_tts.t3, capacity, torch.bfloat16)
+    arrivals = torch.zeros(4 * heads, dtype=torch.int32, device="cuda")
+    torch.manual_seed(capacity)
+    for positions in (torch.tensor([0, 1, 63, 64]), torch.tensor([capacity // 2, capacity - 65, capacity - 2, capacity - 1])):
+        positions = positions.cuda()[:, None]
+        caches = [StaticKVCache(1, 4, kv_heads, capacity, head_dim, torch.bfloat16, "cuda") for _ in range(2)]
+        for buffer in ("keys", "values"):
+            history = torch.randn(4, kv_heads, capacity, head_dim, **new)
+            for cache in caches:
+                getattr(cache, buffer)[0].copy_(history)
+        q = torch.randn(4, 1, heads * head_dim, **new)
+        k, v = (torch.randn(4, 1, kv_heads * head_dim, **new) for _ in range(2))
+        got = triton_decode_attention(q, k, v, positions, cos, sin, caches[0].keys[0], caches[0].values[0],
+                                      arrivals, splits_for(capacity)).float()
+        want = cached_attention(q, k, v, positions, slice(None), (cos[positions], sin[positions]), caches[1], 0,
+                                caches[1].mask(positions)).float()
+        error = float((got - want).norm() / want.norm())
+        assert error < 1e-2, (capacity, positions.tolist(), error)
+        # The new keys' rotary is rounded once, not after each product: a bf16 step apart at most.
+        key_error = (caches[0].keys[0] - caches[1].keys[0]).float().norm() / caches[1].keys[0].float().norm()
+        assert key_error < 1e-3
+        assert torch.equal(caches[0].values[0], caches[1].values[0])
+        assert not arrivals.any()

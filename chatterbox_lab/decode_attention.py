@@ -1,0 +1,206 @@
+"""One decode step's attention as one Triton kernel: rotary, cache write, attention over the filled slots.
+
+In the one-token step, PyTorch's path spends several kernels a layer around the
+attention itself: rotary embedding of q and k, two cache writes, the mask, then
+SDPA over the whole cache allocation, whose (row, head) pairs keep only a
+quarter of the SMs busy. Here one kernel does it all:
+
+- every program rotates its head's new q and k (Llama's rotate-half form,
+  rounded to the model's dtype as transformers rounds them) and the first program
+  of a key/value head writes the new key and value into the cache;
+- programs split each row's cache into `splits` stretches, read only the slots
+  already written (the position is device data, so a captured graph serves every
+  step) and fold them with an online softmax;
+- the program that finishes a (row, head) last combines the stretches, found by an
+  arrival counter it resets for the next call, so no second kernel is launched.
+
+The new key and value are used from registers: no program reads the slot being
+written, so there is no race between the writer and the readers.
+
+The decoder takes the kernel for one-token steps on CUDA (`kernel_applies`);
+otherwise, and as the reference, `t3_forward.cached_attention`: transformers' rotary,
+`StaticKVCache.update` and SDPA under a mask.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import fused_matvec
+
+triton = fused_matvec.triton
+if triton is not None:
+    import triton.language as tl
+
+# Slots per loop iteration, and the least a program is given.
+BLOCK_SLOTS = 64
+MAX_SPLITS = 16
+
+# Per cache capacity: the split count `sweep` found fastest on the card; others use the default.
+SPLITS: dict[int, int] = {}
+
+
+def splits_for(capacity: int) -> int:
+    """Programs per (row, head), a power of two: by default one block of slots each, so that even
+    a lone CFG pair's 32 (row, head) pairs spread over most of the SMs."""
+    if capacity in SPLITS:
+        return SPLITS[capacity]
+    blocks = -(-capacity // BLOCK_SLOTS)
+    return min(MAX_SPLITS, 1 << (blocks - 1).bit_length())
+
+
+if triton is not None:
+    @triton.jit
+    def _rotated(ptr, cos_ptr, sin_ptr, pos, D: tl.constexpr):
+        """x * cos + rotate_half(x) * sin for one head's D values at `ptr`, rounded to x's dtype."""
+        d = tl.arange(0, D)
+        partner = (d + D // 2) % D
+        sign = tl.where(d < D // 2, -1.0, 1.0)
+        x = tl.load(ptr + d)
+        other = tl.load(ptr + partner).to(tl.float32)
+        cos = tl.load(cos_ptr + pos * D + d).to(tl.float32)
+        sin = tl.load(sin_ptr + pos * D + d).to(tl.float32)
+        return (x.to(tl.float32) * cos + sign * other * sin).to(x.dtype)
+
+    @triton.jit
+    def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, stride_q, stride_k, stride_v, pos_ptr, stride_pos,
+                                 cos_ptr, sin_ptr, keys_ptr, values_ptr, out_ptr, stride_out,
+                                 partial_ptr, arrivals_ptr, capacity, scale,
+                                 HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr,
+                                 SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+        row_head = tl.program_id(0)
+        split = tl.program_id(1)
+        row = row_head // HEADS
+        head = row_head % HEADS
+        kv_head = head // (HEADS // KV_HEADS)
+        pos = tl.load(pos_ptr + row * stride_pos)
+        d = tl.arange(0, D)
+
+        q = _rotated(q_ptr + row * stride_q + head * D, cos_ptr, sin_ptr, pos, D).to(tl.float32)
+        k_new = _rotated(k_ptr + row * stride_k + kv_head * D, cos_ptr, sin_ptr, pos, D)
+        v_new = tl.load(v_ptr + row * stride_v + kv_head * D + d)
+        cache_row = (row * KV_HEADS + kv_head) * capacity
+        if (split == 0) & (head % (HEADS // KV_HEADS) == 0):
+            tl.store(keys_ptr + (cache_row + pos) * D + d, k_new)
+            tl.store(values_ptr + (cache_row + pos) * D + d, v_new)
+
+        # This program's stretch of the slots before `pos`; the one holding `pos` adds it.
+        stretch = tl.cdiv(tl.cdiv(capacity, SPLITS), BLOCK) * BLOCK
+        start = split * stretch
+        end = tl.minimum(start + stretch, pos)
+        best = tl.full([], float("-inf"), tl.float32)
+        total = tl.zeros([], dtype=tl.float32)
+        acc = tl.zeros([D], dtype=tl.float32)
+        for first in range(start, end, BLOCK):
+            slots = first + tl.arange(0, BLOCK)
+            ok = slots < end
+            offsets = (cache_row + slots)[:, None] * D + d[None, :]
+            keys = tl.load(keys_ptr + offsets, mask=ok[:, None], other=0.0).to(tl.float32)
+            scores = tl.where(ok, tl.sum(keys * q[None, :], axis=1) * scale, float("-inf"))
+            new_best = tl.maximum(best, tl.max(scores, axis=0))
+            weights = tl.exp(scores - new_best)
+            rescale = tl.exp(best - new_best)
+            values = tl.load(values_ptr + offsets, mask=ok[:, None], other=0.0).to(tl.float32)
+            acc = acc * rescale + tl.sum(weights[:, None] * values, axis=0)
+            total = total * rescale + tl.sum(weights, axis=0)
+            best = new_best
+        if (pos >= start) & (pos < start + stretch):
+            score = tl.sum(k_new.to(tl.float32) * q, axis=0) * scale
+            new_best = tl.maximum(best, score)
+            weight = tl.exp(score - new_best)
+            rescale = tl.exp(best - new_best)
+            acc = acc * rescale + weight * v_new.to(tl.float32)
+            total = total * rescale + weight
+            best = new_best
+
+        out_at = out_ptr + row * stride_out + head * D + d
+        if SPLITS == 1:
+            tl.store(out_at, (acc / total).to(out_ptr.dtype.element_ty))
+        else:
+            # Each stretch leaves (best, total, acc); the last program of this (row, head) to
+            # arrive combines them. The barrier and the release/acquire counter make every
+            # program's partial visible to it; .cg loads skip the L1, which may hold stale lines.
+            partial = partial_ptr + (row_head * SPLITS + split) * (D + 2)
+            tl.store(partial + d, acc)
+            tl.store(partial + D, best)
+            tl.store(partial + D + 1, total)
+            tl.debug_barrier()
+            arrived = tl.atomic_add(arrivals_ptr + row_head, 1, sem="acq_rel")
+            if arrived == SPLITS - 1:
+                parts = partial_ptr + (row_head * SPLITS + tl.arange(0, SPLITS)) * (D + 2)
+                bests = tl.load(parts + D, cache_modifier=".cg")
+                totals = tl.load(parts + D + 1, cache_modifier=".cg")
+                accs = tl.load(parts[:, None] + d[None, :], cache_modifier=".cg")
+                overall = tl.max(bests, axis=0)
+                weights = tl.exp(bests - overall)
+                combined = tl.sum(weights[:, None] * accs, axis=0) / tl.sum(weights * totals, axis=0)
+                tl.store(out_at, combined.to(out_ptr.dtype.element_ty))
+                tl.store(arrivals_ptr + row_head, 0)
+
+
+def kernel_applies(q: torch.Tensor) -> bool:
+    """The kernel serves this step: one query position, on CUDA (or the CPU interpreter)."""
+    if triton is None or q.size(1) != 1:
+        return False
+    return q.is_cuda or (q.device.type == "cpu" and fused_matvec.interpreter_on_cpu)
+
+
+def triton_decode_attention(q, k, v, positions, cos, sin, keys, values, arrivals, splits: int):
+    """`t3_forward.cached_attention` for one query position as one kernel: q (B, 1, heads * D),
+    k and v (B, 1, kv_heads * D) at `positions` ((1,) shared, or (B, 1) one per row), written
+    into `keys` and `values` (B, kv_heads, capacity, D), the whole cache of one layer.
+    `arrivals`: an int32 counter per (row, head), zero, kept zero between calls by the kernel."""
+    rows, _, width = q.shape
+    head_dim = cos.size(-1)
+    heads, kv_heads = width // head_dim, keys.size(1)
+    if not (keys.is_contiguous() and values.is_contiguous()):
+        raise ValueError("the kernel addresses the cache buffers as contiguous (rows, kv heads, slots, dim)")
+    if splits < 1 or splits & (splits - 1):
+        raise ValueError(f"splits must be a power of two, got {splits}")
+    if arrivals.numel() < rows * heads or arrivals.dtype != torch.int32:
+        raise ValueError(f"arrivals must be an int32 counter with at least {rows * heads} entries")
+    q2, k2, v2 = (t[:, 0] for t in (q, k, v))
+    out = torch.empty(rows, width, dtype=q.dtype, device=q.device)
+    partial = torch.empty(rows * heads * splits, head_dim + 2, dtype=torch.float32, device=q.device)
+    positions = positions.reshape(-1)
+    from torch.library import wrap_triton
+
+    wrap_triton(_decode_attention_kernel)[(rows * heads, splits)](
+        q2, k2, v2, q2.stride(0), k2.stride(0), v2.stride(0), positions, 0 if positions.numel() == 1 else 1,
+        cos, sin, keys, values, out, out.stride(0), partial, arrivals, keys.size(2), head_dim ** -0.5,
+        HEADS=heads, KV_HEADS=kv_heads, D=head_dim, SPLITS=splits, BLOCK=BLOCK_SLOTS, num_warps=4)
+    return out.view(rows, 1, width)
+
+
+def sweep(t3, capacity: int, rows: int = 2, dtype: torch.dtype = torch.bfloat16, layers: int = 30) -> dict:
+    """Microseconds per call at the last position of a `capacity`-slot cache, inside a CUDA graph
+    over `layers` caches (as many as a step reads, so they are not all in L2): PyTorch's path,
+    then the kernel at each split count; the fastest count goes into SPLITS."""
+    from .fused_matvec import _time_in_graph
+    from .kv_cache import StaticKVCache
+    from .t3_forward import cached_attention, rotary_tables
+
+    cfg = t3.cfg
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    device = t3.speech_head.weight.device
+    cache = StaticKVCache(layers, rows, kv_heads, capacity, head_dim, dtype, device)
+    for buffer in (*cache.keys, *cache.values):
+        buffer.normal_()
+    cos, sin = rotary_tables(t3, capacity, dtype)
+    positions = torch.full((1,), capacity - 1, device=device)
+    rotary = (cos[positions][None], sin[positions][None])
+    q = torch.randn(rows, 1, heads * head_dim, device=device, dtype=dtype)
+    k, v = (torch.randn(rows, 1, kv_heads * head_dim, device=device, dtype=dtype) for _ in range(2))
+    arrivals = torch.zeros(rows * heads, dtype=torch.int32, device=device)
+    mask = cache.mask(positions)
+    found = dict(capacity=capacity, pytorch_us=_time_in_graph(
+        [lambda i=i: cached_attention(q, k, v, positions, slice(None), rotary, cache, i, mask)
+         for i in range(layers)]) * 1e6, splits={})
+    for splits in (1 << e for e in range(MAX_SPLITS.bit_length())):
+        found["splits"][str(splits)] = _time_in_graph(
+            [lambda i=i: triton_decode_attention(q, k, v, positions, cos, sin, cache.keys[i], cache.values[i],
+                                                 arrivals, splits) for i in range(layers)]) * 1e6
+    best = min(found["splits"], key=found["splits"].get)
+    found["best"], found["best_us"] = int(best), found["splits"][best]
+    SPLITS[capacity] = int(best)
+    return found

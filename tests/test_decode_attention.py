@@ -1,0 +1,91 @@
+"""decode_attention: the kernel is PyTorch's rotary, cache write and masked attention, for one token."""
+import pytest
+import torch
+
+from chatterbox_lab import decode_attention, equivalence
+from chatterbox_lab.decoder import T3Decoder, check_steps, text_tokens_for
+from chatterbox_lab.kv_cache import StaticKVCache
+from chatterbox_lab.t3_forward import cached_attention
+
+
+def _caches(rows, kv_heads, capacity, head_dim):
+    """Two identical caches, filled with random history."""
+    caches = [StaticKVCache(1, rows, kv_heads, capacity, head_dim, torch.float32, "cpu") for _ in range(2)]
+    for buffer in ("keys", "values"):
+        history = torch.randn(rows, kv_heads, capacity, head_dim)
+        for cache in caches:
+            getattr(cache, buffer)[0].copy_(history)
+    return caches
+
+
+@pytest.mark.parametrize("splits", [1, 2, 4])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_kernel_matches_pytorch_attention_under_the_interpreter(interpreted, splits, kv_heads, per_row):
+    torch.manual_seed(splits * 10 + kv_heads)
+    rows, heads, head_dim, capacity = 4, 4, 32, 192
+    cos, sin = (torch.randn(capacity, head_dim // 2).repeat(1, 2) for _ in range(2))
+    # A slot at the start, at a block edge, inside a block and the last one: every stretch shape.
+    positions = torch.tensor([[0], [64], [100], [capacity - 1]]) if per_row else torch.tensor([130])
+    q = torch.randn(rows, 1, heads * head_dim)
+    k, v = (torch.randn(rows, 1, kv_heads * head_dim) for _ in range(2))
+    kernel_cache, reference_cache = _caches(rows, kv_heads, capacity, head_dim)
+    rotary = (cos[positions], sin[positions]) if per_row else (cos[positions][None], sin[positions][None])
+    arrivals = torch.zeros(rows * heads, dtype=torch.int32)
+
+    got = decode_attention.triton_decode_attention(q, k, v, positions, cos, sin, kernel_cache.keys[0],
+                                                   kernel_cache.values[0], arrivals, splits)
+    want = cached_attention(q, k, v, positions, slice(None), rotary, reference_cache, 0,
+                            reference_cache.mask(positions))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kernel_cache.keys[0], reference_cache.keys[0], rtol=1e-6, atol=1e-6)
+    assert torch.equal(kernel_cache.values[0], reference_cache.values[0])
+    assert not arrivals.any()  # reset for the next call
+
+
+def test_splits_are_powers_of_two_that_grow_with_the_cache():
+    assert [decode_attention.splits_for(c) for c in (64, 128, 384, 448, 1024, 4096)] == [1, 2, 8, 8, 16, 16]
+    one = torch.zeros(1, 1, 32)
+    with pytest.raises(ValueError, match="power of two"):
+        decode_attention.triton_decode_attention(one, one, one, torch.zeros(1, dtype=torch.long),
+                                                 torch.zeros(8, 32), torch.zeros(8, 32), torch.zeros(1, 1, 8, 32),
+                                                 torch.zeros(1, 1, 8, 32), torch.zeros(1, dtype=torch.int32), 3)
+
+
+def test_the_kernel_serves_one_token_steps_only(interpreted):
+    assert decode_attention.kernel_applies(torch.zeros(2, 1, 64))
+    assert not decode_attention.kernel_applies(torch.zeros(2, 5, 64))  # a prefill keeps SDPA
+
+
+def test_fused_attention_takes_over_from_filled_cache_attention(tiny_tts):
+    steps = ("static_cache", "embed_cache", "compiled", "filled_cache_attention", "fused_attention")
+    decoder = T3Decoder(tiny_tts.t3, check_steps(steps))
+    assert decoder.forward.attention_kernel and not decoder.filled_only
+
+
+@pytest.mark.parametrize("matvec", [False, True])
+def test_decode_steps_through_the_kernel_give_upstreams_logits(interpreted, tiny_tts, matvec):
+    """Teacher-forced against upstream fp32, the attention kernel run by the interpreter."""
+    text_tokens = text_tokens_for(tiny_tts, "Four tokens.")
+    forced = equivalence.seeded_tokens(tiny_tts, text_tokens, 4, seed=1)
+    reference = equivalence.reference_logits(tiny_tts, text_tokens, forced)
+    steps = ("static_cache", "embed_cache", "fused_attention") + (("fused_projections", "fused_matvec") if matvec else ())
+    decoder = T3Decoder(tiny_tts.t3, steps)
+    assert decoder.forward.splits > 1  # the default cache is long: stretches are combined
+    got = equivalence.forced_logits(decoder, tiny_tts.conds.t3, text_tokens, forced)
+    assert equivalence.relative_error(got, reference) < 1e-5
+
+
+def test_batched_utterances_through_the_kernel_match_one_at_a_time(interpreted, tiny_tts):
+    """Per-row positions: utterances with prompts of different lengths, batched and alone."""
+    from chatterbox_lab.sampling import SamplingParams
+
+    greedy = SamplingParams(top_p=1e-6)
+    steps = ("static_cache", "embed_cache", "fused_attention")
+    conds = [tiny_tts.conds.t3] * 2
+    texts = [text_tokens_for(tiny_tts, t) for t in ("Short.", "A rather longer sentence than that.")]
+    batch = T3Decoder(tiny_tts.t3, steps, streams=2, max_new_tokens=10)
+    result = batch.generate_batch(conds, texts, 10, greedy, stop_on_eos=False)
+    single = T3Decoder(tiny_tts.t3, steps, max_new_tokens=10)
+    for cond, text, tokens in zip(conds, texts, result.all_tokens):
+        assert torch.equal(single.generate(cond, text, 10, greedy, stop_on_eos=False).tokens, tokens)
