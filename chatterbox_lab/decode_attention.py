@@ -72,10 +72,12 @@ if triton is not None:
         row = row_head // HEADS
         head = row_head % HEADS
         kv_head = head // (HEADS // KV_HEADS)
-        pos = tl.load(pos_ptr + row * stride_pos)
+        pos = tl.load(pos_ptr + row * stride_pos).to(tl.int32)
         d = tl.arange(0, D)
 
-        q = _rotated(q_ptr + row * stride_q + head * D, cos_ptr, sin_ptr, pos, D).to(tl.float32)
+        # The scale folded into q; cast, because a compiled graph passes Python floats as fp64.
+        q = (_rotated(q_ptr + row * stride_q + head * D, cos_ptr, sin_ptr, pos, D).to(tl.float32)
+             * scale).to(tl.float32)
         k_new = _rotated(k_ptr + row * stride_k + kv_head * D, cos_ptr, sin_ptr, pos, D)
         v_new = tl.load(v_ptr + row * stride_v + kv_head * D + d)
         cache_row = (row * KV_HEADS + kv_head) * capacity
@@ -95,7 +97,7 @@ if triton is not None:
             ok = slots < end
             offsets = (cache_row + slots)[:, None] * D + d[None, :]
             keys = tl.load(keys_ptr + offsets, mask=ok[:, None], other=0.0).to(tl.float32)
-            scores = tl.where(ok, tl.sum(keys * q[None, :], axis=1) * scale, float("-inf"))
+            scores = tl.where(ok, tl.sum(keys * q[None, :], axis=1), float("-inf"))
             new_best = tl.maximum(best, tl.max(scores, axis=0))
             weights = tl.exp(scores - new_best)
             rescale = tl.exp(best - new_best)
@@ -104,7 +106,7 @@ if triton is not None:
             total = total * rescale + tl.sum(weights, axis=0)
             best = new_best
         if (pos >= start) & (pos < start + stretch):
-            score = tl.sum(k_new.to(tl.float32) * q, axis=0) * scale
+            score = tl.sum(k_new.to(tl.float32) * q, axis=0)
             new_best = tl.maximum(best, score)
             weight = tl.exp(score - new_best)
             rescale = tl.exp(best - new_best)
