@@ -26,6 +26,9 @@ Past the guide (`BEYOND`):
                        slots as one Triton kernel a layer (`decode_attention.py`); it takes
                        the step's attention over from `filled_cache_attention`, which then
                        serves nothing
+- "fused_sampling": the in-graph sampling (CFG mix, penalties, min-p, top-p without a sort,
+                       the exponential race) as one Triton kernel (`fused_sampling.py`),
+                       the random draw still PyTorch's
 
 Any number of utterances decode together (`streams`): each is a CFG pair of rows,
 with its own prompt, position, repetition mask and stop.
@@ -41,15 +44,18 @@ import torch.nn.functional as F
 from .embed_cache import SpeechEmbeddingCache, upstream_step_embedding
 from .kv_cache import CACHE_MULTIPLE, cache_len_for, check_fits
 from .precision import t3_in_dtype
-from .sampling import DeviceSampling, SamplingParams, next_token_probs, sample_token
+from . import fused_sampling
+from .sampling import DeviceSampling, SamplingParams, next_token_probs, race_noise, sample_token
 from .t3_forward import DynamicT3Forward, StaticT3Forward, filled_cache_mask
 
 LADDER = ("bf16", "static_cache", "embed_cache", "compiled")
-BEYOND = ("fused_projections", "sampling_in_graph", "fused_matvec", "filled_cache_attention", "fused_attention")
+BEYOND = ("fused_projections", "sampling_in_graph", "fused_matvec", "filled_cache_attention", "fused_attention",
+          "fused_sampling")
 STEPS = LADDER + BEYOND
 REQUIRES = {"compiled": ("static_cache", "embed_cache"), "fused_projections": ("static_cache",),
             "sampling_in_graph": ("compiled",), "fused_matvec": ("fused_projections",),
-            "filled_cache_attention": ("compiled",), "fused_attention": ("static_cache",)}
+            "filled_cache_attention": ("compiled",), "fused_attention": ("static_cache",),
+            "fused_sampling": ("sampling_in_graph",)}
 
 # How often the host looks for the stop token: each look is a device sync that
 # stops the CPU from queueing further steps ahead of the GPU.
@@ -186,6 +192,7 @@ class T3Decoder:
         self._active_forward = self.forward
         self.compiled = "compiled" in self.steps
         self.sample_in_graph = "sampling_in_graph" in self.steps
+        self.sampling_kernel = "fused_sampling" in self.steps
         self.step_fn = self._step_and_sample if self.sample_in_graph else self._step
         if self.compiled:
             from .compiled_step import compile_step
@@ -220,18 +227,28 @@ class T3Decoder:
             if self.filled_only else None
         return self.forward(self._embed(token, step), self._positions(), block_mask=block_mask)
 
-    def _step(self, step: int | None = None) -> torch.Tensor:
-        """Feed the last sampled tokens, return next-token probabilities. With the caches on
-        (step=None) it reads only device state, so one captured graph serves every step."""
+    def _feed_last(self, step: int | None = None) -> torch.Tensor:
+        """Feed the last sampled tokens and advance the step counter; their logits (2n, V). With
+        the caches on (step=None) it reads only device state, so one captured graph serves every step."""
         token = self.tokens.index_select(1, self.step_index)
         self.seen.scatter_(1, token, True)
         logits = self._feed(token, step)
         self.step_index.add_(1)
-        return self._probs(logits)
+        return logits
+
+    def _step(self, step: int | None = None) -> torch.Tensor:
+        """`_feed_last`, then the next-token probabilities."""
+        return self._probs(self._feed_last(step))
 
     def _step_and_sample(self) -> None:
-        """`_step`, then draw the next tokens into their slots, all on the device."""
-        self.tokens.index_copy_(1, self.step_index, sample_token(self._step()))
+        """`_feed_last`, then draw the next tokens into their slots, all on the device."""
+        logits = self._feed_last()
+        if self.sampling_kernel and fused_sampling.kernel_applies(logits):
+            token = fused_sampling.triton_sample(logits, self.seen, self.sampling, race_noise(self.seen),
+                                                 self.nonfinite)
+        else:
+            token = sample_token(self._probs(logits))
+        self.tokens.index_copy_(1, self.step_index, token)
 
     def prefill(self, t3_cond, text_tokens: torch.Tensor, max_new_tokens: int, cfg_weight: float,
                 stream: int = 0) -> torch.Tensor:

@@ -112,8 +112,13 @@ def next_token_probs(logits: torch.Tensor, seen: torch.Tensor, sampling: DeviceS
     return torch.softmax(scores, dim=-1)
 
 
+def race_noise(probs: torch.Tensor) -> torch.Tensor:
+    """The Exp(1) draws `torch.multinomial` makes for one sample from each row of `probs`."""
+    return torch.empty_like(probs, dtype=torch.float32).exponential_(1)
+
+
 def sample_token(probs: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """torch.multinomial(probs, 1) without its per-call host sync: (n, 1) ids, written into `out` if given."""
-    race = torch.empty_like(probs).exponential_(1)
+    race = race_noise(probs)
     torch.div(probs, race, out=race)
     return torch.argmax(race, dim=-1, keepdim=True, out=out)

@@ -1,0 +1,65 @@
+"""fused_sampling: the kernel picks the token PyTorch's sampling picks with the same random draws."""
+import pytest
+import torch
+
+from chatterbox_lab import fused_sampling
+from chatterbox_lab.sampling import DeviceSampling, SamplingParams, next_token_probs, sample_token
+
+VOCAB = 1000  # not a power of two: the padded lanes are exercised
+
+CASES = {
+    "upstream defaults": SamplingParams(),
+    "top-p 0.9": SamplingParams(top_p=0.9),
+    "top-p 0.5, no min-p": SamplingParams(top_p=0.5, min_p=0.0),
+    "greedy": SamplingParams(top_p=1e-6),
+    "strong penalty, no CFG": SamplingParams(repetition_penalty=2.0, cfg_weight=0.0, temperature=1.3),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_kernel_picks_pytorchs_tokens_for_the_same_noise(interpreted, case):
+    sampling = DeviceSampling("cpu")
+    sampling.set(CASES[case])
+    for seed in range(8):
+        torch.manual_seed(seed)
+        utterances = 3
+        # Peaked like a trained model's logits, so min-p and top-p both have work to do.
+        logits = torch.randn(2 * utterances, VOCAB) * 3
+        seen = torch.rand(utterances, VOCAB) < 0.05
+        nonfinite = torch.zeros((), dtype=torch.bool)
+        state = torch.get_rng_state()
+        want = sample_token(next_token_probs(logits, seen, sampling))
+        torch.set_rng_state(state)
+        noise = torch.empty(utterances, VOCAB).exponential_(1)
+        got = fused_sampling.triton_sample(logits, seen, sampling, noise, nonfinite)
+        assert torch.equal(got, want), (case, seed)
+        assert not nonfinite
+
+
+def test_top_p_keeps_the_smallest_set_over_the_mass(interpreted):
+    """Probabilities 0.4, 0.3, 0.2, 0.1: top-p 0.65 keeps the first two, and a draw never leaves them."""
+    sampling = DeviceSampling("cpu")
+    sampling.set(SamplingParams(top_p=0.65, min_p=0.0, temperature=1.0, cfg_weight=0.0))
+    logits = torch.tensor([0.4, 0.3, 0.2, 0.1]).log().repeat(2, 1)
+    picked = {int(fused_sampling.triton_sample(logits, torch.zeros(1, 4, dtype=torch.bool), sampling,
+                                               torch.empty(1, 4).exponential_(1), torch.zeros((), dtype=torch.bool)))
+              for _ in range(200)}
+    assert picked == {0, 1}
+
+
+def test_non_finite_logits_raise_the_flag(interpreted):
+    sampling = DeviceSampling("cpu")
+    sampling.set(SamplingParams())
+    logits = torch.randn(2, VOCAB)
+    logits[0, 5] = float("nan")
+    nonfinite = torch.zeros((), dtype=torch.bool)
+    fused_sampling.triton_sample(logits, torch.zeros(1, VOCAB, dtype=torch.bool), sampling,
+                                 torch.ones(1, VOCAB), nonfinite)
+    assert nonfinite
+
+
+def test_shapes_are_checked():
+    sampling = DeviceSampling("cpu")
+    with pytest.raises(ValueError, match=r"expected logits \(2n, V\)"):
+        fused_sampling.triton_sample(torch.zeros(3, 8), torch.zeros(2, 8, dtype=torch.bool), sampling,
+                                     torch.ones(2, 8), torch.zeros((), dtype=torch.bool))
