@@ -323,9 +323,10 @@ def run_checks(tts, cfg: BenchConfig, progress: bool = False) -> dict:
     step_sets = [(), ("static_cache",), ("embed_cache",), ("static_cache", "embed_cache"),
                  ("static_cache", "embed_cache", "compiled"), ("static_cache", "embed_cache", "fused_projections"),
                  ("static_cache", "embed_cache", "compiled", "fused_projections", "sampling_in_graph"),
-                 # The Triton kernels sum in their own order: checked by logits, not tokens.
+                 # The Triton kernels sum in their own order: checked by logits, not tokens (and
+                 # captured_graph needs them).
                  tuple(step for step in STEPS if step not in ("bf16", "fused_matvec", "fused_attention",
-                                                               "fused_sampling"))]
+                                                               "fused_sampling", "captured_graph"))]
     forced = equivalence.seeded_tokens(tts, text_tokens, n, cfg.seed)
     identity = equivalence.token_identity(tts, text_tokens, step_sets, n, seed=cfg.seed, reference=forced,
                                           progress=progress)

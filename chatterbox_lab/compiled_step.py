@@ -40,3 +40,43 @@ def compile_counters() -> dict:
         "frames_compiled": int(counters["stats"]["unique_graphs"]),
         "recompiles": int(sum(counters["recompiles"].values())) if "recompiles" in counters else 0,
     }
+
+
+class CapturedStep:
+    """`step` (no arguments, no result: it reads and writes device state in place) replayed as one
+    CUDA graph captured directly, without torch.compile.
+
+    Worth it when every kernel of the step is already hand-written (the `fused_*` steps): Inductor
+    would have little left to fuse, and its compile is most of a minute on a cold start, while
+    capture costs Triton's compile of those few kernels. Like Inductor's CUDA graphs, the first
+    call runs eagerly (it compiles the kernels and allocates what they need, outside any
+    capture); the second is captured and then replayed, since capture records without running.
+    PyTorch's generator is captured with its seed and offset read per replay, so random draws
+    continue the eager sequence and `torch.manual_seed` still applies. On the CPU the step runs
+    eagerly every time.
+    """
+
+    def __init__(self, step, device):
+        self.step = step
+        self.on_gpu = torch.device(device).type == "cuda"
+        self.warmed_up = False
+        self.graph = None
+
+    def __call__(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        elif not self.on_gpu:
+            self.step()
+        elif not self.warmed_up:
+            # Off the default stream, as capture needs: lazy handles and workspaces are made here.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.step()
+            torch.cuda.current_stream().wait_stream(side)
+            self.warmed_up = True
+        else:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.step()
+            self.graph.replay()

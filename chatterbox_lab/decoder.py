@@ -29,6 +29,9 @@ Past the guide (`BEYOND`):
 - "fused_sampling": the in-graph sampling (CFG mix, penalties, min-p, top-p without a sort,
                        the exponential race) as one Triton kernel (`fused_sampling.py`),
                        the random draw still PyTorch's
+- "captured_graph": with every kernel of the step hand-written, the step is captured as a
+                       CUDA graph directly instead of through torch.compile
+                       (`compiled_step.CapturedStep`): same kernels, a start-up of seconds
 
 Any number of utterances decode together (`streams`): each is a CFG pair of rows,
 with its own prompt, position, repetition mask and stop.
@@ -50,12 +53,13 @@ from .t3_forward import DynamicT3Forward, StaticT3Forward, filled_cache_mask
 
 LADDER = ("bf16", "static_cache", "embed_cache", "compiled")
 BEYOND = ("fused_projections", "sampling_in_graph", "fused_matvec", "filled_cache_attention", "fused_attention",
-          "fused_sampling")
+          "fused_sampling", "captured_graph")
 STEPS = LADDER + BEYOND
 REQUIRES = {"compiled": ("static_cache", "embed_cache"), "fused_projections": ("static_cache",),
             "sampling_in_graph": ("compiled",), "fused_matvec": ("fused_projections",),
             "filled_cache_attention": ("compiled",), "fused_attention": ("static_cache",),
-            "fused_sampling": ("sampling_in_graph",)}
+            "fused_sampling": ("sampling_in_graph",),
+            "captured_graph": ("fused_matvec", "fused_attention", "fused_sampling")}
 
 # How often the host looks for the stop token: each look is a device sync that
 # stops the CPU from queueing further steps ahead of the GPU.
@@ -195,9 +199,10 @@ class T3Decoder:
         self.sampling_kernel = "fused_sampling" in self.steps
         self.step_fn = self._step_and_sample if self.sample_in_graph else self._step
         if self.compiled:
-            from .compiled_step import compile_step
+            from .compiled_step import CapturedStep, compile_step
 
-            self.step_fn = compile_step(self.step_fn, random_in_graph=self.sample_in_graph)
+            self.step_fn = CapturedStep(self.step_fn, device) if "captured_graph" in self.steps else \
+                compile_step(self.step_fn, random_in_graph=self.sample_in_graph)
 
     @property
     def capacity(self) -> int | None:

@@ -121,6 +121,14 @@ def decode_window(trace: dict, last_fraction: float = 0.5) -> tuple[float, float
     return end - (end - start) * last_fraction, end
 
 
+def steps_window(trace: dict) -> tuple[float, float]:
+    """(start_us, end_us) of all the decode steps: from the first graph launch where the steps are
+    replayed graphs (the prefill before it is eager), else `decode_window`'s last half."""
+    lo, hi = decode_window(trace)
+    launches = [e["ts"] for e in trace["traceEvents"] if e.get("name") in GRAPH_LAUNCHES and "ts" in e]
+    return (min(launches), hi) if launches else (lo, hi)
+
+
 def gpu_busy_fraction(trace: dict, window: tuple[float, float] | None = None) -> float:
     """Share of wall time in `window` during which some GPU kernel was running."""
     spans = kernel_spans(trace)
@@ -134,10 +142,12 @@ def gpu_busy_fraction(trace: dict, window: tuple[float, float] | None = None) ->
     return busy / (hi - lo)
 
 
-# Kernel kinds by name: cuBLAS / cuDNN / Inductor's generated kernels, matched in this order.
+# Kernel kinds by name, matched in this order: cuBLAS and our matvec kernel, cuDNN / flex / our
+# attention kernel, sampling (a vocabulary sort's passes, or our one kernel), Inductor's kernels.
 KERNEL_KINDS = (
-    ("matmul", ("nvjet", "gemm", "cutlass", "xmma", "cublas")),
+    ("matmul", ("nvjet", "gemm", "cutlass", "xmma", "cublas", "_matvec_kernel")),
     ("attention", ("sdpa", "flash", "fmha", "attention")),
+    ("sampling", ("radix_sort", "_sample_kernel")),
     ("generated (Triton)", ("triton_",)),
 )
 
@@ -148,10 +158,10 @@ def kernel_kind(name: str) -> str:
 
 
 def kernel_mix(trace: dict, window: tuple[float, float] | None = None) -> dict[str, float]:
-    """Share of the kernels in `window` (default: the decode part) of each kind. Counts, not
+    """Share of the kernels in `window` (default: the decode steps) of each kind. Counts, not
     durations: under the profiler each kernel of a replayed graph is stretched, so a trace's
     durations say little about the step's real time (the bench times it unprofiled)."""
-    lo, hi = window or decode_window(trace)
+    lo, hi = window or steps_window(trace)
     kinds = [kernel_kind(name) for name, ts, _ in kernel_spans(trace) if lo <= ts < hi]
     return {kind: kinds.count(kind) / len(kinds) for kind in [k for k, _ in KERNEL_KINDS] + ["other kernels"]}
 

@@ -124,9 +124,10 @@ class StaticT3Forward:
         return qkv.split([self.n_heads * self.head_dim, kv, kv], dim=-1)
 
     def _attention(self, i: int, layer, x: torch.Tensor, positions: torch.Tensor, rows: slice, rotary, mask):
-        """Attention's output for layer i, before the output projection: (B, T, heads * head_dim)."""
+        """Attention's output for layer i, before the output projection: (B, T, heads * head_dim).
+        No `mask`: the one-token kernel, which gathers its own rotary row and reads the filled slots."""
         q, k, v = self._qkv(i, layer, x)
-        if self.attention_kernel and rows == slice(None) and decode_attention.kernel_applies(q):
+        if mask is None:
             return decode_attention.triton_decode_attention(
                 q, k, v, positions, self.cos, self.sin, self.cache.keys[i], self.cache.values[i],
                 self.arrivals, self.splits)
@@ -148,10 +149,13 @@ class StaticT3Forward:
         (B, 1) one per row -> speech logits of the last position (B, V). `block_mask`
         (`filled_cache_mask`, one step only): flex attention over the filled cache instead
         of SDPA over the whole allocation."""
-        mask = self.cache.mask(positions) if block_mask is None else block_mask
-        # cos/sin gathered once and shared by every layer: (1, T, D) or (B, 1, D).
-        rotary = (self.cos[positions], self.sin[positions]) if positions.dim() == 2 else \
-            (self.cos[positions][None], self.sin[positions][None])
+        if self.attention_kernel and rows == slice(None) and decode_attention.kernel_applies(embeds):
+            mask = rotary = None
+        else:
+            mask = self.cache.mask(positions) if block_mask is None else block_mask
+            # cos/sin gathered once and shared by every layer: (1, T, D) or (B, 1, D).
+            rotary = (self.cos[positions], self.sin[positions]) if positions.dim() == 2 else \
+                (self.cos[positions][None], self.sin[positions][None])
         x = embeds
         for i, layer in enumerate(self.layers):
             x = self._layer(i, layer, x, positions, rows, rotary, mask)

@@ -81,10 +81,12 @@ def test_committed_trace_of_every_rung_opens_as_a_chrome_trace_with_gpu_kernels(
 def test_kernel_mix_sorts_kernels_by_kind():
     def kernel(name, ts):
         return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": 1}
-    trace = {"traceEvents": [kernel("nvjet_sm90_tst_64x8", 0), kernel("cudnn_sdpa_flash_fprop", 2),
-                             kernel("triton_per_fused_add_mean", 4), kernel("void at::native::fill", 6)]}
-    assert profiling.kernel_mix(trace, (0, 10)) == {"matmul": 0.25, "attention": 0.25, "generated (Triton)": 0.25,
-                                                    "other kernels": 0.25}
+    names = ["nvjet_sm90_tst_64x8", "_matvec_kernel", "cudnn_sdpa_flash_fprop", "_decode_attention_kernel",
+             "cub::detail::radix_sort::DeviceRadixSortOnesweepKernel", "_sample_kernel", "triton_per_fused_add_mean",
+             "triton_poi_fused_copy", "void at::native::fill", "void at::native::reduce_kernel"]
+    trace = {"traceEvents": [kernel(name, 2 * i) for i, name in enumerate(names)]}
+    assert profiling.kernel_mix(trace, (0, 20)) == {"matmul": 0.2, "attention": 0.2, "sampling": 0.2,
+                                                    "generated (Triton)": 0.2, "other kernels": 0.2}
 
 
 def test_batched_decode_is_measured_per_batch_size(tiny_tts, tmp_path):

@@ -9,8 +9,9 @@ from chatterbox_lab.decoder import LADDER, STEPS, T3Decoder, check_steps, ladder
 from chatterbox_lab.kv_cache import CacheOverflowError
 from chatterbox_lab.sampling import SamplingParams
 
-# Every step but bf16 (whose tokens are not upstream's fp32 ones).
-TOP = tuple(step for step in STEPS if step != "bf16")
+# Every step but bf16 (whose tokens are not upstream's fp32 ones) and captured_graph (which
+# replaces the compiled step; tested on its own).
+TOP = tuple(step for step in STEPS if step not in ("bf16", "captured_graph"))
 STEP_SETS = [(), ("static_cache",), ("embed_cache",), ("static_cache", "embed_cache"),
              ("static_cache", "embed_cache", "compiled"), ("static_cache", "embed_cache", "fused_projections"),
              ("static_cache", "embed_cache", "compiled", "fused_projections", "sampling_in_graph"), TOP]
@@ -179,3 +180,14 @@ def test_batch_size_must_match(tiny_tts, three_utterances):
         decoder.generate_batch(conds, texts, 8)
     with pytest.raises(ValueError, match="needs static_cache and embed_cache"):
         T3Decoder(tiny_tts.t3, (), streams=2)
+
+
+def test_captured_graph_step_gives_the_compiled_steps_tokens(tiny_tts, text_tokens):
+    """On the CPU the captured step runs eagerly: the same step as the compiled one, without Inductor."""
+    from chatterbox_lab.compiled_step import CapturedStep
+
+    captured = T3Decoder(tiny_tts.t3, TOP + ("captured_graph",))
+    assert isinstance(captured.step_fn, CapturedStep)
+    for seed in (5, 6):
+        want = equivalence.seeded_tokens(tiny_tts, text_tokens, 24, seed, T3Decoder(tiny_tts.t3, TOP))
+        assert torch.equal(equivalence.seeded_tokens(tiny_tts, text_tokens, 24, seed, captured), want)

@@ -17,11 +17,15 @@
 #   each utterance's cache (flex attention with a block mask built on the device
 #   from the prompt lengths and the step counter) instead of the whole allocation
 #   under a mask. Checked here on the CPU; not yet measured on a GPU.
+# - `fused_attention`: the one-token step's rotary, cache write and attention over
+#   the filled slots as one Triton kernel a layer, split across the card.
+# - `fused_sampling`: the in-graph sampling as one Triton kernel an utterance, with
+#   top-p found without sorting the vocabulary.
 # - several utterances at once (`T3Decoder(streams=N)`): each is a CFG pair of rows
 #   with its own prompt, position, repetition mask and stop; the weights are read
 #   once for all of them.
 #
-# First the checks (CPU, tiny model), then the H100 measurements.
+# First the checks (CPU, tiny model), then the GPU measurements (H100, and an H200 for the last two steps).
 
 # %%
 import torch
@@ -239,10 +243,71 @@ assert after["t3_decode_tok_s"] > before["t3_decode_tok_s"]
 # bandwidth (the GB/s column against the bench's copy figure): a small matrix's cost is mostly the fixed latency of one kernel
 # (launch, first loads, tail), which no block size removes. The rest of the step is
 # attention (cuDNN, a few microseconds a layer over a few hundred positions), rotary
-# with the cache write, and sampling. What would go further: attention split across
-# the card over the filled part of the cache, sampling as one kernel, and kernels that
-# start loading their weights before the kernel before them has finished
-# (programmatic dependent launch) or one persistent kernel for many layers.
+# with the cache write, and sampling: the next section turns each into one kernel.
+
+# %% [markdown]
+# ## Attention and sampling as kernels (`fused_attention`, `fused_sampling`)
+#
+# After `fused_matvec` a token was about 220 kernels, and the ones that were not
+# matvecs cost far more than the bytes they touch:
+#
+# - **Attention** (`decode_attention.py`). cuDNN gives each (row, head) pair one
+#   program: 32 programs for a CFG pair, a quarter of the SMs, each reading its
+#   whole stretch of the cache. Rotary and the cache write were kernels of their
+#   own. The new kernel does rotary, the cache write and attention in one launch a
+#   layer. It splits each (row, head) over stretches of the cache and reads only
+#   the slots already written; the position is device data, so one captured graph
+#   serves every step. The program that finishes a (row, head) last combines the
+#   stretches' partial softmaxes, found by an arrival counter that it resets, so
+#   there is no second kernel. The bench sweeps the number of stretches on the card.
+# - **Sampling** (`fused_sampling.py`). Compiled, PyTorch's sampling was a dozen
+#   kernels plus a radix sort of the vocabulary for top-p. The new kernel runs one
+#   program an utterance that holds both CFG rows in registers. Top-p needs no sort:
+#   the tokens it drops are exactly those at or below some probability cut whose
+#   total mass stays within 1 - top_p. Probabilities are non-negative floats, so
+#   their bit patterns sort like their values, and 31 halvings of the bit pattern
+#   find the cut. At top-p 1 (upstream's default) nothing can be cut, and the kernel
+#   skips the search on the device. PyTorch still draws the exponential noise of
+#   `torch.multinomial`'s race, so a seeded run draws upstream's random numbers.
+#
+# Both sum in their own order, so they are checked by teacher-forced logits and by
+# tokens against PyTorch's path for the same noise (CPU tests through Triton's
+# interpreter, GPU tests recorded in `data/results/gpu-tests/`), not by fp32 identity.
+
+# %%
+k_path, k = results.latest_with("beyond", ("compiled", "fused_attention", "fused_sampling"), batch=True)
+prov = k["provenance"]
+display(Markdown(f"**{prov['gpu']}**, commit `{prov['git_commit'][:10]}`, `{k_path.name}`"))
+display(Markdown(results.markdown_table(k, ("t3_decode_tok_s", "fraction_of_floor", "gpu_kernels_per_token",
+                                             "host_launches_per_token", "compile_s"))))
+sweep = k["attention_sweep"]
+display(Markdown(f"Attention at the last of {sweep['capacity']} slots, per layer (us), inside a CUDA graph: "
+                 f"PyTorch's rotary + cache write + SDPA {sweep['pytorch_us']:.1f}; the kernel by stretches per "
+                 "(row, head):\n\n| stretches | " + " | ".join(sweep["splits"]) + " |\n|---|" + "---|" * len(sweep["splits"]) +
+                 "\n| us | " + " | ".join(f"{us:.1f}" for us in sweep["splits"].values()) + " |"))
+order = ("compiled", "fused_attention", "fused_sampling")
+rates = [k["rungs"][r]["t3_decode_tok_s"] for r in order]
+kernels = [k["rungs"][r]["gpu_kernels_per_token"] for r in order]
+print(" -> ".join(f"{r}: {rate:,.0f} tok/s, {n:.0f} kernels" for r, rate, n in zip(order, rates, kernels)))
+assert rates == sorted(rates) and kernels == sorted(kernels, reverse=True)
+assert sweep["best_us"] < sweep["pytorch_us"]
+
+# %% [markdown]
+# The kernel mix of a token, from traces of these rungs (committed in
+# `data/traces/h200/`, made on the same kind of card): what is left besides
+# the matvecs and one attention kernel a layer is a handful of kernels for the
+# embedding, the token bookkeeping and the random draw.
+
+# %%
+mix = {}
+for rung in ("fused_matvec", "fused_attention", "fused_sampling"):
+    trace = profiling.load_trace(f"../data/traces/h200/{rung}.pt.trace.json.gz")
+    per_token = (k["rungs"].get(rung) or mv["rungs"][rung])["gpu_kernels_per_token"]
+    mix[rung] = {kind: share * per_token for kind, share in profiling.kernel_mix(trace).items()}
+kinds = list(next(iter(mix.values())))
+display(Markdown("| kernels per token | " + " | ".join(kinds) + " |\n|---|" + "---|" * len(kinds) + "\n" +
+                 "\n".join(f"| {rung} | " + " | ".join(f"{m[kind]:.0f}" for kind in kinds) + " |" for rung, m in mix.items())))
+assert mix["fused_sampling"]["sampling"] < mix["fused_matvec"]["sampling"]
 
 # %% [markdown]
 # ## Several utterances at once

@@ -14,8 +14,8 @@
 # 5. batched flow: one flow run for many utterances of one voice.
 #
 # All in `chatterbox_lab/s3gen_steps.py` and `pipeline.tokens_to_speeches`; the GPU
-# figures come from the committed H100 records in `data/results/e2e/`, the checks
-# run here on a CPU with the `tiny` preset.
+# figures come from the latest committed records in `data/results/e2e/` (each plot
+# names its card), the checks run here on a CPU with the `tiny` preset.
 
 # %%
 import numpy as np
@@ -30,7 +30,7 @@ from chatterbox_lab.s3gen_steps import (FRAME_BUCKET, HALF_FLOW_TOLERANCE, S3GEN
 from chatterbox_lab.voices import voice_path
 
 # %% [markdown]
-# ## Where the time goes (H100, full preset)
+# ## Where the time goes (full preset, on a GPU)
 #
 # One 10-second utterance (256 tokens) per rung: upstream as shipped, T3 with every
 # step past the guide (the latest record's T3 rung), then S3Gen's steps one by one with that
