@@ -74,6 +74,9 @@ def main(argv=None) -> int:
     b.add_argument("--voice", default="alto", help="bundled voice name or audio path")
     b.add_argument("--checks", action="store_true", help="also check fp32 token identity and bf16 logits")
     b.add_argument("--no-profile", action="store_true", help="skip the per-token launch counts")
+    b.add_argument("--no-sweep", action="store_true",
+                   help="keep the Triton kernels' default block sizes (for a cold start-up's compile_s: the "
+                        "sweep would compile them first)")
     b.add_argument("--trace-dir", help="write a short trace per rung under this directory")
     b.add_argument("--batch", type=int, nargs="+", default=(), metavar="N",
                    help="also decode N utterances at once with the last rung's steps (e.g. 1 8 32 64)")
@@ -159,7 +162,7 @@ def main(argv=None) -> int:
     try:
         config = BenchConfig(source=args.checkpoint, preset=args.preset, device=args.device, tokens=args.tokens,
                              repeats=args.repeats, rungs=rungs, voice=args.voice, checks=args.checks,
-                             profile=not args.no_profile, trace_dir=args.trace_dir,
+                             profile=not args.no_profile, sweep=not args.no_sweep, trace_dir=args.trace_dir,
                              batch_sizes=tuple(args.batch), stream=args.stream, many=args.many,
                              s3gen_steps=tuple(args.s3gen or S3GEN_STEPS) if args.s3gen is not None or args.ladder
                              else ())

@@ -51,6 +51,9 @@ class BenchConfig:
     voice: str = "alto"
     seed: int = 0
     profile: bool = True
+    # Sweep the Triton kernels' block sizes and split counts on the card before the rungs. Off for
+    # a cold start-up figure: the sweep compiles the kernels that a rung's compile_s should include.
+    sweep: bool = True
     checks: bool = False
     trace_dir: str | None = None
     batch_sizes: tuple = ()        # utterances decoded together, measured with the last rung's steps
@@ -367,10 +370,10 @@ def run(config: BenchConfig, progress: bool = True, tts=None, partial: Path | No
                            method="median of 10 timed copies of a 2 GiB (GPU) / 256 MiB (CPU) "
                                   "random tensor, bytes read + written")
 
-    if "fused_matvec" in _t3_steps(cfg) and cfg.device.startswith("cuda"):
+    if cfg.sweep and "fused_matvec" in _t3_steps(cfg) and cfg.device.startswith("cuda"):
         # The kernels' block sizes for this card, tuned before any rung is timed; recorded.
         doc["matvec_sweep"] = fused_matvec.sweep(tts.t3)
-    if "fused_attention" in _t3_steps(cfg) and cfg.device.startswith("cuda"):
+    if cfg.sweep and "fused_attention" in _t3_steps(cfg) and cfg.device.startswith("cuda"):
         doc["attention_sweep"] = decode_attention.sweep(tts.t3, _capacity(tts, cfg))
 
     checks = None
