@@ -75,9 +75,9 @@ if triton is not None:
         pos = tl.load(pos_ptr + row * stride_pos).to(tl.int32)
         d = tl.arange(0, D)
 
-        # The scale folded into q; cast, because a compiled graph passes Python floats as fp64.
-        q = (_rotated(q_ptr + row * stride_q + head * D, cos_ptr, sin_ptr, pos, D).to(tl.float32)
-             * scale).to(tl.float32)
+        # The scale folded into q, in fp32: a compiled graph passes Python floats as fp64.
+        q = _rotated(q_ptr + row * stride_q + head * D, cos_ptr, sin_ptr, pos, D).to(tl.float32) \
+            * tl.cast(scale, tl.float32)
         k_new = _rotated(k_ptr + row * stride_k + kv_head * D, cos_ptr, sin_ptr, pos, D)
         v_new = tl.load(v_ptr + row * stride_v + kv_head * D + d)
         cache_row = (row * KV_HEADS + kv_head) * capacity

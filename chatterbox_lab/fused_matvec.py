@@ -114,7 +114,9 @@ if triton is not None:
                 xs = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :],
                              mask=row_ok[:, None] & (ks < K)[None, :], other=0.0).to(tl.float32)
                 squares += tl.sum(xs * xs, axis=1)
-            inv_rms = 1.0 / tl.sqrt(squares / K + eps)
+            # In fp32, as transformers' norm: a compiled graph passes a Python float as fp64, which
+            # would move the normed values by a rounding step against the eagerly launched kernel.
+            inv_rms = 1.0 / tl.sqrt(squares / K + tl.cast(eps, tl.float32))
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
