@@ -143,6 +143,18 @@ def latest_with(folder: str = "", rungs=(), batch: bool = False) -> tuple[Path, 
     return matching[-1]
 
 
+def cold_starts(folder: str = "beyond") -> dict[str, tuple[Path, dict]]:
+    """Per rung, the latest record of it measured from empty compile caches: a run whose command
+    gives Triton a fresh cache directory (`TRITON_CACHE_DIR=$(mktemp -d) ...`, see the folder's
+    README), so its `compile_s` is a cold start-up's."""
+    found = {}
+    for path, doc in committed(gpu_only=True, folder=folder):
+        if "TRITON_CACHE_DIR=" in doc["provenance"].get("command", ""):
+            for rung in doc["rungs"]:
+                found[rung] = (path, doc)
+    return found
+
+
 def compile_estimate_s(device) -> float | None:
     """The compiled rung's compile and capture time in the latest committed run on this GPU
     model, as a warm-up's time estimate; None on a CPU or a GPU with no committed run."""

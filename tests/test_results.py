@@ -124,3 +124,12 @@ def test_committed_gpu_soak_served_everything_with_flat_memory():
     assert soak["errors"] == soak["recompiles"] == soak["bad_lengths"] == 0
     assert soak["rss_end_mib"] - soak["rss_every_50"][0][1] < RSS_GROWTH_BOUND_MIB
     assert f"{soak['completed']}/{soak['requests']} requests" in report.soak_section()
+
+
+def test_cold_start_records_name_their_empty_caches():
+    cold = results.cold_starts()
+    assert {"captured_graph", "fused_sampling"} <= set(cold)
+    for rung, (path, doc) in cold.items():
+        command = doc["provenance"]["command"]
+        assert "TORCHINDUCTOR_CACHE_DIR=" in command and "--no-sweep" in command, path.name
+        assert doc["rungs"][rung]["compile_s"] > 0

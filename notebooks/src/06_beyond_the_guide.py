@@ -21,6 +21,8 @@
 #   the filled slots as one Triton kernel a layer, split across the card.
 # - `fused_sampling`: the in-graph sampling as one Triton kernel an utterance, with
 #   top-p found without sorting the vocabulary.
+# - `captured_graph`: that step captured as a CUDA graph directly, without
+#   torch.compile: the same kernels, a start-up of seconds.
 # - several utterances at once (`T3Decoder(streams=N)`): each is a CFG pair of rows
 #   with its own prompt, position, repetition mask and stop; the weights are read
 #   once for all of them.
@@ -308,6 +310,29 @@ kinds = list(next(iter(mix.values())))
 display(Markdown("| kernels per token | " + " | ".join(kinds) + " |\n|---|" + "---|" * len(kinds) + "\n" +
                  "\n".join(f"| {rung} | " + " | ".join(f"{m[kind]:.0f}" for kind in kinds) + " |" for rung, m in mix.items())))
 assert mix["fused_sampling"]["sampling"] < mix["fused_matvec"]["sampling"]
+
+# %% [markdown]
+# ## Start-up: capturing the step without Inductor (`captured_graph`)
+#
+# With the matvecs, attention and sampling written by hand, Inductor has little
+# left to fuse, but compiling the step with it still costs most of a minute from
+# empty caches. `captured_graph` captures the same step as a CUDA graph directly
+# (`compiled_step.CapturedStep`): one eager call compiles the Triton kernels, the
+# next is captured and replayed. Both were timed from a fresh process with empty
+# Inductor and Triton caches (the records' commands), and both rates come from
+# the same process further below. The GPU test checks that the captured step draws
+# the compiled step's tokens for the same seed.
+
+# %%
+cold = results.cold_starts()
+display(Markdown("| rung | cold start-up s | T3 tok/s (that run) | record |\n|---|---|---|---|\n" + "\n".join(
+    f"| {rung} | {doc['rungs'][rung]['compile_s']:.1f} | {doc['rungs'][rung]['t3_decode_tok_s']:,.0f} | `{path.name}` |"
+    for rung, (path, doc) in cold.items())))
+c_path, c = results.latest_with("beyond", ("fused_sampling", "captured_graph"))
+rates = {rung: c["rungs"][rung]["t3_decode_tok_s"] for rung in ("fused_sampling", "captured_graph")}
+print(f"same process ({c['provenance']['gpu']}, {c_path.name}): " +
+      ", ".join(f"{rung} {rate:,.0f} tok/s" for rung, rate in rates.items()))
+assert cold["captured_graph"][1]["rungs"]["captured_graph"]["compile_s"] < cold["fused_sampling"][1]["rungs"]["fused_sampling"]["compile_s"]
 
 # %% [markdown]
 # ## Several utterances at once
