@@ -143,15 +143,15 @@ def latest_with(folder: str = "", rungs=(), batch: bool = False) -> tuple[Path, 
     return matching[-1]
 
 
-def cold_starts(folder: str = "beyond") -> dict[str, tuple[Path, dict]]:
-    """Per rung, the latest record of it measured from empty compile caches: a run whose command
-    gives Triton a fresh cache directory (`TRITON_CACHE_DIR=$(mktemp -d) ...`, see the folder's
-    README), so its `compile_s` is a cold start-up's."""
+def cold_starts(folder: str = "beyond") -> dict[tuple[str, str], tuple[Path, dict]]:
+    """Per (GPU, rung), the latest record of the rung measured from empty compile caches: a run
+    whose command gives Triton a fresh cache directory (`TRITON_CACHE_DIR=$(mktemp -d) ...`, see
+    the folder's README), so its `compile_s` is a cold start-up's."""
     found = {}
     for path, doc in committed(gpu_only=True, folder=folder):
         if "TRITON_CACHE_DIR=" in doc["provenance"].get("command", ""):
             for rung in doc["rungs"]:
-                found[rung] = (path, doc)
+                found[doc["provenance"]["gpu"], rung] = (path, doc)
     return found
 
 

@@ -128,8 +128,9 @@ def test_committed_gpu_soak_served_everything_with_flat_memory():
 
 def test_cold_start_records_name_their_empty_caches():
     cold = results.cold_starts()
-    assert {"captured_graph", "fused_sampling"} <= set(cold)
-    for rung, (path, doc) in cold.items():
+    assert {"captured_graph", "fused_sampling"} <= {rung for _, rung in cold}
+    for (gpu, rung), (path, doc) in cold.items():
         command = doc["provenance"]["command"]
+        assert doc["provenance"]["gpu"] == gpu
         assert "TORCHINDUCTOR_CACHE_DIR=" in command and "--no-sweep" in command, path.name
         assert doc["rungs"][rung]["compile_s"] > 0
