@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import results
 from .architecture import PRESETS
-from .bench import RUNGS, BenchConfig, batch_table, run, summary_table
+from .bench import RUNGS, BenchConfig, batch_table, ladder_rungs, run, summary_table
 from .s3gen_steps import S3GEN_STEPS
 from .sampling import SamplingParams
 
@@ -64,7 +64,8 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="measure rungs of the ladder; prints a table, writes one JSON file")
     b.add_argument("--ladder", action="store_true",
-                   help="every rung: " + ", ".join(RUNGS + S3GEN_STEPS) + " (S3Gen's as --s3gen)")
+                   help="every rung: " + ", ".join(RUNGS + S3GEN_STEPS) + " (S3Gen's as --s3gen; "
+                        "dependent_launch only on a Hopper or later GPU)")
     b.add_argument("--rungs", nargs="+", choices=RUNGS, help="rungs to run (default: upstream_fp32)")
     b.add_argument("--preset", choices=PRESETS, help="synthetic model size (default: full on GPU, tiny on CPU)")
     b.add_argument("--checkpoint", default="synthetic", help="'synthetic', 'hub' or a checkpoint directory")
@@ -158,7 +159,7 @@ def main(argv=None) -> int:
         print("README.md updated" if update_readme() else "README.md already up to date")
         return 0
 
-    rungs = RUNGS if args.ladder else tuple(args.rungs or ("upstream_fp32",))
+    rungs = ladder_rungs(args.device) if args.ladder else tuple(args.rungs or ("upstream_fp32",))
     try:
         config = BenchConfig(source=args.checkpoint, preset=args.preset, device=args.device, tokens=args.tokens,
                              repeats=args.repeats, rungs=rungs, voice=args.voice, checks=args.checks,

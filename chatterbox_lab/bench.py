@@ -33,6 +33,14 @@ from .sampling import SamplingParams
 from .voices import voice_path
 
 RUNGS = ("upstream_fp32", *STEPS)
+
+
+def ladder_rungs(device: str | None = None) -> tuple:
+    """Every rung this device can run: dependent_launch only where the GPU and Triton support it
+    (elsewhere it would measure captured_graph again under another name)."""
+    if fused_matvec.dependent_launch_supported(resolve_device(device)):
+        return RUNGS
+    return tuple(r for r in RUNGS if r != "dependent_launch")
 # Token counts of the two profiled T3 runs whose difference gives per-token counts.
 PROFILE_TOKENS = (8, 24)
 DEFAULT_TEXT = ("Every step of this workbook is measured, profiled and checked against the "
@@ -327,9 +335,10 @@ def run_checks(tts, cfg: BenchConfig, progress: bool = False) -> dict:
                  ("static_cache", "embed_cache", "compiled"), ("static_cache", "embed_cache", "fused_projections"),
                  ("static_cache", "embed_cache", "compiled", "fused_projections", "sampling_in_graph"),
                  # The Triton kernels sum in their own order: checked by logits, not tokens (and
-                 # captured_graph needs them).
+                 # captured_graph and dependent_launch need them).
                  tuple(step for step in STEPS if step not in ("bf16", "fused_matvec", "fused_attention",
-                                                               "fused_sampling", "captured_graph"))]
+                                                               "fused_sampling", "captured_graph",
+                                                               "dependent_launch"))]
     forced = equivalence.seeded_tokens(tts, text_tokens, n, cfg.seed)
     identity = equivalence.token_identity(tts, text_tokens, step_sets, n, seed=cfg.seed, reference=forced,
                                           progress=progress)

@@ -32,6 +32,10 @@ Past the guide (`BEYOND`):
 - "captured_graph": with every kernel of the step hand-written, the step is captured as a
                        CUDA graph directly instead of through torch.compile
                        (`compiled_step.CapturedStep`): same kernels, a start-up of seconds
+- "dependent_launch": in the captured step, each of our kernels is a programmatic dependent
+                       of the one before (Hopper and later): it is launched while that one
+                       finishes, streams in its first weights, and waits only before it
+                       reads what earlier kernels wrote
 
 Any number of utterances decode together (`streams`): each is a CFG pair of rows,
 with its own prompt, position, repetition mask and stop.
@@ -53,13 +57,14 @@ from .t3_forward import DynamicT3Forward, StaticT3Forward, filled_cache_mask
 
 LADDER = ("bf16", "static_cache", "embed_cache", "compiled")
 BEYOND = ("fused_projections", "sampling_in_graph", "fused_matvec", "filled_cache_attention", "fused_attention",
-          "fused_sampling", "captured_graph")
+          "fused_sampling", "captured_graph", "dependent_launch")
 STEPS = LADDER + BEYOND
 REQUIRES = {"compiled": ("static_cache", "embed_cache"), "fused_projections": ("static_cache",),
             "sampling_in_graph": ("compiled",), "fused_matvec": ("fused_projections",),
             "filled_cache_attention": ("compiled",), "fused_attention": ("static_cache",),
             "fused_sampling": ("sampling_in_graph",),
-            "captured_graph": ("fused_matvec", "fused_attention", "fused_sampling")}
+            "captured_graph": ("fused_matvec", "fused_attention", "fused_sampling"),
+            "dependent_launch": ("captured_graph",)}
 
 # How often the host looks for the stop token: each look is a device sync that
 # stops the CPU from queueing further steps ahead of the GPU.
@@ -183,6 +188,8 @@ class T3Decoder:
             torch._dynamo.mark_static_address(t)
         self.forward = None
         self.filled_only = "filled_cache_attention" in self.steps and "fused_attention" not in self.steps
+        # On the CPU (tests) the step changes nothing: there are no launches to chain.
+        self.pdl = "dependent_launch" in self.steps and torch.device(device).type == "cuda"
         if "static_cache" in self.steps:
             if max_cache_len is None:
                 max_cache_len = cache_len_for(cond_len(self.t3) + max_text_tokens + 4, max_new_tokens)
@@ -192,7 +199,8 @@ class T3Decoder:
             self.forward = StaticT3Forward(self.t3, max_cache_len, batch=2 * streams,
                                            fused="fused_projections" in self.steps,
                                            matvec="fused_matvec" in self.steps,
-                                           attention_kernel="fused_attention" in self.steps)
+                                           attention_kernel="fused_attention" in self.steps,
+                                           dependent_launch=self.pdl)
         self._active_forward = self.forward
         self.compiled = "compiled" in self.steps
         self.sample_in_graph = "sampling_in_graph" in self.steps
@@ -250,7 +258,7 @@ class T3Decoder:
         logits = self._feed_last()
         if self.sampling_kernel and fused_sampling.kernel_applies(logits):
             token = fused_sampling.triton_sample(logits, self.seen, self.sampling, race_noise(self.seen),
-                                                 self.nonfinite)
+                                                 self.nonfinite, pdl=self.pdl)
         else:
             token = sample_token(self._probs(logits))
         self.tokens.index_copy_(1, self.step_index, token)

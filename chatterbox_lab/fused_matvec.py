@@ -97,38 +97,63 @@ CONFIGS: dict[tuple[int, int, int, bool], KernelConfig] = {}
 
 
 if triton is not None:
+    try:  # programmatic dependent launch (Hopper and later; Triton with grid dependency control)
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+        PDL_AVAILABLE = True
+    except ImportError:
+        PDL_AVAILABLE = False
+
+    @triton.jit
+    def _input_block(x_ptr, norm_ptr, rows, row_ok, ks, k_ok, stride_x, inv_rms, dtype: tl.constexpr,
+                     NORM: tl.constexpr):
+        """Inputs ks of every row, normed as transformers norms them: (BLOCK_M, 1, BLOCK_K) fp32."""
+        xs = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if NORM:
+            normed = (xs.to(tl.float32) * inv_rms[:, None]).to(dtype)
+            gain = tl.load(norm_ptr + ks, mask=k_ok, other=0.0)
+            xs = (gain[None, :].to(tl.float32) * normed.to(tl.float32)).to(dtype)
+        return xs.to(tl.float32)[:, None, :]
+
     @triton.jit
     def _matvec_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, res_ptr, norm_ptr, M, N, K, eps,
                        stride_x, stride_w, stride_out, stride_res,
                        BIAS: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         rows = tl.arange(0, BLOCK_M)
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < M
         col_ok = cols < N
         dtype = out_ptr.dtype.element_ty
+        # The first block's weights depend on no earlier kernel: under programmatic dependent
+        # launch they stream in while the kernel before this one is still finishing.
+        ks = tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        w_mask = col_ok[:, None] & k_ok[None, :]
+        w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :], mask=w_mask, other=0.0)
+        if GATED:
+            w_up = tl.load(w_ptr + (cols + N)[:, None] * stride_w + ks[None, :], mask=w_mask, other=0.0)
+        if PDL:
+            gdc_wait()  # everything below reads or writes what earlier kernels touch
+            gdc_launch_dependents()
+        inv_rms = tl.zeros([BLOCK_M], dtype=tl.float32)
         if NORM:
             squares = tl.zeros([BLOCK_M], dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                xs = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :],
-                             mask=row_ok[:, None] & (ks < K)[None, :], other=0.0).to(tl.float32)
+                kk = k0 + tl.arange(0, BLOCK_K)
+                xs = tl.load(x_ptr + rows[:, None] * stride_x + kk[None, :],
+                             mask=row_ok[:, None] & (kk < K)[None, :], other=0.0).to(tl.float32)
                 squares += tl.sum(xs * xs, axis=1)
             # In fp32, as transformers' norm: a compiled graph passes a Python float as fp64, which
             # would move the normed values by a rounding step against the eagerly launched kernel.
             inv_rms = 1.0 / tl.sqrt(squares / K + tl.cast(eps, tl.float32))
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        xs = _input_block(x_ptr, norm_ptr, rows, row_ok, ks, k_ok, stride_x, inv_rms, dtype, NORM)
+        acc = tl.sum(xs * w.to(tl.float32)[None, :, :], axis=2)
+        if GATED:
+            acc_up = tl.sum(xs * w_up.to(tl.float32)[None, :, :], axis=2)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < K
-            xs = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :],
-                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            if NORM:
-                normed = (xs.to(tl.float32) * inv_rms[:, None]).to(dtype)
-                gain = tl.load(norm_ptr + ks, mask=k_ok, other=0.0)
-                xs = (gain[None, :].to(tl.float32) * normed.to(tl.float32)).to(dtype)
-            xs = xs.to(tl.float32)[:, None, :]
+            xs = _input_block(x_ptr, norm_ptr, rows, row_ok, ks, k_ok, stride_x, inv_rms, dtype, NORM)
             w_mask = col_ok[:, None] & k_ok[None, :]
             w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :], mask=w_mask, other=0.0)
             acc += tl.sum(xs * w.to(tl.float32)[None, :, :], axis=2)
@@ -155,10 +180,26 @@ def kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return x.is_cuda or (x.device.type == "cpu" and interpreter_on_cpu)
 
 
+def dependent_launch_supported(device) -> bool:
+    """A Hopper or later GPU and a Triton that controls programmatic dependent launch."""
+    device = torch.device(device)
+    return (triton is not None and PDL_AVAILABLE and device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def check_dependent_launch(device) -> None:
+    if not dependent_launch_supported(device):
+        raise RuntimeError(f"programmatic dependent launch needs a Hopper or later GPU and a Triton with grid "
+                           f"dependency control (triton.language.extra.cuda.gdc_wait), not {device}: leave out "
+                           f"the dependent_launch step")
+
+
 def triton_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   norm: Norm | None = None, gated: bool = False, residual: torch.Tensor | None = None,
-                  config: KernelConfig | None = None) -> torch.Tensor:
-    """`reference_matvec` as one Triton kernel (x has at most MAX_ROWS rows)."""
+                  config: KernelConfig | None = None, pdl: bool = False) -> torch.Tensor:
+    """`reference_matvec` as one Triton kernel (x has at most MAX_ROWS rows). `pdl`: launched as a
+    programmatic dependent of the kernel before it (CUDA, Hopper or later; eager launches only:
+    a graph captured from them keeps the dependency, Inductor's launcher does not pass it)."""
     from torch.library import wrap_triton
 
     if gated and bias is not None:
@@ -181,16 +222,17 @@ def triton_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         x2.stride(0), weight.stride(0), out.stride(0), res.stride(0),
         BIAS=bias is not None, NORM=norm is not None, GATED=gated, RESIDUAL=residual is not None,
         BLOCK_M=max(2, triton.next_power_of_2(m)), BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        num_warps=config.warps)
+        PDL=pdl, num_warps=config.warps, **({"launch_pdl": True} if pdl else {}))
     return out.view(*lead, n)
 
 
 def fused_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                  norm: Norm | None = None, gated: bool = False,
-                 residual: torch.Tensor | None = None) -> torch.Tensor:
+                 residual: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
     """The Triton kernel where it applies (`kernel_applies`), else `reference_matvec`."""
-    fn = triton_matvec if kernel_applies(x, weight) else reference_matvec
-    return fn(x, weight, bias, norm=norm, gated=gated, residual=residual)
+    if kernel_applies(x, weight):
+        return triton_matvec(x, weight, bias, norm=norm, gated=gated, residual=residual, pdl=pdl and x.is_cuda)
+    return reference_matvec(x, weight, bias, norm=norm, gated=gated, residual=residual)
 
 
 # What `sweep` tries per call: columns per program, input values per iteration, warps.

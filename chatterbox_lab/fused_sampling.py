@@ -33,6 +33,8 @@ from .sampling import DeviceSampling
 triton = fused_matvec.triton
 if triton is not None:
     import triton.language as tl
+    if fused_matvec.PDL_AVAILABLE:
+        from triton.language.extra.cuda import gdc_wait
 
     @triton.jit
     def _softmax(scores):
@@ -43,7 +45,9 @@ if triton is not None:
     @triton.jit
     def _sample_kernel(logits_ptr, stride_logits, seen_ptr, stride_seen, noise_ptr, stride_noise,
                        temperature_ptr, cfg_weight_ptr, penalty_ptr, min_p_ptr, one_minus_top_p_ptr,
-                       out_ptr, nonfinite_ptr, V, BLOCK: tl.constexpr):
+                       out_ptr, nonfinite_ptr, V, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        if PDL:
+            gdc_wait()  # the logits are the kernel before's work
         utterance = tl.program_id(0)
         ids = tl.arange(0, BLOCK)
         valid = ids < V
@@ -93,9 +97,10 @@ def kernel_applies(logits: torch.Tensor) -> bool:
 
 
 def triton_sample(logits: torch.Tensor, seen: torch.Tensor, sampling: DeviceSampling, noise: torch.Tensor,
-                  nonfinite: torch.Tensor) -> torch.Tensor:
+                  nonfinite: torch.Tensor, pdl: bool = False) -> torch.Tensor:
     """logits (2n, V), CFG rows alternating, `noise` (n, V) ~ Exp(1) -> tokens (n, 1): the token
-    `sample_token(next_token_probs(...))` picks with that noise. Sets `nonfinite` on NaN or inf."""
+    `sample_token(next_token_probs(...))` picks with that noise. Sets `nonfinite` on NaN or inf.
+    `pdl`: launched as a programmatic dependent of the kernel before it."""
     n, vocab = seen.shape
     if logits.shape != (2 * n, vocab) or noise.shape != (n, vocab):
         raise ValueError(f"expected logits (2n, V) and noise (n, V) for seen (n, V) = {tuple(seen.shape)}, got "
@@ -109,5 +114,5 @@ def triton_sample(logits: torch.Tensor, seen: torch.Tensor, sampling: DeviceSamp
     wrap_triton(_sample_kernel)[(n,)](
         logits, logits.stride(0), seen, seen.stride(0), noise, noise.stride(0),
         *(sampling[name] for name in DeviceSampling.NAMES), tokens, nonfinite, vocab,
-        BLOCK=block, num_warps=16 if block >= 8192 else 4)
+        BLOCK=block, PDL=pdl, num_warps=16 if block >= 8192 else 4, **({"launch_pdl": True} if pdl else {}))
     return tokens

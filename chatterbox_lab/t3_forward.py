@@ -76,11 +76,12 @@ class StaticT3Forward:
     """Rows of the batch are CFG pairs, one pair per utterance (cond, uncond, cond, ...)."""
 
     def __init__(self, t3, capacity: int, batch: int = 2, fused: bool = False, matvec: bool = False,
-                 attention_kernel: bool = False):
+                 attention_kernel: bool = False, dependent_launch: bool = False):
         """`fused`: q/k/v and gate/up as one matrix each. `matvec` (needs `fused`): every
         matmul with its norm, activation or residual as one kernel (`fused_matvec.py`).
         `attention_kernel`: a one-token step's rotary, cache write and attention as one
-        kernel a layer (`decode_attention.py`)."""
+        kernel a layer (`decode_attention.py`). `dependent_launch`: those kernels launched as
+        programmatic dependents of the kernel before them (for a directly captured graph)."""
         from .fused_projections import FusedProjections
 
         if matvec and not fused:
@@ -101,6 +102,11 @@ class StaticT3Forward:
         torch._dynamo.mark_static_address(self.cos)
         torch._dynamo.mark_static_address(self.sin)
         self.attention_kernel = attention_kernel
+        if dependent_launch:
+            from .fused_matvec import check_dependent_launch
+
+            check_dependent_launch(weight.device)
+        self.pdl = dependent_launch
         self.splits = decode_attention.splits_for(capacity)
         # The kernel's per-(row, head) arrival counter: zero between calls, at a fixed address.
         self.arrivals = torch.zeros(batch * self.n_heads, dtype=torch.int32, device=weight.device)
@@ -117,7 +123,7 @@ class StaticT3Forward:
             x = layer.input_layernorm(x)
             return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
         if self.matvec:
-            qkv = fused_matvec(x, self.fused.qkv[i], norm=Norm.of(layer.input_layernorm))
+            qkv = fused_matvec(x, self.fused.qkv[i], norm=Norm.of(layer.input_layernorm), pdl=self.pdl)
         else:
             qkv = F.linear(layer.input_layernorm(x), self.fused.qkv[i])
         kv = self.n_kv_heads * self.head_dim
@@ -130,15 +136,16 @@ class StaticT3Forward:
         if mask is None:
             return decode_attention.triton_decode_attention(
                 q, k, v, positions, self.cos, self.sin, self.cache.keys[i], self.cache.values[i],
-                self.arrivals, self.splits)
+                self.arrivals, self.splits, pdl=self.pdl)
         return cached_attention(q, k, v, positions, rows, rotary, self.cache, i, mask)
 
     def _layer(self, i: int, layer, x: torch.Tensor, positions: torch.Tensor, rows: slice, rotary, mask):
         attended = self._attention(i, layer, x, positions, rows, rotary, mask)
         if self.matvec:
-            x = fused_matvec(attended, layer.self_attn.o_proj.weight, residual=x)
-            act = fused_matvec(x, self.fused.gate_up[i], norm=Norm.of(layer.post_attention_layernorm), gated=True)
-            return fused_matvec(act, layer.mlp.down_proj.weight, residual=x)
+            x = fused_matvec(attended, layer.self_attn.o_proj.weight, residual=x, pdl=self.pdl)
+            act = fused_matvec(x, self.fused.gate_up[i], norm=Norm.of(layer.post_attention_layernorm), gated=True,
+                               pdl=self.pdl)
+            return fused_matvec(act, layer.mlp.down_proj.weight, residual=x, pdl=self.pdl)
         x = x + layer.self_attn.o_proj(attended)
         normed = layer.post_attention_layernorm(x)
         return x + (layer.mlp(normed) if self.fused is None else self.fused.mlp(i, layer, normed))
@@ -161,7 +168,7 @@ class StaticT3Forward:
             x = self._layer(i, layer, x, positions, rows, rotary, mask)
         if self.matvec:
             head = self.t3.speech_head
-            return fused_matvec(x[:, -1], head.weight, head.bias, norm=Norm.of(self.t3.tfmr.norm))
+            return fused_matvec(x[:, -1], head.weight, head.bias, norm=Norm.of(self.t3.tfmr.norm), pdl=self.pdl)
         return self.t3.speech_head(self.t3.tfmr.norm(x[:, -1]))
 
 

@@ -10,8 +10,8 @@ from chatterbox_lab.kv_cache import CacheOverflowError
 from chatterbox_lab.sampling import SamplingParams
 
 # Every step but bf16 (whose tokens are not upstream's fp32 ones) and captured_graph (which
-# replaces the compiled step; tested on its own).
-TOP = tuple(step for step in STEPS if step not in ("bf16", "captured_graph"))
+# replaces the compiled step; tested on its own) with dependent_launch (a GPU launch mode).
+TOP = tuple(step for step in STEPS if step not in ("bf16", "captured_graph", "dependent_launch"))
 STEP_SETS = [(), ("static_cache",), ("embed_cache",), ("static_cache", "embed_cache"),
              ("static_cache", "embed_cache", "compiled"), ("static_cache", "embed_cache", "fused_projections"),
              ("static_cache", "embed_cache", "compiled", "fused_projections", "sampling_in_graph"), TOP]
@@ -191,3 +191,13 @@ def test_captured_graph_step_gives_the_compiled_steps_tokens(tiny_tts, text_toke
     for seed in (5, 6):
         want = equivalence.seeded_tokens(tiny_tts, text_tokens, 24, seed, T3Decoder(tiny_tts.t3, TOP))
         assert torch.equal(equivalence.seeded_tokens(tiny_tts, text_tokens, 24, seed, captured), want)
+
+
+def test_dependent_launch_is_left_out_of_the_ladder_where_it_cannot_run(tiny_tts):
+    from chatterbox_lab.bench import RUNGS, ladder_rungs
+
+    assert ladder_rungs("cpu") == tuple(r for r in RUNGS if r != "dependent_launch")
+    with pytest.raises(RuntimeError, match="Hopper or later GPU"):
+        from chatterbox_lab.fused_matvec import check_dependent_launch
+
+        check_dependent_launch("cpu")
