@@ -48,10 +48,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import fused_sampling
 from .embed_cache import SpeechEmbeddingCache, upstream_step_embedding
 from .kv_cache import CACHE_MULTIPLE, cache_len_for, check_fits
 from .precision import t3_in_dtype
-from . import fused_sampling
 from .sampling import DeviceSampling, SamplingParams, next_token_probs, race_noise, sample_token
 from .t3_forward import DynamicT3Forward, StaticT3Forward, filled_cache_mask
 
