@@ -127,8 +127,9 @@ class StepPicker(widgets.VBox):
             box.observe(functools.partial(self._keep_valid, step), names="value")
 
         def row(caption, steps):
+            # Wrapped, so a row of many steps stays visible instead of scrolling sideways.
             return widgets.HBox([widgets.Label(caption, layout=widgets.Layout(width="9em")),
-                                 *(self.boxes[s] for s in steps)])
+                                 *(self.boxes[s] for s in steps)], layout=widgets.Layout(flex_flow="row wrap"))
         super().__init__([widgets.HTML(f"<b>{html.escape(title)}</b>"), row("ladder", LADDER),
                           row("beyond the guide", BEYOND)])
 
