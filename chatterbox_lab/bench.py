@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import decode_attention, equivalence, fused_matvec, profiling, results, roofline
-from .decoder import STEPS, T3Decoder, ladder_prefix, prompt_len_for, text_tokens_for
+from .decoder import KERNEL_STEPS, STEPS, T3Decoder, ladder_prefix, prompt_len_for, requirements, text_tokens_for
 from .kv_cache import cache_len_for
 from .models import load_tts, resolve_device
 from .pipeline import TOKENS_PER_SECOND, Synthesis, synthesize, upstream_t3
@@ -41,6 +41,8 @@ def ladder_rungs(device: str | None = None) -> tuple:
     if fused_matvec.dependent_launch_supported(resolve_device(device)):
         return RUNGS
     return tuple(r for r in RUNGS if r != "dependent_launch")
+
+
 # Token counts of the two profiled T3 runs whose difference gives per-token counts.
 PROFILE_TOKENS = (8, 24)
 DEFAULT_TEXT = ("Every step of this workbook is measured, profiled and checked against the "
@@ -334,11 +336,8 @@ def run_checks(tts, cfg: BenchConfig, progress: bool = False) -> dict:
     step_sets = [(), ("static_cache",), ("embed_cache",), ("static_cache", "embed_cache"),
                  ("static_cache", "embed_cache", "compiled"), ("static_cache", "embed_cache", "fused_projections"),
                  ("static_cache", "embed_cache", "compiled", "fused_projections", "sampling_in_graph"),
-                 # The Triton kernels sum in their own order: checked by logits, not tokens (and
-                 # captured_graph and dependent_launch need them).
-                 tuple(step for step in STEPS if step not in ("bf16", "fused_matvec", "fused_attention",
-                                                               "fused_sampling", "captured_graph",
-                                                               "dependent_launch"))]
+                 # Every step whose math is upstream's: not bf16, no kernel step nor one that needs it.
+                 tuple(step for step in STEPS if step != "bf16" and not ({step} | requirements(step)) & set(KERNEL_STEPS))]
     forced = equivalence.seeded_tokens(tts, text_tokens, n, cfg.seed)
     identity = equivalence.token_identity(tts, text_tokens, step_sets, n, seed=cfg.seed, reference=forced,
                                           progress=progress)

@@ -184,7 +184,7 @@ def sweep(t3, capacity: int, rows: int = 2, dtype: torch.dtype = torch.bfloat16,
     """Microseconds per call at the last position of a `capacity`-slot cache, inside a CUDA graph
     over `layers` caches (as many as a step reads, so they are not all in L2): PyTorch's path,
     then the kernel at each split count; the fastest count goes into SPLITS."""
-    from .fused_matvec import _time_in_graph
+    from .fused_matvec import time_in_graph
     from .kv_cache import StaticKVCache
     from .t3_forward import cached_attention, rotary_tables
 
@@ -202,11 +202,11 @@ def sweep(t3, capacity: int, rows: int = 2, dtype: torch.dtype = torch.bfloat16,
     k, v = (torch.randn(rows, 1, kv_heads * head_dim, device=device, dtype=dtype) for _ in range(2))
     arrivals = torch.zeros(rows * heads, dtype=torch.int32, device=device)
     mask = cache.mask(positions)
-    found = dict(capacity=capacity, pytorch_us=_time_in_graph(
+    found = dict(capacity=capacity, pytorch_us=time_in_graph(
         [lambda i=i: cached_attention(q, k, v, positions, slice(None), rotary, cache, i, mask)
          for i in range(layers)]) * 1e6, splits={})
     for splits in (1 << e for e in range(MAX_SPLITS.bit_length())):
-        found["splits"][str(splits)] = _time_in_graph(
+        found["splits"][str(splits)] = time_in_graph(
             [lambda i=i: triton_decode_attention(q, k, v, positions, cos, sin, cache.keys[i], cache.values[i],
                                                  arrivals, splits) for i in range(layers)]) * 1e6
     best = min(found["splits"], key=found["splits"].get)

@@ -258,7 +258,7 @@ def step_calls(t3) -> dict[str, dict]:
     }
 
 
-def _time_in_graph(calls: list, repeats: int = 5) -> float:
+def time_in_graph(calls: list, repeats: int = 5) -> float:
     """Seconds per call of `calls` (zero-argument functions) replayed as one CUDA graph."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -301,7 +301,7 @@ def sweep(t3, dtype: torch.dtype = torch.bfloat16, rows: int = 2, configs=SWEEP_
                   bias=torch.zeros(n, device=device, dtype=dtype) if call.get("bias") else None)
 
         def timed(fn, **extra):
-            return _time_in_graph([lambda w=w: fn(x, w, **kw, **extra) for w in weights]) * 1e6
+            return time_in_graph([lambda w=w: fn(x, w, **kw, **extra) for w in weights]) * 1e6
 
         entry = dict(n=n, k=k, weight_mib=(2 * n if gated else n) * k * dtype.itemsize / 2**20,
                      pytorch_us=timed(reference_matvec), configs={})

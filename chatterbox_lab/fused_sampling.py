@@ -113,6 +113,7 @@ def triton_sample(logits: torch.Tensor, seen: torch.Tensor, sampling: DeviceSamp
 
     wrap_triton(_sample_kernel)[(n,)](
         logits, logits.stride(0), seen, seen.stride(0), noise, noise.stride(0),
-        *(sampling[name] for name in DeviceSampling.NAMES), tokens, nonfinite, vocab,
+        *(sampling[name] for name in DeviceSampling.NAMES),  # the kernel's parameters are in this order
+        tokens, nonfinite, vocab,
         BLOCK=block, PDL=pdl, num_warps=16 if block >= 8192 else 4, **({"launch_pdl": True} if pdl else {}))
     return tokens
