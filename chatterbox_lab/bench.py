@@ -43,6 +43,15 @@ def ladder_rungs(device: str | None = None) -> tuple:
     return tuple(r for r in RUNGS if r != "dependent_launch")
 
 
+def rung_steps(rung: str, device: str | None = None) -> frozenset:
+    """The steps a rung switches on: every step up to it, less dependent_launch where this device
+    cannot run it (so the rungs after it still run there)."""
+    if rung == "upstream_fp32":
+        return frozenset()
+    steps = ladder_prefix(rung)
+    return steps if "dependent_launch" in ladder_rungs(device) else steps - {"dependent_launch"}
+
+
 # Token counts of the two profiled T3 runs whose difference gives per-token counts.
 PROFILE_TOKENS = (8, 24)
 DEFAULT_TEXT = ("Every step of this workbook is measured, profiled and checked against the "
@@ -121,7 +130,7 @@ def _capacity(tts, cfg: BenchConfig) -> int:
 
 def _t3_steps(cfg: BenchConfig) -> frozenset:
     """The last T3 rung's steps: what batches, streams and S3Gen rungs decode with."""
-    return frozenset() if cfg.rungs[-1] == "upstream_fp32" else ladder_prefix(cfg.rungs[-1])
+    return rung_steps(cfg.rungs[-1], cfg.device)
 
 
 def _median(values):
@@ -133,7 +142,7 @@ def measure_rung(tts, rung: str, cfg: BenchConfig, voice: Path, bar=None, bandwi
     """Warm up, time `cfg.repeats` syntheses and profile one rung (with `decoder`, if given,
     built for its steps); returns its figures."""
     trace = profiling.trace_path_for(cfg.trace_dir, rung) if cfg.trace_dir else None
-    steps = frozenset() if rung == "upstream_fp32" else ladder_prefix(rung)
+    steps = rung_steps(rung, cfg.device)
     figures, _ = measure_steps(tts, steps, cfg, voice, bar, bandwidth, trace, decoder)
     return figures
 
@@ -350,7 +359,9 @@ def run_checks(tts, cfg: BenchConfig, progress: bool = False) -> dict:
 LOGIT_CHECKS = {"bf16": ("bf16", "static_cache", "embed_cache"),
                 "fused_matvec": ("bf16", "static_cache", "embed_cache", "fused_projections", "fused_matvec"),
                 "fused_attention": ("bf16", "static_cache", "embed_cache", "fused_projections", "fused_matvec",
-                                    "fused_attention")}
+                                    "fused_attention"),
+                "persistent_layers": ("bf16", "static_cache", "embed_cache", "fused_projections", "fused_matvec",
+                                      "fused_attention", "persistent_layers")}
 
 
 def bf16_logit_error(tts, text_tokens, forced, reference, steps=LOGIT_CHECKS["bf16"]) -> float:
@@ -405,7 +416,7 @@ def run(config: BenchConfig, progress: bool = True, tts=None, partial: Path | No
                 doc["checks"]["bf16_logit_tolerance"] = equivalence.BF16_LOGIT_TOLERANCE
             # The S3Gen rungs decode with the last T3 rung's decoder, compiled once for both.
             if cfg.s3gen_steps and rung == cfg.rungs[-1] and rung != "upstream_fp32":
-                decoder = T3Decoder(tts.t3, ladder_prefix(rung), max_cache_len=_capacity(tts, cfg))
+                decoder = T3Decoder(tts.t3, rung_steps(rung, cfg.device), max_cache_len=_capacity(tts, cfg))
             doc["rungs"][rung] = measure_rung(tts, rung, cfg, voice, bar, bandwidth, decoder)
             if partial:
                 results.write(doc, partial, overwrite=True)

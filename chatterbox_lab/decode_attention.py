@@ -64,16 +64,13 @@ if triton is not None:
         return (x.to(tl.float32) * cos + sign * other * sin).to(x.dtype)
 
     @triton.jit
-    def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, stride_q, stride_k, stride_v, pos_ptr, stride_pos,
-                                 cos_ptr, sin_ptr, keys_ptr, values_ptr, out_ptr, stride_out,
-                                 partial_ptr, arrivals_ptr, capacity, scale,
-                                 HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr,
-                                 SPLITS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-        if PDL:
-            gdc_wait()  # q, k, v and the cache are earlier kernels' work
-            gdc_launch_dependents()
-        row_head = tl.program_id(0)
-        split = tl.program_id(1)
+    def attend(q_ptr, k_ptr, v_ptr, stride_q, stride_k, stride_v, pos_ptr, stride_pos,
+               cos_ptr, sin_ptr, keys_ptr, values_ptr, out_ptr, stride_out, partial_ptr, arrivals_ptr,
+               capacity, scale, row_head, split, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr,
+               SPLITS: tl.constexpr, BLOCK: tl.constexpr, SPLIT_FILLED: tl.constexpr):
+        """Stretch `split` of (row, head) `row_head`: one program's share of the kernel.
+        `SPLIT_FILLED`: the stretches divide the filled slots, not the whole capacity (for a
+        caller whose split count is fixed by its grid rather than by the cache)."""
         row = row_head // HEADS
         head = row_head % HEADS
         kv_head = head // (HEADS // KV_HEADS)
@@ -91,7 +88,8 @@ if triton is not None:
             tl.store(values_ptr + (cache_row + pos) * D + d, v_new)
 
         # This program's stretch of the slots before `pos`; the one holding `pos` adds it.
-        stretch = tl.cdiv(tl.cdiv(capacity, SPLITS), BLOCK) * BLOCK
+        span = pos + 1 if SPLIT_FILLED else capacity
+        stretch = tl.cdiv(tl.cdiv(span, SPLITS), BLOCK) * BLOCK
         start = split * stretch
         end = tl.minimum(start + stretch, pos)
         best = tl.full([], float("-inf"), tl.float32)
@@ -142,6 +140,19 @@ if triton is not None:
                 combined = tl.sum(weights[:, None] * accs, axis=0) / tl.sum(weights * totals, axis=0)
                 tl.store(out_at, combined.to(out_ptr.dtype.element_ty))
                 tl.store(arrivals_ptr + row_head, 0)
+
+    @triton.jit
+    def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, stride_q, stride_k, stride_v, pos_ptr, stride_pos,
+                                 cos_ptr, sin_ptr, keys_ptr, values_ptr, out_ptr, stride_out,
+                                 partial_ptr, arrivals_ptr, capacity, scale,
+                                 HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr,
+                                 SPLITS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        if PDL:
+            gdc_wait()  # q, k, v and the cache are earlier kernels' work
+            gdc_launch_dependents()
+        attend(q_ptr, k_ptr, v_ptr, stride_q, stride_k, stride_v, pos_ptr, stride_pos, cos_ptr, sin_ptr,
+               keys_ptr, values_ptr, out_ptr, stride_out, partial_ptr, arrivals_ptr, capacity, scale,
+               tl.program_id(0), tl.program_id(1), HEADS, KV_HEADS, D, SPLITS, BLOCK, False)
 
 
 def kernel_applies(q: torch.Tensor) -> bool:

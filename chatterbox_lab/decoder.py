@@ -36,6 +36,10 @@ Past the guide (`BEYOND`):
                        of the one before (Hopper and later): it is launched while that one
                        finishes, streams in its first weights, and waits only before it
                        reads what earlier kernels wrote
+- "persistent_layers": each layer of the one-token step as one persistent kernel, one
+                       program per SM walking the layer's five phases between grid barriers
+                       and loading the next phase's weights before each barrier
+                       (`persistent_layer.py`)
 
 Any number of utterances decode together (`streams`): each is a CFG pair of rows,
 with its own prompt, position, repetition mask and stop.
@@ -57,17 +61,17 @@ from .t3_forward import DynamicT3Forward, StaticT3Forward, filled_cache_mask
 
 LADDER = ("bf16", "static_cache", "embed_cache", "compiled")
 BEYOND = ("fused_projections", "sampling_in_graph", "fused_matvec", "filled_cache_attention", "fused_attention",
-          "fused_sampling", "captured_graph", "dependent_launch")
+          "fused_sampling", "captured_graph", "dependent_launch", "persistent_layers")
 STEPS = LADDER + BEYOND
 REQUIRES = {"compiled": ("static_cache", "embed_cache"), "fused_projections": ("static_cache",),
             "sampling_in_graph": ("compiled",), "fused_matvec": ("fused_projections",),
             "filled_cache_attention": ("compiled",), "fused_attention": ("static_cache",),
             "fused_sampling": ("sampling_in_graph",),
             "captured_graph": ("fused_matvec", "fused_attention", "fused_sampling"),
-            "dependent_launch": ("captured_graph",)}
+            "dependent_launch": ("captured_graph",), "persistent_layers": ("fused_matvec", "fused_attention")}
 # Steps whose Triton kernels sum in their own order: checked against PyTorch by logits and by
 # tokens for the same random draws, not by fp32 identity with upstream.
-KERNEL_STEPS = ("fused_matvec", "fused_attention", "fused_sampling")
+KERNEL_STEPS = ("fused_matvec", "fused_attention", "fused_sampling", "persistent_layers")
 
 # How often the host looks for the stop token: each look is a device sync that
 # stops the CPU from queueing further steps ahead of the GPU.
@@ -203,7 +207,8 @@ class T3Decoder:
                                            fused="fused_projections" in self.steps,
                                            matvec="fused_matvec" in self.steps,
                                            attention_kernel="fused_attention" in self.steps,
-                                           dependent_launch=self.pdl)
+                                           dependent_launch=self.pdl,
+                                           whole_layers="persistent_layers" in self.steps)
         self._active_forward = self.forward
         self.compiled = "compiled" in self.steps
         self.sample_in_graph = "sampling_in_graph" in self.steps

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from . import decode_attention
+from . import decode_attention, persistent_layer
 from .fused_matvec import Norm, fused_matvec
 from .kv_cache import CACHE_MULTIPLE, StaticKVCache
 
@@ -76,16 +76,21 @@ class StaticT3Forward:
     """Rows of the batch are CFG pairs, one pair per utterance (cond, uncond, cond, ...)."""
 
     def __init__(self, t3, capacity: int, batch: int = 2, fused: bool = False, matvec: bool = False,
-                 attention_kernel: bool = False, dependent_launch: bool = False):
+                 attention_kernel: bool = False, dependent_launch: bool = False, whole_layers: bool = False):
         """`fused`: q/k/v and gate/up as one matrix each. `matvec` (needs `fused`): every
         matmul with its norm, activation or residual as one kernel (`fused_matvec.py`).
         `attention_kernel`: a one-token step's rotary, cache write and attention as one
         kernel a layer (`decode_attention.py`). `dependent_launch`: those kernels launched as
-        programmatic dependents of the kernel before them (for a directly captured graph)."""
+        programmatic dependents of the kernel before them (for a directly captured graph).
+        `whole_layers` (needs `matvec` and `attention_kernel`): each layer of a one-token step as
+        one persistent kernel (`persistent_layer.py`)."""
         from .fused_projections import FusedProjections
 
         if matvec and not fused:
             raise ValueError("matvec kernels multiply the fused q/k/v and gate/up matrices: pass fused=True")
+        if whole_layers and not (matvec and attention_kernel):
+            raise ValueError("the whole-layer kernel is the matvec and attention kernels in one: pass matvec=True "
+                             "and attention_kernel=True")
 
         cfg = t3.cfg
         self.t3 = t3
@@ -111,6 +116,11 @@ class StaticT3Forward:
         # The kernel's per-(row, head) arrival counter: zero between calls, at a fixed address.
         self.arrivals = torch.zeros(batch * self.n_heads, dtype=torch.int32, device=weight.device)
         torch._dynamo.mark_static_address(self.arrivals)
+        self.layer_weights = [persistent_layer.LayerWeights.of(layer, self.fused.qkv[i], self.fused.gate_up[i])
+                              for i, layer in enumerate(self.layers)] if whole_layers else None
+        # The whole-layer kernel's grid barrier: arrivals and departures, zero between calls.
+        self.sync = torch.zeros(2, dtype=torch.int32, device=weight.device)
+        torch._dynamo.mark_static_address(self.sync)
 
     @property
     def capacity(self) -> int:
@@ -164,8 +174,15 @@ class StaticT3Forward:
             rotary = (self.cos[positions], self.sin[positions]) if positions.dim() == 2 else \
                 (self.cos[positions][None], self.sin[positions][None])
         x = embeds
+        whole_layers = mask is None and self.layer_weights is not None and persistent_layer.kernel_applies(embeds)
         for i, layer in enumerate(self.layers):
-            x = self._layer(i, layer, x, positions, rows, rotary, mask)
+            if whole_layers:
+                # On the CPU the interpreter runs programs one by one: a phase a launch, no barriers.
+                x = persistent_layer.triton_layer(x, self.layer_weights[i], positions, self.cos, self.sin,
+                                                  self.cache.keys[i], self.cache.values[i], self.arrivals, self.sync,
+                                                  persistent=x.is_cuda, pdl=self.pdl)
+            else:
+                x = self._layer(i, layer, x, positions, rows, rotary, mask)
         if self.matvec:
             head = self.t3.speech_head
             return fused_matvec(x[:, -1], head.weight, head.bias, norm=Norm.of(self.t3.tfmr.norm), pdl=self.pdl)

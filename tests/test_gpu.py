@@ -157,7 +157,8 @@ def test_fused_matvec_kernels_match_pytorch_on_every_call_of_the_step(full_tts):
         assert error < 5e-3, (name, error)  # a few values one bf16 step apart: sums in another order
 
 
-@pytest.mark.parametrize("kernels", [("fused_matvec",), ("fused_matvec", "fused_attention")])
+@pytest.mark.parametrize("kernels", [("fused_matvec",), ("fused_matvec", "fused_attention"),
+                                     ("fused_matvec", "fused_attention", "persistent_layers")])
 def test_kernel_steps_replay_one_graph_and_keep_bf16_logits(full_tts, kernels):
     from chatterbox_lab import equivalence
     from chatterbox_lab.decoder import ladder_prefix
