@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import decode_attention, equivalence, fused_matvec, profiling, results, roofline
+from . import decode_attention, equivalence, fused_matvec, persistent_layer, profiling, results, roofline
 from .decoder import KERNEL_STEPS, STEPS, T3Decoder, ladder_prefix, prompt_len_for, requirements, text_tokens_for
 from .kv_cache import cache_len_for
 from .models import load_tts, resolve_device
@@ -394,6 +394,8 @@ def run(config: BenchConfig, progress: bool = True, tts=None, partial: Path | No
         doc["matvec_sweep"] = fused_matvec.sweep(tts.t3)
     if cfg.sweep and "fused_attention" in _t3_steps(cfg) and cfg.device.startswith("cuda"):
         doc["attention_sweep"] = decode_attention.sweep(tts.t3, _capacity(tts, cfg))
+    if cfg.sweep and "persistent_layers" in _t3_steps(cfg) and cfg.device.startswith("cuda"):
+        doc["layer_sweep"] = persistent_layer.sweep(tts.t3, _capacity(tts, cfg))
 
     checks = None
     if cfg.checks:

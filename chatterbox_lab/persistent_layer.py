@@ -47,10 +47,17 @@ if triton is not None:
 
 PHASES = ("qkv", "attention", "o_proj", "gate_up", "down")
 
-# Bytes of weights a program loads per tile: with one program per SM, this and the tile
-# prefetched behind it are what each SM keeps in flight.
-TILE_BYTES = 16 * 2**10
-WARPS = 8
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    tile_bytes: int        # weight bytes a program loads per tile; it keeps two in flight
+    warps: int
+    programs_per_sm: int   # all must be resident at once: checked against the compiled kernel
+
+
+# What the kernel launches with; `sweep` puts the fastest on the card here.
+CONFIG = LayerConfig(tile_bytes=16 * 2**10, warps=8, programs_per_sm=1)
 
 
 @dataclass(frozen=True)
@@ -69,9 +76,9 @@ class LayerWeights:
                    Norm.of(layer.post_attention_layernorm), gate_up, layer.mlp.down_proj.weight)
 
 
-def tile_columns(k: int, itemsize: int, gated: bool = False) -> int:
-    """Output columns per tile: TILE_BYTES of weight rows (gate and up rows counted together)."""
-    return max(1, TILE_BYTES // (k * itemsize * (2 if gated else 1)))
+def tile_columns(k: int, itemsize: int, gated: bool = False, tile_bytes: int | None = None) -> int:
+    """Output columns per tile: `tile_bytes` of weight rows (gate and up rows counted together)."""
+    return max(1, (tile_bytes or CONFIG.tile_bytes) // (k * itemsize * (2 if gated else 1)))
 
 
 def attention_splits(rows: int, heads: int, programs: int) -> int:
@@ -82,12 +89,44 @@ def attention_splits(rows: int, heads: int, programs: int) -> int:
     return splits
 
 
-def programs_for(device) -> int:
-    """One program per SM on CUDA; on the CPU (interpreter) a few, so the tiles' striding is exercised."""
+def programs_for(device, config: LayerConfig | None = None) -> int:
+    """`programs_per_sm` per SM on CUDA; on the CPU (interpreter) a few, so the tiles' striding is exercised."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return torch.cuda.get_device_properties(device).multi_processor_count * (config or CONFIG).programs_per_sm
     return 3
+
+
+# Per compiled variant: how many of its programs an SM holds at once.
+_RESIDENT: dict[tuple, int] = {}
+
+
+def resident_per_sm(compiled, device) -> int:
+    """Programs of a compiled kernel one SM can hold at once, by registers, shared memory and warps."""
+    props = torch.cuda.get_device_properties(device)
+    if getattr(compiled, "n_regs", None) is None:
+        compiled._init_handles()  # Triton reads the register count when it loads the binary
+    warps = compiled.metadata.num_warps
+    regs = -(-max(compiled.n_regs, 1) // 8) * 8 * 32 * warps  # allocated per warp in 8-register steps
+    limits = [getattr(props, "regs_per_multiprocessor", 65536) // regs,
+              getattr(props, "max_threads_per_multi_processor", 2048) // (32 * warps)]
+    shared = compiled.metadata.shared
+    if shared:
+        limits.append(getattr(props, "shared_memory_per_multiprocessor", 228 * 2**10) // shared)
+    return max(0, min(limits))
+
+
+def _check_resident(args, shape: dict, config: LayerConfig, programs: int, pdl: bool, device) -> None:
+    """Refuse a grid the SMs cannot hold at once: its barriers would wait forever."""
+    key = (tuple(sorted(shape.items())), config, pdl, str(args[0].dtype))
+    if key not in _RESIDENT:
+        compiled = _layer_kernel.warmup(*args, **shape, PHASE=-1, PDL=pdl, num_warps=config.warps, grid=(programs,))
+        _RESIDENT[key] = resident_per_sm(compiled, device)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if programs > sms * _RESIDENT[key]:
+        raise RuntimeError(f"{programs} programs of the whole-layer kernel cannot all be resident on {sms} SMs "
+                           f"({_RESIDENT[key]} per SM with {config}); their grid barriers would never open: "
+                           f"lower programs_per_sm, tile_bytes or warps")
 
 
 if triton is not None:
@@ -97,10 +136,12 @@ if triton is not None:
         makes every thread's stores part of what the arrival publishes; the acquire polls make
         every other program's stores visible after it."""
         tl.debug_barrier()
-        tl.atomic_add(sync_ptr, 1, sem="release")
-        arrived = tl.atomic_add(sync_ptr, 0, sem="acquire")
+        arrived = tl.atomic_add(sync_ptr, 1, sem="release") + 1
+        # Plain volatile loads to wait (read-modify-writes from every SM would queue behind each
+        # other at the counter), then one acquire once the count is reached.
         while arrived < target:
-            arrived = tl.atomic_add(sync_ptr, 0, sem="acquire")
+            arrived = tl.load(sync_ptr, volatile=True)
+        tl.atomic_add(sync_ptr, 0, sem="acquire")
         tl.debug_barrier()
 
     @triton.jit
@@ -246,7 +287,7 @@ def kernel_applies(x: torch.Tensor) -> bool:
 def triton_layer(x: torch.Tensor, weights: LayerWeights, positions: torch.Tensor, cos: torch.Tensor,
                  sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, arrivals: torch.Tensor,
                  sync: torch.Tensor, persistent: bool = True, programs: int | None = None,
-                 pdl: bool = False) -> torch.Tensor:
+                 pdl: bool = False, config: LayerConfig | None = None) -> torch.Tensor:
     """One Llama layer for one position: x (B, 1, dim), the residual stream, at `positions` ((1,)
     shared or (B, 1) one per row), its key and value written into `keys` and `values` (B, kv_heads,
     capacity, head_dim) -> the layer's output (B, 1, dim). `arrivals` (int32, B * heads) and `sync`
@@ -267,7 +308,8 @@ def triton_layer(x: torch.Tensor, weights: LayerWeights, positions: torch.Tensor
     if sync.numel() < 2 or sync.dtype != torch.int32 or arrivals.dtype != torch.int32 \
             or arrivals.numel() < rows * heads:
         raise ValueError(f"sync must be 2 int32 zeros and arrivals at least {rows * heads} int32 zeros")
-    programs = programs or programs_for(x.device)
+    config = config or CONFIG
+    programs = programs or programs_for(x.device, config)
     splits = attention_splits(rows, heads, programs)
     h = x.reshape(rows, dim).contiguous()
     new = x.new_empty
@@ -282,12 +324,76 @@ def triton_layer(x: torch.Tensor, weights: LayerWeights, positions: torch.Tensor
             rows, keys.size(2), head_dim ** -0.5)
     shape = dict(DIM=dim, INTER=inter, HEADS=heads, KV_HEADS=kv_heads, D=head_dim, SPLITS=splits,
                  BLOCK_SLOTS=decode_attention.BLOCK_SLOTS, BLOCK_M=max(2, triton.next_power_of_2(rows)),
-                 QKV_COLS=tile_columns(dim, size), O_COLS=tile_columns(heads * head_dim, size),
-                 GATE_UP_COLS=tile_columns(dim, size, gated=True), DOWN_COLS=tile_columns(inter, size))
+                 QKV_COLS=tile_columns(dim, size, tile_bytes=config.tile_bytes),
+                 O_COLS=tile_columns(heads * head_dim, size, tile_bytes=config.tile_bytes),
+                 GATE_UP_COLS=tile_columns(dim, size, gated=True, tile_bytes=config.tile_bytes),
+                 DOWN_COLS=tile_columns(inter, size, tile_bytes=config.tile_bytes))
     kernel = wrap_triton(_layer_kernel)[(programs,)]
     if persistent:
-        kernel(*args, **shape, PHASE=-1, PDL=pdl, num_warps=WARPS, **({"launch_pdl": True} if pdl else {}))
+        _check_resident(args, shape, config, programs, pdl, x.device)
+        kernel(*args, **shape, PHASE=-1, PDL=pdl, num_warps=config.warps, **({"launch_pdl": True} if pdl else {}))
     else:
         for phase in range(len(PHASES)):
-            kernel(*args, **shape, PHASE=phase, PDL=False, num_warps=WARPS)
+            kernel(*args, **shape, PHASE=phase, PDL=False, num_warps=config.warps)
     return out.view(rows, 1, dim)
+
+
+# What `sweep` tries: tile sizes, warps and programs per SM around the default.
+SWEEP_CONFIGS = tuple(LayerConfig(tile * 2**10, warps, per_sm)
+                      for tile in (8, 16, 32) for warps in (4, 8, 16) for per_sm in (1, 2))
+
+
+def _name(config: LayerConfig) -> str:
+    return f"t{config.tile_bytes // 2**10}k_w{config.warps}_p{config.programs_per_sm}"
+
+
+def sweep(t3, capacity: int, rows: int = 2, dtype: torch.dtype = torch.bfloat16, configs=SWEEP_CONFIGS) -> dict:
+    """Microseconds per layer at the last slot of a `capacity`-slot cache, inside a CUDA graph over
+    as many layers as the model has (random weights of its shapes, so L2 holds none of them): one
+    launch per phase, then the persistent kernel in each config the SMs can hold at once; the
+    fastest becomes CONFIG."""
+    global CONFIG
+    from .fused_matvec import time_in_graph
+    from .kv_cache import StaticKVCache
+    from .t3_forward import rotary_tables
+
+    cfg = t3.cfg
+    heads, kv_heads, dim, inter = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size, \
+        cfg.intermediate_size
+    head_dim = getattr(cfg, "head_dim", None) or dim // heads
+    layers = cfg.num_hidden_layers
+    device = t3.speech_head.weight.device
+
+    def matrix(n, k):
+        return torch.randn(n, k, device=device, dtype=dtype) / k ** 0.5
+
+    def norm():
+        return Norm(torch.ones(dim, device=device, dtype=dtype), cfg.rms_norm_eps)
+    weights = [LayerWeights(norm(), matrix((heads + 2 * kv_heads) * head_dim, dim), matrix(dim, heads * head_dim),
+                            norm(), matrix(2 * inter, dim), matrix(dim, inter)) for _ in range(layers)]
+    cache = StaticKVCache(layers, rows, kv_heads, capacity, head_dim, dtype, device)
+    for buffer in (*cache.keys, *cache.values):
+        buffer.normal_()
+    cos, sin = rotary_tables(t3, capacity, dtype)
+    positions = torch.full((1,), capacity - 1, device=device)
+    x = torch.randn(rows, 1, dim, device=device, dtype=dtype)
+    arrivals = torch.zeros(rows * heads, dtype=torch.int32, device=device)
+    sync = torch.zeros(2, dtype=torch.int32, device=device)
+
+    def timed(**options):
+        return time_in_graph([lambda i=i: triton_layer(x, weights[i], positions, cos, sin, cache.keys[i],
+                                                       cache.values[i], arrivals, sync, **options)
+                              for i in range(layers)]) * 1e6
+
+    found = dict(capacity=capacity, phase_launches_us=timed(persistent=False), configs={}, refused={})
+    for config in configs:
+        name = _name(config)
+        try:
+            found["configs"][name] = timed(config=config)
+        except RuntimeError as refused:  # more programs than the SMs hold: never launched
+            found["refused"][name] = str(refused)
+    best = min(found["configs"], key=found["configs"].get)
+    found["best"], found["best_us"] = best, found["configs"][best]
+    CONFIG = next(c for c in configs if _name(c) == best)
+    del weights
+    return found
