@@ -385,7 +385,24 @@ def sweep(t3, capacity: int, rows: int = 2, dtype: torch.dtype = torch.bfloat16,
                                                        cache.values[i], arrivals, sync, **options)
                               for i in range(layers)]) * 1e6
 
-    found = dict(capacity=capacity, phase_launches_us=timed(persistent=False), configs={}, refused={})
+    pdl = fused_matvec.dependent_launch_supported(device)
+    q_width, kv_width = heads * head_dim, kv_heads * head_dim
+
+    def kernel_per_call(i):
+        """The layer as the dependent_launch step runs it: five kernels, each a dependent of the last."""
+        w = weights[i]
+        q, k, v = fused_matvec.triton_matvec(x, w.qkv, norm=w.input_norm, pdl=pdl).split(
+            [q_width, kv_width, kv_width], dim=-1)
+        attended = decode_attention.triton_decode_attention(q, k, v, positions, cos, sin, cache.keys[i], cache.values[i],
+                                                            arrivals, decode_attention.splits_for(capacity), pdl=pdl)
+        h = fused_matvec.triton_matvec(attended, w.o_proj, residual=x, pdl=pdl)
+        act = fused_matvec.triton_matvec(h, w.gate_up, norm=w.post_norm, gated=True, pdl=pdl)
+        return fused_matvec.triton_matvec(act, w.down, residual=h, pdl=pdl)
+
+    found = dict(capacity=capacity, kernel_per_call_us=time_in_graph([lambda i=i: kernel_per_call(i)
+                                                                      for i in range(layers)]) * 1e6,
+                 kernel_per_call_dependent_launch=pdl, phase_launches_us=timed(persistent=False),
+                 configs={}, refused={})
     for config in configs:
         name = _name(config)
         try:
