@@ -27,6 +27,10 @@ come first and half precision second, the order of T3's ladder.
   look-ahead convolution is the only layer that reads ahead and attention masks padded
   keys (CPU test; on a GPU its mels are within the GPU test's relative tolerance of the
   eager encoder's, since padded lengths select other kernels).
+- "voice_encoders_on_host": S3Gen's speech tokenizer and speaker encoder, which only
+  prepare a voice's conditionals (about half of S3Gen's weights in the full preset),
+  stay in host memory and visit the device just for that (`voice_encoders_on_device`):
+  a request with a cached voice never needs them. A new voice pays the two copies.
 
 Steps are applied to a loaded model in place and cannot be taken back (reload the
 model), as T3's bf16 step casts in place.
@@ -38,7 +42,7 @@ import math
 
 import torch
 
-S3GEN_STEPS = ("flow_graphs", "flow_half", "watermark_on_device", "encoder_graphs")
+S3GEN_STEPS = ("flow_graphs", "flow_half", "watermark_on_device", "encoder_graphs", "voice_encoders_on_host")
 FLOW_HALF_DTYPE = torch.float16
 # Mel frames per length bucket: one graph serves every length up to its bucket.
 # 64 frames (1.28 s of audio) keeps the padding, at most 63 frames, small next to a
@@ -80,8 +84,31 @@ def apply_s3gen_steps(tts, steps) -> frozenset:
         tts.watermarker.perth_net.to(tts.device)
     if "encoder_graphs" in steps - done:
         flow.encoder = BucketedEncoder(flow.encoder)
+    if "voice_encoders_on_host" in steps - done:
+        for encoder in _voice_encoders(tts):
+            encoder.to("cpu")
     tts._chatterbox_lab_s3gen_steps = done | steps
     return done | steps
+
+
+def _voice_encoders(tts) -> tuple:
+    return tts.s3gen.tokenizer, tts.s3gen.speaker_encoder
+
+
+@contextlib.contextmanager
+def voice_encoders_on_device(tts):
+    """With `voice_encoders_on_host` on, S3Gen's tokenizer and speaker encoder on `tts.device` for
+    the duration (preparing a voice), back in host memory after; otherwise nothing moves."""
+    if "voice_encoders_on_host" not in s3gen_steps_of(tts):
+        yield
+        return
+    for encoder in _voice_encoders(tts):
+        encoder.to(tts.device)
+    try:
+        yield
+    finally:
+        for encoder in _voice_encoders(tts):
+            encoder.to("cpu")
 
 
 def _unwrapped(estimator):

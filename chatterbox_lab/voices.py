@@ -53,7 +53,11 @@ def check_reference_audio(path) -> Path:
 
 def prepare_voice(tts, voice, exaggeration: float = 0.5):
     """Check `voice` and prepare upstream's conditionals from it; returns them."""
-    tts.prepare_conditionals(str(check_reference_audio(voice)), exaggeration=exaggeration)
+    from .s3gen_steps import voice_encoders_on_device
+
+    path = check_reference_audio(voice)
+    with voice_encoders_on_device(tts):
+        tts.prepare_conditionals(str(path), exaggeration=exaggeration)
     return tts.conds
 
 

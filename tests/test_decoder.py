@@ -194,9 +194,12 @@ def test_captured_graph_step_gives_the_compiled_steps_tokens(tiny_tts, text_toke
 
 
 def test_dependent_launch_is_left_out_of_the_ladder_where_it_cannot_run(tiny_tts):
-    from chatterbox_lab.bench import RUNGS, ladder_rungs
+    from chatterbox_lab.bench import RUNGS, ladder_rungs, rung_steps
 
     assert ladder_rungs("cpu") == tuple(r for r in RUNGS if r != "dependent_launch")
+    # The rungs after it still run there, without it.
+    assert rung_steps("persistent_layers", "cpu") == ladder_prefix("persistent_layers") - {"dependent_launch"}
+    check_steps(rung_steps("persistent_layers", "cpu"))
     with pytest.raises(RuntimeError, match="Hopper or later GPU"):
         from chatterbox_lab.fused_matvec import check_dependent_launch
 

@@ -77,3 +77,21 @@ def test_steps_apply_once_in_any_order(fresh_tts):
 def test_unknown_step_is_refused(fresh_tts):
     with pytest.raises(ValueError, match="choose from flow_graphs"):
         apply_s3gen_steps(fresh_tts, ["flow_graph"])
+
+
+def test_voice_encoders_visit_the_device_only_to_prepare_a_voice(fresh_tts, monkeypatch):
+    """On the CPU nothing moves; the moves are recorded instead: to the model's device for the
+    preparation, back to the host after it, and none for a request with the voice prepared."""
+    from chatterbox_lab.voices import prepare_voice
+
+    apply_s3gen_steps(fresh_tts, ["voice_encoders_on_host"])
+    encoders = (fresh_tts.s3gen.tokenizer, fresh_tts.s3gen.speaker_encoder)
+    assert all(p.device.type == "cpu" for encoder in encoders for p in encoder.parameters())
+    moves = []
+    for name, encoder in zip(("tokenizer", "speaker_encoder"), encoders):
+        monkeypatch.setattr(encoder, "to", lambda device, name=name, encoder=encoder: moves.append((name, str(device))) or encoder)
+    monkeypatch.setattr(fresh_tts, "device", "gpu-like", raising=False)
+    monkeypatch.setattr(fresh_tts, "prepare_conditionals", lambda path, exaggeration: moves.append(("prepared", path)))
+    prepare_voice(fresh_tts, "alto")
+    assert [m[0] for m in moves] == ["tokenizer", "speaker_encoder", "prepared", "tokenizer", "speaker_encoder"]
+    assert [m[1] for m in moves[:2]] == ["gpu-like"] * 2 and [m[1] for m in moves[3:]] == ["cpu"] * 2

@@ -25,6 +25,8 @@
 #   torch.compile: the same kernels, a start-up of seconds.
 # - `dependent_launch`: in that graph, each kernel launched as a programmatic
 #   dependent of the one before, so it loads its weights while that one finishes.
+# - `persistent_layers`: each layer one persistent kernel whose phases are separated
+#   by grid-wide barriers instead of kernel boundaries.
 # - several utterances at once (`T3Decoder(streams=N)`): each is a CFG pair of rows
 #   with its own prompt, position, repetition mask and stop; the weights are read
 #   once for all of them.
@@ -359,6 +361,43 @@ display(Markdown(results.markdown_table(d, ("t3_decode_tok_s", "fraction_of_floo
 gain = d["rungs"]["dependent_launch"]["t3_decode_tok_s"] / d["rungs"]["captured_graph"]["t3_decode_tok_s"]
 print(f"dependent launches: {gain:.2f}x the captured step's decode rate, with the same kernels")
 assert gain > 1 and d["rungs"]["dependent_launch"]["gpu_kernels_per_token"] == d["rungs"]["captured_graph"]["gpu_kernels_per_token"]
+
+# %% [markdown]
+# ## A whole layer as one kernel (`persistent_layers`)
+#
+# Even overlapped, a layer is a chain of five kernels (q/k/v, attention, o_proj,
+# gate/up, down), and every link waits for the whole previous kernel to finish and
+# flush. `persistent_layer.py` makes the layer one kernel: one or two programs per SM
+# stay resident and walk the five phases, separated by grid-wide barriers (each
+# program increments an arrival counter, then polls it until all have arrived). A
+# program loads its first tile of the next phase's weights *before* it waits at a
+# barrier, so the weight stream does not stop while the grid synchronizes.
+#
+# Barriers are only safe if every program of the grid is resident at once; the kernel
+# refuses a grid the SMs cannot hold (read from the compiled kernel's registers and
+# shared memory) instead of hanging. The same code launched once per phase, without
+# barriers, is how the CPU tests run it; the GPU test checks that the barriers change
+# nothing, bit for bit, and the bench sweeps tile size, warps and programs per SM.
+#
+# What it measured: the barriers are cheaper than kernel boundaries without dependent
+# launches, but not cheaper than the five overlapped kernels of `dependent_launch`.
+# Each phase still pays a chain of round trips to L2 (arrive, see everyone arrived,
+# read the previous phase's output) that no weight prefetch hides.
+
+# %%
+p_path, p = results.latest_with("beyond", ("dependent_launch", "persistent_layers"))
+display(Markdown(f"**{p['provenance']['gpu']}**, commit `{p['provenance']['git_commit'][:10]}`, `{p_path.name}`"))
+display(Markdown(results.markdown_table(p, ("t3_decode_tok_s", "fraction_of_floor", "gpu_kernels_per_token"))))
+if "layer_sweep" in p:
+    layer = p["layer_sweep"]
+    rows = {"five kernels, dependent launches": layer["kernel_per_call_us"],
+            "one launch per phase": layer["phase_launches_us"],
+            **{f"persistent, {name}": us for name, us in sorted(layer["configs"].items(), key=lambda kv: kv[1])[:4]}}
+    display(Markdown(f"One layer at the last of {layer['capacity']} slots, inside a CUDA graph over every layer "
+                     "(us; persistent configs: tile KiB, warps, programs per SM, fastest four):\n\n| layer as | us |\n|---|---|\n"
+                     + "\n".join(f"| {name} | {us:.1f} |" for name, us in rows.items())))
+    assert layer["best_us"] < layer["phase_launches_us"]
+assert p["rungs"]["persistent_layers"]["gpu_kernels_per_token"] < p["rungs"]["dependent_launch"]["gpu_kernels_per_token"]
 
 # %% [markdown]
 # ## Several utterances at once
