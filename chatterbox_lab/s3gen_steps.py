@@ -85,10 +85,17 @@ def apply_s3gen_steps(tts, steps) -> frozenset:
     if "encoder_graphs" in steps - done:
         flow.encoder = BucketedEncoder(flow.encoder)
     if "voice_encoders_on_host" in steps - done:
+        tts.s3gen.__class__ = _device_read_from_flow(type(tts.s3gen))
         for encoder in _voice_encoders(tts):
             encoder.to("cpu")
     tts._chatterbox_lab_s3gen_steps = done | steps
     return done | steps
+
+
+def _device_read_from_flow(cls):
+    """Upstream's S3Gen class, its `device` read from the flow: upstream reads the tokenizer's,
+    and puts every tensor of a request there."""
+    return type(cls.__name__, (cls,), {"device": property(lambda self: next(self.flow.parameters()).device)})
 
 
 def _voice_encoders(tts) -> tuple:

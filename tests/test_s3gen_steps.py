@@ -87,6 +87,8 @@ def test_voice_encoders_visit_the_device_only_to_prepare_a_voice(fresh_tts, monk
     apply_s3gen_steps(fresh_tts, ["voice_encoders_on_host"])
     encoders = (fresh_tts.s3gen.tokenizer, fresh_tts.s3gen.speaker_encoder)
     assert all(p.device.type == "cpu" for encoder in encoders for p in encoder.parameters())
+    # Upstream reads S3Gen's device from the tokenizer; with it on the host, from the flow.
+    assert fresh_tts.s3gen.device == next(fresh_tts.s3gen.flow.parameters()).device
     moves = []
     for name, encoder in zip(("tokenizer", "speaker_encoder"), encoders):
         monkeypatch.setattr(encoder, "to", lambda device, name=name, encoder=encoder: moves.append((name, str(device))) or encoder)
