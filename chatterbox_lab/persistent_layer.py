@@ -413,5 +413,4 @@ def sweep(t3, capacity: int, rows: int = 2, dtype: torch.dtype = torch.bfloat16,
     best = min(found["configs"], key=found["configs"].get)
     found["best"], found["best_us"] = best, found["configs"][best]
     CONFIG = next(c for c in configs if _name(c) == best)
-    del weights
     return found

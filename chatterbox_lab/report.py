@@ -91,13 +91,15 @@ END_TO_END_GOALS = dict(rtf=0.03, first_audio_s=0.08, peak_vram_mib=2.0e9 / 2**2
 
 def end_to_end_rows(rungs_doc: dict, e2e_doc: dict) -> list[dict]:
     """Issue 6's goals next to what was measured: the last S3Gen rung of `rungs_doc` and the
-    stream and many-utterance figures of `e2e_doc`. The real-time factor is given with and
-    without the voice's conditioning, since the goal is for a voice already prepared."""
+    stream and many-utterance figures of `e2e_doc`. The goals are for a voice already prepared:
+    the real-time factor and peak memory of the rung's requests timed with the voice cached where
+    the record has them (`cached_voice`), else its requests less their conditioning time."""
     last = list(rungs_doc["rungs"].values())[-1]
-    cached = (last["e2e_s"] - last["stages_s"]["conditioning"]) / last["audio_s"]
+    cached_voice = last.get("cached_voice") or dict(
+        rtf=(last["e2e_s"] - last["stages_s"]["conditioning"]) / last["audio_s"], peak_vram_mib=last["peak_vram_mib"])
     e2e = e2e_doc["end_to_end"]
-    measured = dict(rtf=cached, first_audio_s=e2e["stream"]["first_audio_s"], peak_vram_mib=last["peak_vram_mib"],
-                    x_realtime=e2e["many"]["x_realtime"])
+    measured = dict(rtf=cached_voice["rtf"], first_audio_s=e2e["stream"]["first_audio_s"],
+                    peak_vram_mib=cached_voice["peak_vram_mib"], x_realtime=e2e["many"]["x_realtime"])
     better_below = {"rtf", "first_audio_s", "peak_vram_mib"}
     return [dict(figure=k, goal=goal, measured=measured[k],
                  met=measured[k] <= goal if k in better_below else measured[k] >= goal)
@@ -141,8 +143,11 @@ def end_to_end_section() -> str:
         f"([`{e2e_path.name}`]({e2e_path.relative_to(ROOT)})): first audio "
         f"{e2e['stream']['first_audio_s'] * 1e3:.0f} ms after the request (first chunk "
         f"{e2e['stream']['first_chunk_tokens']} tokens); {e2e['many']['utterances']} utterances "
-        f"{e2e['many']['x_realtime']:.0f}x real time. Issue 6's goals (`rtf` here without the voice's "
-        f"conditioning, which a cached voice skips):",
+        f"{e2e['many']['x_realtime']:.0f}x real time. Issue 6's goals, for a voice already prepared "
+        f"(`rtf` and `peak_vram_mib` "
+        + ("of the same requests with the voice cached; the table's re-prepare it every request):"
+           if "cached_voice" in list(rungs_doc["rungs"].values())[-1] else
+           "without the voice's conditioning time, which a cached voice skips):"),
         "", *goals])
 
 

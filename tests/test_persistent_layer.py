@@ -92,19 +92,6 @@ def test_decode_steps_through_whole_layer_kernels_give_upstreams_logits(interpre
     assert equivalence.relative_error(got, reference) < 1e-5
 
 
-def test_batched_utterances_through_whole_layer_kernels_match_one_at_a_time(interpreted, tiny_tts):
-    from chatterbox_lab.sampling import SamplingParams
-
-    greedy = SamplingParams(top_p=1e-6)
-    conds = [tiny_tts.conds.t3] * 2
-    texts = [text_tokens_for(tiny_tts, t) for t in ("Short.", "A rather longer sentence than that.")]
-    batch = T3Decoder(tiny_tts.t3, LAYER_STEPS, streams=2, max_new_tokens=6)
-    result = batch.generate_batch(conds, texts, 6, greedy, stop_on_eos=False)
-    single = T3Decoder(tiny_tts.t3, LAYER_STEPS, max_new_tokens=6)
-    for cond, text, tokens in zip(conds, texts, result.all_tokens):
-        assert torch.equal(single.generate(cond, text, 6, greedy, stop_on_eos=False).tokens, tokens)
-
-
 def test_tiles_and_splits_fill_the_grid():
     assert persistent_layer.tile_columns(1024, 2) == 8
     assert persistent_layer.tile_columns(1024, 2, gated=True) == 4
