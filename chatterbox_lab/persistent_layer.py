@@ -48,7 +48,6 @@ if triton is not None:
 PHASES = ("qkv", "attention", "o_proj", "gate_up", "down")
 
 
-
 @dataclass(frozen=True)
 class LayerConfig:
     tile_bytes: int        # weight bytes a program loads per tile; it keeps two in flight
@@ -56,8 +55,8 @@ class LayerConfig:
     programs_per_sm: int   # all must be resident at once: checked against the compiled kernel
 
 
-# What the kernel launches with: the fastest of `sweep` on an H100 (`layer_sweep` in the bench's
-# records); the bench sweeps again on its card and puts the fastest here.
+# What the kernel launches with: the fastest of `sweep` on an H100 and on an H200 (`layer_sweep`
+# in the bench's records); the bench sweeps again on its card and puts the fastest here.
 CONFIG = LayerConfig(tile_bytes=16 * 2**10, warps=4, programs_per_sm=2)
 
 
