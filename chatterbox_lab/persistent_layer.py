@@ -230,52 +230,47 @@ if triton is not None:
         program = tl.program_id(0)
         programs = tl.num_programs(0)
         QKV: tl.constexpr = (HEADS + 2 * KV_HEADS) * D
-        if PHASE == -1:
+        # One sequence serves both modes: each phase's first weight tile is loaded ahead of the
+        # barrier before it (in one-phase mode, just before the phase).
+        ALL: tl.constexpr = PHASE == -1
+        if ALL | (PHASE == 0):
             qkv_w = _weight_tile(qkv_w_ptr, program, QKV, DIM, QKV_COLS)
-            if PDL:
-                gdc_wait()  # the layer's input is the kernel before's work
-                gdc_launch_dependents()
+        if ALL & PDL:
+            gdc_wait()  # the layer's input is the kernel before's work
+            gdc_launch_dependents()
+        if ALL | (PHASE == 0):
             _matvec_phase(h_ptr, input_norm_ptr, input_eps, qkv_w_ptr, h_ptr, qkv_ptr, M, QKV, qkv_w, qkv_w,
                           program, programs, DIM, True, False, False, BLOCK_M, QKV_COLS)
+        if ALL | (PHASE == 2):
             o_w = _weight_tile(o_w_ptr, program, DIM, HEADS * D, O_COLS)
+        if ALL:
             _grid_barrier(sync_ptr, programs)
+        if ALL | (PHASE == 1):
             _attention_phase(qkv_ptr, attn_ptr, pos_ptr, stride_pos, cos_ptr, sin_ptr, keys_ptr, values_ptr,
                              partial_ptr, arrivals_ptr, capacity, scale, M, program, programs,
                              HEADS, KV_HEADS, D, SPLITS, BLOCK_SLOTS)
+        if ALL | (PHASE == 3):
             gate_w = _weight_tile(gate_up_w_ptr, program, INTER, DIM, GATE_UP_COLS)
             up_w = _weight_tile(gate_up_w_ptr + INTER * DIM, program, INTER, DIM, GATE_UP_COLS)
+        if ALL:
             _grid_barrier(sync_ptr, 2 * programs)
+        if ALL | (PHASE == 2):
             _matvec_phase(attn_ptr, input_norm_ptr, input_eps, o_w_ptr, h_ptr, h2_ptr, M, DIM, o_w, o_w,
                           program, programs, HEADS * D, False, False, True, BLOCK_M, O_COLS)
+        if ALL | (PHASE == 4):
             down_w = _weight_tile(down_w_ptr, program, DIM, INTER, DOWN_COLS)
+        if ALL:
             _grid_barrier(sync_ptr, 3 * programs)
+        if ALL | (PHASE == 3):
             _matvec_phase(h2_ptr, post_norm_ptr, post_eps, gate_up_w_ptr, h2_ptr, act_ptr, M, INTER, gate_w, up_w,
                           program, programs, DIM, True, True, False, BLOCK_M, GATE_UP_COLS)
+        if ALL:
             _grid_barrier(sync_ptr, 4 * programs)
+        if ALL | (PHASE == 4):
             _matvec_phase(act_ptr, post_norm_ptr, post_eps, down_w_ptr, h2_ptr, out_ptr, M, DIM, down_w, down_w,
                           program, programs, INTER, False, False, True, BLOCK_M, DOWN_COLS)
+        if ALL:
             _leave(sync_ptr, programs)
-        elif PHASE == 0:
-            qkv_w = _weight_tile(qkv_w_ptr, program, QKV, DIM, QKV_COLS)
-            _matvec_phase(h_ptr, input_norm_ptr, input_eps, qkv_w_ptr, h_ptr, qkv_ptr, M, QKV, qkv_w, qkv_w,
-                          program, programs, DIM, True, False, False, BLOCK_M, QKV_COLS)
-        elif PHASE == 1:
-            _attention_phase(qkv_ptr, attn_ptr, pos_ptr, stride_pos, cos_ptr, sin_ptr, keys_ptr, values_ptr,
-                             partial_ptr, arrivals_ptr, capacity, scale, M, program, programs,
-                             HEADS, KV_HEADS, D, SPLITS, BLOCK_SLOTS)
-        elif PHASE == 2:
-            o_w = _weight_tile(o_w_ptr, program, DIM, HEADS * D, O_COLS)
-            _matvec_phase(attn_ptr, input_norm_ptr, input_eps, o_w_ptr, h_ptr, h2_ptr, M, DIM, o_w, o_w,
-                          program, programs, HEADS * D, False, False, True, BLOCK_M, O_COLS)
-        elif PHASE == 3:
-            gate_w = _weight_tile(gate_up_w_ptr, program, INTER, DIM, GATE_UP_COLS)
-            up_w = _weight_tile(gate_up_w_ptr + INTER * DIM, program, INTER, DIM, GATE_UP_COLS)
-            _matvec_phase(h2_ptr, post_norm_ptr, post_eps, gate_up_w_ptr, h2_ptr, act_ptr, M, INTER, gate_w, up_w,
-                          program, programs, DIM, True, True, False, BLOCK_M, GATE_UP_COLS)
-        else:
-            down_w = _weight_tile(down_w_ptr, program, DIM, INTER, DOWN_COLS)
-            _matvec_phase(act_ptr, post_norm_ptr, post_eps, down_w_ptr, h2_ptr, out_ptr, M, DIM, down_w, down_w,
-                          program, programs, INTER, False, False, True, BLOCK_M, DOWN_COLS)
 
 
 def kernel_applies(x: torch.Tensor) -> bool:
@@ -349,64 +344,39 @@ def _name(config: LayerConfig) -> str:
 
 def sweep(t3, capacity: int, rows: int = 2, dtype: torch.dtype = torch.bfloat16, configs=SWEEP_CONFIGS) -> dict:
     """Microseconds per layer at the last slot of a `capacity`-slot cache, inside a CUDA graph over
-    as many layers as the model has (random weights of its shapes, so L2 holds none of them): one
-    launch per phase, then the persistent kernel in each config the SMs can hold at once; the
-    fastest becomes CONFIG."""
+    every layer of a `dtype` copy of `t3` (as many weights as a step reads, so L2 holds none of
+    them): the five kernels of the `dependent_launch` step, this kernel with one launch per phase,
+    then persistent in each config the SMs can hold at once; the fastest becomes CONFIG."""
     global CONFIG
+    import copy
+
     from .fused_matvec import time_in_graph
-    from .kv_cache import StaticKVCache
-    from .t3_forward import rotary_tables
+    from .precision import t3_in_dtype
+    from .t3_forward import StaticT3Forward
 
-    cfg = t3.cfg
-    heads, kv_heads, dim, inter = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size, \
-        cfg.intermediate_size
-    head_dim = getattr(cfg, "head_dim", None) or dim // heads
-    layers = cfg.num_hidden_layers
     device = t3.speech_head.weight.device
-
-    def matrix(n, k):
-        return torch.randn(n, k, device=device, dtype=dtype) / k ** 0.5
-
-    def norm():
-        return Norm(torch.ones(dim, device=device, dtype=dtype), cfg.rms_norm_eps)
-    weights = [LayerWeights(norm(), matrix((heads + 2 * kv_heads) * head_dim, dim), matrix(dim, heads * head_dim),
-                            norm(), matrix(2 * inter, dim), matrix(dim, inter)) for _ in range(layers)]
-    cache = StaticKVCache(layers, rows, kv_heads, capacity, head_dim, dtype, device)
-    for buffer in (*cache.keys, *cache.values):
-        buffer.normal_()
-    cos, sin = rotary_tables(t3, capacity, dtype)
-    positions = torch.full((1,), capacity - 1, device=device)
-    x = torch.randn(rows, 1, dim, device=device, dtype=dtype)
-    arrivals = torch.zeros(rows * heads, dtype=torch.int32, device=device)
-    sync = torch.zeros(2, dtype=torch.int32, device=device)
-
-    def timed(**options):
-        return time_in_graph([lambda i=i: triton_layer(x, weights[i], positions, cos, sin, cache.keys[i],
-                                                       cache.values[i], arrivals, sync, **options)
-                              for i in range(layers)]) * 1e6
-
     pdl = fused_matvec.dependent_launch_supported(device)
-    q_width, kv_width = heads * head_dim, kv_heads * head_dim
+    model = t3_in_dtype(copy.deepcopy(t3), dtype)  # a copy: the caller's model stays as it was
+    forward = StaticT3Forward(model, capacity, batch=rows, fused=True, matvec=True, attention_kernel=True,
+                              dependent_launch=pdl, whole_layers=True)
+    for buffer in (*forward.cache.keys, *forward.cache.values):
+        buffer.normal_()
+    positions = torch.full((1,), capacity - 1, device=device)
+    x = torch.randn(rows, 1, model.cfg.hidden_size, device=device, dtype=dtype)
 
-    def kernel_per_call(i):
-        """The layer as the dependent_launch step runs it: five kernels, each a dependent of the last."""
-        w = weights[i]
-        q, k, v = fused_matvec.triton_matvec(x, w.qkv, norm=w.input_norm, pdl=pdl).split(
-            [q_width, kv_width, kv_width], dim=-1)
-        attended = decode_attention.triton_decode_attention(q, k, v, positions, cos, sin, cache.keys[i], cache.values[i],
-                                                            arrivals, decode_attention.splits_for(capacity), pdl=pdl)
-        h = fused_matvec.triton_matvec(attended, w.o_proj, residual=x, pdl=pdl)
-        act = fused_matvec.triton_matvec(h, w.gate_up, norm=w.post_norm, gated=True, pdl=pdl)
-        return fused_matvec.triton_matvec(act, w.down, residual=h, pdl=pdl)
+    def timed(layer):
+        return time_in_graph([lambda i=i: layer(i) for i in range(len(forward.layers))]) * 1e6
 
-    found = dict(capacity=capacity, kernel_per_call_us=time_in_graph([lambda i=i: kernel_per_call(i)
-                                                                      for i in range(layers)]) * 1e6,
-                 kernel_per_call_dependent_launch=pdl, phase_launches_us=timed(persistent=False),
+    found = dict(capacity=capacity,
+                 kernel_per_call_us=timed(lambda i: forward._layer(i, forward.layers[i], x, positions, slice(None),
+                                                                  None, None)),
+                 kernel_per_call_dependent_launch=pdl,
+                 phase_launches_us=timed(lambda i: forward.whole_layer(i, x, positions, persistent=False)),
                  configs={}, refused={})
     for config in configs:
         name = _name(config)
         try:
-            found["configs"][name] = timed(config=config)
+            found["configs"][name] = timed(lambda i: forward.whole_layer(i, x, positions, config=config))
         except RuntimeError as refused:  # more programs than the SMs hold: never launched
             found["refused"][name] = str(refused)
     best = min(found["configs"], key=found["configs"].get)

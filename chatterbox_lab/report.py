@@ -122,6 +122,7 @@ def end_to_end_section() -> str:
     except (LookupError, IndexError):
         return "No end-to-end GPU run committed yet."
     prov = rungs_doc["provenance"]
+    last = list(rungs_doc["rungs"].values())[-1]
     cols = ("e2e_s", "rtf") + tuple(f"{s}_s" for s in STAGES) + ("peak_vram_mib",)
     rows = [f"| rung | {' | '.join(cols)} |", "|---|" + "---|" * len(cols)]
     for name, r in rungs_doc["rungs"].items():
@@ -136,7 +137,7 @@ def end_to_end_section() -> str:
         f"End to end on an **{prov['gpu']}** (preset `{prov['preset']}`, {prov['tokens']} tokens = "
         f"{prov['tokens'] / 25:.2f} s of audio, median of {prov['repeats']}, commit `{prov['git_commit'][:7]}`, "
         f"[`{rungs_path.name}`]({rungs_path.relative_to(ROOT)})); the S3Gen rungs decode with "
-        f"{', '.join(list(rungs_doc['rungs'].values())[-1]['t3_steps'])}. Seconds per stage:",
+        f"{', '.join(last['t3_steps'])}. Seconds per stage:",
         "", *rows, "",
         f"`flow_half`'s mel difference from the fp32 flow: {checks['half_flow_mel_rel_error']:.2%} "
         f"(tolerance {checks['half_flow_tolerance']:.0%}). Streaming and many utterances "
@@ -146,7 +147,7 @@ def end_to_end_section() -> str:
         f"{e2e['many']['x_realtime']:.0f}x real time. Issue 6's goals, for a voice already prepared "
         f"(`rtf` and `peak_vram_mib` "
         + ("of the same requests with the voice cached; the table's re-prepare it every request):"
-           if "cached_voice" in list(rungs_doc["rungs"].values())[-1] else
+           if "cached_voice" in last else
            "without the voice's conditioning time, which a cached voice skips):"),
         "", *goals])
 

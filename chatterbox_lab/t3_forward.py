@@ -160,6 +160,13 @@ class StaticT3Forward:
         normed = layer.post_attention_layernorm(x)
         return x + (layer.mlp(normed) if self.fused is None else self.fused.mlp(i, layer, normed))
 
+    def whole_layer(self, i: int, x: torch.Tensor, positions: torch.Tensor, **options) -> torch.Tensor:
+        """Layer i of a one-token step as one kernel (`persistent_layer.triton_layer`, `options` passed
+        on). On the CPU the interpreter runs programs one by one: a launch a phase, no barriers."""
+        options = dict(dict(persistent=x.is_cuda, pdl=self.pdl), **options)
+        return persistent_layer.triton_layer(x, self.layer_weights[i], positions, self.cos, self.sin, self.cache.keys[i],
+                                             self.cache.values[i], self.arrivals, self.sync, **options)
+
     def __call__(self, embeds: torch.Tensor, positions: torch.Tensor, rows: slice = slice(None),
                  block_mask=None) -> torch.Tensor:
         """embeds (B, T, dim) for cache rows `rows` at positions (T,) shared by the rows, or
@@ -177,10 +184,7 @@ class StaticT3Forward:
         whole_layers = mask is None and self.layer_weights is not None and persistent_layer.kernel_applies(embeds)
         for i, layer in enumerate(self.layers):
             if whole_layers:
-                # On the CPU the interpreter runs programs one by one: a phase a launch, no barriers.
-                x = persistent_layer.triton_layer(x, self.layer_weights[i], positions, self.cos, self.sin,
-                                                  self.cache.keys[i], self.cache.values[i], self.arrivals, self.sync,
-                                                  persistent=x.is_cuda, pdl=self.pdl)
+                x = self.whole_layer(i, x, positions)
             else:
                 x = self._layer(i, layer, x, positions, rows, rotary, mask)
         if self.matvec:

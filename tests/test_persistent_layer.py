@@ -25,12 +25,6 @@ def _layer_pair(t3, capacity: int, device: str, seed: int):
     return kernel, reference, positions, x
 
 
-def _kernel_layer(kernel, positions, x, **options):
-    return persistent_layer.triton_layer(x, kernel.layer_weights[0], positions, kernel.cos, kernel.sin,
-                                         kernel.cache.keys[0], kernel.cache.values[0], kernel.arrivals, kernel.sync,
-                                         **options)
-
-
 def _pytorch_layer(reference, positions, x):
     rotary = (reference.cos[positions], reference.sin[positions]) if positions.dim() == 2 else \
         (reference.cos[positions][None], reference.sin[positions][None])
@@ -47,7 +41,7 @@ def test_layer_kernel_is_pytorchs_layer_under_the_interpreter(interpreted, tiny_
     kernel, reference, positions, x = _layer_pair(tiny_tts.t3, 192, "cpu", seed=programs)
     if not per_row:
         positions = torch.tensor([130])
-    got = _kernel_layer(kernel, positions, x, persistent=False, programs=programs)
+    got = kernel.whole_layer(0, x, positions, persistent=False, programs=programs)
     torch.testing.assert_close(got, _pytorch_layer(reference, positions, x), rtol=1e-5, atol=1e-5)
     # The new key and value come out of the kernel's own q/k/v sums.
     for buffer in ("keys", "values"):
@@ -69,10 +63,10 @@ def test_layer_kernel_with_barriers_is_its_phases_one_launch_each(capacity):
     with weights_restored(t3):
         t3 = t3_in_dtype(t3, torch.bfloat16)
         kernel, reference, positions, x = _layer_pair(t3, capacity, "cuda", seed=capacity)
-        phased = _kernel_layer(kernel, positions, x, persistent=False)
+        phased = kernel.whole_layer(0, x, positions, persistent=False)
         keys = kernel.cache.keys[0].clone()
         for _ in range(3):
-            assert torch.equal(_kernel_layer(kernel, positions, x, persistent=True), phased)
+            assert torch.equal(kernel.whole_layer(0, x, positions, persistent=True), phased)
             assert torch.equal(kernel.cache.keys[0], keys)
             assert not kernel.arrivals.any() and not kernel.sync.any()
         want = _pytorch_layer(reference, positions, x).float()
