@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import decode_attention, equivalence, fused_matvec, persistent_layer, profiling, results, roofline
+from . import decode_attention, equivalence, fused_matvec, memory, persistent_layer, profiling, results, roofline
 from .decoder import KERNEL_STEPS, STEPS, T3Decoder, ladder_prefix, prompt_len_for, requirements, text_tokens_for
 from .kv_cache import cache_len_for
 from .models import load_tts, resolve_device
@@ -114,6 +114,11 @@ def _peak_mib(device: str) -> float | None:
     if not device.startswith("cuda"):
         return None
     return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def _peak_reserved_mib(device: str) -> float | None:
+    """The allocator's peak reservation: tensors plus cached free blocks and graph pools."""
+    return torch.cuda.max_memory_reserved(device) / 2**20 if device.startswith("cuda") else None
 
 
 def _allocated_mib(device: str) -> float | None:
@@ -211,10 +216,12 @@ def measure_steps(tts, steps, cfg: BenchConfig, voice: Path, bar=None, bandwidth
         # last run), so neither its conditioning time nor its encoders' memory is in the figures.
         resident = _allocated_mib(cfg.device)
         _reset_peak(cfg.device)
+        resident_parts = memory.resident_parts_mib(tts, decoder)
         cached = [run(seed=cfg.seed + i, voice=None) for i in range(cfg.repeats)]
         figures["cached_voice"] = dict(
             e2e_s=_median([r.e2e_s for r in cached]), rtf=_median([r.e2e_s / r.audio_s for r in cached]),
-            peak_vram_mib=_peak_mib(cfg.device), resident_before_mib=resident,
+            peak_vram_mib=_peak_mib(cfg.device), peak_reserved_mib=_peak_reserved_mib(cfg.device),
+            resident_before_mib=resident, resident_parts_mib=resident_parts,
             stages_s={stage: _median([r.seconds[stage] for r in cached]) for stage in cached[0].seconds},
             raw=dict(e2e_s=[r.e2e_s for r in cached], audio_s=[r.audio_s for r in cached]))
     if bandwidth:

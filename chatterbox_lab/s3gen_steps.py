@@ -31,6 +31,16 @@ come first and half precision second, the order of T3's ladder.
   prepare a voice's conditionals (about half of S3Gen's weights in the full preset),
   stay in host memory and visit the device just for that (`voice_encoders_on_device`):
   a request with a cached voice never needs them. A new voice pays the two copies.
+- "hifigan_compiled": HiFi-GAN under torch.compile, one compile for every length (dynamic
+  shapes). Eager, it is about 1,200 small kernels per call (its weight norms recomputed,
+  its Snake activations as six kernels each), launched one by one: its time hardly depends
+  on the audio's length. Its weight norms are folded into plain weights first (the same
+  values, bit for bit: upstream's own `_weight_norm` computes them once instead of every
+  call), and its random source draws the same numbers as upstream's (`fallback_random`).
+- "flow_compiled": the estimator under torch.compile inside `flow_graphs`' graphs. A graph
+  removes the launches' host cost, not the GPU's per-kernel cost: a replay still runs some
+  1,600 kernels (about 5 ms on an H100 whatever the length); fused, far fewer. One compile
+  (dynamic shapes) serves every bucket, each still captured on first use.
 
 Steps are applied to a loaded model in place and cannot be taken back (reload the
 model), as T3's bf16 step casts in place.
@@ -42,7 +52,10 @@ import math
 
 import torch
 
-S3GEN_STEPS = ("flow_graphs", "flow_half", "watermark_on_device", "encoder_graphs", "voice_encoders_on_host")
+S3GEN_STEPS = ("flow_graphs", "flow_half", "watermark_on_device", "encoder_graphs", "voice_encoders_on_host",
+               "hifigan_compiled", "flow_compiled")
+# Steps that only act through another.
+S3GEN_REQUIRES = {"flow_compiled": "flow_graphs"}
 FLOW_HALF_DTYPE = torch.float16
 # Mel frames per length bucket: one graph serves every length up to its bucket.
 # 64 frames (1.28 s of audio) keeps the padding, at most 63 frames, small next to a
@@ -63,6 +76,12 @@ def check_s3gen_steps(steps) -> frozenset:
     return steps
 
 
+def _check_required(steps: frozenset) -> None:
+    for step, required in S3GEN_REQUIRES.items():
+        if step in steps and required not in steps:
+            raise ValueError(f"S3Gen step {step} needs {required}: switch on both")
+
+
 def s3gen_steps_of(tts) -> frozenset:
     """The S3Gen steps applied to `tts` so far."""
     return frozenset(getattr(tts, "_chatterbox_lab_s3gen_steps", ()))
@@ -72,14 +91,14 @@ def apply_s3gen_steps(tts, steps) -> frozenset:
     """Switch on `steps` (any not yet on) for `tts`'s S3Gen and watermarker; returns all on now."""
     steps = check_s3gen_steps(steps)
     done = s3gen_steps_of(tts)
+    _check_required(done | steps)
     flow = tts.s3gen.flow
-    if "flow_half" in steps - done:
+    if {"flow_half", "flow_graphs", "flow_compiled"} & (steps - done):
         estimator = _unwrapped(flow.decoder.estimator)
-        estimator.to(FLOW_HALF_DTYPE)
-        if isinstance(flow.decoder.estimator, BucketedEstimator):
-            flow.decoder.estimator = BucketedEstimator(estimator)  # graphs of fp32 weights are stale
-    if "flow_graphs" in steps - done:
-        flow.decoder.estimator = BucketedEstimator(flow.decoder.estimator)
+        if "flow_half" in steps - done:
+            estimator.to(FLOW_HALF_DTYPE)
+        if "flow_graphs" in done | steps:  # rebuilt: graphs of earlier weights are stale
+            flow.decoder.estimator = BucketedEstimator(estimator, compiled="flow_compiled" in done | steps)
     if "watermark_on_device" in steps - done:
         tts.watermarker.perth_net.to(tts.device)
     if "encoder_graphs" in steps - done:
@@ -88,6 +107,8 @@ def apply_s3gen_steps(tts, steps) -> frozenset:
         tts.s3gen.__class__ = _device_read_from_flow(type(tts.s3gen))
         for encoder in _voice_encoders(tts):
             encoder.to("cpu")
+    if "hifigan_compiled" in steps - done:
+        _compile_hifigan(tts.s3gen.mel2wav)
     tts._chatterbox_lab_s3gen_steps = done | steps
     return done | steps
 
@@ -96,6 +117,33 @@ def _device_read_from_flow(cls):
     """Upstream's S3Gen class, its `device` read from the flow: upstream reads the tokenizer's,
     and puts every tensor of a request there."""
     return type(cls.__name__, (cls,), {"device": property(lambda self: next(self.flow.parameters()).device)})
+
+
+def _compile_hifigan(hift) -> None:
+    """`hift.inference` (upstream's HiFTGenerator) compiled once for every length, in place."""
+    from torch.nn.utils import parametrize
+
+    for module in hift.modules():
+        if parametrize.is_parametrized(module, "weight"):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        if isinstance(module, torch.nn.Conv1d):
+            # Upstream sets some from numpy's cumprod; Dynamo's guards on numpy scalars fail
+            # under inference mode.
+            module.stride, module.padding, module.dilation, module.kernel_size = (
+                tuple(int(v) for v in values)
+                for values in (module.stride, module.padding, module.dilation, module.kernel_size))
+    # Upstream's `inference` enters inference mode itself, which Dynamo cannot trace over
+    # these parameters: compile the undecorated function and enter it from outside.
+    compiled = torch.compile(type(hift).inference.__wrapped__, dynamic=True, fullgraph=True,
+                             options={"fallback_random": True})
+
+    def inference(speech_feat, cache_source=None):
+        if cache_source is None:
+            cache_source = torch.zeros(1, 1, 0)
+        with torch.inference_mode():
+            return compiled(hift, speech_feat=speech_feat, cache_source=cache_source)
+
+    hift.inference = inference
 
 
 def _voice_encoders(tts) -> tuple:
@@ -145,7 +193,8 @@ class _GraphedCalls(torch.nn.Module):
         The outputs live in the graphs' shared pool, which the next replay overwrites:
         callers copy out what they keep."""
         if not next(iter(inputs.values())).is_cuda:
-            return call(**inputs)
+            with _sync_free_attention_masks():
+                return call(**inputs)
         if key not in self._graphs:
             self._graphs[key] = self._capture(call, inputs)
         graph, static, output = self._graphs[key]
@@ -159,7 +208,7 @@ class _GraphedCalls(torch.nn.Module):
         # Warm-up on a side stream first: cuBLAS / cuDNN set themselves up outside the capture.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), _sync_free_attention_masks():
             call(**inputs)
         torch.cuda.current_stream().wait_stream(side)
         if self._pool is None:
@@ -175,12 +224,14 @@ class BucketedEstimator(_GraphedCalls):
     replayed from a graph captured for that bucket and batch size. Called exactly as
     upstream's `solve_euler` calls the estimator; anything else (meanflow's `r`) runs eagerly."""
 
-    def __init__(self, estimator: torch.nn.Module, frame_bucket: int = FRAME_BUCKET):
+    def __init__(self, estimator: torch.nn.Module, frame_bucket: int = FRAME_BUCKET, compiled: bool = False):
         super().__init__()
         if getattr(estimator, "static_chunk_size", 0):
             raise ValueError("chunked attention in the estimator is not supported by flow_graphs")
         self.estimator = estimator
         self.frame_bucket = frame_bucket
+        self.compiled = compiled
+        self._call = torch.compile(estimator, dynamic=True, fullgraph=True) if compiled else estimator
 
     @property
     def dtype(self) -> torch.dtype:
@@ -191,7 +242,7 @@ class BucketedEstimator(_GraphedCalls):
             return self.estimator(x=x, mask=mask, mu=mu, t=t, spks=spks, cond=cond, r=r)
         frames = x.size(2)
         padded = math.ceil(frames / self.frame_bucket) * self.frame_bucket
-        output = self._run((x.size(0), padded, x.dtype), self.estimator,
+        output = self._run((x.size(0), padded, x.dtype), self._call,
                            _padded_inputs(x, mask, mu, t, spks, cond, padded))
         return output[:, :, :frames].clone()
 
@@ -265,20 +316,21 @@ def _sync_free_attention_masks():
 
     users = (decoder, upsample_encoder)
     originals = [module.add_optional_chunk_mask for module in users]
-
-    def full_context_mask(xs, masks, use_dynamic_chunk, use_dynamic_left_chunk, decoding_chunk_size,
-                          static_chunk_size, num_decoding_left_chunks, enable_full_context=True):
-        if use_dynamic_chunk or static_chunk_size > 0:
-            raise ValueError("S3Gen's graphs support full-context attention only")
-        return masks | (masks.sum(dim=-1, keepdim=True) == 0)
-
     for module in users:
-        module.add_optional_chunk_mask = full_context_mask
+        module.add_optional_chunk_mask = _full_context_mask
     try:
         yield
     finally:
         for module, original in zip(users, originals):
             module.add_optional_chunk_mask = original
+
+
+def _full_context_mask(xs, masks, use_dynamic_chunk, use_dynamic_left_chunk, decoding_chunk_size,
+                       static_chunk_size, num_decoding_left_chunks, enable_full_context=True):
+    # One function for the whole process: torch.compile guards on its identity.
+    if use_dynamic_chunk or static_chunk_size > 0:
+        raise ValueError("S3Gen's graphs support full-context attention only")
+    return masks | (masks.sum(dim=-1, keepdim=True) == 0)
 
 
 def half_flow_error(tts, speech_tokens: torch.Tensor, seed: int = 0, dtype: torch.dtype = FLOW_HALF_DTYPE) -> float:

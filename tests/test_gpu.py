@@ -120,6 +120,52 @@ def test_flow_graphs_replay_the_eager_flow_and_half_precision_stays_within_toler
     assert counts["host_launches"] < 2_000, counts
 
 
+def test_compiled_estimator_replays_close_to_the_graphed_one_with_fewer_kernels(fresh_flow):
+    import torch
+
+    from chatterbox_lab.s3gen_steps import apply_s3gen_steps
+
+    tts, _, mels = fresh_flow
+    apply_s3gen_steps(tts, ["flow_graphs", "flow_half"])
+    graphed = mels()
+    graphed_kernels = profiling.profile_run(mels)["gpu_kernels"]
+    apply_s3gen_steps(tts, ["flow_compiled"])
+    compiled = mels()
+    error = float((compiled - graphed).norm() / graphed.norm())
+    compiled_kernels = profiling.profile_run(mels)["gpu_kernels"]
+    print(f"flow_compiled: mel relative error {error:.2e} from the graphed float16 estimator; "
+          f"GPU kernels per flow run {graphed_kernels} -> {compiled_kernels}")
+    assert error < 1e-2  # float16 sums in another order
+    assert compiled_kernels < graphed_kernels / 2
+    mels(120)  # another bucket: captured, not recompiled
+    assert tts.s3gen.flow.decoder.estimator.graphs_captured == 2
+
+
+def test_compiled_hifigan_gives_the_eager_audio(fresh_flow):
+    import torch
+
+    from chatterbox_lab.s3gen_steps import apply_s3gen_steps
+
+    tts, _, mels = fresh_flow
+    hift = tts.s3gen.mel2wav
+    all_mels = [mels(), mels(37)]
+
+    def speech(m):
+        torch.manual_seed(0)  # the source's random phase and noise
+        return hift.inference(speech_feat=m, cache_source=torch.zeros(1, 1, 0))[0]
+
+    eager = [speech(m) for m in all_mels]
+    eager_kernels = profiling.profile_run(lambda: speech(all_mels[0]))["gpu_kernels"]
+    apply_s3gen_steps(tts, ["hifigan_compiled"])
+    for m, reference in zip(all_mels, eager):
+        error = float((speech(m) - reference).norm() / reference.norm())
+        print(f"hifigan_compiled, {m.size(-1)} frames: waveform relative error {error:.2e}")
+        assert error < 1e-3
+    compiled_kernels = profiling.profile_run(lambda: speech(all_mels[0]))["gpu_kernels"]
+    print(f"hifigan_compiled: GPU kernels per call {eager_kernels} -> {compiled_kernels}")
+    assert compiled_kernels < eager_kernels / 2
+
+
 def test_encoder_graphs_replay_the_eager_encoder(fresh_flow):
     import torch
 
@@ -258,3 +304,17 @@ def test_fused_sampling_and_the_captured_step_draw_pytorchs_tokens_without_recom
             # all of it, and a different candidate set can change a draw.
             assert same >= 0.9
     assert compile_counters() == before
+
+
+def test_memory_parts_add_up_to_what_is_allocated(full_tts, compiled):
+    import torch
+
+    from chatterbox_lab.memory import resident_parts_mib
+
+    parts = resident_parts_mib(full_tts, compiled)
+    print("resident parts, MiB:", {name: round(value, 1) for name, value in parts.items()})
+    bf16_t3 = sum(p.numel() for p in full_tts.t3.parameters()) * 2 / 2**20
+    assert abs(parts["t3_weights"] - bf16_t3) < 1
+    assert parts["kv_cache"] == compiled.forward.cache.nbytes() / 2**20
+    assert parts["other_allocated"] >= 0
+    assert parts["allocated"] == torch.cuda.memory_allocated() / 2**20

@@ -48,6 +48,39 @@ def test_encoder_buckets_give_the_unpadded_mels(fresh_tts, n_tokens):
     torch.testing.assert_close(_mels(fresh_tts, tokens), plain, rtol=1e-5, atol=1e-5)
 
 
+def test_compiled_estimator_gives_the_eager_mels_for_every_bucket(fresh_tts):
+    apply_s3gen_steps(fresh_tts, ["flow_graphs"])
+    for n_tokens in (5, 40):  # two buckets, one compile
+        tokens = torch.randint(0, 6561, (n_tokens,), generator=torch.Generator().manual_seed(n_tokens))
+        plain = _mels(fresh_tts, tokens)
+        apply_s3gen_steps(fresh_tts, ["flow_compiled"])
+        assert fresh_tts.s3gen.flow.decoder.estimator.compiled
+        torch.testing.assert_close(_mels(fresh_tts, tokens), plain, rtol=1e-4, atol=1e-4)
+
+
+def test_flow_compiled_needs_the_graphs(fresh_tts):
+    with pytest.raises(ValueError, match="flow_compiled needs flow_graphs"):
+        apply_s3gen_steps(fresh_tts, ["flow_compiled"])
+    assert s3gen_steps_of(fresh_tts) == frozenset()
+
+
+def test_compiled_hifigan_gives_upstreams_audio_with_the_same_random_source(fresh_tts):
+    hift = fresh_tts.s3gen.mel2wav
+
+    def speech(mels):
+        torch.manual_seed(0)  # the source's random phase and noise
+        with torch.inference_mode():
+            wav, source = hift.inference(speech_feat=mels, cache_source=torch.zeros(1, 1, 0))
+        return wav
+
+    all_mels = [torch.randn(1, 80, frames, generator=torch.Generator().manual_seed(frames)) for frames in (50, 77)]
+    eager = [speech(mels) for mels in all_mels]
+    apply_s3gen_steps(fresh_tts, ["hifigan_compiled"])
+    assert not any(torch.nn.utils.parametrize.is_parametrized(m) for m in hift.modules())  # weight norms folded
+    for mels, reference in zip(all_mels, eager):  # two lengths, one compile
+        torch.testing.assert_close(speech(mels), reference, rtol=1e-4, atol=1e-5)
+
+
 def test_half_flow_error_is_within_its_tolerance(fresh_tts):
     tokens = torch.randint(0, 6561, (40,), generator=torch.Generator().manual_seed(1))
     error = half_flow_error(fresh_tts, tokens)
