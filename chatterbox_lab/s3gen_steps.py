@@ -31,12 +31,13 @@ come first and half precision second, the order of T3's ladder.
   prepare a voice's conditionals (about half of S3Gen's weights in the full preset),
   stay in host memory and visit the device just for that (`voice_encoders_on_device`):
   a request with a cached voice never needs them. A new voice pays the two copies.
-- "hifigan_compiled": HiFi-GAN under torch.compile, one compile for every length (dynamic
-  shapes). Eager, it is about 1,200 small kernels per call (its weight norms recomputed,
-  its Snake activations as six kernels each), launched one by one: its time hardly depends
-  on the audio's length. Its weight norms are folded into plain weights first (the same
-  values, bit for bit: upstream's own `_weight_norm` computes them once instead of every
-  call), and its random source draws the same numbers as upstream's (`fallback_random`).
+- "hifigan_compiled": HiFi-GAN's convolution stack under torch.compile, one compile for every
+  length (dynamic shapes). Eager, it is about 1,200 small kernels per call (its weight norms
+  recomputed, its Snake activations six kernels each), launched one by one: its time hardly
+  depends on the audio's length. Its weight norms are folded into plain weights first (the
+  same values, bit for bit: upstream's own `_weight_norm` computes them once instead of every
+  call). Its f0 predictor and random source stay eager: Inductor's dynamic-shape code for
+  the source fails to build on the GPU (torch 2.11), and eager they draw upstream's numbers.
 - "flow_compiled": the estimator under torch.compile inside `flow_graphs`' graphs. A graph
   removes the launches' host cost, not the GPU's per-kernel cost: a replay still runs some
   1,600 kernels (about 5 ms on an H100 whatever the length); fused, far fewer. One compile
@@ -120,7 +121,9 @@ def _device_read_from_flow(cls):
 
 
 def _compile_hifigan(hift) -> None:
-    """`hift.inference` (upstream's HiFTGenerator) compiled once for every length, in place."""
+    """Upstream's HiFTGenerator with its `decode` (the convolution stack from mels and source to
+    waveform) compiled once for every length, in place. The f0 predictor and the source stay
+    eager, so its random phase and noise are upstream's draws."""
     from torch.nn.utils import parametrize
 
     for module in hift.modules():
@@ -132,18 +135,7 @@ def _compile_hifigan(hift) -> None:
             module.stride, module.padding, module.dilation, module.kernel_size = (
                 tuple(int(v) for v in values)
                 for values in (module.stride, module.padding, module.dilation, module.kernel_size))
-    # Upstream's `inference` enters inference mode itself, which Dynamo cannot trace over
-    # these parameters: compile the undecorated function and enter it from outside.
-    compiled = torch.compile(type(hift).inference.__wrapped__, dynamic=True, fullgraph=True,
-                             options={"fallback_random": True})
-
-    def inference(speech_feat, cache_source=None):
-        if cache_source is None:
-            cache_source = torch.zeros(1, 1, 0)
-        with torch.inference_mode():
-            return compiled(hift, speech_feat=speech_feat, cache_source=cache_source)
-
-    hift.inference = inference
+    hift.decode = torch.compile(hift.decode, dynamic=True, fullgraph=True)
 
 
 def _voice_encoders(tts) -> tuple:
