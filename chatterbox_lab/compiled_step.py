@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from .graphed_calls import warmup_stream
+
 
 def compile_step(step, random_in_graph: bool = False):
     """Compile `step` with CUDA graphs where there are any (on CPU, Inductor's default).
@@ -69,7 +71,7 @@ class CapturedStep:
             self.step()
         elif not self.warmed_up:
             # Off the default stream, as capture needs: lazy handles and workspaces are made here.
-            side = torch.cuda.Stream()
+            side = warmup_stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 self.step()

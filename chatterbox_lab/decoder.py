@@ -36,6 +36,9 @@ Past the guide (`BEYOND`):
                        of the one before (Hopper and later): it is launched while that one
                        finishes, streams in its first weights, and waits only before it
                        reads what earlier kernels wrote
+- "prefill_graph":  a lone utterance's prefill replayed from a CUDA graph per prompt-length
+                       bucket, its prompt padded at the end (`prefill_graph.py`); batched
+                       prefills stay eager (one pass serves many utterances already)
 - "persistent_layers": each layer of the one-token step as one persistent kernel, one
                        program per SM walking the layer's five phases between grid barriers
                        and loading the next phase's weights before each barrier
@@ -61,14 +64,14 @@ from .t3_forward import DynamicT3Forward, StaticT3Forward, filled_cache_mask
 
 LADDER = ("bf16", "static_cache", "embed_cache", "compiled")
 BEYOND = ("fused_projections", "sampling_in_graph", "fused_matvec", "filled_cache_attention", "fused_attention",
-          "fused_sampling", "captured_graph", "dependent_launch", "persistent_layers")
+          "fused_sampling", "captured_graph", "dependent_launch", "prefill_graph", "persistent_layers")
 STEPS = LADDER + BEYOND
 REQUIRES = {"compiled": ("static_cache", "embed_cache"), "fused_projections": ("static_cache",),
             "sampling_in_graph": ("compiled",), "fused_matvec": ("fused_projections",),
             "filled_cache_attention": ("compiled",), "fused_attention": ("static_cache",),
             "fused_sampling": ("sampling_in_graph",),
             "captured_graph": ("fused_matvec", "fused_attention", "fused_sampling"),
-            "dependent_launch": ("captured_graph",), "persistent_layers": ("fused_matvec", "fused_attention")}
+            "dependent_launch": ("captured_graph",), "prefill_graph": ("static_cache",), "persistent_layers": ("fused_matvec", "fused_attention")}
 # Steps whose Triton kernels sum in their own order: checked against PyTorch by logits and by
 # tokens for the same random draws, not by fp32 identity with upstream.
 KERNEL_STEPS = ("fused_matvec", "fused_attention", "fused_sampling", "persistent_layers")
@@ -210,6 +213,11 @@ class T3Decoder:
                                            dependent_launch=self.pdl,
                                            whole_layers="persistent_layers" in self.steps)
         self._active_forward = self.forward
+        self.prefill_graphs = None
+        if "prefill_graph" in self.steps and streams == 1:
+            from .prefill_graph import BucketedPrefill
+
+            self.prefill_graphs = BucketedPrefill(self.forward)
         self.compiled = "compiled" in self.steps
         self.sample_in_graph = "sampling_in_graph" in self.steps
         self.sampling_kernel = "fused_sampling" in self.steps
@@ -305,8 +313,11 @@ class T3Decoder:
                 end += 1
             check_fits(length, max_new_tokens, self.capacity)
             rows = slice(2 * (first_stream + start), 2 * (first_stream + end))
-            logits.append(self.forward(torch.cat(prompts[start:end]), torch.arange(length, device=self.device),
-                                       rows=rows))
+            embeds = torch.cat(prompts[start:end])
+            if self.prefill_graphs is not None:  # a lone utterance: all rows
+                logits.append(self.prefill_graphs(embeds))
+            else:
+                logits.append(self.forward(embeds, torch.arange(length, device=self.device), rows=rows))
             start = end
         return torch.cat(logits)
 

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .graphed_calls import warmup_stream
+
 try:
     import triton
     import triton.language as tl
@@ -260,7 +262,7 @@ def step_calls(t3) -> dict[str, dict]:
 
 def time_in_graph(calls: list, repeats: int = 5) -> float:
     """Seconds per call of `calls` (zero-argument functions) replayed as one CUDA graph."""
-    stream = torch.cuda.Stream()
+    stream = warmup_stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for call in calls:

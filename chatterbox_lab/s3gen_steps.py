@@ -38,10 +38,12 @@ come first and half precision second, the order of T3's ladder.
   same values, bit for bit: upstream's own `_weight_norm` computes them once instead of every
   call). Its f0 predictor and random source stay eager: Inductor's dynamic-shape code for
   the source fails to build on the GPU (torch 2.11), and eager they draw upstream's numbers.
-- "flow_compiled": the estimator under torch.compile inside `flow_graphs`' graphs. A graph
-  removes the launches' host cost, not the GPU's per-kernel cost: a replay still runs some
-  1,600 kernels (about 5 ms on an H100 whatever the length); fused, far fewer. One compile
-  (dynamic shapes) serves every bucket, each still captured on first use.
+- "flow_compiled": the estimator's blocks under torch.compile inside `flow_graphs`' graphs. A
+  graph removes the launches' host cost, not the GPU's per-kernel cost: a replay still runs
+  some 1,460 kernels (about 5 ms on an H100 whatever the length); with norms, activations,
+  residuals and masks fused, about 1,060 (the matmuls, attentions and convolutions stay one
+  kernel each). One compile (dynamic shapes) serves every bucket, each still captured on
+  first use. Compiled in place: the step stays on the estimator, graphs or not.
 
 Steps are applied to a loaded model in place and cannot be taken back (reload the
 model), as T3's bf16 step casts in place.
@@ -52,6 +54,8 @@ import contextlib
 import math
 
 import torch
+
+from .graphed_calls import GraphedCalls
 
 S3GEN_STEPS = ("flow_graphs", "flow_half", "watermark_on_device", "encoder_graphs", "voice_encoders_on_host",
                "hifigan_compiled", "flow_compiled")
@@ -162,56 +166,7 @@ def _unwrapped(estimator):
     return estimator.estimator if isinstance(estimator, BucketedEstimator) else estimator
 
 
-class _GraphedCalls(torch.nn.Module):
-    """CUDA graphs of calls to one module, one per key (batch size, length bucket, dtype),
-    sharing one memory pool: replays run one at a time, and outputs are copied out."""
-
-    def __init__(self):
-        super().__init__()
-        self._graphs: dict = {}
-        self._pool = None
-
-    @property
-    def graphs_captured(self) -> int:
-        return len(self._graphs)
-
-    def drop_graphs(self) -> None:
-        """Forget the captured graphs (recaptured on next use): a graph holds the addresses of
-        the weights it was captured with, so it must go when they are reallocated."""
-        self._graphs.clear()
-
-    def _run(self, key, call, inputs: dict):
-        """`call(**inputs)`; on CUDA replayed from the graph for `key`, captured on first use.
-        The outputs live in the graphs' shared pool, which the next replay overwrites:
-        callers copy out what they keep."""
-        if not next(iter(inputs.values())).is_cuda:
-            with _sync_free_attention_masks():
-                return call(**inputs)
-        if key not in self._graphs:
-            self._graphs[key] = self._capture(call, inputs)
-        graph, static, output = self._graphs[key]
-        for name, value in inputs.items():
-            static[name].copy_(value)
-        graph.replay()
-        return output
-
-    def _capture(self, call, inputs: dict):
-        """(graph, its static inputs, its outputs) for `call(**inputs)`."""
-        # Warm-up on a side stream first: cuBLAS / cuDNN set themselves up outside the capture.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), _sync_free_attention_masks():
-            call(**inputs)
-        torch.cuda.current_stream().wait_stream(side)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with _sync_free_attention_masks(), torch.cuda.graph(graph, pool=self._pool):
-            output = call(**inputs)
-        return graph, inputs, output
-
-
-class BucketedEstimator(_GraphedCalls):
+class BucketedEstimator(GraphedCalls):
     """Upstream's CFM estimator with each call padded to a length bucket and, on CUDA,
     replayed from a graph captured for that bucket and batch size. Called exactly as
     upstream's `solve_euler` calls the estimator; anything else (meanflow's `r`) runs eagerly."""
@@ -223,23 +178,40 @@ class BucketedEstimator(_GraphedCalls):
         self.estimator = estimator
         self.frame_bucket = frame_bucket
         self.compiled = compiled
-        self._call = torch.compile(estimator, dynamic=True, fullgraph=True) if compiled else estimator
+        if compiled:
+            _compile_blocks(estimator)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.estimator.dtype
+
+    def _context(self):
+        return _sync_free_attention_masks()
 
     def forward(self, x, mask, mu, t, spks=None, cond=None, r=None):
         if r is not None or spks is None or cond is None:
             return self.estimator(x=x, mask=mask, mu=mu, t=t, spks=spks, cond=cond, r=r)
         frames = x.size(2)
         padded = math.ceil(frames / self.frame_bucket) * self.frame_bucket
-        output = self._run((x.size(0), padded, x.dtype), self._call,
+        output = self._run((x.size(0), padded, x.dtype), self.estimator,
                            _padded_inputs(x, mask, mu, t, spks, cond, padded))
         return output[:, :, :frames].clone()
 
 
-class BucketedEncoder(_GraphedCalls):
+def _compile_blocks(estimator: torch.nn.Module) -> None:
+    """The estimator's transformer and resnet blocks compiled in place, each kind once: its 56
+    transformer blocks share one compiled graph (torch.compile's regional compilation), a
+    fraction of the whole estimator's compile time (over two minutes on an H100). What joins
+    the blocks (time embedding, masks, up- and downsampling) stays eager, a few dozen kernels."""
+    from chatterbox.models.s3gen.matcha.decoder import ResnetBlock1D
+    from chatterbox.models.s3gen.matcha.transformer import BasicTransformerBlock
+
+    for module in estimator.modules():
+        if isinstance(module, (BasicTransformerBlock, ResnetBlock1D)) and module._compiled_call_impl is None:
+            module.compile(dynamic=True, fullgraph=True)
+
+
+class BucketedEncoder(GraphedCalls):
     """Upstream's flow encoder with its input padded to a token bucket, the embedding's output
     zeroed past each row's length, and on CUDA replayed from a graph per bucket and batch
     size; its output trimmed back. Called as upstream's flow calls it, `(xs, xs_lens)`;
@@ -252,6 +224,9 @@ class BucketedEncoder(_GraphedCalls):
 
     def output_size(self) -> int:
         return self.encoder.output_size()
+
+    def _context(self):
+        return _sync_free_attention_masks()
 
     def forward(self, xs, xs_lens, decoding_chunk_size: int = 0, num_decoding_left_chunks: int = -1):
         if decoding_chunk_size != 0 or num_decoding_left_chunks != -1:

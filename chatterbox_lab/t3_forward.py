@@ -168,11 +168,11 @@ class StaticT3Forward:
                                              self.cache.values[i], self.arrivals, self.sync, **options)
 
     def __call__(self, embeds: torch.Tensor, positions: torch.Tensor, rows: slice = slice(None),
-                 block_mask=None) -> torch.Tensor:
+                 block_mask=None, last: torch.Tensor | None = None) -> torch.Tensor:
         """embeds (B, T, dim) for cache rows `rows` at positions (T,) shared by the rows, or
-        (B, 1) one per row -> speech logits of the last position (B, V). `block_mask`
-        (`filled_cache_mask`, one step only): flex attention over the filled cache instead
-        of SDPA over the whole allocation."""
+        (B, 1) one per row -> speech logits of the last position (B, V), or of index `last`
+        (a (1,) tensor) along T. `block_mask` (`filled_cache_mask`, one step only): flex
+        attention over the filled cache instead of SDPA over the whole allocation."""
         if self.attention_kernel and rows == slice(None) and decode_attention.kernel_applies(embeds):
             mask = rotary = None
         else:
@@ -187,10 +187,11 @@ class StaticT3Forward:
                 x = self.whole_layer(i, x, positions)
             else:
                 x = self._layer(i, layer, x, positions, rows, rotary, mask)
+        x = x[:, -1] if last is None else x.index_select(1, last)[:, 0]
         if self.matvec:
             head = self.t3.speech_head
-            return fused_matvec(x[:, -1], head.weight, head.bias, norm=Norm.of(self.t3.tfmr.norm), pdl=self.pdl)
-        return self.t3.speech_head(self.t3.tfmr.norm(x[:, -1]))
+            return fused_matvec(x, head.weight, head.bias, norm=Norm.of(self.t3.tfmr.norm), pdl=self.pdl)
+        return self.t3.speech_head(self.t3.tfmr.norm(x))
 
 
 class DynamicT3Forward:

@@ -12,7 +12,7 @@ from chatterbox_lab.sampling import SamplingParams
 # Every step but bf16 (whose tokens are not upstream's fp32 ones) and captured_graph (which
 # replaces the compiled step; tested on its own) with dependent_launch (a GPU launch mode).
 TOP = tuple(step for step in STEPS if step not in ("bf16", "captured_graph", "dependent_launch"))
-STEP_SETS = [(), ("static_cache",), ("embed_cache",), ("static_cache", "embed_cache"),
+STEP_SETS = [(), ("static_cache",), ("embed_cache",), ("static_cache", "embed_cache"), ("static_cache", "prefill_graph"),
              ("static_cache", "embed_cache", "compiled"), ("static_cache", "embed_cache", "fused_projections"),
              ("static_cache", "embed_cache", "compiled", "fused_projections", "sampling_in_graph"), TOP]
 

@@ -320,3 +320,27 @@ def test_memory_parts_add_up_to_what_is_allocated(full_tts, compiled):
     assert parts["kv_cache"] == compiled.forward.cache.nbytes() / 2**20
     assert parts["other_allocated"] >= 0
     assert parts["allocated"] == torch.cuda.memory_allocated() / 2**20
+
+
+def test_captures_warm_up_on_one_stream_and_keep_no_workspace_each():
+    import torch
+
+    from chatterbox_lab.graphed_calls import GraphedCalls, warmup_stream
+
+    weight = torch.randn(256, 256, device="cuda")
+    warmup_stream()  # made (and its workspace, once used) before the measurement
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    with torch.cuda.stream(torch.cuda.Stream()):
+        del_me = torch.randn(64, 256, device="cuda") @ weight
+    del del_me
+    torch.cuda.synchronize()
+    new_stream = torch.cuda.memory_allocated() - before
+    print(f"cuBLAS workspace kept for a new stream: {new_stream / 2**20:.1f} MiB")
+    calls, outputs = GraphedCalls(), []
+    before = torch.cuda.memory_allocated()
+    for rows in (64, 128, 192):
+        outputs.append(calls._run(rows, lambda x: x @ weight, dict(x=torch.randn(rows, 256, device="cuda"))))
+    kept = torch.cuda.memory_allocated() - before - sum(o.numel() * o.element_size() for o in outputs)
+    print(f"three captures kept {kept / 2**20:.1f} MiB besides their outputs")
+    assert calls.graphs_captured == 3 and kept < max(new_stream, 2**20)
