@@ -344,3 +344,26 @@ def test_captures_warm_up_on_one_stream_and_keep_no_workspace_each():
     kept = torch.cuda.memory_allocated() - before - sum(o.numel() * o.element_size() for o in outputs)
     print(f"three captures kept {kept / 2**20:.1f} MiB besides their outputs")
     assert calls.graphs_captured == 3 and kept < max(new_stream, 2**20)
+
+
+def test_prefill_graph_gives_the_eager_prefills_logits(full_tts):
+    import torch
+
+    from chatterbox_lab.bench import rung_steps
+    from chatterbox_lab.decoder import prompt_len_for
+
+    texts = ["The prefill, replayed from a graph.", "The prefill, replayed from a graph, again."]
+    eager, graphed = (T3Decoder(full_tts.t3, rung_steps(rung, "cuda"), max_cache_len=512)
+                      for rung in ("dependent_launch", "prefill_graph"))
+    lengths = []
+    for text in texts:
+        text_tokens = text_tokens_for(full_tts, text)
+        lengths.append(prompt_len_for(full_tts.t3, text_tokens))
+        with torch.inference_mode():
+            reference, replayed = (d.prefill(full_tts.conds.t3, text_tokens, 100, cfg_weight=0.5).float()
+                                   for d in (eager, graphed))
+        error = float((replayed - reference).norm() / reference.norm())
+        print(f"prefill_graph, prompt of {lengths[-1]}: logits relative error {error:.2e} from the eager prefill")
+        assert error < 1e-2  # bf16 matmuls of another row count
+    assert lengths[0] != lengths[1] and lengths[0] // 32 == lengths[1] // 32  # one bucket
+    assert graphed.prefill_graphs.graphs_captured == 1
