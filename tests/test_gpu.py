@@ -365,5 +365,5 @@ def test_prefill_graph_gives_the_eager_prefills_logits(full_tts):
         error = float((replayed - reference).norm() / reference.norm())
         print(f"prefill_graph, prompt of {lengths[-1]}: logits relative error {error:.2e} from the eager prefill")
         assert error < 1e-2  # bf16 matmuls of another row count
-    assert lengths[0] != lengths[1] and lengths[0] // 32 == lengths[1] // 32  # one bucket
-    assert graphed.prefill_graphs.graphs_captured == 1
+    assert lengths[0] != lengths[1]
+    assert graphed.prefill_graphs.graphs_captured == len({-(-length // 32) for length in lengths})  # one a bucket
