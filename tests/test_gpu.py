@@ -121,8 +121,6 @@ def test_flow_graphs_replay_the_eager_flow_and_half_precision_stays_within_toler
 
 
 def test_compiled_estimator_replays_close_to_the_graphed_one_with_fewer_kernels(fresh_flow):
-    import torch
-
     from chatterbox_lab.s3gen_steps import apply_s3gen_steps
 
     tts, _, mels = fresh_flow
@@ -169,8 +167,6 @@ def test_compiled_hifigan_gives_the_eager_audio(fresh_flow):
 
 
 def test_encoder_graphs_replay_the_eager_encoder(fresh_flow):
-    import torch
-
     from chatterbox_lab.s3gen_steps import apply_s3gen_steps
 
     tts, _, mels = fresh_flow
