@@ -58,6 +58,27 @@ def test_compiled_estimator_gives_the_eager_mels_for_every_bucket(fresh_tts):
         torch.testing.assert_close(_mels(fresh_tts, tokens), plain, rtol=1e-4, atol=1e-4)
 
 
+def test_fused_projections_give_the_same_mels_with_one_copy_of_each_weight(fresh_tts):
+    from diffusers.models.attention_processor import Attention
+
+    tokens = torch.randint(0, 6561, (20,), generator=torch.Generator().manual_seed(3))
+    plain = _mels(fresh_tts, tokens)
+    estimator = fresh_tts.s3gen.flow.decoder.estimator
+    weights_before = sum(p.numel() for p in estimator.parameters())
+    apply_s3gen_steps(fresh_tts, ["flow_graphs", "flow_fused_projections"])
+    attentions = [m for m in estimator.modules() if isinstance(m, Attention)]
+    assert attentions and all(a.fused_projections for a in attentions)
+    storages = {p.untyped_storage().data_ptr() for p in estimator.parameters()}
+    assert attentions[0].to_q.weight.untyped_storage().data_ptr() == attentions[0].to_qkv.weight.untyped_storage().data_ptr()
+    assert len(storages) < len(list(estimator.parameters()))  # q, k, v are views of to_qkv
+    assert sum(p.numel() for p in estimator.parameters()) > weights_before  # counted twice by numel, stored once
+    torch.testing.assert_close(_mels(fresh_tts, tokens), plain, rtol=1e-4, atol=1e-4)
+    apply_s3gen_steps(fresh_tts, ["flow_half"])  # the cast copies each view; the step shares them again
+    assert {p.untyped_storage().data_ptr() for p in estimator.parameters()} == \
+        {p.untyped_storage().data_ptr() for p in estimator.parameters() if p not in
+         {a.to_q.weight for a in attentions} | {a.to_k.weight for a in attentions} | {a.to_v.weight for a in attentions}}
+
+
 def test_flow_compiled_needs_the_graphs(fresh_tts):
     with pytest.raises(ValueError, match="flow_compiled needs flow_graphs"):
         apply_s3gen_steps(fresh_tts, ["flow_compiled"])
