@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import decode_attention, equivalence, fused_matvec, memory, persistent_layer, profiling, results, roofline
+from . import decode_attention, equivalence, fused_matvec, memory, persistent_layer, profiling, report, results, roofline
 from .decoder import KERNEL_STEPS, STEPS, T3Decoder, ladder_prefix, prompt_len_for, requirements, text_tokens_for
 from .kv_cache import cache_len_for
 from .models import load_tts, resolve_device
@@ -198,8 +198,6 @@ def measure_steps(tts, steps, cfg: BenchConfig, voice: Path, bar=None, bandwidth
         rtf=_median([r.e2e_s / r.audio_s for r in runs]),
         peak_vram_mib=peak,
         compile_s=max(0.0, build_s + first.seconds["t3"] - _median(t3_s)),
-        # The first synthesis's extra flow time: S3Gen's cold start, or capturing the flow's graphs.
-        s3gen_warmup_s=max(0.0, first.seconds["s3gen_flow"] - _median([r.seconds["s3gen_flow"] for r in runs])),
         tokens=runs[0].t3_steps,
         audio_s_per_token=1 / TOKENS_PER_SECOND,
         stages_s={stage: _median([r.seconds[stage] for r in runs]) for stage in runs[0].seconds},
@@ -211,6 +209,7 @@ def measure_steps(tts, steps, cfg: BenchConfig, voice: Path, bar=None, bandwidth
             t3_steps=[r.t3_steps for r in runs],
         ),
     )
+    figures["s3gen_warmup_s"] = report.s3gen_warmup_s(figures)
     if cached_voice:
         # As a server with a voice cache serves a request: the voice prepared already (by the
         # last run), so neither its conditioning time nor its encoders' memory is in the figures.

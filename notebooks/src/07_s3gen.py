@@ -13,7 +13,10 @@
 #    here; on an H100 its mels are within the GPU test's 1e-3 relative tolerance);
 # 5. `voice_encoders_on_host`: S3Gen's tokenizer and speaker encoder kept in host
 #    memory, on the GPU only while a voice is prepared;
-# 6. batched flow: one flow run for many utterances of one voice.
+# 6. `hifigan_compiled`: HiFi-GAN's convolution stack under torch.compile;
+# 7. `flow_fused_projections`: the estimator's q, k and v as one matmul;
+# 8. `flow_compiled`: the estimator's blocks under torch.compile, inside the graphs;
+# 9. batched flow: one flow run for many utterances of one voice.
 #
 # All in `chatterbox_lab/s3gen_steps.py` and `pipeline.tokens_to_speeches`; the GPU
 # figures come from the latest committed records in `data/results/e2e/` (each plot
@@ -125,6 +128,44 @@ assert errors["torch.float16"] < errors["torch.bfloat16"] and errors["torch.floa
 assert doc["checks"]["half_flow_within_tolerance"]
 
 # %% [markdown]
+# ## Fewer kernels: what graphs leave
+#
+# A CUDA graph takes away the host's cost of launching, not the GPU's cost of
+# running one kernel after another: each of a replay's kernels still starts, ramps
+# up and drains. A flow run of the graphed float16 estimator is some 14,600 kernels
+# (ten calls; the GPU tests count them), most of them tiny, so its time barely
+# depends on the utterance's length. Three steps cut that count without changing
+# what is computed:
+#
+# - `hifigan_compiled`: HiFi-GAN recomputes each weight norm on every call and runs
+#   each Snake activation as six kernels. Its norms are folded once (bit for bit) and
+#   its convolution stack is compiled for every length at once (dynamic shapes);
+#   its random source stays eager, so it draws upstream's numbers.
+# - `flow_fused_projections`: q, k and v as one matmul in each self-attention.
+# - `flow_compiled`: the estimator's transformer and resnet blocks compiled, each
+#   kind once (its transformer blocks share one compiled graph), then captured as
+#   before. Norms, activations, residuals and masks fuse; matmuls, attentions and
+#   convolutions stay one kernel each.
+#
+# Times for a cached voice, from the same record:
+
+# %%
+compiled_steps = ("voice_encoders_on_host", "hifigan_compiled", "flow_fused_projections", "flow_compiled")
+rows = ["| rung | flow ms | HiFi-GAN ms | e2e ms | S3Gen warm-up s (compiles, captures) |", "|---|---|---|---|---|"]
+for name in compiled_steps:
+    r = doc["rungs"][name]
+    st = r["cached_voice"]["stages_s"]
+    rows.append(f"| {name} | {st['s3gen_flow'] * 1e3:.1f} | {st['hifigan'] * 1e3:.1f} | "
+                f"{r['cached_voice']['e2e_s'] * 1e3:.0f} | {report.s3gen_warmup_s(r):.1f} |")
+display(Markdown("\n".join(rows)))
+stage = {name: doc["rungs"][name]["cached_voice"]["stages_s"] for name in compiled_steps}
+assert stage["hifigan_compiled"]["hifigan"] < stage["voice_encoders_on_host"]["hifigan"]
+assert stage["flow_compiled"]["s3gen_flow"] < stage["hifigan_compiled"]["s3gen_flow"]
+
+# %% [markdown]
+# The price is the compiles, in the warm-up column: the first request after each
+# step pays them (Inductor's on-disk cache shortens later starts), a server once.
+#
 # ## Listen
 #
 # The same T3 tokens (same seed) through S3Gen as shipped and with every S3Gen
@@ -204,11 +245,29 @@ if "voice_encoders_on_host" in cached:
     assert after < before
 
 # %% [markdown]
+# What is held before a request, by part (`memory.resident_parts_mib`, the last
+# rung): weights per model, the KV cache, the CUDA graphs' pools, and what is left.
+# Graph pools are reserved, not allocated: their intermediates are free between
+# replays but kept for the next one, so they count towards what `nvidia-smi` shows,
+# not towards `peak_vram_mib` (`torch.cuda.max_memory_allocated`).
+#
+# The "rest" was once 390 MiB: every capture warmed up on a new side stream, and
+# cuBLAS keeps a workspace (32 MiB on an H200, measured by the GPU tests) for each
+# stream it has run on, for the life of the process. All captures now warm up on
+# one stream (`graphed_calls.warmup_stream`).
+
+# %%
+parts = list(cached.values())[-1]["cached_voice"].get("resident_parts_mib")
+if parts:
+    display(Markdown("| part | MiB |\n|---|---|\n" + "\n".join(f"| {k} | {v:,.1f} |" for k, v in parts.items())))
+    assert parts["other_allocated"] < 200
+
+# %% [markdown]
 # ## Against issue 6's goals
 #
-# Measured, not met yet: T3 alone takes most of a 10-second utterance's budget
-# (its decode rate is issue 5's work), HiFi-GAN still runs
-# eagerly, and the many-utterance figure is bound by per-utterance vocoding.
+# For a cached voice, on the record's card. T3 is most of a 10-second utterance's
+# time (its decode rate is issue 5's work); the many-utterance figure is bound by
+# per-utterance vocoding and by T3 batches of 64, far from what 2,000x needs.
 
 # %%
 goals = report.end_to_end_rows(doc, e2e_doc)
