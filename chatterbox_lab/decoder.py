@@ -71,7 +71,8 @@ REQUIRES = {"compiled": ("static_cache", "embed_cache"), "fused_projections": ("
             "filled_cache_attention": ("compiled",), "fused_attention": ("static_cache",),
             "fused_sampling": ("sampling_in_graph",),
             "captured_graph": ("fused_matvec", "fused_attention", "fused_sampling"),
-            "dependent_launch": ("captured_graph",), "prefill_graph": ("static_cache",), "persistent_layers": ("fused_matvec", "fused_attention")}
+            "dependent_launch": ("captured_graph",), "prefill_graph": ("static_cache",),
+            "persistent_layers": ("fused_matvec", "fused_attention")}
 # Steps whose Triton kernels sum in their own order: checked against PyTorch by logits and by
 # tokens for the same random draws, not by fp32 identity with upstream.
 KERNEL_STEPS = ("fused_matvec", "fused_attention", "fused_sampling", "persistent_layers")

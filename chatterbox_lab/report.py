@@ -92,6 +92,8 @@ def s3gen_warmup_s(rung: dict) -> float:
     S3Gen's cold start, graph captures and compiles (flow, HiFi-GAN and watermark alike)."""
     first, median = rung["raw"]["warmup_stages_s"], rung["stages_s"]
     return max(0.0, sum(first[stage] - median[stage] for stage in S3GEN_STAGES))
+
+
 # Issue 6's goals for one card, full preset: one 10-second utterance with a cached voice, and
 # many utterances at once.
 END_TO_END_GOALS = dict(rtf=0.03, first_audio_s=0.08, peak_vram_mib=2.0e9 / 2**20, x_realtime=2000)

@@ -44,10 +44,12 @@ come first and half precision second, the order of T3's ladder.
   call, which at these sizes cost launch and ramp, not bandwidth.
 - "flow_compiled": the estimator's blocks under torch.compile inside `flow_graphs`' graphs. A
   graph removes the launches' host cost, not the GPU's per-kernel cost: a replay still runs
-  some 1,460 kernels (about 5 ms on an H100 whatever the length); with norms, activations,
-  residuals and masks fused, about 1,060 (the matmuls, attentions and convolutions stay one
-  kernel each). One compile (dynamic shapes) serves every bucket, each still captured on
-  first use. Compiled in place: the step stays on the estimator, graphs or not.
+  some 1,460 kernels, about 5 ms whatever the length (a flow run of ten calls took 52 ms for
+  a 16-token chunk and 64 ms for 256 tokens on an H200). With norms, activations, residuals
+  and masks fused, about 1,200; with `flow_fused_projections` too, about 1,085 (GPU tests;
+  the matmuls, attentions and convolutions stay one kernel each). One compile (dynamic
+  shapes) serves every bucket, each still captured on first use. Compiled in place: the
+  step stays on the estimator, graphs or not.
 
 Steps are applied to a loaded model in place and cannot be taken back (reload the
 model), as T3's bf16 step casts in place.
@@ -230,9 +232,10 @@ def _fuse_attention_projections(estimator: torch.nn.Module) -> None:
 
 def _compile_blocks(estimator: torch.nn.Module) -> None:
     """The estimator's transformer and resnet blocks compiled in place, each kind once: its 56
-    transformer blocks share one compiled graph (torch.compile's regional compilation), a
-    fraction of the whole estimator's compile time (over two minutes on an H100). What joins
-    the blocks (time embedding, masks, up- and downsampling) stays eager, a few dozen kernels."""
+    transformer blocks share one compiled graph (torch.compile's regional compilation). The
+    whole estimator compiled as one took 134 s cold on an H100; its blocks, about 80 s on an
+    H200. What joins the blocks (time embedding, masks, up- and downsampling) stays eager, a
+    few dozen kernels."""
     from chatterbox.models.s3gen.matcha.decoder import ResnetBlock1D
     from chatterbox.models.s3gen.matcha.transformer import BasicTransformerBlock
 
