@@ -28,9 +28,11 @@ def _already_fused(linears: list[nn.Linear]) -> torch.Tensor | None:
     return first.detach().new_empty(0).set_(storage, 0, (rows, first.size(1)))
 
 
-def _fuse(linears: list[nn.Linear]) -> torch.Tensor:
+def fused_weight(linears: list[nn.Linear]) -> torch.Tensor:
+    """The weights of bias-free `linears` stacked as one matrix, with each linear's own weight made
+    a view of its rows: one copy in memory. Found, not rebuilt, when they are views of one already."""
     if any(linear.bias is not None for linear in linears):
-        raise ValueError("fused projections expect bias-free Llama projections")
+        raise ValueError("fused projections expect bias-free projections")
     fused = _already_fused(linears)
     if fused is None:
         fused = torch.cat([linear.weight.detach() for linear in linears])
@@ -53,8 +55,8 @@ class FusedProjections:
         self.qkv, self.gate_up = [], []
         for layer in layers:
             attn, mlp = layer.self_attn, layer.mlp
-            self.qkv.append(_fuse([attn.q_proj, attn.k_proj, attn.v_proj]))
-            self.gate_up.append(_fuse([mlp.gate_proj, mlp.up_proj]))
+            self.qkv.append(fused_weight([attn.q_proj, attn.k_proj, attn.v_proj]))
+            self.gate_up.append(fused_weight([mlp.gate_proj, mlp.up_proj]))
 
     def mlp(self, i: int, layer, x: torch.Tensor) -> torch.Tensor:
         gate, up = torch.nn.functional.linear(x, self.gate_up[i]).chunk(2, dim=-1)

@@ -39,9 +39,9 @@ come first and half precision second, the order of T3's ladder.
   call). Its f0 predictor and random source stay eager: Inductor's dynamic-shape code for
   the source fails to build on the GPU (torch 2.11), and eager they draw upstream's numbers.
 - "flow_fused_projections": each of the estimator's 56 self-attentions computes q, k and v as
-  one matmul (diffusers' own `fuse_projections` and `FusedAttnProcessor2_0`; upstream's three
-  weights become views of the fused one, so no weight is held twice): 112 fewer kernels a
-  call, which at these sizes cost launch and ramp, not bandwidth.
+  one matmul (diffusers' `FusedAttnProcessor2_0` over a matrix of which upstream's three
+  weights are views, as T3's `fused_projections` builds them: no weight is held twice): 112
+  fewer kernels a call, which at these sizes cost launch and ramp, not bandwidth.
 - "flow_compiled": the estimator's blocks under torch.compile inside `flow_graphs`' graphs. A
   graph removes the launches' host cost, not the GPU's per-kernel cost: a replay still runs
   some 1,460 kernels, about 5 ms whatever the length (a flow run of ten calls took 52 ms for
@@ -213,20 +213,17 @@ class BucketedEstimator(GraphedCalls):
 def _fuse_attention_projections(estimator: torch.nn.Module) -> None:
     from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_0
 
+    from .fused_projections import fused_weight
+
     for attn in estimator.modules():
         if not isinstance(attn, Attention) or attn.is_cross_attention:
             continue
-        if not attn.fused_projections:
-            attn.fuse_projections()
-        # Again after a cast, which makes each view a tensor of its own.
-        projections = (attn.to_q, attn.to_k, attn.to_v)
-        start = 0
-        for linear in projections:
-            rows = slice(start, start + linear.out_features)
-            linear.weight = torch.nn.Parameter(attn.to_qkv.weight.data[rows], requires_grad=False)
-            if linear.bias is not None:
-                linear.bias = torch.nn.Parameter(attn.to_qkv.bias.data[rows], requires_grad=False)
-            start = rows.stop
+        # Upstream's three weights become views of one matrix; again after a cast, which
+        # copies each view into a tensor of its own.
+        qkv = fused_weight([attn.to_q, attn.to_k, attn.to_v])
+        attn.to_qkv = torch.nn.Linear(qkv.size(1), qkv.size(0), bias=False, device="meta")
+        attn.to_qkv.weight = torch.nn.Parameter(qkv, requires_grad=False)
+        attn.fused_projections = True  # what diffusers' own fuse_projections() marks
         attn.set_processor(FusedAttnProcessor2_0())
 
 
