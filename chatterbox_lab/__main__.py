@@ -85,6 +85,9 @@ def main(argv=None) -> int:
                    help="also stream one utterance with the last rung's steps: time to first audio, seam error")
     b.add_argument("--many", type=int, default=0, metavar="N",
                    help="also synthesize N utterances together with the last rung's steps: x_realtime")
+    b.add_argument("--many-flow-steps", type=int, metavar="K",
+                   help="and the N utterances again with K Euler steps of S3Gen's flow instead of upstream's 10 "
+                        "(faster, different audio: the mel difference is recorded)")
     b.add_argument("--s3gen", nargs="*", choices=S3GEN_STEPS, metavar="STEP",
                    help="then S3Gen's steps one by one, each a rung, with the last rung's T3 steps "
                         f"(no STEP: all of {', '.join(S3GEN_STEPS)})")
@@ -165,6 +168,7 @@ def main(argv=None) -> int:
                              repeats=args.repeats, rungs=rungs, voice=args.voice, checks=args.checks,
                              profile=not args.no_profile, sweep=not args.no_sweep, trace_dir=args.trace_dir,
                              batch_sizes=tuple(args.batch), stream=args.stream, many=args.many,
+                             many_flow_steps=args.many_flow_steps,
                              s3gen_steps=tuple(args.s3gen or S3GEN_STEPS) if args.s3gen is not None or args.ladder
                              else ())
         config.resolved()

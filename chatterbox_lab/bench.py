@@ -22,13 +22,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import decode_attention, equivalence, fused_matvec, memory, persistent_layer, profiling, report, results, roofline
+from . import (decode_attention, equivalence, flops, fused_matvec, memory, persistent_layer, profiling, report, results,
+               roofline)
 from .decoder import KERNEL_STEPS, STEPS, T3Decoder, ladder_prefix, prompt_len_for, requirements, text_tokens_for
 from .kv_cache import cache_len_for
 from .models import load_tts, resolve_device
 from .pipeline import TOKENS_PER_SECOND, Synthesis, synthesize, upstream_t3
-from .s3gen_steps import (HALF_FLOW_TOLERANCE, S3GEN_STEPS, apply_s3gen_steps, check_s3gen_steps,
-                          half_flow_error, s3gen_steps_of)
+from .s3gen_steps import (HALF_FLOW_TOLERANCE, S3GEN_STEPS, apply_s3gen_steps, check_flow_steps, check_s3gen_steps,
+                          fewer_flow_steps_error, half_flow_error, s3gen_steps_of)
 from .sampling import SamplingParams
 from .voices import prepare_voice, voice_path
 
@@ -78,6 +79,7 @@ class BenchConfig:
     batch_sizes: tuple = ()        # utterances decoded together, measured with the last rung's steps
     stream: bool = False           # also time streamed speech (first audio) with the last rung's steps
     many: int = 0                  # also synthesize this many utterances together (x_realtime)
+    many_flow_steps: int | None = None  # and again with this many Euler steps of the flow (not 10)
     stream_chunk_tokens: int = 32
     s3gen_steps: tuple = ()        # S3Gen rungs after the T3 rungs, with the last T3 rung's decoder
     sampling: SamplingParams = field(default_factory=SamplingParams)
@@ -105,6 +107,9 @@ class BenchConfig:
         s3gen_steps = tuple(step for step in S3GEN_STEPS if step in check_s3gen_steps(self.s3gen_steps))
         if self.many < 0:
             raise ValueError(f"--many must be >= 0, got {self.many}")
+        check_flow_steps(self.many_flow_steps)
+        if self.many_flow_steps is not None and not self.many:
+            raise ValueError("--many-flow-steps compares against --many N: give both")
         return BenchConfig(**{**asdict(self), "device": device, "tokens": tokens, "repeats": repeats,
                               "rungs": ordered, "s3gen_steps": s3gen_steps,
                               "sampling": self.sampling})
@@ -334,10 +339,11 @@ def measure_stream(tts, cfg: BenchConfig, voice: Path) -> dict:
     )
 
 
-def measure_many(tts, cfg: BenchConfig, voice: Path) -> dict:
+def measure_many(tts, cfg: BenchConfig, voice: Path, flow_steps: int | None = None) -> dict:
     """`cfg.many` utterances (voices alternating between the benchmark's and the other bundled
     one) through batched T3 and a flow run per voice and batch: seconds of audio per second of
-    wall time, and where that time went."""
+    wall time, and where that time went. With `flow_steps`, also the flow's mel difference
+    from upstream's 10 steps on the first utterance's tokens."""
     from .pipeline import synthesize_many
     from .voices import bundled_voices
 
@@ -348,12 +354,17 @@ def measure_many(tts, cfg: BenchConfig, voice: Path) -> dict:
     def run(seed):
         torch.manual_seed(seed)
         return synthesize_many(tts, [cfg.text] * cfg.many, voices, decoder=decoder, max_new_tokens=cfg.tokens,
-                               sampling=cfg.sampling)
+                               sampling=cfg.sampling, flow_steps=flow_steps)
 
     run(cfg.seed)
     runs = [run(cfg.seed + i) for i in range(cfg.repeats)]
+    figures = {}
+    if flow_steps is not None:
+        prepare_voice(tts, voice)
+        figures = dict(flow_steps=flow_steps, mel_rel_difference=fewer_flow_steps_error(
+            tts, runs[0].speeches[0].speech_tokens[None], flow_steps, cfg.seed))
     return dict(
-        steps=sorted(_t3_steps(cfg)), s3gen_steps=sorted(s3gen_steps_of(tts)), utterances=cfg.many,
+        **figures, steps=sorted(_t3_steps(cfg)), s3gen_steps=sorted(s3gen_steps_of(tts)), utterances=cfg.many,
         x_realtime=_median([r.x_realtime for r in runs]), wall_s=_median([r.wall_s for r in runs]),
         audio_s=_median([r.audio_s for r in runs]),
         stages_s={stage: _median([r.seconds[stage] for r in runs]) for stage in runs[0].seconds},
@@ -409,9 +420,20 @@ def run(config: BenchConfig, progress: bool = True, tts=None, partial: Path | No
         sampling=asdict(cfg.sampling), load_s=load_s), rungs={}, checks={})
 
     bandwidth = roofline.copy_bandwidth(cfg.device)
+    flop_rate = roofline.matmul_rate(cfg.device)
     doc["roofline"] = dict(copy_bandwidth_gb_s=bandwidth / 1e9,
                            method="median of 10 timed copies of a 2 GiB (GPU) / 256 MiB (CPU) "
-                                  "random tensor, bytes read + written")
+                                  "random tensor, bytes read + written",
+                           matmul_tflops=flop_rate / 1e12,
+                           matmul_method="median of 10 timed 8192^3 fp16 matmuls (GPU) / 512^3 fp32 (CPU)")
+    if cfg.many and not s3gen_steps_of(tts):
+        # Counted before any rung: the counter cannot see into graphs or compiled code.
+        prepare_voice(tts, voice)
+        doc["flops"] = dict(per_utterance=flops.utterance_flops(tts, cfg.text, cfg.tokens, cfg.sampling),
+                            audio_s=cfg.tokens / TOKENS_PER_SECOND,
+                            method="torch.utils.flop_counter on upstream's eager modules, one utterance")
+        if cfg.many_flow_steps is not None:
+            doc["flops"]["s3gen_flow_with_many_flow_steps"] = flops.flow_flops(tts, cfg.tokens, cfg.many_flow_steps)
 
     if cfg.sweep and "fused_matvec" in _t3_steps(cfg) and cfg.device.startswith("cuda"):
         # The kernels' block sizes for this card, tuned before any rung is timed; recorded.
@@ -461,8 +483,16 @@ def run(config: BenchConfig, progress: bool = True, tts=None, partial: Path | No
             doc["end_to_end"]["stream"] = measure_stream(tts, cfg, voice)
             if partial:
                 results.write(doc, partial, overwrite=True)
-        if cfg.many:
-            doc["end_to_end"]["many"] = measure_many(tts, cfg, voice)
+        many_runs = {"many": None, "many_fewer_flow_steps": cfg.many_flow_steps} if cfg.many else {}
+        for kind, flow_steps in many_runs.items():
+            if kind == "many_fewer_flow_steps" and flow_steps is None:
+                continue
+            figures = doc["end_to_end"][kind] = measure_many(tts, cfg, voice, flow_steps)
+            if "flops" in doc:
+                counted = dict(doc["flops"]["per_utterance"])
+                if flow_steps is not None:
+                    counted["s3gen_flow"] = doc["flops"]["s3gen_flow_with_many_flow_steps"]
+                figures["x_realtime_ceiling"] = flops.x_realtime_ceiling(counted, doc["flops"]["audio_s"], flop_rate)
             if partial:
                 results.write(doc, partial, overwrite=True)
     if "upstream_fp32" in doc["rungs"]:

@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from transformers.utils import logging as hf_logging
 
+from .batched_waveforms import vocode_all, watermark_all
 from .decoder import T3Decoder, sync_device, text_tokens_for
-from .s3gen_steps import padding_zeroed
+from .s3gen_steps import check_flow_steps, padding_zeroed
 from .sampling import SamplingParams
 from .validation import MAX_LONG_TEXT_CHARS, check_text
 
@@ -89,14 +90,17 @@ def upstream_t3(tts, text_tokens, max_new_tokens, sampling: SamplingParams, stop
 
 def synthesize(tts, text: str, *, voice=None, decoder: T3Decoder | None = None, max_new_tokens: int = 1000,
                sampling: SamplingParams = SamplingParams(), exaggeration: float = 0.5,
-               stop_on_eos: bool = True, watermark: bool = True) -> Synthesis:
+               stop_on_eos: bool = True, watermark: bool = True, flow_steps: int | None = None) -> Synthesis:
     """One utterance. `voice`: a reference audio path (conditioning is then timed), or
-    None to use the voice prepared last. `decoder=None` runs upstream's T3 loop."""
+    None to use the voice prepared last. `decoder=None` runs upstream's T3 loop.
+    `flow_steps`: Euler steps of S3Gen's flow, None for upstream's (10); fewer is faster
+    and changes the audio (`s3gen_steps.fewer_flow_steps_error` measures by how much)."""
     from chatterbox.models.s3gen.const import S3GEN_SR
 
     from .voices import voice_or_prepared
 
     text = check_text(text)
+    check_flow_steps(flow_steps)
     seconds = {}
 
     def clock(stage):
@@ -111,7 +115,7 @@ def synthesize(tts, text: str, *, voice=None, decoder: T3Decoder | None = None, 
             else:
                 result = decoder.generate(tts.conds.t3, text_tokens, max_new_tokens, sampling, stop_on_eos)
                 tokens, prefill_s, decode_s, steps = result.tokens, result.prefill_s, result.decode_s, result.steps_run
-        speech_tokens, wav = tokens_to_speech(tts, tokens, tts.conds.gen, clock, watermark)
+        speech_tokens, wav = tokens_to_speech(tts, tokens, tts.conds.gen, clock, watermark, flow_steps)
     return Synthesis(wav=wav, sample_rate=S3GEN_SR, speech_tokens=speech_tokens, seconds=seconds,
                      t3_prefill_s=prefill_s, t3_decode_s=decode_s, t3_steps=steps)
 
@@ -124,17 +128,20 @@ def speech_tokens_of(tokens: torch.Tensor) -> torch.Tensor:
     return kept[kept < 6561]
 
 
-def tokens_to_speech(tts, tokens: torch.Tensor, gen_conds: dict, clock, watermark: bool = True):
+def tokens_to_speech(tts, tokens: torch.Tensor, gen_conds: dict, clock, watermark: bool = True,
+                     flow_steps: int | None = None):
     """T3's tokens (1, k) for one utterance -> (speech tokens, watermarked waveform) through
     S3Gen's flow and HiFi-GAN with the voice's S3Gen conditionals; `clock(stage)` times each."""
-    return tokens_to_speeches(tts, [tokens], gen_conds, clock, watermark)[0]
+    return tokens_to_speeches(tts, [tokens], gen_conds, clock, watermark, flow_steps)[0]
 
 
-def tokens_to_speeches(tts, all_tokens: list, gen_conds: dict, clock, watermark: bool = True) -> list:
+def tokens_to_speeches(tts, all_tokens: list, gen_conds: dict, clock, watermark: bool = True,
+                       flow_steps: int | None = None) -> list:
     """T3's tokens for utterances of one voice ((1, k_i) each) -> (speech tokens, watermarked
     waveform) for each: one flow run for all of them (upstream's batched flow: tokens padded to
-    the longest and masked by their lengths), then HiFi-GAN and the watermark one by one, since
-    the vocoder does not mask padding. `clock(stage)` times each stage for all of them."""
+    the longest and masked by their lengths), then HiFi-GAN and the watermark once per group of
+    equal lengths (`batched_waveforms`: neither masks padding). `clock(stage)` times each stage
+    for all of them; `flow_steps` as in `synthesize`."""
     from chatterbox.models.s3gen.const import S3GEN_SR
 
     speech = [speech_tokens_of(tokens[0]).to(tts.device) for tokens in all_tokens]
@@ -144,17 +151,15 @@ def tokens_to_speeches(tts, all_tokens: list, gen_conds: dict, clock, watermark:
     lengths = torch.tensor([s.numel() for s in speech], device=tts.device)
     with clock("s3gen_flow"), padding_zeroed(s3gen.flow.encoder):
         mels = s3gen.flow_inference(torch.nn.utils.rnn.pad_sequence(speech, batch_first=True), ref_dict=gen_conds,
-                                    speech_token_lens=lengths, finalize=True)
+                                    speech_token_lens=lengths, finalize=True,
+                                    n_cfm_timesteps=flow_steps)
     frames_per_token = s3gen.flow.token_mel_ratio
-    wavs = []
     with clock("hifigan"):
-        for mel, n in zip(mels, lengths.tolist()):
-            wav, _ = s3gen.hift_inference(mel[None, :, : n * frames_per_token].to(dtype=s3gen.dtype), None)
-            wav[:, : len(s3gen.trim_fade)] *= s3gen.trim_fade
-            wavs.append(wav.squeeze(0).float().cpu().numpy())
+        made = vocode_all(s3gen, [mel[:, : n * frames_per_token] for mel, n in zip(mels, lengths.tolist())])
+        wavs = [wav.float().cpu().numpy() for wav in made]
     if watermark:
         with clock("watermark"):
-            wavs = [tts.watermarker.apply_watermark(wav, sample_rate=S3GEN_SR) for wav in wavs]
+            wavs = watermark_all(tts.watermarker, wavs, S3GEN_SR)
     return list(zip(speech, wavs))
 
 
@@ -198,18 +203,19 @@ class BatchSynthesis:
 
 def synthesize_many(tts, texts: list[str], voices, *, decoder: T3Decoder, max_new_tokens: int = 1000,
                     sampling: SamplingParams = SamplingParams(), watermark: bool = True,
-                    progress: bool = False) -> BatchSynthesis:
+                    progress: bool = False, flow_steps: int | None = None) -> BatchSynthesis:
     """Many utterances: T3 decodes `decoder.streams` of them at a time (`generate_batch`), each
     with its own voice (`voices`: one for all, or one per text), then S3Gen's flow runs once for
     each voice's utterances of the batch (`tokens_to_speeches`). A last batch that is not full is
     topped up with copies of its last utterance, whose output is dropped: the captured step has
-    a fixed batch size."""
+    a fixed batch size. `flow_steps` as in `synthesize`."""
     from chatterbox.models.s3gen.const import S3GEN_SR
     from tqdm.auto import tqdm
 
     from .voices import VoiceCache
 
     texts = [check_text(t) for t in texts]
+    check_flow_steps(flow_steps)
     if isinstance(voices, (str, Path)):
         voices = [voices] * len(texts)
     if len(voices) != len(texts) or not texts:
@@ -236,7 +242,7 @@ def synthesize_many(tts, texts: list[str], voices, *, decoder: T3Decoder, max_ne
                 by_voice.setdefault(id(conds[i]), []).append((i, tokens))
             for group in by_voice.values():
                 made = tokens_to_speeches(tts, [tokens for _, tokens in group], conds[group[0][0]].gen, clock,
-                                          watermark)
+                                          watermark, flow_steps)
                 for (i, tokens), (speech_tokens, wav) in zip(group, made):
                     speeches[i] = Synthesis(wav=wav, sample_rate=S3GEN_SR, speech_tokens=speech_tokens,
                                             t3_steps=tokens.size(1))

@@ -9,6 +9,7 @@ measured here as a large device-to-device copy (bytes read plus bytes written).
 from __future__ import annotations
 
 import statistics
+import time
 
 import torch
 
@@ -20,25 +21,39 @@ def copy_bandwidth(device: str, nbytes: int | None = None, repeats: int = 10) ->
     nbytes = nbytes or (2 << 30 if on_gpu else 256 << 20)
     src = torch.randn(nbytes // 4, device=device)  # random data, not zeros: zeros can run faster
     dst = torch.empty_like(src)
+    seconds = _median_seconds(lambda: dst.copy_(src), on_gpu, repeats)
+    return 2 * nbytes / seconds
+
+
+def matmul_rate(device: str, size: int | None = None, repeats: int = 10) -> float:
+    """FLOP/s of a large square half-precision matmul (fp32 on the CPU), median of repeats: what
+    the card's matrix units reach on the easiest shape, a ceiling for compute-bound stages."""
+    device = torch.device(device)
+    on_gpu = device.type == "cuda"
+    size = size or (8192 if on_gpu else 512)
+    dtype = torch.float16 if on_gpu else torch.float32
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    seconds = _median_seconds(lambda: a @ b, on_gpu, repeats)
+    return 2 * size**3 / seconds
+
+
+def _median_seconds(work, on_gpu: bool, repeats: int) -> float:
     for _ in range(3):
-        dst.copy_(src)
+        work()
     times = []
     for _ in range(repeats):
         if on_gpu:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            dst.copy_(src)
+            work()
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end) / 1e3)
         else:
-            import time
-
             t = time.perf_counter()
-            dst.copy_(src)
+            work()
             times.append(time.perf_counter() - t)
-    del src, dst
-    return 2 * nbytes / statistics.median(times)
+    return statistics.median(times)
 
 
 def weight_bytes_per_step(t3) -> int:

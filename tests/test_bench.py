@@ -111,12 +111,20 @@ def test_end_to_end_stream_and_many_are_measured_with_the_last_rung(tiny_tts):
     tts = copy.copy(tiny_tts)
     tts.t3 = copy.deepcopy(tiny_tts.t3)  # embed_cache's prefix casts T3 to bf16 in place
     doc = run(BenchConfig(rungs=("embed_cache",), tokens=32, repeats=1, profile=False, device="cpu",
-                          stream=True, stream_chunk_tokens=16, many=3), progress=False, tts=tts)
+                          stream=True, stream_chunk_tokens=16, many=3, many_flow_steps=2), progress=False, tts=tts)
     stream, many = doc["end_to_end"]["stream"], doc["end_to_end"]["many"]
     assert 0 < stream["first_audio_s"] < stream["e2e_s"] and len(stream["raw"]["ready_s"][0]) == 2
     assert stream["steps"] == ["bf16", "embed_cache", "static_cache"] and stream["seam_error"] >= 0
     assert many["utterances"] == 3 and many["x_realtime"] > 0
     assert many["audio_s"] == pytest.approx(3 * 32 / 25)
+    # The arithmetic ceiling, from FLOPs counted before any step and the matmul rate.
+    counted = doc["flops"]["per_utterance"]
+    assert set(counted) == {"t3", "s3gen_flow", "hifigan", "watermark"} and min(counted.values()) > 0
+    assert doc["flops"]["audio_s"] == pytest.approx(32 / 25) and doc["roofline"]["matmul_tflops"] > 0
+    fewer = doc["end_to_end"]["many_fewer_flow_steps"]
+    assert fewer["flow_steps"] == 2 and fewer["mel_rel_difference"] > 0 and "flow_steps" not in many
+    assert 0 < doc["flops"]["s3gen_flow_with_many_flow_steps"] < counted["s3gen_flow"]
+    assert fewer["x_realtime_ceiling"] > many["x_realtime_ceiling"] > 0
 
 
 def test_batching_needs_a_cached_rung():
@@ -126,6 +134,10 @@ def test_batching_needs_a_cached_rung():
         BenchConfig(rungs=("static_cache",), many=4, device="cpu").resolved()
     with pytest.raises(ValueError, match="streaming needs a decoder rung"):
         BenchConfig(rungs=("upstream_fp32",), stream=True, device="cpu").resolved()
+    with pytest.raises(ValueError, match="--many-flow-steps compares against --many N"):
+        BenchConfig(rungs=("embed_cache",), many_flow_steps=4, device="cpu").resolved()
+    with pytest.raises(ValueError, match="flow_steps must be a whole number"):
+        BenchConfig(rungs=("embed_cache",), many=2, many_flow_steps=0, device="cpu").resolved()
 
 
 def test_s3gen_rungs_follow_the_t3_rungs_with_the_half_flow_check(tmp_path, capsys):

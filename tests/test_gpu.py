@@ -166,6 +166,33 @@ def test_compiled_hifigan_gives_the_eager_audio(fresh_flow):
     assert compiled_kernels < eager_kernels / 2
 
 
+def test_compiled_hifigan_and_the_watermark_batch_equal_lengths_like_one_at_a_time(fresh_flow, monkeypatch):
+    """Random source fixed (zeros): each row of a batched, compiled HiFi-GAN call is the row
+    vocoded alone; the batched watermark is perth's own, utterance by utterance."""
+    import numpy as np
+    import torch
+
+    from chatterbox_lab.batched_waveforms import vocode_all, watermark_all
+    from chatterbox_lab.s3gen_steps import apply_s3gen_steps
+
+    tts, _, mels = fresh_flow
+    apply_s3gen_steps(tts, ["hifigan_compiled", "watermark_on_device"])
+    monkeypatch.setattr(torch, "randn_like", torch.zeros_like)
+    monkeypatch.setattr(torch, "rand", lambda *args, **kwargs: torch.zeros(*args, **kwargs))
+    rows = [mels()[0], mels(37)[0], mels()[0] * 0.9]
+    s3gen = tts.s3gen
+    together = vocode_all(s3gen, rows)
+    for row, wav in zip(rows, together):
+        alone = vocode_all(s3gen, [row])[0]
+        error = float((wav - alone).norm() / alone.norm())
+        print(f"batched compiled HiFi-GAN, {row.size(-1)} frames: relative difference from alone {error:.2e}")
+        assert error < 1e-4
+    wavs = [wav.float().cpu().numpy() for wav in together]
+    for wav, marked in zip(wavs, watermark_all(tts.watermarker, wavs, 24_000)):
+        alone = tts.watermarker.apply_watermark(wav, sample_rate=24_000)
+        np.testing.assert_allclose(marked, alone, rtol=1e-3, atol=1e-4)
+
+
 def test_encoder_graphs_replay_the_eager_encoder(fresh_flow):
     from chatterbox_lab.s3gen_steps import apply_s3gen_steps
 
