@@ -48,12 +48,14 @@ def vocode_all(s3gen, mels: list) -> list:
     """Mels (80, frames_i) of S3Gen's flow -> waveforms (samples_i,) on the device, through
     upstream's HiFi-GAN with its fade-in, one call per group of equal lengths."""
     wavs = [None] * len(mels)
-    for group in equal_length_groups([mel.size(-1) for mel in mels], MAX_VOCODER_FRAMES):
-        batch = torch.stack([mels[i] for i in group]).to(dtype=s3gen.dtype)
-        made, _ = s3gen.hift_inference(batch, None)
-        made[:, : len(s3gen.trim_fade)] *= s3gen.trim_fade
-        for i, wav in zip(group, made):
-            wavs[i] = wav
+    # Upstream's hift_inference returns inference tensors, which only inference mode may fade.
+    with torch.inference_mode():
+        for group in equal_length_groups([mel.size(-1) for mel in mels], MAX_VOCODER_FRAMES):
+            batch = torch.stack([mels[i] for i in group]).to(dtype=s3gen.dtype)
+            made, _ = s3gen.hift_inference(batch, None)
+            made[:, : len(s3gen.trim_fade)] *= s3gen.trim_fade
+            for i, wav in zip(group, made):
+                wavs[i] = wav
     return wavs
 
 
