@@ -181,12 +181,18 @@ def test_compiled_hifigan_and_the_watermark_batch_equal_lengths_like_one_at_a_ti
     s3gen = tts.s3gen
     # A source without random draws (phase, noise), the same function of each row's f0.
     monkeypatch.setattr(s3gen.mel2wav.m_source, "forward", lambda f0: (torch.sin(f0.cumsum(1) * 1e-3), None, None))
-    together = vocode_all(s3gen, rows)
-    for row, wav in zip(rows, together):
-        alone = vocode_all(s3gen, [row])[0]
-        error = float((wav - alone).norm() / alone.norm())
-        print(f"batched compiled HiFi-GAN, {row.size(-1)} frames: relative difference from alone {error:.2e}")
-        assert error < 1e-4
+    # cuDNN runs fp32 convolutions in TF32 by default (upstream's setting) and picks its
+    # algorithm by batch size: batched and alone then round differently. Without TF32 they
+    # agree to fp32's own summation-order noise.
+    for tf32, tolerance in ((True, 2e-3), (False, 1e-4)):
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32)
+        together = vocode_all(s3gen, rows)
+        for row, wav in zip(rows, together):
+            alone = vocode_all(s3gen, [row])[0]
+            error = float((wav - alone).norm() / alone.norm())
+            print(f"batched compiled HiFi-GAN, {row.size(-1)} frames, TF32 {tf32}: "
+                  f"relative difference from alone {error:.2e}")
+            assert error < tolerance
     wavs = [wav.float().cpu().numpy() for wav in together]
     for wav, marked in zip(wavs, watermark_all(tts.watermarker, wavs, 24_000)):
         alone = tts.watermarker.apply_watermark(wav, sample_rate=24_000)
