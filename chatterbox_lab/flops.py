@@ -13,8 +13,13 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .sampling import SamplingParams
+
+# PyTorch's own attention as plain matmuls while counting: the counter has a formula for the
+# GPU's fused attention kernels but not for the CPU's, which it would count as nothing.
+_COUNTED_ATTENTION = SDPBackend.MATH
 
 
 def utterance_flops(tts, text: str, tokens: int, sampling: SamplingParams = SamplingParams()) -> dict:
@@ -36,7 +41,7 @@ def utterance_flops(tts, text: str, tokens: int, sampling: SamplingParams = Samp
         with FlopCounterMode(display=False) as counter:
             yield
         counts[stage] = counts.get(stage, 0) + counter.get_total_flops()
-    with torch.inference_mode(), _frozen(tts.t3, tts.s3gen, tts.watermarker.perth_net):
+    with torch.inference_mode(), _frozen(tts.t3, tts.s3gen, tts.watermarker.perth_net), sdpa_kernel(_COUNTED_ATTENTION):
         with counted("t3"):
             speech, *_ = upstream_t3(tts, text_tokens_for(tts, text), tokens, sampling, stop_on_eos=False)
         tokens_to_speech(tts, speech, tts.conds.gen, counted)
@@ -55,7 +60,8 @@ def flow_flops(tts, tokens: int, flow_steps: int | None = None) -> int:
     if s3gen_steps_of(tts):
         raise ValueError("count FLOPs on upstream's modules, before any S3Gen step is applied")
     speech = torch.zeros(1, tokens, dtype=torch.long, device=tts.device)
-    with torch.inference_mode(), _frozen(tts.s3gen), FlopCounterMode(display=False) as counter:
+    with (torch.inference_mode(), _frozen(tts.s3gen), sdpa_kernel(_COUNTED_ATTENTION),
+          FlopCounterMode(display=False) as counter):
         tts.s3gen.flow_inference(speech, ref_dict=tts.conds.gen, finalize=True, n_cfm_timesteps=flow_steps)
     return counter.get_total_flops()
 
