@@ -149,7 +149,7 @@ def end_to_end_section() -> str:
         goals.append(f"| {figure} | {results.fmt(target)} | " + " | ".join(
             f"{results.fmt(rows_[i]['measured'])} | {'yes' if rows_[i]['met'] else 'no'}" for rows_ in per_card) + " |")
     records = ", ".join(f"[`{path.name}`]({path.relative_to(ROOT)})" for path, _ in by_card.values())
-    many_lines = [_many_line(card, doc) for card, (_, doc) in by_card.items()]
+    many_lines = [many_line(card, doc) for card, (_, doc) in by_card.items()]
     checks = rungs_doc["checks"]
     return "\n".join([
         f"End to end on an **{prov['gpu']}** (preset `{prov['preset']}`, {prov['tokens']} tokens = "
@@ -164,7 +164,7 @@ def end_to_end_section() -> str:
         "", *goals, "", *many_lines])
 
 
-def _many_line(card: str, doc: dict) -> str:
+def many_line(card: str, doc: dict) -> str:
     """The many-utterance figures of a record in a sentence: the rate, where its time went, and
     the arithmetic ceiling and fewer flow steps where the record has them."""
     many = doc["end_to_end"]["many"]
@@ -179,6 +179,27 @@ def _many_line(card: str, doc: dict) -> str:
         line += (f" With {fewer['flow_steps']} flow steps instead of 10 (mels {fewer['mel_rel_difference']:.1%} "
                  f"from 10 steps'): {fewer['x_realtime']:.0f}x, ceiling {fewer['x_realtime_ceiling']:,.0f}x.")
     return line
+
+
+def flop_table(doc: dict) -> str:
+    """A record's FLOPs per utterance by stage (`flops.utterance_flops`) and the time each takes
+    at the card's large-matmul rate: the arithmetic floor of one utterance in a batch."""
+    rate = doc["roofline"]["matmul_tflops"] * 1e12
+    counted = doc["flops"]["per_utterance"]
+    rows = ["| stage | GFLOP per utterance | ms at the matmul rate |", "|---|---|---|"]
+    rows += [f"| {stage} | {flops / 1e9:,.0f} | {flops / rate * 1e3:.2f} |" for stage, flops in counted.items()]
+    total = sum(counted.values())
+    rows.append(f"| all | {total / 1e9:,.0f} | {total / rate * 1e3:.2f} |")
+    return "\n".join(rows)
+
+
+def latest_flop_record() -> tuple[Path, dict]:
+    """The latest GPU e2e record with FLOP counts and a many-utterance run."""
+    found = [(p, d) for p, d in results.committed(gpu_only=True, folder="e2e")
+             if "flops" in d and "many" in d.get("end_to_end", {})]
+    if not found:
+        raise LookupError("no committed e2e record with FLOP counts yet")
+    return found[-1]
 
 
 def plot_stages(stages_by_name: dict, ax=None, title: str = ""):

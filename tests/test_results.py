@@ -93,6 +93,7 @@ def test_every_number_in_readme_prose_is_a_definition_not_a_measurement():
         "25",     # speech tokens per second of audio (S3_TOKEN_RATE)
         "50",     # the guide's assumed tokens per second of audio
         "256",    # the GPU benchmark's default token count
+        "10",     # upstream's Euler steps of S3Gen's flow (flow_inference's default)
     }
     assert numbers <= definitions, f"numbers with no committed source: {sorted(numbers - definitions)}"
     from chatterbox.models.s3tokenizer import S3_TOKEN_RATE
@@ -134,3 +135,22 @@ def test_cold_start_records_name_their_empty_caches():
         assert doc["provenance"]["gpu"] == gpu
         assert "TORCHINDUCTOR_CACHE_DIR=" in command and "--no-sweep" in command, path.name
         assert doc["rungs"][rung]["compile_s"] > 0
+
+
+def test_flop_table_and_many_line_read_the_record():
+    doc = dict(roofline=dict(matmul_tflops=500.0),
+               flops=dict(per_utterance=dict(t3=1e12, s3gen_flow=4e12), audio_s=10.24),
+               end_to_end=dict(many=dict(utterances=8, audio_s=81.92, x_realtime=100.0, x_realtime_ceiling=1024.0,
+                                         stages_s=dict(t3=0.5, s3gen_flow=0.3)),
+                               many_fewer_flow_steps=dict(flow_steps=5, mel_rel_difference=0.1, x_realtime=120.0,
+                                                          x_realtime_ceiling=1500.0)))
+    table = report.flop_table(doc)
+    assert "| t3 | 1,000 | 2.00 |" in table and "| all | 5,000 | 10.00 |" in table
+    line = report.many_line("card", doc)
+    assert "8 utterances (82 s of audio) at 100x" in line and "ceiling 1,500x" in line and "(500 TFLOP/s): 1,024x" in line
+
+
+def test_the_latest_flop_record_has_its_ceiling():
+    path, doc = report.latest_flop_record()
+    many = doc["end_to_end"]["many"]
+    assert many["x_realtime"] < many["x_realtime_ceiling"] and doc["provenance"]["gpu"]

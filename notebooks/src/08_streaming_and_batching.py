@@ -101,8 +101,9 @@ assert long.speech_tokens.numel() == 8 * len(chunks)
 #
 # Four texts in two voices, decoded two at a time by a batched decoder
 # (`streams=2`); S3Gen's flow then runs once for each voice's utterances of a
-# batch (`pipeline.tokens_to_speeches`), HiFi-GAN once per utterance. With the most likely token
-# always chosen (`top_p` tiny) every utterance gets the tokens it gets alone.
+# batch (`pipeline.tokens_to_speeches`), HiFi-GAN and the watermark once per group of
+# utterances of equal length (`batched_waveforms`: neither masks padding). With the most likely
+# token always chosen (`top_p` tiny) every utterance gets the tokens it gets alone.
 
 # %%
 from chatterbox_lab.sampling import SamplingParams
@@ -122,3 +123,51 @@ alone = [synthesize(tts, t, voice=voice_path(v), decoder=decoder, max_new_tokens
 same = [torch.equal(a, s.speech_tokens) for a, s in zip(alone, many.speeches)]
 print("each utterance as when synthesized alone:", same)
 assert all(same)
+
+# %% [markdown]
+# ## How fast could a batch go?
+#
+# Decoding one utterance is bound by memory; a batch of many is bound by arithmetic. The bench
+# counts one utterance's floating-point operations on upstream's eager modules
+# (`flops.utterance_flops`, PyTorch's FLOP counter: matmuls, convolutions, attention) and times
+# a large matmul on the same card (`roofline.matmul_rate`). Their ratio is the fastest a batch
+# could make audio if every operation ran at that rate and nothing else took time
+# (`flops.x_realtime_ceiling`). The flow dominates: twenty estimator calls (ten Euler steps,
+# CFG pair) over the voice's prompt frames and the new ones, most of it attention across all of
+# them. Figures from the latest GPU record:
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+from chatterbox_lab import report
+
+flop_path, flop_doc = report.latest_flop_record()
+display(Markdown(f"`{flop_path.name}`, {flop_doc['provenance']['gpu']}:\n\n" + report.flop_table(flop_doc)))
+display(Markdown(report.many_line(flop_doc["provenance"]["gpu"], flop_doc)))
+
+# %%
+# NBVAL_CHECK_OUTPUT
+measured, ceiling = flop_doc["end_to_end"]["many"]["x_realtime"], flop_doc["end_to_end"]["many"]["x_realtime_ceiling"]
+print("the measured rate is below the arithmetic ceiling:", measured < ceiling)
+print("with upstream's 10 flow steps the ceiling is below issue 6's 2,000x:", ceiling < 2000)
+assert measured < ceiling < 2000
+
+# %% [markdown]
+# Fewer Euler steps cut the flow's arithmetic in proportion and change the audio: the same
+# ODE integrated on a coarser grid. It is an explicit option (`flow_steps=` of `synthesize` and
+# `synthesize_many`, `--many-flow-steps` of the bench), never a default, and its difference from
+# upstream's ten steps is measured on the same tokens and starting noise
+# (`s3gen_steps.fewer_flow_steps_error`). Here on the tiny model:
+
+# %%
+from chatterbox_lab.s3gen_steps import fewer_flow_steps_error
+
+tokens = many.speeches[0].speech_tokens[None]
+errors = {steps: fewer_flow_steps_error(tts, tokens, steps) for steps in (2, 5, 10)}
+for steps, error in errors.items():
+    print(f"{steps:>2} flow steps: mels {error:.1%} from 10 steps'")
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print("ten steps are upstream's own:", errors[10] == 0.0)
+print("fewer steps, larger difference:", errors[2] > errors[5] > 0)
+assert errors[10] == 0.0 and errors[2] > errors[5] > 0
