@@ -488,6 +488,8 @@ def run(config: BenchConfig, progress: bool = True, tts=None, partial: Path | No
             if kind == "many_fewer_flow_steps" and flow_steps is None:
                 continue
             figures = doc["end_to_end"][kind] = measure_many(tts, cfg, voice, flow_steps)
+            figures["t3_cache_ceiling_x_realtime"] = flops.t3_cache_ceiling_x_realtime(
+                tts.t3, prompt_len_for(tts.t3, text_tokens_for(tts, cfg.text)), cfg.tokens, bandwidth)
             if "flops" in doc:
                 counted = dict(doc["flops"]["per_utterance"])
                 if flow_steps is not None:

@@ -80,6 +80,18 @@ def _frozen(*modules):
             parameter.requires_grad_(True)
 
 
+def t3_cache_ceiling_x_realtime(t3, prompt_len: int, tokens: int, bandwidth: float) -> float:
+    """Seconds of audio per second if T3 did nothing but read its KV cache at `bandwidth`
+    (bytes/s). However large the batch, each new token's CFG pair reads the cache of every
+    position before it, at the mean position of `tokens` new ones after `prompt_len`; the
+    weights, read once per step for the whole batch, vanish at large batches, the cache does
+    not. A ceiling on T3's batched rate set by memory, beside the arithmetic one."""
+    from .pipeline import TOKENS_PER_SECOND
+    from .roofline import kv_bytes_per_step
+
+    return bandwidth / kv_bytes_per_step(t3, prompt_len + tokens / 2) / TOKENS_PER_SECOND
+
+
 def x_realtime_ceiling(flops: dict, audio_s: float, flop_rate: float) -> float:
     """Seconds of audio per second of wall time if every counted operation ran at `flop_rate`
     (FLOP/s) and nothing else took time: `audio_s` of audio costs sum(flops) operations."""

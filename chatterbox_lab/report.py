@@ -174,6 +174,9 @@ def many_line(card: str, doc: dict) -> str:
     if "x_realtime_ceiling" in many:
         line += (f" Ceiling from the FLOPs counted per utterance at this card's large-matmul rate "
                  f"({doc['roofline']['matmul_tflops']:.0f} TFLOP/s): {many['x_realtime_ceiling']:,.0f}x.")
+    if "t3_cache_ceiling_x_realtime" in many:
+        line += (f" T3 alone, reading its KV cache at the copy bandwidth and nothing else: "
+                 f"{many['t3_cache_ceiling_x_realtime']:,.0f}x.")
     fewer = doc["end_to_end"].get("many_fewer_flow_steps")
     if fewer:
         line += (f" With {fewer['flow_steps']} flow steps instead of 10 (mels {fewer['mel_rel_difference']:.1%} "

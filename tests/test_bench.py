@@ -125,6 +125,7 @@ def test_end_to_end_stream_and_many_are_measured_with_the_last_rung(tiny_tts):
     assert fewer["flow_steps"] == 2 and fewer["mel_rel_difference"] > 0 and "flow_steps" not in many
     assert 0 < doc["flops"]["s3gen_flow_with_many_flow_steps"] < counted["s3gen_flow"]
     assert fewer["x_realtime_ceiling"] > many["x_realtime_ceiling"] > 0
+    assert many["t3_cache_ceiling_x_realtime"] == fewer["t3_cache_ceiling_x_realtime"] > 0
 
 
 def test_batching_needs_a_cached_rung():
