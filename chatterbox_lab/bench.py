@@ -483,10 +483,10 @@ def run(config: BenchConfig, progress: bool = True, tts=None, partial: Path | No
             doc["end_to_end"]["stream"] = measure_stream(tts, cfg, voice)
             if partial:
                 results.write(doc, partial, overwrite=True)
-        many_runs = {"many": None, "many_fewer_flow_steps": cfg.many_flow_steps} if cfg.many else {}
+        many_runs = {"many": None} if cfg.many else {}
+        if cfg.many_flow_steps is not None:
+            many_runs["many_fewer_flow_steps"] = cfg.many_flow_steps
         for kind, flow_steps in many_runs.items():
-            if kind == "many_fewer_flow_steps" and flow_steps is None:
-                continue
             figures = doc["end_to_end"][kind] = measure_many(tts, cfg, voice, flow_steps)
             figures["t3_cache_ceiling_x_realtime"] = flops.t3_cache_ceiling_x_realtime(
                 tts.t3, prompt_len_for(tts.t3, text_tokens_for(tts, cfg.text)), cfg.tokens, bandwidth)
