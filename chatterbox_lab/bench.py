@@ -486,10 +486,12 @@ def run(config: BenchConfig, progress: bool = True, tts=None, partial: Path | No
         many_runs = {"many": None} if cfg.many else {}
         if cfg.many_flow_steps is not None:
             many_runs["many_fewer_flow_steps"] = cfg.many_flow_steps
+        if many_runs:
+            cache_ceiling = flops.t3_cache_ceiling_x_realtime(
+                tts.t3, prompt_len_for(tts.t3, text_tokens_for(tts, cfg.text)), cfg.tokens, bandwidth)
         for kind, flow_steps in many_runs.items():
             figures = doc["end_to_end"][kind] = measure_many(tts, cfg, voice, flow_steps)
-            figures["t3_cache_ceiling_x_realtime"] = flops.t3_cache_ceiling_x_realtime(
-                tts.t3, prompt_len_for(tts.t3, text_tokens_for(tts, cfg.text)), cfg.tokens, bandwidth)
+            figures["t3_cache_ceiling_x_realtime"] = cache_ceiling
             if "flops" in doc:
                 counted = dict(doc["flops"]["per_utterance"])
                 if flow_steps is not None:

@@ -30,10 +30,8 @@ def utterance_flops(tts, text: str, tokens: int, sampling: SamplingParams = Samp
 
     from .decoder import text_tokens_for
     from .pipeline import tokens_to_speech, upstream_t3
-    from .s3gen_steps import s3gen_steps_of
 
-    if s3gen_steps_of(tts):
-        raise ValueError("count FLOPs on upstream's modules, before any S3Gen step is applied")
+    _check_upstream(tts)
     counts = {}
 
     @contextlib.contextmanager
@@ -54,16 +52,22 @@ def flow_flops(tts, tokens: int, flow_steps: int | None = None) -> int:
     tokens, not their values. Upstream's modules only, as `utterance_flops`."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .s3gen_steps import check_flow_steps, s3gen_steps_of
+    from .s3gen_steps import check_flow_steps
 
     check_flow_steps(flow_steps)
-    if s3gen_steps_of(tts):
-        raise ValueError("count FLOPs on upstream's modules, before any S3Gen step is applied")
+    _check_upstream(tts)
     speech = torch.zeros(1, tokens, dtype=torch.long, device=tts.device)
     with (torch.inference_mode(), _frozen(tts.s3gen), sdpa_kernel(_COUNTED_ATTENTION),
           FlopCounterMode(display=False) as counter):
         tts.s3gen.flow_inference(speech, ref_dict=tts.conds.gen, finalize=True, n_cfm_timesteps=flow_steps)
     return counter.get_total_flops()
+
+
+def _check_upstream(tts) -> None:
+    from .s3gen_steps import s3gen_steps_of
+
+    if s3gen_steps_of(tts):
+        raise ValueError("count FLOPs on upstream's modules, before any S3Gen step is applied")
 
 
 @contextlib.contextmanager

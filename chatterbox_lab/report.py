@@ -144,8 +144,7 @@ def end_to_end_section() -> str:
     goals = ["| figure | goal | " + " | ".join(f"{card} | met" for card in cards) + " |",
              "|---|---|" + "---|---|" * len(cards)]
     per_card = [end_to_end_rows(doc, doc) for _, doc in by_card.values()]
-    for i, goal in enumerate(END_TO_END_GOALS.items()):
-        figure, target = goal
+    for i, (figure, target) in enumerate(END_TO_END_GOALS.items()):
         goals.append(f"| {figure} | {results.fmt(target)} | " + " | ".join(
             f"{results.fmt(rows_[i]['measured'])} | {'yes' if rows_[i]['met'] else 'no'}" for rows_ in per_card) + " |")
     records = ", ".join(f"[`{path.name}`]({path.relative_to(ROOT)})" for path, _ in by_card.values())
