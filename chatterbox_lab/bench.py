@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import (decode_attention, equivalence, flops, fused_matvec, memory, persistent_layer, profiling, report, results,
                roofline)
-from .decoder import KERNEL_STEPS, STEPS, T3Decoder, ladder_prefix, prompt_len_for, requirements, text_tokens_for
+from .decoder import KERNEL_STEPS, STEPS, T3Decoder, dependents, ladder_prefix, prompt_len_for, requirements, text_tokens_for
 from .kv_cache import cache_len_for
 from .models import load_tts, resolve_device
 from .pipeline import TOKENS_PER_SECOND, Synthesis, synthesize, upstream_t3
@@ -34,23 +34,25 @@ from .sampling import SamplingParams
 from .voices import prepare_voice, voice_path
 
 RUNGS = ("upstream_fp32", *STEPS)
+# Programmatic dependent launch and what builds on it: Hopper or later GPUs only.
+PDL_STEPS = frozenset({"dependent_launch"}) | dependents("dependent_launch")
 
 
 def ladder_rungs(device: str | None = None) -> tuple:
-    """Every rung this device can run: dependent_launch only where the GPU and Triton support it
-    (elsewhere it would measure captured_graph again under another name)."""
+    """Every rung this device can run: dependent_launch and launch_ahead only where the GPU and
+    Triton support them (elsewhere they would measure captured_graph again under other names)."""
     if fused_matvec.dependent_launch_supported(resolve_device(device)):
         return RUNGS
-    return tuple(r for r in RUNGS if r != "dependent_launch")
+    return tuple(r for r in RUNGS if r not in PDL_STEPS)
 
 
 def rung_steps(rung: str, device: str | None = None) -> frozenset:
-    """The steps a rung switches on: every step up to it, less dependent_launch where this device
-    cannot run it (so the rungs after it still run there)."""
+    """The steps a rung switches on: every step up to it, less the dependent-launch steps where this
+    device cannot run them (so the rungs after them still run there)."""
     if rung == "upstream_fp32":
         return frozenset()
     steps = ladder_prefix(rung)
-    return steps if "dependent_launch" in ladder_rungs(device) else steps - {"dependent_launch"}
+    return steps if "dependent_launch" in ladder_rungs(device) else steps - PDL_STEPS
 
 
 # Token counts of the two profiled T3 runs whose difference gives per-token counts.

@@ -146,10 +146,14 @@ if triton is not None:
                                  cos_ptr, sin_ptr, keys_ptr, values_ptr, out_ptr, stride_out,
                                  partial_ptr, arrivals_ptr, capacity, scale,
                                  HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr,
-                                 SPLITS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+                                 SPLITS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
+                                 AHEAD: tl.constexpr):
         if PDL:
+            if AHEAD:
+                gdc_launch_dependents()  # as the matvec kernel does (`fused_matvec.triton_matvec`)
             gdc_wait()  # q, k, v and the cache are earlier kernels' work
-            gdc_launch_dependents()
+            if not AHEAD:
+                gdc_launch_dependents()
         attend(q_ptr, k_ptr, v_ptr, stride_q, stride_k, stride_v, pos_ptr, stride_pos, cos_ptr, sin_ptr,
                keys_ptr, values_ptr, out_ptr, stride_out, partial_ptr, arrivals_ptr, capacity, scale,
                tl.program_id(0), tl.program_id(1), HEADS, KV_HEADS, D, SPLITS, BLOCK, False)
@@ -162,12 +166,14 @@ def kernel_applies(q: torch.Tensor) -> bool:
     return q.is_cuda or (q.device.type == "cpu" and fused_matvec.interpreter_on_cpu)
 
 
-def triton_decode_attention(q, k, v, positions, cos, sin, keys, values, arrivals, splits: int, pdl: bool = False):
+def triton_decode_attention(q, k, v, positions, cos, sin, keys, values, arrivals, splits: int, pdl: bool = False,
+                            ahead: bool = False):
     """`t3_forward.cached_attention` for one query position as one kernel: q (B, 1, heads * D),
     k and v (B, 1, kv_heads * D) at `positions` ((1,) shared, or (B, 1) one per row), written
     into `keys` and `values` (B, kv_heads, capacity, D), the whole cache of one layer.
     `arrivals`: an int32 counter per (row, head), zero, kept zero between calls by the kernel.
-    `pdl`: launched as a programmatic dependent of the kernel before it (`fused_matvec.triton_matvec`)."""
+    `pdl`, `ahead`: launched as a programmatic dependent of the kernel before it, as
+    `fused_matvec.triton_matvec` is."""
     rows, _, width = q.shape
     head_dim = cos.size(-1)
     heads, kv_heads = width // head_dim, keys.size(1)
@@ -186,7 +192,7 @@ def triton_decode_attention(q, k, v, positions, cos, sin, keys, values, arrivals
     wrap_triton(_decode_attention_kernel)[(rows * heads, splits)](
         q2, k2, v2, q2.stride(0), k2.stride(0), v2.stride(0), positions, 0 if positions.numel() == 1 else 1,
         cos, sin, keys, values, out, out.stride(0), partial, arrivals, keys.size(2), head_dim ** -0.5,
-        HEADS=heads, KV_HEADS=kv_heads, D=head_dim, SPLITS=splits, BLOCK=BLOCK_SLOTS, PDL=pdl, num_warps=4,
+        HEADS=heads, KV_HEADS=kv_heads, D=head_dim, SPLITS=splits, BLOCK=BLOCK_SLOTS, PDL=pdl, AHEAD=ahead, num_warps=4,
         **({"launch_pdl": True} if pdl else {}))
     return out.view(rows, 1, width)
 

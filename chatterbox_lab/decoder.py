@@ -36,6 +36,9 @@ Past the guide (`BEYOND`):
                        of the one before (Hopper and later): it is launched while that one
                        finishes, streams in its first weights, and waits only before it
                        reads what earlier kernels wrote
+- "launch_ahead":   each of those kernels lets the next one launch as soon as all its own
+                       programs have started (not once they have passed their wait), so the
+                       weights of several kernels stream in at once
 - "prefill_graph":  a lone utterance's prefill replayed from a CUDA graph per prompt-length
                        bucket, its prompt padded at the end (`prefill_graph.py`); batched
                        prefills stay eager (one pass serves many utterances already)
@@ -64,14 +67,15 @@ from .t3_forward import DynamicT3Forward, StaticT3Forward, filled_cache_mask
 
 LADDER = ("bf16", "static_cache", "embed_cache", "compiled")
 BEYOND = ("fused_projections", "sampling_in_graph", "fused_matvec", "filled_cache_attention", "fused_attention",
-          "fused_sampling", "captured_graph", "dependent_launch", "prefill_graph", "persistent_layers")
+          "fused_sampling", "captured_graph", "dependent_launch", "launch_ahead", "prefill_graph", "persistent_layers")
 STEPS = LADDER + BEYOND
 REQUIRES = {"compiled": ("static_cache", "embed_cache"), "fused_projections": ("static_cache",),
             "sampling_in_graph": ("compiled",), "fused_matvec": ("fused_projections",),
             "filled_cache_attention": ("compiled",), "fused_attention": ("static_cache",),
             "fused_sampling": ("sampling_in_graph",),
             "captured_graph": ("fused_matvec", "fused_attention", "fused_sampling"),
-            "dependent_launch": ("captured_graph",), "prefill_graph": ("static_cache",),
+            "dependent_launch": ("captured_graph",), "launch_ahead": ("dependent_launch",),
+            "prefill_graph": ("static_cache",),
             "persistent_layers": ("fused_matvec", "fused_attention")}
 # Steps whose Triton kernels sum in their own order: checked against PyTorch by logits and by
 # tokens for the same random draws, not by fp32 identity with upstream.
@@ -212,6 +216,7 @@ class T3Decoder:
                                            matvec="fused_matvec" in self.steps,
                                            attention_kernel="fused_attention" in self.steps,
                                            dependent_launch=self.pdl,
+                                           launch_ahead=self.pdl and "launch_ahead" in self.steps,
                                            whole_layers="persistent_layers" in self.steps)
         self._active_forward = self.forward
         self.prefill_graphs = None

@@ -120,7 +120,12 @@ if triton is not None:
     def _matvec_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, res_ptr, norm_ptr, M, N, K, eps,
                        stride_x, stride_w, stride_out, stride_res,
                        BIAS: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+                       AHEAD: tl.constexpr):
+        if PDL and AHEAD:
+            # Nothing the next kernel does before its own wait depends on this one: let it launch as
+            # soon as every program here has started, so its weights stream in behind these.
+            gdc_launch_dependents()
         rows = tl.arange(0, BLOCK_M)
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < M
@@ -136,7 +141,8 @@ if triton is not None:
             w_up = tl.load(w_ptr + (cols + N)[:, None] * stride_w + ks[None, :], mask=w_mask, other=0.0)
         if PDL:
             gdc_wait()  # everything below reads or writes what earlier kernels touch
-            gdc_launch_dependents()
+            if not AHEAD:
+                gdc_launch_dependents()
         inv_rms = tl.zeros([BLOCK_M], dtype=tl.float32)
         if NORM:
             squares = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -198,10 +204,12 @@ def check_dependent_launch(device) -> None:
 
 def triton_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   norm: Norm | None = None, gated: bool = False, residual: torch.Tensor | None = None,
-                  config: KernelConfig | None = None, pdl: bool = False) -> torch.Tensor:
+                  config: KernelConfig | None = None, pdl: bool = False, ahead: bool = False) -> torch.Tensor:
     """`reference_matvec` as one Triton kernel (x has at most MAX_ROWS rows). `pdl`: launched as a
     programmatic dependent of the kernel before it (CUDA, Hopper or later; eager launches only:
-    a graph captured from them keeps the dependency, Inductor's launcher does not pass it)."""
+    a graph captured from them keeps the dependency, Inductor's launcher does not pass it).
+    `ahead` (with `pdl`): the kernel after it may launch once all of its programs have started,
+    not once they have all passed their wait."""
     from torch.library import wrap_triton
 
     if gated and bias is not None:
@@ -224,16 +232,17 @@ def triton_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         x2.stride(0), weight.stride(0), out.stride(0), res.stride(0),
         BIAS=bias is not None, NORM=norm is not None, GATED=gated, RESIDUAL=residual is not None,
         BLOCK_M=max(2, triton.next_power_of_2(m)), BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        PDL=pdl, num_warps=config.warps, **({"launch_pdl": True} if pdl else {}))
+        PDL=pdl, AHEAD=ahead, num_warps=config.warps, **({"launch_pdl": True} if pdl else {}))
     return out.view(*lead, n)
 
 
 def fused_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                  norm: Norm | None = None, gated: bool = False,
-                 residual: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
+                 residual: torch.Tensor | None = None, pdl: bool = False, ahead: bool = False) -> torch.Tensor:
     """The Triton kernel where it applies (`kernel_applies`), else `reference_matvec`."""
     if kernel_applies(x, weight):
-        return triton_matvec(x, weight, bias, norm=norm, gated=gated, residual=residual, pdl=pdl and x.is_cuda)
+        return triton_matvec(x, weight, bias, norm=norm, gated=gated, residual=residual, pdl=pdl and x.is_cuda,
+                             ahead=ahead)
     return reference_matvec(x, weight, bias, norm=norm, gated=gated, residual=residual)
 
 

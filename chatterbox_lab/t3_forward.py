@@ -76,12 +76,15 @@ class StaticT3Forward:
     """Rows of the batch are CFG pairs, one pair per utterance (cond, uncond, cond, ...)."""
 
     def __init__(self, t3, capacity: int, batch: int = 2, fused: bool = False, matvec: bool = False,
-                 attention_kernel: bool = False, dependent_launch: bool = False, whole_layers: bool = False):
+                 attention_kernel: bool = False, dependent_launch: bool = False, launch_ahead: bool = False,
+                 whole_layers: bool = False):
         """`fused`: q/k/v and gate/up as one matrix each. `matvec` (needs `fused`): every
         matmul with its norm, activation or residual as one kernel (`fused_matvec.py`).
         `attention_kernel`: a one-token step's rotary, cache write and attention as one
         kernel a layer (`decode_attention.py`). `dependent_launch`: those kernels launched as
         programmatic dependents of the kernel before them (for a directly captured graph).
+        `launch_ahead` (needs `dependent_launch`): each of them lets the next launch as soon as all
+        its own programs have started, so several kernels' weights are in flight at once.
         `whole_layers` (needs `matvec` and `attention_kernel`): each layer of a one-token step as
         one persistent kernel (`persistent_layer.py`)."""
         from .fused_projections import FusedProjections
@@ -111,7 +114,10 @@ class StaticT3Forward:
             from .fused_matvec import check_dependent_launch
 
             check_dependent_launch(weight.device)
+        if launch_ahead and not dependent_launch:
+            raise ValueError("launch_ahead changes when a dependent launch happens: pass dependent_launch=True")
         self.pdl = dependent_launch
+        self.launch = dict(pdl=dependent_launch, ahead=launch_ahead)
         self.splits = decode_attention.splits_for(capacity)
         # The kernel's per-(row, head) arrival counter: zero between calls, at a fixed address.
         self.arrivals = torch.zeros(batch * self.n_heads, dtype=torch.int32, device=weight.device)
@@ -133,7 +139,7 @@ class StaticT3Forward:
             x = layer.input_layernorm(x)
             return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
         if self.matvec:
-            qkv = fused_matvec(x, self.fused.qkv[i], norm=Norm.of(layer.input_layernorm), pdl=self.pdl)
+            qkv = fused_matvec(x, self.fused.qkv[i], norm=Norm.of(layer.input_layernorm), **self.launch)
         else:
             qkv = F.linear(layer.input_layernorm(x), self.fused.qkv[i])
         kv = self.n_kv_heads * self.head_dim
@@ -146,16 +152,16 @@ class StaticT3Forward:
         if mask is None:
             return decode_attention.triton_decode_attention(
                 q, k, v, positions, self.cos, self.sin, self.cache.keys[i], self.cache.values[i],
-                self.arrivals, self.splits, pdl=self.pdl)
+                self.arrivals, self.splits, **self.launch)
         return cached_attention(q, k, v, positions, rows, rotary, self.cache, i, mask)
 
     def _layer(self, i: int, layer, x: torch.Tensor, positions: torch.Tensor, rows: slice, rotary, mask):
         attended = self._attention(i, layer, x, positions, rows, rotary, mask)
         if self.matvec:
-            x = fused_matvec(attended, layer.self_attn.o_proj.weight, residual=x, pdl=self.pdl)
+            x = fused_matvec(attended, layer.self_attn.o_proj.weight, residual=x, **self.launch)
             act = fused_matvec(x, self.fused.gate_up[i], norm=Norm.of(layer.post_attention_layernorm), gated=True,
-                               pdl=self.pdl)
-            return fused_matvec(act, layer.mlp.down_proj.weight, residual=x, pdl=self.pdl)
+                               **self.launch)
+            return fused_matvec(act, layer.mlp.down_proj.weight, residual=x, **self.launch)
         x = x + layer.self_attn.o_proj(attended)
         normed = layer.post_attention_layernorm(x)
         return x + (layer.mlp(normed) if self.fused is None else self.fused.mlp(i, layer, normed))
@@ -190,7 +196,7 @@ class StaticT3Forward:
         x = x[:, -1] if last is None else x.index_select(1, last)[:, 0]
         if self.matvec:
             head = self.t3.speech_head
-            return fused_matvec(x, head.weight, head.bias, norm=Norm.of(self.t3.tfmr.norm), pdl=self.pdl)
+            return fused_matvec(x, head.weight, head.bias, norm=Norm.of(self.t3.tfmr.norm), **self.launch)
         return self.t3.speech_head(self.t3.tfmr.norm(x))
 
 

@@ -10,8 +10,8 @@ from chatterbox_lab.kv_cache import CacheOverflowError
 from chatterbox_lab.sampling import SamplingParams
 
 # Every step but bf16 (whose tokens are not upstream's fp32 ones) and captured_graph (which
-# replaces the compiled step; tested on its own) with dependent_launch (a GPU launch mode).
-TOP = tuple(step for step in STEPS if step not in ("bf16", "captured_graph", "dependent_launch"))
+# replaces the compiled step; tested on its own) with dependent_launch and launch_ahead (GPU launch modes).
+TOP = tuple(step for step in STEPS if step not in ("bf16", "captured_graph", "dependent_launch", "launch_ahead"))
 STEP_SETS = [(), ("static_cache",), ("embed_cache",), ("static_cache", "embed_cache"), ("static_cache", "prefill_graph"),
              ("static_cache", "embed_cache", "compiled"), ("static_cache", "embed_cache", "fused_projections"),
              ("static_cache", "embed_cache", "compiled", "fused_projections", "sampling_in_graph"), TOP]
@@ -196,9 +196,10 @@ def test_captured_graph_step_gives_the_compiled_steps_tokens(tiny_tts, text_toke
 def test_dependent_launch_is_left_out_of_the_ladder_where_it_cannot_run(tiny_tts):
     from chatterbox_lab.bench import RUNGS, ladder_rungs, rung_steps
 
-    assert ladder_rungs("cpu") == tuple(r for r in RUNGS if r != "dependent_launch")
-    # The rungs after it still run there, without it.
-    assert rung_steps("persistent_layers", "cpu") == ladder_prefix("persistent_layers") - {"dependent_launch"}
+    gpu_only = {"dependent_launch", "launch_ahead"}
+    assert ladder_rungs("cpu") == tuple(r for r in RUNGS if r not in gpu_only)
+    # The rungs after them still run there, without them.
+    assert rung_steps("persistent_layers", "cpu") == ladder_prefix("persistent_layers") - gpu_only
     check_steps(rung_steps("persistent_layers", "cpu"))
     with pytest.raises(RuntimeError, match="Hopper or later GPU"):
         from chatterbox_lab.fused_matvec import check_dependent_launch
