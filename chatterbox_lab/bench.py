@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from . import (decode_attention, equivalence, flops, fused_matvec, memory, persistent_layer, profiling, report, results,
                roofline)
-from .decoder import KERNEL_STEPS, STEPS, T3Decoder, dependents, ladder_prefix, prompt_len_for, requirements, text_tokens_for
+from .decoder import (KERNEL_STEPS, STEPS, T3Decoder, dependents, ladder_prefix, prompt_len_for, requirements,
+                      text_tokens_for)
 from .kv_cache import cache_len_for
 from .models import load_tts, resolve_device
 from .pipeline import TOKENS_PER_SECOND, Synthesis, synthesize, upstream_t3

@@ -64,17 +64,65 @@ if triton is not None:
         return (x.to(tl.float32) * cos + sign * other * sin).to(x.dtype)
 
     @triton.jit
-    def attend(q_ptr, k_ptr, v_ptr, stride_q, stride_k, stride_v, pos_ptr, stride_pos,
-               cos_ptr, sin_ptr, keys_ptr, values_ptr, out_ptr, stride_out, partial_ptr, arrivals_ptr,
-               capacity, scale, row_head, split, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr,
-               SPLITS: tl.constexpr, BLOCK: tl.constexpr, SPLIT_FILLED: tl.constexpr):
-        """Stretch `split` of (row, head) `row_head`: one program's share of the kernel.
-        `SPLIT_FILLED`: the stretches divide the filled slots, not the whole capacity (for a
-        caller whose split count is fixed by its grid rather than by the cache)."""
+    def _stretch(pos_ptr, stride_pos, capacity, row_head, split, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
+                 SPLITS: tl.constexpr, BLOCK: tl.constexpr, SPLIT_FILLED: tl.constexpr):
+        """Where program (row_head, split) works: its row, head and key/value head, the step's
+        position, the first cache slot of its key/value head, and its stretch of the slots
+        before the position, [start, end) of at most `stretch` slots."""
         row = row_head // HEADS
         head = row_head % HEADS
         kv_head = head // (HEADS // KV_HEADS)
         pos = tl.load(pos_ptr + row * stride_pos).to(tl.int32)
+        cache_row = (row * KV_HEADS + kv_head) * capacity
+        span = pos + 1 if SPLIT_FILLED else capacity
+        stretch = tl.cdiv(tl.cdiv(span, SPLITS), BLOCK) * BLOCK
+        start = split * stretch
+        return row, head, kv_head, pos, cache_row, start, tl.minimum(start + stretch, pos), stretch
+
+    @triton.jit
+    def _slot_block(keys_ptr, values_ptr, cache_row, first, end, D: tl.constexpr, BLOCK: tl.constexpr):
+        """The cached keys and values of slots [first, first + BLOCK) below `end`: (BLOCK, D) each."""
+        ok = (first + tl.arange(0, BLOCK)) < end
+        offsets = (cache_row + first + tl.arange(0, BLOCK))[:, None] * D + tl.arange(0, D)[None, :]
+        keys = tl.load(keys_ptr + offsets, mask=ok[:, None], other=0.0)
+        values = tl.load(values_ptr + offsets, mask=ok[:, None], other=0.0)
+        return keys, values
+
+    @triton.jit
+    def first_block(pos_ptr, stride_pos, keys_ptr, values_ptr, capacity, row_head, split,
+                    HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+                    BLOCK: tl.constexpr, SPLIT_FILLED: tl.constexpr):
+        """The first block of this program's stretch, for `attend`. Its slots were written by earlier
+        steps, never by a kernel of this one, so a programmatic dependent may load them before its
+        wait: the position, too, is written before the step's first kernel starts."""
+        _, _, _, _, cache_row, start, end, _ = _stretch(pos_ptr, stride_pos, capacity, row_head, split, HEADS,
+                                                        KV_HEADS, SPLITS, BLOCK, SPLIT_FILLED)
+        return _slot_block(keys_ptr, values_ptr, cache_row, start, end, D, BLOCK)
+
+    @triton.jit
+    def _fold(best, total, acc, q, keys, values, ok):
+        """One block of slots (`ok` marks the real ones) into the online softmax's running maximum,
+        sum of weights and weighted sum of values."""
+        scores = tl.where(ok, tl.sum(keys.to(tl.float32) * q[None, :], axis=1), float("-inf"))
+        new_best = tl.maximum(best, tl.max(scores, axis=0))
+        weights = tl.exp(scores - new_best)
+        rescale = tl.exp(best - new_best)
+        acc = acc * rescale + tl.sum(weights[:, None] * values.to(tl.float32), axis=0)
+        total = total * rescale + tl.sum(weights, axis=0)
+        return new_best, total, acc
+
+    @triton.jit
+    def attend(q_ptr, k_ptr, v_ptr, stride_q, stride_k, stride_v, pos_ptr, stride_pos,
+               cos_ptr, sin_ptr, keys_ptr, values_ptr, out_ptr, stride_out, partial_ptr, arrivals_ptr,
+               capacity, scale, row_head, split, first_keys, first_values, HEADS: tl.constexpr,
+               KV_HEADS: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr,
+               SPLIT_FILLED: tl.constexpr):
+        """Stretch `split` of (row, head) `row_head`: one program's share of the kernel, with the
+        stretch's first block already loaded (`first_block`).
+        `SPLIT_FILLED`: the stretches divide the filled slots, not the whole capacity (for a
+        caller whose split count is fixed by its grid rather than by the cache)."""
+        row, head, kv_head, pos, cache_row, start, end, stretch = _stretch(
+            pos_ptr, stride_pos, capacity, row_head, split, HEADS, KV_HEADS, SPLITS, BLOCK, SPLIT_FILLED)
         d = tl.arange(0, D)
 
         # The scale folded into q, in fp32: a compiled graph passes Python floats as fp64.
@@ -82,32 +130,20 @@ if triton is not None:
             * tl.cast(scale, tl.float32)
         k_new = _rotated(k_ptr + row * stride_k + kv_head * D, cos_ptr, sin_ptr, pos, D)
         v_new = tl.load(v_ptr + row * stride_v + kv_head * D + d)
-        cache_row = (row * KV_HEADS + kv_head) * capacity
         if (split == 0) & (head % (HEADS // KV_HEADS) == 0):
             tl.store(keys_ptr + (cache_row + pos) * D + d, k_new)
             tl.store(values_ptr + (cache_row + pos) * D + d, v_new)
 
         # This program's stretch of the slots before `pos`; the one holding `pos` adds it.
-        span = pos + 1 if SPLIT_FILLED else capacity
-        stretch = tl.cdiv(tl.cdiv(span, SPLITS), BLOCK) * BLOCK
-        start = split * stretch
-        end = tl.minimum(start + stretch, pos)
         best = tl.full([], float("-inf"), tl.float32)
         total = tl.zeros([], dtype=tl.float32)
         acc = tl.zeros([D], dtype=tl.float32)
-        for first in range(start, end, BLOCK):
-            slots = first + tl.arange(0, BLOCK)
-            ok = slots < end
-            offsets = (cache_row + slots)[:, None] * D + d[None, :]
-            keys = tl.load(keys_ptr + offsets, mask=ok[:, None], other=0.0).to(tl.float32)
-            scores = tl.where(ok, tl.sum(keys * q[None, :], axis=1), float("-inf"))
-            new_best = tl.maximum(best, tl.max(scores, axis=0))
-            weights = tl.exp(scores - new_best)
-            rescale = tl.exp(best - new_best)
-            values = tl.load(values_ptr + offsets, mask=ok[:, None], other=0.0).to(tl.float32)
-            acc = acc * rescale + tl.sum(weights[:, None] * values, axis=0)
-            total = total * rescale + tl.sum(weights, axis=0)
-            best = new_best
+        if start < end:  # an all-masked block would give exp(-inf - -inf)
+            best, total, acc = _fold(best, total, acc, q, first_keys, first_values,
+                                     (start + tl.arange(0, BLOCK)) < end)
+        for first in range(start + BLOCK, end, BLOCK):
+            keys, values = _slot_block(keys_ptr, values_ptr, cache_row, first, end, D, BLOCK)
+            best, total, acc = _fold(best, total, acc, q, keys, values, (first + tl.arange(0, BLOCK)) < end)
         if (pos >= start) & (pos < start + stretch):
             score = tl.sum(k_new.to(tl.float32) * q, axis=0)
             new_best = tl.maximum(best, score)
@@ -148,15 +184,23 @@ if triton is not None:
                                  HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr,
                                  SPLITS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
                                  AHEAD: tl.constexpr):
-        if PDL:
-            if AHEAD:
-                gdc_launch_dependents()  # as the matvec kernel does (`fused_matvec.triton_matvec`)
-            gdc_wait()  # q, k, v and the cache are earlier kernels' work
-            if not AHEAD:
-                gdc_launch_dependents()
+        row_head = tl.program_id(0)
+        split = tl.program_id(1)
+        # q, k, v are earlier kernels' work: a dependent launch waits for them. Ahead, it lets the
+        # next kernel launch at once (as `fused_matvec.triton_matvec` does) and waits only after
+        # loading its first block of earlier slots, which no kernel of this step writes.
+        if PDL and AHEAD:
+            gdc_launch_dependents()
+        elif PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+        keys, values = first_block(pos_ptr, stride_pos, keys_ptr, values_ptr, capacity, row_head, split,
+                                   HEADS, KV_HEADS, D, SPLITS, BLOCK, False)
+        if PDL and AHEAD:
+            gdc_wait()
         attend(q_ptr, k_ptr, v_ptr, stride_q, stride_k, stride_v, pos_ptr, stride_pos, cos_ptr, sin_ptr,
                keys_ptr, values_ptr, out_ptr, stride_out, partial_ptr, arrivals_ptr, capacity, scale,
-               tl.program_id(0), tl.program_id(1), HEADS, KV_HEADS, D, SPLITS, BLOCK, False)
+               row_head, split, keys, values, HEADS, KV_HEADS, D, SPLITS, BLOCK, False)
 
 
 def kernel_applies(q: torch.Tensor) -> bool:
@@ -192,8 +236,8 @@ def triton_decode_attention(q, k, v, positions, cos, sin, keys, values, arrivals
     wrap_triton(_decode_attention_kernel)[(rows * heads, splits)](
         q2, k2, v2, q2.stride(0), k2.stride(0), v2.stride(0), positions, 0 if positions.numel() == 1 else 1,
         cos, sin, keys, values, out, out.stride(0), partial, arrivals, keys.size(2), head_dim ** -0.5,
-        HEADS=heads, KV_HEADS=kv_heads, D=head_dim, SPLITS=splits, BLOCK=BLOCK_SLOTS, PDL=pdl, AHEAD=ahead, num_warps=4,
-        **({"launch_pdl": True} if pdl else {}))
+        HEADS=heads, KV_HEADS=kv_heads, D=head_dim, SPLITS=splits, BLOCK=BLOCK_SLOTS, PDL=pdl, AHEAD=ahead,
+        num_warps=4, **({"launch_pdl": True} if pdl else {}))
     return out.view(rows, 1, width)
 
 

@@ -38,7 +38,8 @@ Past the guide (`BEYOND`):
                        reads what earlier kernels wrote
 - "launch_ahead":   each of those kernels lets the next one launch as soon as all its own
                        programs have started (not once they have passed their wait), so the
-                       weights of several kernels stream in at once
+                       weights of several kernels stream in at once, and the attention kernel
+                       loads its first block of earlier cache slots before its wait
 - "prefill_graph":  a lone utterance's prefill replayed from a CUDA graph per prompt-length
                        bucket, its prompt padded at the end (`prefill_graph.py`); batched
                        prefills stay eager (one pass serves many utterances already)

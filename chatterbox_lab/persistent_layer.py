@@ -41,7 +41,7 @@ triton = fused_matvec.triton
 if triton is not None:
     import triton.language as tl
 
-    from .decode_attention import attend
+    from .decode_attention import attend, first_block
     if fused_matvec.PDL_AVAILABLE:
         from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
@@ -211,9 +211,11 @@ if triton is not None:
                          BLOCK_SLOTS: tl.constexpr):
         QKV: tl.constexpr = (HEADS + 2 * KV_HEADS) * D
         for item in range(program, M * HEADS * SPLITS, programs):
+            keys, values = first_block(pos_ptr, stride_pos, keys_ptr, values_ptr, capacity, item // SPLITS,
+                                       item % SPLITS, HEADS, KV_HEADS, D, SPLITS, BLOCK_SLOTS, True)
             attend(qkv_ptr, qkv_ptr + HEADS * D, qkv_ptr + (HEADS + KV_HEADS) * D, QKV, QKV, QKV,
                    pos_ptr, stride_pos, cos_ptr, sin_ptr, keys_ptr, values_ptr, attn_ptr, HEADS * D,
-                   partial_ptr, arrivals_ptr, capacity, scale, item // SPLITS, item % SPLITS,
+                   partial_ptr, arrivals_ptr, capacity, scale, item // SPLITS, item % SPLITS, keys, values,
                    HEADS, KV_HEADS, D, SPLITS, BLOCK_SLOTS, True)
 
     @triton.jit

@@ -84,7 +84,8 @@ class StaticT3Forward:
         kernel a layer (`decode_attention.py`). `dependent_launch`: those kernels launched as
         programmatic dependents of the kernel before them (for a directly captured graph).
         `launch_ahead` (needs `dependent_launch`): each of them lets the next launch as soon as all
-        its own programs have started, so several kernels' weights are in flight at once.
+        its own programs have started, so several kernels' weights are in flight at once, and the
+        attention kernel loads earlier cache slots before its wait.
         `whole_layers` (needs `matvec` and `attention_kernel`): each layer of a one-token step as
         one persistent kernel (`persistent_layer.py`)."""
         from .fused_projections import FusedProjections
