@@ -308,9 +308,10 @@ def measure_batch(tts, cfg: BenchConfig, streams: int) -> dict:
 
 def measure_stream(tts, cfg: BenchConfig, voice: Path) -> dict:
     """One utterance with the last rung's steps, streamed, the voice already prepared: time to
-    the first audio and to the last, from the request; and the seams' error against the same
-    tokens made into one waveform (unwatermarked, seeded alike)."""
-    from .streaming import FIRST_CHUNK_TOKENS, seam_error, stream_speech
+    the first audio and to the last, from the request; how long playback started at the first
+    audio would wait for later pieces (`wait_s`, summed over the utterance); and the seams' error
+    against the same tokens made into one waveform (unwatermarked, seeded alike)."""
+    from .streaming import FIRST_CHUNK_TOKENS, playback_waits, seam_error, stream_speech
 
     prepare_voice(tts, voice)
     decoder = T3Decoder(tts.t3, _t3_steps(cfg), max_cache_len=_capacity(tts, cfg))
@@ -334,10 +335,13 @@ def measure_stream(tts, cfg: BenchConfig, voice: Path) -> dict:
         first_audio_s=_median([pieces[0].ready_s for pieces in runs]),
         e2e_s=_median([pieces[-1].ready_s for pieces in runs]),
         rtf=_median([pieces[-1].ready_s / a for pieces, a in zip(runs, audio_s)]),
+        wait_s=_median([sum(playback_waits(pieces)) for pieces in runs]),
         seam_error=seam_error(streamed, whole),
         first_piece_stages_s={stage: _median([pieces[0].seconds.get(stage, 0.0) for pieces in runs])
                               for stage in runs[0][0].seconds},
         raw=dict(ready_s=[[p.ready_s for p in pieces] for pieces in runs], audio_s=audio_s,
+                 piece_s=[[len(p.wav) / p.sample_rate for p in pieces] for pieces in runs],
+                 waits_s=[playback_waits(pieces) for pieces in runs],
                  first_piece_stages_s=[pieces[0].seconds for pieces in runs]),
     )
 

@@ -148,7 +148,8 @@ def end_to_end_section() -> str:
         goals.append(f"| {figure} | {results.fmt(target)} | " + " | ".join(
             f"{results.fmt(rows_[i]['measured'])} | {'yes' if rows_[i]['met'] else 'no'}" for rows_ in per_card) + " |")
     records = ", ".join(f"[`{path.name}`]({path.relative_to(ROOT)})" for path, _ in by_card.values())
-    many_lines = [many_line(card, doc) for card, (_, doc) in by_card.items()]
+    card_lines = [line for card, (_, doc) in by_card.items() for line in (stream_line(card, doc), many_line(card, doc))
+                  if line]
     checks = rungs_doc["checks"]
     return "\n".join([
         f"End to end on an **{prov['gpu']}** (preset `{prov['preset']}`, {prov['tokens']} tokens = "
@@ -160,7 +161,18 @@ def end_to_end_section() -> str:
         f"(tolerance {checks['half_flow_tolerance']:.0%}). Issue 6's goals on each card's latest complete "
         f"record ({records}), for a voice already prepared (`rtf` and `peak_vram_mib` of requests with the "
         "voice cached, `first_audio_s` from a streamed request, `x_realtime` of many utterances at once, below):",
-        "", *goals, "", *many_lines])
+        "", *goals, "", *card_lines])
+
+
+def stream_line(card: str, doc: dict) -> str | None:
+    """The streamed request of a record in a sentence, where the record measured how long playback
+    would wait for later pieces (`wait_s`, from 2026-11-26)."""
+    stream = doc["end_to_end"]["stream"]
+    if "wait_s" not in stream:
+        return None
+    return (f"- {card}: streamed, the first audio {stream['first_audio_s'] * 1e3:.0f} ms after the request "
+            f"(a first chunk of {stream['first_chunk_tokens']} tokens, then {stream['chunk_tokens']} at a time); "
+            f"played from then on, it waits {stream['wait_s'] * 1e3:.0f} ms in all for later pieces.")
 
 
 def many_line(card: str, doc: dict) -> str:

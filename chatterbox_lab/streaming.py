@@ -32,9 +32,12 @@ from .validation import check_text
 MEL_FRAMES_PER_SECOND = 50
 CONTEXT_FRAMES = 16   # HiFi-GAN's left context for a piece that starts mid-utterance
 CROSSFADE_SAMPLES = 480
-# The first piece waits for its tokens: a short first chunk (0.64 s of audio) is heard
-# soonest, and later, longer chunks mean fewer flow runs over the growing sequence.
-FIRST_CHUNK_TOKENS = 16
+# The first piece waits for its tokens: a short first chunk is heard soonest, and later,
+# longer chunks mean fewer flow runs over the growing sequence. The first piece only has
+# to last until the second is ready: 8 tokens make about 0.2 s of sound once the held-back
+# frames and the cross-fade are taken off, against some 0.1 s to make the next 32 tokens'
+# piece on an H100 (`playback_waits` measures it: bench --stream records `wait_s`).
+FIRST_CHUNK_TOKENS = 8
 
 
 @dataclass
@@ -118,6 +121,19 @@ def _crossfade(tail: np.ndarray, fresh: np.ndarray) -> np.ndarray:
     out = fresh.astype(np.float32, copy=True)
     out[:n] = tail * (1 - ramp) + fresh[:n] * ramp
     return out
+
+
+def playback_waits(pieces: list[AudioPiece]) -> list[float]:
+    """For each piece after the first, how long a listener who starts playing as soon as the
+    first piece is ready, and plays every piece as soon as it can, waits for it: zero when it was
+    ready before the pieces before it had finished playing."""
+    clock = pieces[0].ready_s
+    waits = []
+    for before, piece in zip(pieces, pieces[1:]):
+        clock += len(before.wav) / before.sample_rate
+        waits.append(max(0.0, piece.ready_s - clock))
+        clock += waits[-1]
+    return waits
 
 
 def seam_error(streamed: np.ndarray, whole: np.ndarray) -> float:

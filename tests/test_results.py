@@ -150,6 +150,13 @@ def test_flop_table_and_many_line_read_the_record():
     assert "8 utterances (82 s of audio) at 100x" in line and "ceiling 1,500x" in line and "(500 TFLOP/s): 1,024x" in line
 
 
+def test_stream_line_reads_the_wait_where_the_record_has_it():
+    stream = dict(first_audio_s=0.0731, first_chunk_tokens=8, chunk_tokens=32)
+    assert report.stream_line("card", dict(end_to_end=dict(stream=stream))) is None
+    line = report.stream_line("card", dict(end_to_end=dict(stream=dict(stream, wait_s=0.0))))
+    assert "first audio 73 ms" in line and "first chunk of 8 tokens, then 32" in line and "waits 0 ms" in line
+
+
 def test_the_latest_flop_record_has_its_ceiling():
     path, doc = report.latest_flop_record()
     many = doc["end_to_end"]["many"]

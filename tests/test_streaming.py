@@ -4,7 +4,7 @@ import torch
 
 from chatterbox_lab.decoder import T3Decoder, text_tokens_for
 from chatterbox_lab.pipeline import synthesize
-from chatterbox_lab.streaming import seam_error, stream_speech
+from chatterbox_lab.streaming import AudioPiece, playback_waits, seam_error, stream_speech
 
 TEXT = "Streaming starts to speak before the sentence is decoded."
 STEPS = ("static_cache", "embed_cache")
@@ -54,6 +54,17 @@ def test_chunks_join_to_the_utterances_length_and_arrive_in_order(tiny_tts, deco
     # The synthetic flow attends over the whole sequence with random weights, so its seams
     # are far from inaudible; this only checks the measure. Real weights: notebook / GPU run.
     assert np.isfinite(seam_error(streamed, whole))
+
+
+def test_playback_waits_only_for_pieces_not_ready_when_the_ones_before_have_played():
+    def piece(seconds, ready_s):
+        return AudioPiece(np.zeros(int(seconds * 100), dtype=np.float32), 100, ready_s, last=False)
+
+    # Plays 0.2 s from 0.1 s: the second piece (ready at 0.25) is on time, the third (ready at
+    # 0.9) keeps the listener waiting 0.9 - (0.1 + 0.2 + 0.5) s, and the clock starts again there.
+    pieces = [piece(0.2, 0.1), piece(0.5, 0.25), piece(0.3, 0.9), piece(0.4, 1.1)]
+    assert playback_waits(pieces) == pytest.approx([0.0, 0.1, 0.0])
+    assert playback_waits(pieces[:1]) == []
 
 
 def test_streaming_needs_a_single_stream_decoder(tiny_tts):

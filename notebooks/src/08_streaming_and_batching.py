@@ -26,7 +26,7 @@ from chatterbox_lab.decoder import T3Decoder
 from chatterbox_lab.long_text import split_text
 from chatterbox_lab.models import load_tts
 from chatterbox_lab.pipeline import synthesize, synthesize_long, synthesize_many
-from chatterbox_lab.streaming import seam_error, stream_speech
+from chatterbox_lab.streaming import playback_waits, seam_error, stream_speech
 from chatterbox_lab.voices import voice_path
 
 tts = load_tts(preset="tiny", device="cpu")
@@ -37,18 +37,23 @@ text = "Streaming starts to speak before the sentence is decoded."
 # %% [markdown]
 # ## Streaming
 #
-# A first chunk of 16 tokens (0.64 s of audio), heard soonest, then chunks of 32
-# (1.28 s), which mean fewer flow runs. For every chunk the flow runs over
-# all the tokens so far (its encoder and estimator look at the whole sequence),
-# the frames of the last few tokens wait for the next chunk (they depend on what
-# follows), the vocoder gets some frames of left context, and two pieces meet in
-# a short cross-fade.
+# A first chunk of 8 tokens, heard soonest, then chunks of 32 (1.28 s), which mean
+# fewer flow runs. For every chunk the flow runs over all the tokens so far (its
+# encoder and estimator look at the whole sequence), the frames of the last few
+# tokens wait for the next chunk (they depend on what follows), the vocoder gets
+# some frames of left context, and two pieces meet in a short cross-fade.
+#
+# The first piece is therefore short, about 0.2 s of sound: it only has to play until
+# the second is ready. `playback_waits` says how long a listener who starts at the
+# first piece waits for each later one; `bench --stream` records their sum (`wait_s`)
+# on the GPU. On this CPU, with a model far slower than real time, the waits are long.
 
 # %%
 torch.manual_seed(0)
 pieces = list(stream_speech(tts, text, decoder=decoder, max_new_tokens=96, chunk_tokens=32, watermark=False))
 for i, piece in enumerate(pieces):
     print(f"piece {i}: {len(piece.wav) / piece.sample_rate:.2f} s of audio, ready {piece.ready_s:.2f} s after the request")
+print("playback waits (s):", [round(wait, 2) for wait in playback_waits(pieces)])
 streamed = np.concatenate([p.wav for p in pieces])
 Audio(streamed, rate=pieces[0].sample_rate)
 
