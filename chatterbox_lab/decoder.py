@@ -377,8 +377,9 @@ class T3Decoder:
                         first_chunk_tokens: int | None = None):
         """One utterance's tokens while they are decoded: yields (tokens (1, k), last) with the
         tokens decoded since the previous yield, at least `chunk_tokens` of them (`first_chunk_tokens`
-        for the first, if given; counted at the stop checks, every STOP_CHECK_INTERVAL tokens) but
-        for the last, which ends at the stop token. Same tokens, in the same order, as `generate`."""
+        for the first, if given; counted at the stop checks, every STOP_CHECK_INTERVAL tokens, and one
+        more right at `first_chunk_tokens`, so the first audio never waits for a check) but for the
+        last, which ends at the stop token. Same tokens, in the same order, as `generate`."""
         if self.streams != 1:
             raise ValueError("streaming decodes one utterance: build the decoder with streams=1")
         first_chunk_tokens = chunk_tokens if first_chunk_tokens is None else first_chunk_tokens
@@ -386,7 +387,7 @@ class T3Decoder:
             raise ValueError(f"chunk sizes must be >= 1, got {first_chunk_tokens} and {chunk_tokens}")
         self._begin([t3_cond], [text_tokens], max_new_tokens, sampling)
         sent = 0
-        for done, last in self._decode(max_new_tokens, stop_on_eos=True):
+        for done, last in self._decode(max_new_tokens, stop_on_eos=True, also_check_at=first_chunk_tokens):
             if last or done - sent >= (chunk_tokens if sent else first_chunk_tokens):
                 # A stop token is found at the check after it, so only the last chunk holds one.
                 yield _cut_at_stop(self.tokens[:1, sent:done].clone(), self.t3.hp.stop_speech_token), last
@@ -407,11 +408,12 @@ class T3Decoder:
         sync_device(self.device)
         sample_token(probs, out=self.tokens[:, :1])
 
-    def _decode(self, max_new_tokens: int, stop_on_eos: bool):
+    def _decode(self, max_new_tokens: int, stop_on_eos: bool, also_check_at: int | None = None):
         """The decode loop after `_begin`: yields (tokens decoded so far, whether that is all) at
-        every stop check, the only points where the host knows how far the device has got."""
+        every stop check, the only points where the host knows how far the device has got; a check
+        every STOP_CHECK_INTERVAL tokens, and one at step `also_check_at`."""
         for i in range(1, max_new_tokens + 1):
-            if i % STOP_CHECK_INTERVAL == 0 or i == max_new_tokens:
+            if i % STOP_CHECK_INTERVAL == 0 or i in (max_new_tokens, also_check_at):
                 # upstream runs one more forward after its last token and never uses its output
                 last = self._should_stop(i, stop_on_eos) or i == max_new_tokens
                 yield i, last

@@ -35,8 +35,8 @@ CROSSFADE_SAMPLES = 480
 # The first piece waits for its tokens: a short first chunk is heard soonest, and later,
 # longer chunks mean fewer flow runs over the growing sequence. The first piece only has
 # to last until the second is ready: 8 tokens make about 0.2 s of sound once the held-back
-# frames and the cross-fade are taken off, against some 0.1 s to make the next 32 tokens'
-# piece on an H100 (`playback_waits` measures it: bench --stream records `wait_s`).
+# frames and the cross-fade are taken off, against some 0.1 s to make the next piece on an
+# H100 (`playback_waits` measures it: bench --stream records `wait_s`).
 FIRST_CHUNK_TOKENS = 8
 
 

@@ -27,6 +27,11 @@ def test_streamed_tokens_are_generates_tokens_in_chunks(tiny_tts, decoder):
     chunks = list(decoder.generate_stream(tiny_tts.conds.t3, tokens, 80, chunk_tokens=32, first_chunk_tokens=16))
     assert [c.size(1) for c, _ in chunks] == [16, 32, 32]
     assert torch.equal(torch.cat([c for c, _ in chunks], dim=1), whole)
+    # A first chunk between two stop checks is handed over at once, not at the next check.
+    torch.manual_seed(5)
+    chunks = list(decoder.generate_stream(tiny_tts.conds.t3, tokens, 80, chunk_tokens=32, first_chunk_tokens=8))
+    assert [c.size(1) for c, _ in chunks] == [8, 40, 32]
+    assert torch.equal(torch.cat([c for c, _ in chunks], dim=1), whole)
 
 
 def test_one_chunk_is_the_whole_utterance(tiny_tts, decoder):
