@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     b = sub.add_parser("bench", help="measure rungs of the ladder; prints a table, writes one JSON file")
     b.add_argument("--ladder", action="store_true",
                    help="every rung: " + ", ".join(RUNGS + S3GEN_STEPS) + " (S3Gen's as --s3gen; "
-                        "dependent_launch only on a Hopper or later GPU)")
+                        "dependent_launch and launch_ahead only on a Hopper or later GPU)")
     b.add_argument("--rungs", nargs="+", choices=RUNGS, help="rungs to run (default: upstream_fp32)")
     b.add_argument("--preset", choices=PRESETS, help="synthetic model size (default: full on GPU, tiny on CPU)")
     b.add_argument("--checkpoint", default="synthetic", help="'synthetic', 'hub' or a checkpoint directory")
