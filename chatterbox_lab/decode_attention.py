@@ -17,6 +17,9 @@ quarter of the SMs busy. Here one kernel does it all:
 The new key and value are used from registers: no program reads the slot being
 written, so there is no race between the writer and the readers.
 
+A program's first block of earlier slots (`first_block`) is loaded apart from the rest:
+under `launch_ahead` it streams in before the kernel waits for the ones before it.
+
 The decoder takes the kernel for one-token steps on CUDA (`kernel_applies`);
 otherwise, and as the reference, `t3_forward.cached_attention`: transformers' rotary,
 `StaticKVCache.update` and SDPA under a mask.
@@ -94,7 +97,8 @@ if triton is not None:
                     BLOCK: tl.constexpr, SPLIT_FILLED: tl.constexpr):
         """The first block of this program's stretch, for `attend`. Its slots were written by earlier
         steps, never by a kernel of this one, so a programmatic dependent may load them before its
-        wait: the position, too, is written before the step's first kernel starts."""
+        wait. So may it the position: the step's first dependent kernel is launched only once the
+        PyTorch kernels before it, which write the position, have finished."""
         _, _, _, _, cache_row, start, end, _ = _stretch(pos_ptr, stride_pos, capacity, row_head, split, HEADS,
                                                         KV_HEADS, SPLITS, BLOCK, SPLIT_FILLED)
         return _slot_block(keys_ptr, values_ptr, cache_row, start, end, D, BLOCK)
