@@ -117,7 +117,6 @@ class StaticT3Forward:
             check_dependent_launch(weight.device)
         if launch_ahead and not dependent_launch:
             raise ValueError("launch_ahead changes when a dependent launch happens: pass dependent_launch=True")
-        self.pdl = dependent_launch
         self.launch = dict(pdl=dependent_launch, ahead=launch_ahead)
         self.splits = decode_attention.splits_for(capacity)
         # The kernel's per-(row, head) arrival counter: zero between calls, at a fixed address.
@@ -170,7 +169,7 @@ class StaticT3Forward:
     def whole_layer(self, i: int, x: torch.Tensor, positions: torch.Tensor, **options) -> torch.Tensor:
         """Layer i of a one-token step as one kernel (`persistent_layer.triton_layer`, `options` passed
         on). On the CPU the interpreter runs programs one by one: a launch a phase, no barriers."""
-        options = dict(dict(persistent=x.is_cuda, pdl=self.pdl), **options)
+        options = dict(dict(persistent=x.is_cuda, pdl=self.launch["pdl"]), **options)
         return persistent_layer.triton_layer(x, self.layer_weights[i], positions, self.cos, self.sin, self.cache.keys[i],
                                              self.cache.values[i], self.arrivals, self.sync, **options)
 
