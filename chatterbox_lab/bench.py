@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import (decode_attention, equivalence, flops, fused_matvec, memory, persistent_layer, profiling, report, results,
-               roofline)
+from . import (decode_attention, equivalence, flops, fused_matvec, fused_sampling, memory, persistent_layer, profiling,
+               report, results, roofline)
 from .decoder import (KERNEL_STEPS, STEPS, T3Decoder, dependents, ladder_prefix, prompt_len_for, requirements,
                       text_tokens_for)
 from .kv_cache import cache_len_for
@@ -447,6 +447,8 @@ def run(config: BenchConfig, progress: bool = True, tts=None, partial: Path | No
         doc["matvec_sweep"] = fused_matvec.sweep(tts.t3)
     if cfg.sweep and "fused_attention" in _t3_steps(cfg) and cfg.device.startswith("cuda"):
         doc["attention_sweep"] = decode_attention.sweep(tts.t3, _capacity(tts, cfg))
+    if cfg.sweep and "fused_sampling" in _t3_steps(cfg) and cfg.device.startswith("cuda"):
+        doc["sampling_sweep"] = fused_sampling.sweep(tts.t3.hp.speech_tokens_dict_size, cfg.device)
     if cfg.sweep and "persistent_layers" in _t3_steps(cfg) and cfg.device.startswith("cuda"):
         doc["layer_sweep"] = persistent_layer.sweep(tts.t3, _capacity(tts, cfg))
 

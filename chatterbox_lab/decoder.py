@@ -40,6 +40,11 @@ Past the guide (`BEYOND`):
                        programs have started (not once they have passed their wait), so the
                        weights of several kernels stream in at once, and the attention kernel
                        loads its first block of earlier cache slots before its wait
+- "fused_bookkeeping": the captured step's bookkeeping (last token, repetition mask, input
+                       embedding, cache position, token write, step counter) in one prologue
+                       kernel and the sampling kernel, the random draw moved to the step's start,
+                       so our kernels' chain runs from the first kernel to the last
+                       (`fused_bookkeeping.py`)
 - "prefill_graph":  a lone utterance's prefill replayed from a CUDA graph per prompt-length
                        bucket, its prompt padded at the end (`prefill_graph.py`); batched
                        prefills stay eager (one pass serves many utterances already)
@@ -59,7 +64,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import fused_sampling
+from . import fused_bookkeeping, fused_sampling
 from .embed_cache import SpeechEmbeddingCache, upstream_step_embedding
 from .kv_cache import CACHE_MULTIPLE, cache_len_for, check_fits
 from .precision import t3_in_dtype
@@ -68,7 +73,7 @@ from .t3_forward import DynamicT3Forward, StaticT3Forward, filled_cache_mask
 
 LADDER = ("bf16", "static_cache", "embed_cache", "compiled")
 BEYOND = ("fused_projections", "sampling_in_graph", "fused_matvec", "filled_cache_attention", "fused_attention",
-          "fused_sampling", "captured_graph", "dependent_launch", "launch_ahead", "prefill_graph", "persistent_layers")
+          "fused_sampling", "captured_graph", "dependent_launch", "launch_ahead", "fused_bookkeeping", "prefill_graph", "persistent_layers")
 STEPS = LADDER + BEYOND
 REQUIRES = {"compiled": ("static_cache", "embed_cache"), "fused_projections": ("static_cache",),
             "sampling_in_graph": ("compiled",), "fused_matvec": ("fused_projections",),
@@ -76,11 +81,12 @@ REQUIRES = {"compiled": ("static_cache", "embed_cache"), "fused_projections": ("
             "fused_sampling": ("sampling_in_graph",),
             "captured_graph": ("fused_matvec", "fused_attention", "fused_sampling"),
             "dependent_launch": ("captured_graph",), "launch_ahead": ("dependent_launch",),
+            "fused_bookkeeping": ("captured_graph",),
             "prefill_graph": ("static_cache",),
             "persistent_layers": ("fused_matvec", "fused_attention")}
 # Steps whose Triton kernels sum in their own order: checked against PyTorch by logits and by
 # tokens for the same random draws, not by fp32 identity with upstream.
-KERNEL_STEPS = ("fused_matvec", "fused_attention", "fused_sampling", "persistent_layers")
+KERNEL_STEPS = ("fused_matvec", "fused_attention", "fused_sampling", "fused_bookkeeping", "persistent_layers")
 
 # How often the host looks for the stop token: each look is a device sync that
 # stops the CPU from queueing further steps ahead of the GPU.
@@ -228,6 +234,8 @@ class T3Decoder:
         self.compiled = "compiled" in self.steps
         self.sample_in_graph = "sampling_in_graph" in self.steps
         self.sampling_kernel = "fused_sampling" in self.steps
+        self.step_buffers = fused_bookkeeping.StepBuffers(streams, self.t3.cfg.hidden_size, self.dtype, device) \
+            if "fused_bookkeeping" in self.steps else None
         self.step_fn = self._step_and_sample if self.sample_in_graph else self._step
         if self.compiled:
             from .compiled_step import CapturedStep, compile_step
@@ -259,9 +267,12 @@ class T3Decoder:
         """Logits (2n, V) after feeding `token` (n, 1), the ones sampled at the current step."""
         if self.forward is None:
             return self._active_forward(self._embed(token, step), None)
+        return self._forward_at(self._embed(token, step), self._positions())
+
+    def _forward_at(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         block_mask = filled_cache_mask(self.prompt_len_t, self.step_index, self.forward.n_heads, self.capacity) \
             if self.filled_only else None
-        return self.forward(self._embed(token, step), self._positions(), block_mask=block_mask)
+        return self.forward(embeds, positions, block_mask=block_mask)
 
     def _feed_last(self, step: int | None = None) -> torch.Tensor:
         """Feed the last sampled tokens and advance the step counter; their logits (2n, V). With
@@ -278,6 +289,15 @@ class T3Decoder:
 
     def _step_and_sample(self) -> None:
         """`_feed_last`, then draw the next tokens into their slots, all on the device."""
+        if self.step_buffers is not None and fused_bookkeeping.kernel_applies(self.tokens):
+            noise = race_noise(self.seen)
+            embeds, positions = fused_bookkeeping.prologue(
+                self.tokens, self.step_index, self.seen, self.prompt_len_t, self.embedding.tokens,
+                self.embedding.positions, self.step_buffers)
+            fused_sampling.triton_sample(self._forward_at(embeds, positions), self.seen, self.sampling, noise,
+                                         self.nonfinite, pdl=self.pdl,
+                                         write_token=(self.tokens, self.step_index, self.step_buffers.arrivals))
+            return
         logits = self._feed_last()
         if self.sampling_kernel and fused_sampling.kernel_applies(logits):
             token = fused_sampling.triton_sample(logits, self.seen, self.sampling, race_noise(self.seen),

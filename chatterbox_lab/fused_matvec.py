@@ -106,13 +106,10 @@ if triton is not None:
         PDL_AVAILABLE = False
 
     @triton.jit
-    def _input_block(x_ptr, norm_ptr, rows, row_ok, ks, k_ok, stride_x, inv_rms, dtype: tl.constexpr,
-                     NORM: tl.constexpr):
-        """Inputs ks of every row, normed as transformers norms them: (BLOCK_M, 1, BLOCK_K) fp32."""
-        xs = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+    def _normed(xs, gain, inv_rms, dtype: tl.constexpr, NORM: tl.constexpr):
+        """Raw inputs (BLOCK_M, BLOCK_K), normed as transformers norms them: (BLOCK_M, 1, BLOCK_K) fp32."""
         if NORM:
             normed = (xs.to(tl.float32) * inv_rms[:, None]).to(dtype)
-            gain = tl.load(norm_ptr + ks, mask=k_ok, other=0.0)
             xs = (gain[None, :].to(tl.float32) * normed.to(tl.float32)).to(dtype)
         return xs.to(tl.float32)[:, None, :]
 
@@ -130,53 +127,65 @@ if triton is not None:
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < M
         col_ok = cols < N
+        out_mask = row_ok[:, None] & col_ok[None, :]
         dtype = out_ptr.dtype.element_ty
-        # The first block's weights depend on no earlier kernel: under programmatic dependent
-        # launch they stream in while the kernel before this one is still finishing.
+        # The first block's weights, the norm's gain and the bias are parameters, written by no
+        # kernel: under programmatic dependent launch they stream in while the kernel before this
+        # one is still finishing.
         ks = tl.arange(0, BLOCK_K)
         k_ok = ks < K
         w_mask = col_ok[:, None] & k_ok[None, :]
         w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :], mask=w_mask, other=0.0)
         if GATED:
             w_up = tl.load(w_ptr + (cols + N)[:, None] * stride_w + ks[None, :], mask=w_mask, other=0.0)
+        gain = tl.load(norm_ptr + ks, mask=k_ok & NORM, other=0.0)
+        if BIAS:
+            bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         if PDL:
             gdc_wait()  # everything below reads or writes what earlier kernels touch
             if not AHEAD:
                 gdc_launch_dependents()
+        # After the wait, one round trip for everything earlier kernels wrote: the input's first
+        # block (also the norm's whole input when one block spans it) and the residual, whose
+        # latency would otherwise come after the sums.
+        xs = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if RESIDUAL:
+            res = tl.load(res_ptr + rows[:, None] * stride_res + cols[None, :], mask=out_mask, other=0.0)
         inv_rms = tl.zeros([BLOCK_M], dtype=tl.float32)
         if NORM:
-            squares = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
+            squares = tl.sum(xs.to(tl.float32) * xs.to(tl.float32), axis=1)
+            for k0 in range(BLOCK_K, K, BLOCK_K):
                 kk = k0 + tl.arange(0, BLOCK_K)
-                xs = tl.load(x_ptr + rows[:, None] * stride_x + kk[None, :],
-                             mask=row_ok[:, None] & (kk < K)[None, :], other=0.0).to(tl.float32)
-                squares += tl.sum(xs * xs, axis=1)
+                more = tl.load(x_ptr + rows[:, None] * stride_x + kk[None, :],
+                               mask=row_ok[:, None] & (kk < K)[None, :], other=0.0).to(tl.float32)
+                squares += tl.sum(more * more, axis=1)
             # In fp32, as transformers' norm: a compiled graph passes a Python float as fp64, which
             # would move the normed values by a rounding step against the eagerly launched kernel.
             inv_rms = 1.0 / tl.sqrt(squares / K + tl.cast(eps, tl.float32))
-        xs = _input_block(x_ptr, norm_ptr, rows, row_ok, ks, k_ok, stride_x, inv_rms, dtype, NORM)
-        acc = tl.sum(xs * w.to(tl.float32)[None, :, :], axis=2)
+        normed = _normed(xs, gain, inv_rms, dtype, NORM)
+        acc = tl.sum(normed * w.to(tl.float32)[None, :, :], axis=2)
         if GATED:
-            acc_up = tl.sum(xs * w_up.to(tl.float32)[None, :, :], axis=2)
+            acc_up = tl.sum(normed * w_up.to(tl.float32)[None, :, :], axis=2)
         for k0 in range(BLOCK_K, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < K
-            xs = _input_block(x_ptr, norm_ptr, rows, row_ok, ks, k_ok, stride_x, inv_rms, dtype, NORM)
+            xs = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                         other=0.0)
+            gain = tl.load(norm_ptr + ks, mask=k_ok & NORM, other=0.0)
+            normed = _normed(xs, gain, inv_rms, dtype, NORM)
             w_mask = col_ok[:, None] & k_ok[None, :]
             w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :], mask=w_mask, other=0.0)
-            acc += tl.sum(xs * w.to(tl.float32)[None, :, :], axis=2)
+            acc += tl.sum(normed * w.to(tl.float32)[None, :, :], axis=2)
             if GATED:
                 w_up = tl.load(w_ptr + (cols + N)[:, None] * stride_w + ks[None, :], mask=w_mask, other=0.0)
-                acc_up += tl.sum(xs * w_up.to(tl.float32)[None, :, :], axis=2)
+                acc_up += tl.sum(normed * w_up.to(tl.float32)[None, :, :], axis=2)
         if BIAS:
-            acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            acc += bias[None, :]
         y = acc.to(dtype).to(tl.float32)
         if GATED:
             silu = (y / (1.0 + tl.exp(-y))).to(dtype).to(tl.float32)
             y = (silu * acc_up.to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
-        out_mask = row_ok[:, None] & col_ok[None, :]
         if RESIDUAL:
-            res = tl.load(res_ptr + rows[:, None] * stride_res + cols[None, :], mask=out_mask, other=0.0)
             y = res.to(tl.float32) + y
         tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], y.to(dtype), mask=out_mask)
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from . import fused_matvec
-from .sampling import DeviceSampling
+from .sampling import DeviceSampling, SamplingParams
 
 triton = fused_matvec.triton
 if triton is not None:
@@ -45,30 +45,36 @@ if triton is not None:
     @triton.jit
     def _sample_kernel(logits_ptr, stride_logits, seen_ptr, stride_seen, noise_ptr, stride_noise,
                        temperature_ptr, cfg_weight_ptr, penalty_ptr, min_p_ptr, one_minus_top_p_ptr,
-                       out_ptr, nonfinite_ptr, V, BLOCK: tl.constexpr, PDL: tl.constexpr):
-        if PDL:
-            gdc_wait()  # the logits are the kernel before's work
+                       out_ptr, nonfinite_ptr, tokens_ptr, stride_tokens, step_ptr, arrivals_ptr, V,
+                       BLOCK: tl.constexpr, PDL: tl.constexpr, WRITE_TOKEN: tl.constexpr):
         utterance = tl.program_id(0)
         ids = tl.arange(0, BLOCK)
         valid = ids < V
+        # The mask and the values were written before the step's first kernel (the kernels before
+        # this one launched only after that): under a programmatic launch they load during the wait.
+        seen = tl.load(seen_ptr + utterance * stride_seen + ids, mask=valid, other=0) != 0
+        cfg_weight = tl.load(cfg_weight_ptr)
+        penalty = tl.load(penalty_ptr)
+        temperature = tl.load(temperature_ptr)
+        min_p = tl.load(min_p_ptr)
+        allowed = tl.load(one_minus_top_p_ptr)
+        if PDL:
+            gdc_wait()  # the logits are the kernel before's work
         cond = tl.load(logits_ptr + 2 * utterance * stride_logits + ids, mask=valid, other=0.0).to(tl.float32)
         uncond = tl.load(logits_ptr + (2 * utterance + 1) * stride_logits + ids, mask=valid, other=0.0).to(tl.float32)
-        scores = cond + tl.load(cfg_weight_ptr) * (cond - uncond)
+        scores = cond + cfg_weight * (cond - uncond)
 
-        penalty = tl.load(penalty_ptr)
-        seen = tl.load(seen_ptr + utterance * stride_seen + ids, mask=valid, other=0) != 0
         penalised = tl.where(scores < 0, scores * penalty, scores / penalty)
         scores = tl.where(seen, penalised, scores)
-        scores = scores / tl.load(temperature_ptr)
+        scores = scores / temperature
         scores = tl.where(valid, scores, float("-inf"))
 
         probs = _softmax(scores)
-        scores = tl.where(probs < tl.load(min_p_ptr) * tl.max(probs, axis=0), float("-inf"), scores)
+        scores = tl.where(probs < min_p * tl.max(probs, axis=0), float("-inf"), scores)
 
         probs = _softmax(scores)
         bits = probs.to(tl.int32, bitcast=True)
         top_bits = tl.max(bits, axis=0)
-        allowed = tl.load(one_minus_top_p_ptr)
         cut = tl.full([], -1, tl.int32)  # no probability's pattern is below 0: nothing dropped
         if allowed > 0:
             low = tl.full([], 0, tl.int32)  # mass at most `low` stays within `allowed`...
@@ -86,8 +92,18 @@ if triton is not None:
         bad = tl.max(tl.where(valid & ((probs != probs) | (tl.abs(probs) == float("inf"))), 1, 0), axis=0)
         tl.store(nonfinite_ptr, bad != 0, mask=bad != 0)
         noise = tl.load(noise_ptr + utterance * stride_noise + ids, mask=valid, other=1.0)
-        token = tl.argmax(tl.where(valid, probs / noise, -1.0), axis=0)
-        tl.store(out_ptr + utterance, token.to(tl.int64))
+        token = tl.argmax(tl.where(valid, probs / noise, -1.0), axis=0).to(tl.int64)
+        if WRITE_TOKEN:
+            # Into the slot after the step counter's; the last program to get here advances the
+            # counter, once every program has read it (acq_rel orders each read before its arrival).
+            step = tl.load(step_ptr)
+            tl.store(tokens_ptr + utterance * stride_tokens + step + 1, token)
+            arrived = tl.atomic_add(arrivals_ptr, 1, sem="acq_rel")
+            if arrived == tl.num_programs(0) - 1:
+                tl.store(step_ptr, step + 1)
+                tl.store(arrivals_ptr, 0)
+        else:
+            tl.store(out_ptr + utterance, token)
 
 
 def kernel_applies(logits: torch.Tensor) -> bool:
@@ -97,23 +113,59 @@ def kernel_applies(logits: torch.Tensor) -> bool:
 
 
 def triton_sample(logits: torch.Tensor, seen: torch.Tensor, sampling: DeviceSampling, noise: torch.Tensor,
-                  nonfinite: torch.Tensor, pdl: bool = False) -> torch.Tensor:
+                  nonfinite: torch.Tensor, pdl: bool = False, write_token=None) -> torch.Tensor | None:
     """logits (2n, V), CFG rows alternating, `noise` (n, V) ~ Exp(1) -> tokens (n, 1): the token
     `sample_token(next_token_probs(...))` picks with that noise. Sets `nonfinite` on NaN or inf.
-    `pdl`: launched as a programmatic dependent of the kernel before it."""
+    `pdl`: launched as a programmatic dependent of the kernel before it.
+    `write_token` = (tokens, step_index, arrivals): instead of returning them, write the tokens into
+    tokens[:, step_index + 1] and advance step_index by one (`fused_bookkeeping`); `arrivals` is an
+    int32 counter, zero, kept zero between calls."""
     n, vocab = seen.shape
     if logits.shape != (2 * n, vocab) or noise.shape != (n, vocab):
         raise ValueError(f"expected logits (2n, V) and noise (n, V) for seen (n, V) = {tuple(seen.shape)}, got "
                          f"{tuple(logits.shape)} and {tuple(noise.shape)}")
     if logits.stride(-1) != 1 or noise.stride(-1) != 1 or seen.stride(-1) != 1:
         raise ValueError("the kernel reads rows of contiguous values")
-    tokens = torch.empty(n, 1, dtype=torch.long, device=logits.device)
+    out = torch.empty(n, 1, dtype=torch.long, device=logits.device) if write_token is None else None
+    tokens, step_index, arrivals = write_token if write_token is not None else (out, out, out)
     block = triton.next_power_of_2(vocab)
     from torch.library import wrap_triton
 
     wrap_triton(_sample_kernel)[(n,)](
         logits, logits.stride(0), seen, seen.stride(0), noise, noise.stride(0),
         *(sampling[name] for name in DeviceSampling.NAMES),  # the kernel's parameters are in this order
-        tokens, nonfinite, vocab,
-        BLOCK=block, PDL=pdl, num_warps=16 if block >= 8192 else 4, **({"launch_pdl": True} if pdl else {}))
-    return tokens
+        tokens if out is None else out, nonfinite, tokens, tokens.stride(0), step_index, arrivals, vocab,
+        BLOCK=block, PDL=pdl, WRITE_TOKEN=write_token is not None, num_warps=WARPS.get(block, default_warps(block)),
+        **({"launch_pdl": True} if pdl else {}))
+    return out
+
+
+def default_warps(block: int) -> int:
+    return 16 if block >= 8192 else 4
+
+
+# Per vocabulary block: the warp count `sweep` found fastest on the card.
+WARPS: dict[int, int] = {}
+
+
+def sweep(vocab: int, device, utterances: int = 1, warps=(4, 8, 16, 32)) -> dict:
+    """Microseconds per call of the kernel over a `vocab`-wide row pair at each warp count, inside a
+    CUDA graph over 64 calls; the fastest goes into WARPS."""
+    from .fused_matvec import time_in_graph
+
+    sampling = DeviceSampling(device)
+    sampling.set(SamplingParams())
+    logits = torch.randn(64, 2 * utterances, vocab, device=device, dtype=torch.bfloat16) * 3
+    seen = torch.rand(utterances, vocab, device=device) < 0.05
+    noise = torch.empty(utterances, vocab, device=device).exponential_(1)
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    block = triton.next_power_of_2(vocab)
+    found = dict(vocab=vocab, block=block, warps={})
+    for count in warps:
+        WARPS[block] = count
+        found["warps"][str(count)] = time_in_graph(
+            [lambda i=i: triton_sample(logits[i], seen, sampling, noise, nonfinite) for i in range(len(logits))]) * 1e6
+    best = min(found["warps"], key=found["warps"].get)
+    found["best"], found["best_us"] = int(best), found["warps"][best]
+    WARPS[block] = int(best)
+    return found

@@ -5,13 +5,13 @@ import torch
 
 from chatterbox_lab import equivalence
 from chatterbox_lab.compiled_step import compile_counters
-from chatterbox_lab.decoder import LADDER, STEPS, T3Decoder, check_steps, ladder_prefix, text_tokens_for
+from chatterbox_lab.decoder import LADDER, STEPS, T3Decoder, check_steps, dependents, ladder_prefix, text_tokens_for
 from chatterbox_lab.kv_cache import CacheOverflowError
 from chatterbox_lab.sampling import SamplingParams
 
 # Every step but bf16 (whose tokens are not upstream's fp32 ones) and captured_graph (which
-# replaces the compiled step; tested on its own) with dependent_launch and launch_ahead (GPU launch modes).
-TOP = tuple(step for step in STEPS if step not in ("bf16", "captured_graph", "dependent_launch", "launch_ahead"))
+# replaces the compiled step; tested on its own) with the steps built on it.
+TOP = tuple(step for step in STEPS if step not in {"bf16", "captured_graph"} | dependents("captured_graph"))
 STEP_SETS = [(), ("static_cache",), ("embed_cache",), ("static_cache", "embed_cache"), ("static_cache", "prefill_graph"),
              ("static_cache", "embed_cache", "compiled"), ("static_cache", "embed_cache", "fused_projections"),
              ("static_cache", "embed_cache", "compiled", "fused_projections", "sampling_in_graph"), TOP]
@@ -191,6 +191,22 @@ def test_captured_graph_step_gives_the_compiled_steps_tokens(tiny_tts, text_toke
     for seed in (5, 6):
         want = equivalence.seeded_tokens(tiny_tts, text_tokens, 24, seed, T3Decoder(tiny_tts.t3, TOP))
         assert torch.equal(equivalence.seeded_tokens(tiny_tts, text_tokens, 24, seed, captured), want)
+
+
+def test_fused_bookkeeping_gives_the_same_tokens(tiny_tts, text_tokens, interpreted, monkeypatch):
+    """The prologue and sampling kernels, run by Triton's interpreter, keep the decode state as the
+    PyTorch bookkeeping does: the same tokens for the same seed, the same mask and step counter. The
+    layers stay PyTorch's here (their kernels are tested on their own), which keeps the interpreter fast."""
+    from chatterbox_lab import decode_attention, fused_matvec
+
+    monkeypatch.setattr(fused_matvec, "kernel_applies", lambda x, weight: False)
+    monkeypatch.setattr(decode_attention, "kernel_applies", lambda q: False)
+    steps = ladder_prefix("fused_bookkeeping") - {"bf16", "dependent_launch", "launch_ahead"}
+    pytorch, kernels = T3Decoder(tiny_tts.t3, steps - {"fused_bookkeeping"}), T3Decoder(tiny_tts.t3, steps)
+    want = equivalence.seeded_tokens(tiny_tts, text_tokens, 12, 5, pytorch)
+    assert torch.equal(equivalence.seeded_tokens(tiny_tts, text_tokens, 12, 5, kernels), want)
+    assert torch.equal(kernels.step_index, pytorch.step_index) and torch.equal(kernels.seen, pytorch.seen)
+    assert int(kernels.step_buffers.arrivals) == 0
 
 
 def test_dependent_launch_is_left_out_of_the_ladder_where_it_cannot_run(tiny_tts):
