@@ -190,3 +190,12 @@ def markdown_table(doc: dict, figures=RUNG_FIGURES) -> str:
     rows = [f"| {name} | " + " | ".join(fmt(r.get(f)) for f in figures) + " |"
             for name, r in doc["rungs"].items()]
     return "\n".join([head, rule, *rows])
+
+
+def comparison_table(docs: dict[str, dict], rungs, figure: str = "t3_decode_tok_s") -> str:
+    """One row per labelled document (runs of other commits, say), one column per rung: its `figure`."""
+    head = f"| {figure} | " + " | ".join(rungs) + " |"
+    rule = "|---|" + "---|" * len(rungs)
+    rows = [f"| {label} | " + " | ".join(fmt(doc["rungs"].get(rung, {}).get(figure)) for rung in rungs) + " |"
+            for label, doc in docs.items()]
+    return "\n".join([head, rule, *rows])

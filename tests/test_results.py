@@ -161,3 +161,10 @@ def test_the_latest_flop_record_has_its_ceiling():
     path, doc = report.latest_flop_record()
     many = doc["end_to_end"]["many"]
     assert many["x_realtime"] < many["x_realtime_ceiling"] and doc["provenance"]["gpu"]
+
+
+def test_comparison_table_puts_each_record_on_a_row():
+    docs = {"old": {"rungs": {"a": {"t3_decode_tok_s": 1000.0}, "b": {"t3_decode_tok_s": 1100.0}}},
+            "new": {"rungs": {"a": {"t3_decode_tok_s": 1200.0}}}}
+    assert results.comparison_table(docs, ("a", "b")).splitlines() == [
+        "| t3_decode_tok_s | a | b |", "|---|---|---|", "| old | 1,000 | 1,100 |", "| new | 1,200 | - |"]

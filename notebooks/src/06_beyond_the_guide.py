@@ -386,12 +386,58 @@ print(f"launching ahead: {ahead:.2f}x the dependent launches' decode rate, with 
 assert ahead > 1 and a["rungs"]["launch_ahead"]["gpu_kernels_per_token"] == a["rungs"]["dependent_launch"]["gpu_kernels_per_token"]
 
 # %% [markdown]
-# A few percent, not the tens of percent the weight stream alone would suggest: the weights
-# were mostly in flight already. What each of the ~150 links still costs is the chain
-# itself: a kernel's wait ends only when the whole kernel before it has finished and its
-# writes are visible, then it reads its input from L2, reduces, stores and finishes, and
-# only then can the next wait end.
+# What each of the ~150 links still costs is the chain itself: a kernel's wait ends only
+# when the whole kernel before it has finished and its writes are visible, then it reads
+# its input from L2, reduces, stores and finishes, and only then can the next wait end.
 #
+# ## Shortening each link, and the bookkeeping in our kernels (`fused_bookkeeping`)
+#
+# Everything after a kernel's wait is on the critical path of the whole step, so each
+# round trip to memory there costs ~150 times a token. The matvec kernels used to make
+# three: the input for the norm's sum of squares, the same input again to normalize
+# it, and the residual after the sums. Now they load the input once (one block spans
+# the whole row) together with the residual, and the norm's gain and the bias with the
+# weights, before the wait. Same arithmetic, same roundings, same tokens. The two
+# records below are the package before and after that change, back to back on one card.
+
+# %%
+ab = {f"{path.name.split('-')[0]} ({doc['provenance']['git_commit'][:7]})": doc
+      for path, doc in results.committed(folder="beyond/ab")}
+display(Markdown(f"**{next(iter(ab.values()))['provenance']['gpu']}**, `data/results/beyond/ab/`"))
+display(Markdown(results.comparison_table(ab, ("dependent_launch", "launch_ahead"))))
+old, new = (next(doc for label, doc in ab.items() if label.startswith(which)) for which in ("old", "new"))
+one_trip = new["rungs"]["launch_ahead"]["t3_decode_tok_s"] / old["rungs"]["launch_ahead"]["t3_decode_tok_s"]
+print(f"one round trip after the wait: {one_trip:.2f}x launch_ahead's decode rate")
+assert one_trip > 1
+
+# %% [markdown]
+# Around the layers a captured step still ran a dozen small PyTorch kernels of
+# bookkeeping: read the last token at the step counter, mark it for the repetition
+# penalty, two embedding gathers and their sum, the cache position, advance the counter,
+# the random draw, write the new token. None of them is a programmatic dependent, so the
+# chain of our kernels started cold after them. `fused_bookkeeping` moves the draw to
+# the start of the step (it is the step's only draw, so the numbers are the same), does
+# the rest in one prologue kernel and in the sampling kernel, which writes its token and
+# whose last program advances the counter. The sampling kernel now follows the speech
+# head directly and loads the mask and the sampling values during its wait. The bench
+# also sweeps the sampling kernel's warps (`sampling_sweep`): one program holds the
+# whole vocabulary, and more warps mean fewer values, and fewer spilled registers, per thread.
+
+# %%
+b_path, b = results.latest_with("beyond", ("launch_ahead", "fused_bookkeeping"))
+display(Markdown(f"**{b['provenance']['gpu']}**, commit `{b['provenance']['git_commit'][:10]}`, `{b_path.name}`"))
+display(Markdown(results.markdown_table(b, ("t3_decode_tok_s", "fraction_of_floor", "gpu_kernels_per_token"))))
+if "sampling_sweep" in b:
+    sweep = b["sampling_sweep"]
+    print("sampling kernel, us a call by warps:", {w: round(us, 1) for w, us in sweep["warps"].items()})
+kept = b["rungs"]["fused_bookkeeping"]["t3_decode_tok_s"] / b["rungs"]["launch_ahead"]["t3_decode_tok_s"]
+print(f"bookkeeping in our kernels: {kept:.2f}x, "
+      f"{b['rungs']['launch_ahead']['gpu_kernels_per_token']:.0f} -> "
+      f"{b['rungs']['fused_bookkeeping']['gpu_kernels_per_token']:.0f} kernels a token")
+assert kept > 1 and b["rungs"]["fused_bookkeeping"]["gpu_kernels_per_token"] < \
+    b["rungs"]["launch_ahead"]["gpu_kernels_per_token"]
+
+# %% [markdown]
 # ## A whole layer as one kernel (`persistent_layers`)
 #
 # Even overlapped, a layer is a chain of five kernels (q/k/v, attention, o_proj,
