@@ -214,14 +214,9 @@ def kernel_applies(q: torch.Tensor) -> bool:
     return q.is_cuda or (q.device.type == "cpu" and fused_matvec.interpreter_on_cpu)
 
 
-def triton_decode_attention(q, k, v, positions, cos, sin, keys, values, arrivals, splits: int, pdl: bool = False,
-                            ahead: bool = False):
-    """`t3_forward.cached_attention` for one query position as one kernel: q (B, 1, heads * D),
-    k and v (B, 1, kv_heads * D) at `positions` ((1,) shared, or (B, 1) one per row), written
-    into `keys` and `values` (B, kv_heads, capacity, D), the whole cache of one layer.
-    `arrivals`: an int32 counter per (row, head), zero, kept zero between calls by the kernel.
-    `pdl`, `ahead`: launched as a programmatic dependent of the kernel before it, as
-    `fused_matvec.triton_matvec` is."""
+def attention_launch(q, k, v, positions, cos, sin, keys, values, arrivals, splits: int):
+    """The attention kernel's arguments for `first_block` / `attend` (checked), its constexprs and
+    its output (rows, heads * D): shared by this module's kernel and `head_handoff`'s."""
     rows, _, width = q.shape
     head_dim = cos.size(-1)
     heads, kv_heads = width // head_dim, keys.size(1)
@@ -235,14 +230,27 @@ def triton_decode_attention(q, k, v, positions, cos, sin, keys, values, arrivals
     out = torch.empty(rows, width, dtype=q.dtype, device=q.device)
     partial = torch.empty(rows * heads * splits, head_dim + 2, dtype=torch.float32, device=q.device)
     positions = positions.reshape(-1)
+    args = (q2, k2, v2, q2.stride(0), k2.stride(0), v2.stride(0), positions, 0 if positions.numel() == 1 else 1,
+            cos, sin, keys, values, out, out.stride(0), partial, arrivals, keys.size(2), head_dim ** -0.5)
+    constexprs = dict(HEADS=heads, KV_HEADS=kv_heads, D=head_dim, SPLITS=splits, BLOCK=BLOCK_SLOTS)
+    return args, constexprs, out
+
+
+def triton_decode_attention(q, k, v, positions, cos, sin, keys, values, arrivals, splits: int, pdl: bool = False,
+                            ahead: bool = False):
+    """`t3_forward.cached_attention` for one query position as one kernel: q (B, 1, heads * D),
+    k and v (B, 1, kv_heads * D) at `positions` ((1,) shared, or (B, 1) one per row), written
+    into `keys` and `values` (B, kv_heads, capacity, D), the whole cache of one layer.
+    `arrivals`: an int32 counter per (row, head), zero, kept zero between calls by the kernel.
+    `pdl`, `ahead`: launched as a programmatic dependent of the kernel before it, as
+    `fused_matvec.triton_matvec` is."""
     from torch.library import wrap_triton
 
+    args, constexprs, out = attention_launch(q, k, v, positions, cos, sin, keys, values, arrivals, splits)
+    rows, heads = q.size(0), constexprs["HEADS"]
     wrap_triton(_decode_attention_kernel)[(rows * heads, splits)](
-        q2, k2, v2, q2.stride(0), k2.stride(0), v2.stride(0), positions, 0 if positions.numel() == 1 else 1,
-        cos, sin, keys, values, out, out.stride(0), partial, arrivals, keys.size(2), head_dim ** -0.5,
-        HEADS=heads, KV_HEADS=kv_heads, D=head_dim, SPLITS=splits, BLOCK=BLOCK_SLOTS, PDL=pdl, AHEAD=ahead,
-        num_warps=4, **({"launch_pdl": True} if pdl else {}))
-    return out.view(rows, 1, width)
+        *args, **constexprs, PDL=pdl, AHEAD=ahead, num_warps=4, **({"launch_pdl": True} if pdl else {}))
+    return out.view(rows, 1, q.size(-1))
 
 
 def sweep(t3, capacity: int, rows: int = 2, dtype: torch.dtype = torch.bfloat16, layers: int = 30) -> dict:

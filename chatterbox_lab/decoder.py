@@ -45,6 +45,10 @@ Past the guide (`BEYOND`):
                        kernel and the sampling kernel, the random draw moved to the step's start,
                        so our kernels' chain runs from the first kernel to the last
                        (`fused_bookkeeping.py`)
+- "head_handoff":   a layer's q/k/v matvec and attention as one kernel: each head group's
+                       attention programs start once that group's q/k/v columns are written,
+                       polling a counter instead of waiting for the whole q/k/v kernel
+                       (`head_handoff.py`); one kernel boundary fewer a layer
 - "prefill_graph":  a lone utterance's prefill replayed from a CUDA graph per prompt-length
                        bucket, its prompt padded at the end (`prefill_graph.py`); batched
                        prefills stay eager (one pass serves many utterances already)
@@ -73,7 +77,8 @@ from .t3_forward import DynamicT3Forward, StaticT3Forward, filled_cache_mask
 
 LADDER = ("bf16", "static_cache", "embed_cache", "compiled")
 BEYOND = ("fused_projections", "sampling_in_graph", "fused_matvec", "filled_cache_attention", "fused_attention",
-          "fused_sampling", "captured_graph", "dependent_launch", "launch_ahead", "fused_bookkeeping", "prefill_graph", "persistent_layers")
+          "fused_sampling", "captured_graph", "dependent_launch", "launch_ahead", "fused_bookkeeping", "head_handoff",
+          "prefill_graph", "persistent_layers")
 STEPS = LADDER + BEYOND
 REQUIRES = {"compiled": ("static_cache", "embed_cache"), "fused_projections": ("static_cache",),
             "sampling_in_graph": ("compiled",), "fused_matvec": ("fused_projections",),
@@ -81,12 +86,13 @@ REQUIRES = {"compiled": ("static_cache", "embed_cache"), "fused_projections": ("
             "fused_sampling": ("sampling_in_graph",),
             "captured_graph": ("fused_matvec", "fused_attention", "fused_sampling"),
             "dependent_launch": ("captured_graph",), "launch_ahead": ("dependent_launch",),
-            "fused_bookkeeping": ("captured_graph",),
+            "fused_bookkeeping": ("captured_graph",), "head_handoff": ("fused_matvec", "fused_attention"),
             "prefill_graph": ("static_cache",),
             "persistent_layers": ("fused_matvec", "fused_attention")}
 # Steps whose Triton kernels sum in their own order: checked against PyTorch by logits and by
 # tokens for the same random draws, not by fp32 identity with upstream.
-KERNEL_STEPS = ("fused_matvec", "fused_attention", "fused_sampling", "fused_bookkeeping", "persistent_layers")
+KERNEL_STEPS = ("fused_matvec", "fused_attention", "fused_sampling", "fused_bookkeeping", "head_handoff",
+                "persistent_layers")
 
 # How often the host looks for the stop token: each look is a device sync that
 # stops the CPU from queueing further steps ahead of the GPU.
@@ -224,6 +230,7 @@ class T3Decoder:
                                            attention_kernel="fused_attention" in self.steps,
                                            dependent_launch=self.pdl,
                                            launch_ahead=self.pdl and "launch_ahead" in self.steps,
+                                           handoff="head_handoff" in self.steps,
                                            whole_layers="persistent_layers" in self.steps)
         self._active_forward = self.forward
         self.prefill_graphs = None

@@ -123,8 +123,19 @@ if triton is not None:
             # Nothing the next kernel does before its own wait depends on this one: let it launch as
             # soon as every program here has started, so its weights stream in behind these.
             gdc_launch_dependents()
+        matvec_columns(tl.program_id(0), x_ptr, w_ptr, bias_ptr, out_ptr, res_ptr, norm_ptr, M, N, K, eps,
+                       stride_x, stride_w, stride_out, stride_res, BIAS, NORM, GATED, RESIDUAL, BLOCK_M, BLOCK_N,
+                       BLOCK_K, PDL, AHEAD)
+
+    @triton.jit
+    def matvec_columns(program, x_ptr, w_ptr, bias_ptr, out_ptr, res_ptr, norm_ptr, M, N, K, eps,
+                       stride_x, stride_w, stride_out, stride_res,
+                       BIAS: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+                       AHEAD: tl.constexpr):
+        """Program `program`'s columns of the kernel's result (`head_handoff` calls it as well)."""
         rows = tl.arange(0, BLOCK_M)
-        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = program * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < M
         col_ok = cols < N
         out_mask = row_ok[:, None] & col_ok[None, :]
@@ -211,19 +222,21 @@ def check_dependent_launch(device) -> None:
                            f"the dependent_launch step")
 
 
-def triton_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  norm: Norm | None = None, gated: bool = False, residual: torch.Tensor | None = None,
-                  config: KernelConfig | None = None, pdl: bool = False, ahead: bool = False) -> torch.Tensor:
-    """`reference_matvec` as one Triton kernel (x has at most MAX_ROWS rows). `pdl`: launched as a
-    programmatic dependent of the kernel before it (CUDA, Hopper or later; eager launches only:
-    a graph captured from them keeps the dependency, Inductor's launcher does not pass it).
-    `ahead` (with `pdl`): the kernel after it may launch once all of its programs have started,
-    not once they have all passed their wait."""
-    from torch.library import wrap_triton
+@dataclass
+class MatvecLaunch:
+    """A matvec kernel's arguments for `matvec_columns`, its program count, warps and output."""
+    args: tuple
+    constexprs: dict
+    programs: int
+    warps: int
+    out: torch.Tensor
 
+
+def matvec_launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, norm: Norm | None = None,
+                  gated: bool = False, residual: torch.Tensor | None = None, config: KernelConfig | None = None,
+                  pdl: bool = False, ahead: bool = False) -> MatvecLaunch:
     if gated and bias is not None:
         raise ValueError("a gated matvec takes no bias (Llama's MLP has none)")
-    lead = x.shape[:-1]
     k = x.size(-1)
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
@@ -234,15 +247,28 @@ def triton_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     res = residual.reshape(m, n).contiguous() if residual is not None else out  # the kernel walks rows
     if config is None:
         config = CONFIGS.get((m, n, k, gated)) or default_config(n, k)
-    grid = (triton.cdiv(n, config.block_n),)
-    wrap_triton(_matvec_kernel)[grid](
-        x2, weight, bias if bias is not None else weight, out, res, norm.weight if norm is not None else weight, m, n, k,
-        norm.eps if norm is not None else 0.0,
-        x2.stride(0), weight.stride(0), out.stride(0), res.stride(0),
-        BIAS=bias is not None, NORM=norm is not None, GATED=gated, RESIDUAL=residual is not None,
-        BLOCK_M=max(2, triton.next_power_of_2(m)), BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        PDL=pdl, AHEAD=ahead, num_warps=config.warps, **({"launch_pdl": True} if pdl else {}))
-    return out.view(*lead, n)
+    args = (x2, weight, bias if bias is not None else weight, out, res, norm.weight if norm is not None else weight,
+            m, n, k, norm.eps if norm is not None else 0.0, x2.stride(0), weight.stride(0), out.stride(0), res.stride(0))
+    constexprs = dict(BIAS=bias is not None, NORM=norm is not None, GATED=gated, RESIDUAL=residual is not None,
+                      BLOCK_M=max(2, triton.next_power_of_2(m)), BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                      PDL=pdl, AHEAD=ahead)
+    return MatvecLaunch(args, constexprs, triton.cdiv(n, config.block_n), config.warps, out)
+
+
+def triton_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  norm: Norm | None = None, gated: bool = False, residual: torch.Tensor | None = None,
+                  config: KernelConfig | None = None, pdl: bool = False, ahead: bool = False) -> torch.Tensor:
+    """`reference_matvec` as one Triton kernel (x has at most MAX_ROWS rows). `pdl`: launched as a
+    programmatic dependent of the kernel before it (CUDA, Hopper or later; eager launches only:
+    a graph captured from them keeps the dependency, Inductor's launcher does not pass it).
+    `ahead` (with `pdl`): the kernel after it may launch once all of its programs have started,
+    not once they have all passed their wait."""
+    from torch.library import wrap_triton
+
+    launch = matvec_launch(x, weight, bias, norm, gated, residual, config, pdl, ahead)
+    wrap_triton(_matvec_kernel)[(launch.programs,)](
+        *launch.args, **launch.constexprs, num_warps=launch.warps, **({"launch_pdl": True} if pdl else {}))
+    return launch.out.view(*x.shape[:-1], launch.out.size(-1))
 
 
 def fused_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

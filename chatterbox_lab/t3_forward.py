@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from . import decode_attention, persistent_layer
+from . import decode_attention, head_handoff, persistent_layer
 from .fused_matvec import Norm, fused_matvec
 from .kv_cache import CACHE_MULTIPLE, StaticKVCache
 
@@ -77,7 +77,7 @@ class StaticT3Forward:
 
     def __init__(self, t3, capacity: int, batch: int = 2, fused: bool = False, matvec: bool = False,
                  attention_kernel: bool = False, dependent_launch: bool = False, launch_ahead: bool = False,
-                 whole_layers: bool = False):
+                 handoff: bool = False, whole_layers: bool = False):
         """`fused`: q/k/v and gate/up as one matrix each. `matvec` (needs `fused`): every
         matmul with its norm, activation or residual as one kernel (`fused_matvec.py`).
         `attention_kernel`: a one-token step's rotary, cache write and attention as one
@@ -86,12 +86,18 @@ class StaticT3Forward:
         `launch_ahead` (needs `dependent_launch`): each of them lets the next launch as soon as all
         its own programs have started, so several kernels' weights are in flight at once, and the
         attention kernel loads earlier cache slots before its wait.
+        `handoff` (needs `matvec` and `attention_kernel`): a layer's q/k/v and attention as one kernel
+        whose attention programs start on a head group once its q/k/v columns are written
+        (`head_handoff.py`).
         `whole_layers` (needs `matvec` and `attention_kernel`): each layer of a one-token step as
         one persistent kernel (`persistent_layer.py`)."""
         from .fused_projections import FusedProjections
 
         if matvec and not fused:
             raise ValueError("matvec kernels multiply the fused q/k/v and gate/up matrices: pass fused=True")
+        if handoff and not (matvec and attention_kernel):
+            raise ValueError("the handoff kernel is the q/k/v matvec and attention kernels in one: pass matvec=True "
+                             "and attention_kernel=True")
         if whole_layers and not (matvec and attention_kernel):
             raise ValueError("the whole-layer kernel is the matvec and attention kernels in one: pass matvec=True "
                              "and attention_kernel=True")
@@ -122,6 +128,9 @@ class StaticT3Forward:
         # The kernel's per-(row, head) arrival counter: zero between calls, at a fixed address.
         self.arrivals = torch.zeros(batch * self.n_heads, dtype=torch.int32, device=weight.device)
         torch._dynamo.mark_static_address(self.arrivals)
+        self.handoff = head_handoff.counters(len(self.layers), self.n_kv_heads, weight.device) if handoff else None
+        if handoff:
+            torch._dynamo.mark_static_address(self.handoff)
         self.layer_weights = [persistent_layer.LayerWeights.of(layer, self.fused.qkv[i], self.fused.gate_up[i])
                               for i, layer in enumerate(self.layers)] if whole_layers else None
         # The whole-layer kernel's grid barrier: arrivals and departures, zero between calls.
@@ -148,6 +157,10 @@ class StaticT3Forward:
     def _attention(self, i: int, layer, x: torch.Tensor, positions: torch.Tensor, rows: slice, rotary, mask):
         """Attention's output for layer i, before the output projection: (B, T, heads * head_dim).
         No `mask`: the one-token kernel, which gathers its own rotary row and reads the filled slots."""
+        if mask is None and self.handoff is not None and head_handoff.kernel_applies(x, self.fused.qkv[i]):
+            return head_handoff.handoff_attention(
+                x, self.fused.qkv[i], Norm.of(layer.input_layernorm), positions, self.cos, self.sin,
+                self.cache.keys[i], self.cache.values[i], self.arrivals, self.handoff[i], self.splits, **self.launch)
         q, k, v = self._qkv(i, layer, x)
         if mask is None:
             return decode_attention.triton_decode_attention(
