@@ -296,6 +296,51 @@ def test_decode_attention_kernel_matches_pytorch_at_every_stretch(full_tts, capa
         assert not arrivals.any()
 
 
+@pytest.mark.parametrize("capacity", [128, 1024])
+def test_handoff_kernel_gives_the_two_kernels_output_bit_for_bit(full_tts, capacity):
+    """The full model's q/k/v and heads, bf16, four rows at four positions, each as a programmatic
+    dependent launched ahead and plain, three calls in a row: the counters come back to zero."""
+    import torch
+
+    from chatterbox_lab import head_handoff
+    from chatterbox_lab.decode_attention import splits_for, triton_decode_attention
+    from chatterbox_lab.fused_matvec import Norm, dependent_launch_supported, triton_matvec
+    from chatterbox_lab.kv_cache import StaticKVCache
+    from chatterbox_lab.t3_forward import rotary_tables
+
+    cfg = full_tts.t3.cfg
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = cfg.hidden_size // heads
+    new = dict(device="cuda", dtype=torch.bfloat16)
+    cos, sin = rotary_tables(full_tts.t3, capacity, torch.bfloat16)
+    torch.manual_seed(capacity)
+    weight = torch.randn((heads + 2 * kv_heads) * head_dim, cfg.hidden_size, **new) / cfg.hidden_size ** 0.5
+    norm = Norm(torch.rand(cfg.hidden_size, **new) + 0.5, 1e-5)
+    x = torch.randn(4, 1, cfg.hidden_size, **new)
+    positions = torch.tensor([[0], [63], [capacity // 2], [capacity - 1]], device="cuda")
+    caches = [StaticKVCache(1, 4, kv_heads, capacity, head_dim, torch.bfloat16, "cuda") for _ in range(2)]
+    for buffer in ("keys", "values"):
+        history = torch.randn(4, kv_heads, capacity, head_dim, **new)
+        for cache in caches:
+            getattr(cache, buffer)[0].copy_(history)
+    arrivals = torch.zeros(4 * heads, dtype=torch.int32, device="cuda")
+    ready = head_handoff.counters(1, kv_heads, "cuda")
+    q, k, v = triton_matvec(x, weight, norm=norm).split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim],
+                                                         dim=-1)
+    want = triton_decode_attention(q, k, v, positions, cos, sin, caches[1].keys[0], caches[1].values[0], arrivals,
+                                   splits_for(capacity))
+    pdl = dependent_launch_supported("cuda")
+    for launch in (dict(pdl=pdl, ahead=pdl), dict()):
+        for _ in range(3):
+            got = head_handoff.handoff_attention(x, weight, norm, positions, cos, sin, caches[0].keys[0],
+                                                 caches[0].values[0], arrivals, ready[0], splits_for(capacity), **launch)
+            torch.cuda.synchronize()
+            assert torch.equal(got, want), launch
+            assert torch.equal(caches[0].keys[0], caches[1].keys[0]) and torch.equal(caches[0].values[0],
+                                                                                     caches[1].values[0])
+            assert not ready.any() and not arrivals.any()
+
+
 def test_fused_sampling_and_the_captured_step_draw_pytorchs_tokens_without_recompiling(full_tts):
     """Same seed, same tokens as the in-graph PyTorch sampling, for upstream's defaults and a top-p
     cut, compiled, captured directly, or captured with dependent launches (after each kernel's wait,
