@@ -19,7 +19,7 @@ One link fewer a layer; the o_proj kernel after it still waits for the whole ker
 Polling inside a kernel is safe only if the programs it waits for can run. They never wait
 on attention, and launched in index order they are dispatched before any attention program;
 even if they were not, `handoff_attention` refuses a grid whose attention programs alone could
-fill every slot the SMs have for it. On the CPU, Triton's interpreter runs programs one after
+fill every slot the SMs have for it (the decoder then launches the two kernels). On the CPU, Triton's interpreter runs programs one after
 another in index order, so every counter is full before the first attention program reads it.
 """
 from __future__ import annotations
@@ -107,26 +107,25 @@ def kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 _RESIDENT: dict[tuple, int] = {}
 
 
-def _check_room(kernel, args, constexprs: dict, warps: int, attention_programs: int, device) -> None:
-    """Refuse a grid whose polling attention programs could hold every slot the SMs have for it."""
+def _room(kernel, args, constexprs: dict, warps: int, device) -> int:
+    """Programs of this compiled variant the SMs hold at once."""
     from .persistent_layer import resident_per_sm
 
     key = (tuple(sorted(constexprs.items())), warps, str(args[0].dtype))
     if key not in _RESIDENT:
         _RESIDENT[key] = resident_per_sm(kernel.warmup(*args, **constexprs, num_warps=warps, grid=(1,)), device)
-    slots = torch.cuda.get_device_properties(device).multi_processor_count * _RESIDENT[key]
-    if attention_programs >= slots:
-        raise RuntimeError(f"{attention_programs} attention programs of the q/k/v handoff kernel could fill all "
-                           f"{slots} slots the SMs hold for it and poll forever: use fewer attention splits")
+    return torch.cuda.get_device_properties(device).multi_processor_count * _RESIDENT[key]
 
 
 def handoff_attention(x: torch.Tensor, qkv_weight: torch.Tensor, norm: fused_matvec.Norm, positions, cos, sin,
                       keys, values, arrivals, ready: torch.Tensor, splits: int, pdl: bool = False,
-                      ahead: bool = False) -> torch.Tensor:
+                      ahead: bool = False, refuse: bool = True) -> torch.Tensor | None:
     """`decode_attention.triton_decode_attention` of the q, k and v that
     `fused_matvec.triton_matvec(x, qkv_weight, norm=norm)` gives, as one kernel: x (B, 1, dim) ->
     attention's output (B, 1, heads * D). `ready`: this layer's (2, kv_heads) int32 counters
-    (`counters`), zero, kept zero by the kernel."""
+    (`counters`), zero, kept zero by the kernel. A grid whose polling attention programs could
+    fill every slot the SMs hold for it is refused: an error, or None with `refuse=False` (the
+    caller then launches the two kernels)."""
     from torch.library import wrap_triton
 
     if ready.shape != (2, keys.size(1)) or ready.dtype != torch.int32:
@@ -144,9 +143,12 @@ def handoff_attention(x: torch.Tensor, qkv_weight: torch.Tensor, norm: fused_mat
     attention_programs = rows * shape["HEADS"] * splits
     args = (*matvec.args, *attention, ready[0], ready[1], matvec.programs)
     constexprs = dict(**matvec.constexprs, **shape)
-    kernel = wrap_triton(_handoff_kernel)
-    if x.is_cuda:
-        _check_room(_handoff_kernel, args, constexprs, matvec.warps, attention_programs, x.device)
-    kernel[(matvec.programs + attention_programs,)](*args, **constexprs, num_warps=matvec.warps,
-                                                     **({"launch_pdl": True} if pdl else {}))
+    if x.is_cuda and attention_programs >= (slots := _room(_handoff_kernel, args, constexprs, matvec.warps,
+                                                             x.device)):
+        if not refuse:
+            return None
+        raise RuntimeError(f"{attention_programs} attention programs of the q/k/v handoff kernel could fill all "
+                           f"{slots} slots the SMs hold for it and poll forever: use fewer attention splits or rows")
+    wrap_triton(_handoff_kernel)[(matvec.programs + attention_programs,)](
+        *args, **constexprs, num_warps=matvec.warps, **({"launch_pdl": True} if pdl else {}))
     return out.view(rows, 1, -1)

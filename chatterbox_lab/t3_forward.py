@@ -158,9 +158,12 @@ class StaticT3Forward:
         """Attention's output for layer i, before the output projection: (B, T, heads * head_dim).
         No `mask`: the one-token kernel, which gathers its own rotary row and reads the filled slots."""
         if mask is None and self.handoff is not None and head_handoff.kernel_applies(x, self.fused.qkv[i]):
-            return head_handoff.handoff_attention(
+            out = head_handoff.handoff_attention(
                 x, self.fused.qkv[i], Norm.of(layer.input_layernorm), positions, self.cos, self.sin,
-                self.cache.keys[i], self.cache.values[i], self.arrivals, self.handoff[i], self.splits, **self.launch)
+                self.cache.keys[i], self.cache.values[i], self.arrivals, self.handoff[i], self.splits, **self.launch,
+                refuse=False)
+            if out is not None:
+                return out
         q, k, v = self._qkv(i, layer, x)
         if mask is None:
             return decode_attention.triton_decode_attention(
