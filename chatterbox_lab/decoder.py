@@ -45,13 +45,13 @@ Past the guide (`BEYOND`):
                        kernel and the sampling kernel, the random draw moved to the step's start,
                        so our kernels' chain runs from the first kernel to the last
                        (`fused_bookkeeping.py`)
+- "prefill_graph":  a lone utterance's prefill replayed from a CUDA graph per prompt-length
+                       bucket, its prompt padded at the end (`prefill_graph.py`); batched
+                       prefills stay eager (one pass serves many utterances already)
 - "head_handoff":   a layer's q/k/v matvec and attention as one kernel: each head group's
                        attention programs start once that group's q/k/v columns are written,
                        polling a counter instead of waiting for the whole q/k/v kernel
                        (`head_handoff.py`); one kernel boundary fewer a layer
-- "prefill_graph":  a lone utterance's prefill replayed from a CUDA graph per prompt-length
-                       bucket, its prompt padded at the end (`prefill_graph.py`); batched
-                       prefills stay eager (one pass serves many utterances already)
 - "persistent_layers": each layer of the one-token step as one persistent kernel, one
                        program per SM walking the layer's five phases between grid barriers
                        and loading the next phase's weights before each barrier
@@ -77,8 +77,8 @@ from .t3_forward import DynamicT3Forward, StaticT3Forward, filled_cache_mask
 
 LADDER = ("bf16", "static_cache", "embed_cache", "compiled")
 BEYOND = ("fused_projections", "sampling_in_graph", "fused_matvec", "filled_cache_attention", "fused_attention",
-          "fused_sampling", "captured_graph", "dependent_launch", "launch_ahead", "fused_bookkeeping", "head_handoff",
-          "prefill_graph", "persistent_layers")
+          "fused_sampling", "captured_graph", "dependent_launch", "launch_ahead", "fused_bookkeeping", "prefill_graph",
+          "head_handoff", "persistent_layers")
 STEPS = LADDER + BEYOND
 REQUIRES = {"compiled": ("static_cache", "embed_cache"), "fused_projections": ("static_cache",),
             "sampling_in_graph": ("compiled",), "fused_matvec": ("fused_projections",),

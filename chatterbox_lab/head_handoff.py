@@ -10,7 +10,8 @@ a sixteenth of the q/k/v kernel's programs. Here the two are one kernel:
   ready counter with release semantics;
 - the programs after them are the attention kernel's (`decode_attention.first_block`,
   `attend`): each loads its first block of earlier cache slots, polls its group's counter
-  with acquire loads until every q/k/v program of the group has arrived, then attends;
+  with acquire loads (after the wait for the kernel before, under a dependent launch) until
+  every q/k/v program of the group has arrived, then attends;
 - the last attention program of a group to get past its poll resets the group's counters,
   which belong to this layer alone: a later layer's kernel may already be polling its own.
 
@@ -35,7 +36,7 @@ if triton is not None:
     from .decode_attention import attend, first_block
     from .fused_matvec import matvec_columns
     if fused_matvec.PDL_AVAILABLE:
-        from triton.language.extra.cuda import gdc_launch_dependents
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
     @triton.jit
     def _group_of_columns(first_col, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr):
@@ -76,8 +77,16 @@ if triton is not None:
                                        HEADS, KV_HEADS, D, SPLITS, BLOCK, False)
             group = row_head % HEADS // (HEADS // KV_HEADS)
             writers = (HEADS // KV_HEADS + 2) * D // BLOCK_N
+            if PDL:
+                # Nothing to poll for before the kernel before has finished: waiting for it first keeps
+                # the polls off the memory system while its weights and these programs' still stream.
+                gdc_wait()
             ready = tl.atomic_add(ready_ptr + group, 0, sem="acquire")
             while ready < writers:
+                # Every thread polls (a scalar is every thread's); a pause between polls leaves L2 to
+                # the q/k/v programs' stores and arrivals.
+                ready = tl.inline_asm_elementwise("nanosleep.u32 128;\n\tmov.u32 $0, $1;", "=r,r", [ready],
+                                                  dtype=tl.int32, is_pure=False, pack=1)
                 ready = tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [ready_ptr + group],
                                                   dtype=tl.int32, is_pure=False, pack=1)
             tl.debug_barrier()
