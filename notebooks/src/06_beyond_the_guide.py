@@ -438,6 +438,33 @@ assert kept > 1 and b["rungs"]["fused_bookkeeping"]["gpu_kernels_per_token"] < \
     b["rungs"]["launch_ahead"]["gpu_kernels_per_token"]
 
 # %% [markdown]
+# ## Handing each head over (`head_handoff`), measured slower
+#
+# The attention kernel waits for the whole q/k/v kernel, yet a head group's attention needs
+# only that group's q, k and v columns. `head_handoff.py` makes the two one kernel: the
+# q/k/v programs come first and each bumps its group's counter (a release) once its
+# columns are stored; the attention programs after them load their first block of cache
+# slots, poll their group's counter (acquire loads) and attend. One kernel boundary fewer
+# a layer, the same numbers bit for bit (GPU test). Polling inside a kernel is only safe if
+# the programs it waits for can run; the kernel refuses a grid whose pollers alone could
+# fill the SMs, and the decoder then launches the two kernels.
+
+# %%
+h_path, h = results.latest_with("beyond", ("fused_bookkeeping", "head_handoff"))
+display(Markdown(f"**{h['provenance']['gpu']}**, commit `{h['provenance']['git_commit'][:10]}`, `{h_path.name}`"))
+display(Markdown(results.markdown_table(h, ("t3_decode_tok_s", "fraction_of_floor", "gpu_kernels_per_token"))))
+handoff = h["rungs"]["head_handoff"]["t3_decode_tok_s"] / h["rungs"]["fused_bookkeeping"]["t3_decode_tok_s"]
+print(f"one kernel boundary fewer a layer: {handoff:.2f}x the decode rate")
+assert h["rungs"]["head_handoff"]["gpu_kernels_per_token"] < h["rungs"]["fused_bookkeeping"]["gpu_kernels_per_token"]
+
+# %% [markdown]
+# Fewer kernels, and slower: a boundary between kernels is not the expensive part of a link.
+# Each q/k/v program now publishes its columns with a release (a fence that waits for its
+# stores to reach L2) and an atomic, and each attention program learns of it through polls
+# of L2; the kernel boundary did the same publishing once for the whole grid, in hardware.
+# What a link costs is its round trips to memory after the wait, which is what the single
+# round trip of the matvec kernels, not a kernel less, bought.
+#
 # ## A whole layer as one kernel (`persistent_layers`)
 #
 # Even overlapped, a layer is a chain of five kernels (q/k/v, attention, o_proj,
