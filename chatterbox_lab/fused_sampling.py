@@ -19,6 +19,12 @@ and does the same arithmetic in the same order:
   argmax of p / q, the noise q drawn by PyTorch's own RNG kernel outside, so a
   seeded run draws the numbers upstream draws.
 
+The three softmaxes share one set of weights (no cut drops the most likely token, so
+their maximum is the same, and the most likely probability is exactly 1 / sum): with
+top-p at 1 the kernel reduces a maximum, two sums and the draw's argmax, and keeps
+few values per thread alive, which is what a program holding the whole vocabulary in
+registers is short of.
+
 The sums run in another order than PyTorch's, and ties at the top-p cut are
 kept together where a sort would split them; so tokens are checked against
 PyTorch's path for the same noise, not bit for bit in general.
@@ -35,12 +41,6 @@ if triton is not None:
     import triton.language as tl
     if fused_matvec.PDL_AVAILABLE:
         from triton.language.extra.cuda import gdc_wait
-
-    @triton.jit
-    def _softmax(scores):
-        best = tl.max(scores, axis=0)
-        weights = tl.exp(scores - best)
-        return weights / tl.sum(weights, axis=0)
 
     @triton.jit
     def _sample_kernel(logits_ptr, stride_logits, seen_ptr, stride_seen, noise_ptr, stride_noise,
@@ -69,14 +69,19 @@ if triton is not None:
         scores = scores / temperature
         scores = tl.where(valid, scores, float("-inf"))
 
-        probs = _softmax(scores)
-        scores = tl.where(probs < min_p * tl.max(probs, axis=0), float("-inf"), scores)
+        # Three softmaxes over one set of weights: no cut drops the most likely token, so every
+        # softmax has the same maximum and the same weight for every token it keeps (0 for the
+        # rest), and the most likely probability is exactly 1 / sum. What is left to reduce is a
+        # maximum, a sum a cut and the draw's argmax; a NaN or inf anywhere makes every sum one.
+        weights = tl.exp(scores - tl.max(scores, axis=0))
+        total = tl.sum(weights, axis=0)
+        weights = tl.where(weights / total < min_p * (1.0 / total), 0.0, weights)
 
-        probs = _softmax(scores)
-        bits = probs.to(tl.int32, bitcast=True)
-        top_bits = tl.max(bits, axis=0)
-        cut = tl.full([], -1, tl.int32)  # no probability's pattern is below 0: nothing dropped
+        total = tl.sum(weights, axis=0)
+        probs = weights / total
         if allowed > 0:
+            bits = probs.to(tl.int32, bitcast=True)
+            top_bits = (1.0 / total).to(tl.int32, bitcast=True)
             low = tl.full([], 0, tl.int32)  # mass at most `low` stays within `allowed`...
             high = top_bits                # ...and at most `high` exceeds it (all of it, 1)
             for _ in range(31):
@@ -84,13 +89,13 @@ if triton is not None:
                 within = tl.sum(tl.where(bits <= middle, probs, 0.0), axis=0) <= allowed
                 low = tl.where(within, middle, low)
                 high = tl.where(within, high, middle)
-            cut = low
-        # The most likely token is never dropped, as transformers keeps the last sorted one.
-        scores = tl.where((bits <= cut) & (bits < top_bits), float("-inf"), scores)
+            # The most likely token is never dropped, as transformers keeps the last sorted one.
+            weights = tl.where((bits <= low) & (bits < top_bits), 0.0, weights)
+            total = tl.sum(weights, axis=0)
+            probs = weights / total
 
-        probs = _softmax(scores)
-        bad = tl.max(tl.where(valid & ((probs != probs) | (tl.abs(probs) == float("inf"))), 1, 0), axis=0)
-        tl.store(nonfinite_ptr, bad != 0, mask=bad != 0)
+        bad = (total != total) | (tl.abs(total) == float("inf"))
+        tl.store(nonfinite_ptr, bad, mask=bad)
         noise = tl.load(noise_ptr + utterance * stride_noise + ids, mask=valid, other=1.0)
         token = tl.argmax(tl.where(valid, probs / noise, -1.0), axis=0).to(tl.int64)
         if WRITE_TOKEN:
