@@ -209,6 +209,21 @@ def test_fused_bookkeeping_gives_the_same_tokens(tiny_tts, text_tokens, interpre
     assert int(kernels.step_buffers.arrivals) == 0
 
 
+def test_fused_bookkeeping_keeps_each_utterance_of_a_batch_apart(tiny_tts, three_utterances, interpreted,
+                                                                  monkeypatch):
+    """Three utterances with their own prompt lengths: the prologue's per-row positions and the
+    sampling kernel's token writes give each the tokens the PyTorch bookkeeping gives it."""
+    from chatterbox_lab import decode_attention, fused_matvec
+
+    monkeypatch.setattr(fused_matvec, "kernel_applies", lambda x, weight: False)
+    monkeypatch.setattr(decode_attention, "kernel_applies", lambda q: False)
+    conds, texts = three_utterances
+    steps = ladder_prefix("fused_bookkeeping") - {"bf16", "dependent_launch", "launch_ahead"}
+    want, got = (T3Decoder(tiny_tts.t3, s, streams=3, max_new_tokens=10).generate_batch(
+        conds, texts, 10, GREEDY, stop_on_eos=False).all_tokens for s in (steps - {"fused_bookkeeping"}, steps))
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 def test_dependent_launch_is_left_out_of_the_ladder_where_it_cannot_run(tiny_tts):
     from chatterbox_lab.bench import RUNGS, ladder_rungs, rung_steps
 
