@@ -18,7 +18,7 @@ them: about 50 us of a 0.88 ms step on an H100 (trace of `launch_ahead`). Here:
   of its programs to finish advances the step counter (an arrival counter, as the
   attention kernel combines its stretches);
 - so the sampling kernel follows the speech head directly and, as its programmatic
-  dependent, loads the noise, the mask and the sampling values before its wait.
+  dependent, loads the mask and the sampling values before its wait.
 
 Same state, same numbers as `decoder.T3Decoder`'s PyTorch bookkeeping (CPU test
 under Triton's interpreter: the same tokens for the same seed).

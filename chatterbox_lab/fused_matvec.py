@@ -248,7 +248,8 @@ def matvec_launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if config is None:
         config = CONFIGS.get((m, n, k, gated)) or default_config(n, k)
     args = (x2, weight, bias if bias is not None else weight, out, res, norm.weight if norm is not None else weight,
-            m, n, k, norm.eps if norm is not None else 0.0, x2.stride(0), weight.stride(0), out.stride(0), res.stride(0))
+            m, n, k, norm.eps if norm is not None else 0.0,
+            x2.stride(0), weight.stride(0), out.stride(0), res.stride(0))
     constexprs = dict(BIAS=bias is not None, NORM=norm is not None, GATED=gated, RESIDUAL=residual is not None,
                       BLOCK_M=max(2, triton.next_power_of_2(m)), BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                       PDL=pdl, AHEAD=ahead)

@@ -72,7 +72,8 @@ if triton is not None:
         # Three softmaxes over one set of weights: no cut drops the most likely token, so every
         # softmax has the same maximum and the same weight for every token it keeps (0 for the
         # rest), and the most likely probability is exactly 1 / sum. What is left to reduce is a
-        # maximum, a sum a cut and the draw's argmax; a NaN or inf anywhere makes every sum one.
+        # maximum, a sum before and after each cut, and the draw's argmax; a NaN or inf anywhere
+        # makes every sum one.
         weights = tl.exp(scores - tl.max(scores, axis=0))
         total = tl.sum(weights, axis=0)
         weights = tl.where(weights / total < min_p * (1.0 / total), 0.0, weights)

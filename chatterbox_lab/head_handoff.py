@@ -15,19 +15,23 @@ a sixteenth of the q/k/v kernel's programs. Here the two are one kernel:
 - the last attention program of a group to get past its poll resets the group's counters,
   which belong to this layer alone: a later layer's kernel may already be polling its own.
 
-One link fewer a layer; the o_proj kernel after it still waits for the whole kernel.
+One link fewer a layer; the o_proj kernel after it still waits for the whole kernel. Measured
+slower than the two kernels on an H100 (`docs/NOTES.md`): the fences and polls cost more than
+the boundary.
 
 Polling inside a kernel is safe only if the programs it waits for can run. They never wait
 on attention, and launched in index order they are dispatched before any attention program;
 even if they were not, `handoff_attention` refuses a grid whose attention programs alone could
-fill every slot the SMs have for it (the decoder then launches the two kernels). On the CPU, Triton's interpreter runs programs one after
-another in index order, so every counter is full before the first attention program reads it.
+fill every slot the SMs have for it (the decoder then launches the two kernels). On the CPU,
+Triton's interpreter runs programs one after another in index order, so every counter is full
+before the first attention program reads it.
 """
 from __future__ import annotations
 
 import torch
 
 from . import decode_attention, fused_matvec
+from .persistent_layer import resident_per_sm_of
 
 triton = fused_matvec.triton
 if triton is not None:
@@ -112,20 +116,6 @@ def kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return fused_matvec.kernel_applies(x, weight) and decode_attention.kernel_applies(x)
 
 
-# Per compiled variant: its programs one SM holds at once (`persistent_layer.resident_per_sm`).
-_RESIDENT: dict[tuple, int] = {}
-
-
-def _room(kernel, args, constexprs: dict, warps: int, device) -> int:
-    """Programs of this compiled variant the SMs hold at once."""
-    from .persistent_layer import resident_per_sm
-
-    key = (tuple(sorted(constexprs.items())), warps, str(args[0].dtype))
-    if key not in _RESIDENT:
-        _RESIDENT[key] = resident_per_sm(kernel.warmup(*args, **constexprs, num_warps=warps, grid=(1,)), device)
-    return torch.cuda.get_device_properties(device).multi_processor_count * _RESIDENT[key]
-
-
 def handoff_attention(x: torch.Tensor, qkv_weight: torch.Tensor, norm: fused_matvec.Norm, positions, cos, sin,
                       keys, values, arrivals, ready: torch.Tensor, splits: int, pdl: bool = False,
                       ahead: bool = False, refuse: bool = True) -> torch.Tensor | None:
@@ -152,8 +142,9 @@ def handoff_attention(x: torch.Tensor, qkv_weight: torch.Tensor, norm: fused_mat
     attention_programs = rows * shape["HEADS"] * splits
     args = (*matvec.args, *attention, ready[0], ready[1], matvec.programs)
     constexprs = dict(**matvec.constexprs, **shape)
-    if x.is_cuda and attention_programs >= (slots := _room(_handoff_kernel, args, constexprs, matvec.warps,
-                                                             x.device)):
+    slots = torch.cuda.get_device_properties(x.device).multi_processor_count * resident_per_sm_of(
+        _handoff_kernel, args, dict(**constexprs, num_warps=matvec.warps), x.device) if x.is_cuda else None
+    if slots is not None and attention_programs >= slots:
         if not refuse:
             return None
         raise RuntimeError(f"{attention_programs} attention programs of the q/k/v handoff kernel could fill all "

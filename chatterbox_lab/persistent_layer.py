@@ -97,10 +97,6 @@ def programs_for(device, config: LayerConfig | None = None) -> int:
     return 3
 
 
-# Per compiled variant: how many of its programs an SM holds at once.
-_RESIDENT: dict[tuple, int] = {}
-
-
 def resident_per_sm(compiled, device) -> int:
     """Programs of a compiled kernel one SM can hold at once, by registers, shared memory and warps."""
     props = torch.cuda.get_device_properties(device)
@@ -116,16 +112,26 @@ def resident_per_sm(compiled, device) -> int:
     return max(0, min(limits))
 
 
+# Per compiled variant (kernel, its compile-time arguments, dtype): its programs an SM holds at once.
+_RESIDENT: dict[tuple, int] = {}
+
+
+def resident_per_sm_of(kernel, args, options: dict, device) -> int:
+    """`resident_per_sm` of `kernel` compiled for `args` and `options` (constexprs and num_warps),
+    compiled (not launched) once per variant."""
+    key = (kernel.fn.__name__, tuple(sorted(options.items())), str(args[0].dtype))
+    if key not in _RESIDENT:
+        _RESIDENT[key] = resident_per_sm(kernel.warmup(*args, **options, grid=(1,)), device)
+    return _RESIDENT[key]
+
+
 def _check_resident(args, shape: dict, config: LayerConfig, programs: int, pdl: bool, device) -> None:
     """Refuse a grid the SMs cannot hold at once: its barriers would wait forever."""
-    key = (tuple(sorted(shape.items())), config, pdl, str(args[0].dtype))
-    if key not in _RESIDENT:
-        compiled = _layer_kernel.warmup(*args, **shape, PHASE=-1, PDL=pdl, num_warps=config.warps, grid=(programs,))
-        _RESIDENT[key] = resident_per_sm(compiled, device)
+    per_sm = resident_per_sm_of(_layer_kernel, args, dict(**shape, PHASE=-1, PDL=pdl, num_warps=config.warps), device)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    if programs > sms * _RESIDENT[key]:
+    if programs > sms * per_sm:
         raise RuntimeError(f"{programs} programs of the whole-layer kernel cannot all be resident on {sms} SMs "
-                           f"({_RESIDENT[key]} per SM with {config}); their grid barriers would never open: "
+                           f"({per_sm} per SM with {config}); their grid barriers would never open: "
                            f"lower programs_per_sm, tile_bytes or warps")
 
 
