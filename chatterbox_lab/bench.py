@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import (decode_attention, equivalence, flops, fused_matvec, fused_sampling, memory, persistent_layer, profiling,
-               report, results, roofline)
+from . import (chain_tuning, decode_attention, equivalence, flops, fused_matvec, fused_sampling, memory,
+               persistent_layer, profiling, report, results, roofline)
 from .decoder import (KERNEL_STEPS, STEPS, T3Decoder, dependents, ladder_prefix, prompt_len_for, requirements,
                       text_tokens_for)
 from .kv_cache import cache_len_for
@@ -412,6 +412,25 @@ def bf16_logit_error(tts, text_tokens, forced, reference, steps=LOGIT_CHECKS["bf
         equivalence.forced_logits(decoder, tts.conds.t3, text_tokens, forced), reference)
 
 
+def tune_in_chain(tts, cfg: BenchConfig, voice: Path) -> dict:
+    """`chain_tuning.tune` on a decoder of the last rung decoding the benchmark's text, every token
+    (no stop): the configurations it finds serve every rung measured after it."""
+    prepare_voice(tts, voice)
+    text_tokens = text_tokens_for(tts, cfg.text)
+    decoder = T3Decoder(tts.t3, _t3_steps(cfg), max_cache_len=_capacity(tts, cfg))
+
+    def decode():
+        torch.manual_seed(cfg.seed)
+        return decoder.generate(tts.conds.t3, text_tokens, cfg.tokens, cfg.sampling, stop_on_eos=False).decode_tok_s
+
+    found = chain_tuning.tune(decoder, decode)
+    found["steps"] = sorted(_t3_steps(cfg))
+    del decoder
+    gc.collect()
+    torch.cuda.empty_cache()
+    return found
+
+
 def run(config: BenchConfig, progress: bool = True, tts=None, partial: Path | None = None) -> dict:
     """Every rung, then the batch sizes. `partial`: rewritten after each measurement, so a run
     cut short still leaves what it measured."""
@@ -461,9 +480,15 @@ def run(config: BenchConfig, progress: bool = True, tts=None, partial: Path | No
 
     total = (len(cfg.rungs) + len(cfg.s3gen_steps)) * (cfg.repeats + 1)
     decoder = None
+    # Tuned in the chain just before the first captured rung: after the fp32 rungs, since the last
+    # rung's decoder casts T3 to bf16 in place.
+    chain_rung = next((r for r in cfg.rungs if "captured_graph" in rung_steps(r, cfg.device)), None) \
+        if cfg.sweep and cfg.device.startswith("cuda") and "captured_graph" in _t3_steps(cfg) else None
     with tqdm(total=total, desc="bench", disable=not progress) as bar:
         for rung in cfg.rungs:
             bar.set_postfix_str(rung)
+            if rung == chain_rung:
+                doc["chain_sweep"] = tune_in_chain(tts, cfg, voice)
             if rung != "upstream_fp32" and checks is not None and "bf16_logit_rel_error" not in doc["checks"]:
                 text_tokens = text_tokens_for(tts, cfg.text)
                 for name, steps in LOGIT_CHECKS.items():

@@ -64,6 +64,12 @@ class CapturedStep:
         self.warmed_up = False
         self.graph = None
 
+    def recapture(self) -> None:
+        """Drop the graph, so that the next call runs eagerly and the one after captures again: a
+        graph keeps every kernel's launch configuration as it was captured."""
+        self.graph = None
+        self.warmed_up = False
+
     def __call__(self) -> None:
         if self.graph is not None:
             self.graph.replay()

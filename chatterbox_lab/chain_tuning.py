@@ -1,0 +1,126 @@
+"""The matvec kernels' grids and the attention's split count tuned inside the decode step, not alone.
+
+`fused_matvec.sweep` times each matmul on its own, call after call in a graph. There a grid of
+many small programs wins: while some wait for their weights, others compute. Inside the step
+under `launch_ahead` a kernel's programs load their weights before they wait for the kernel
+before it, and the kernel after it launches only once all of its programs have started. A grid
+larger than the SMs hold beside its neighbours runs in waves, and every wave after the first
+starts loading its weights only after the wait, on the step's critical path. In the trace of
+`fused_bookkeeping`, gate/up (2,048 programs, the sweep's choice) ends 8.5 us after o_proj
+for 5.6 us of weights, and down launches only when gate/up's last wave starts.
+
+`tune` times whole decodes instead: for one kernel at a time (largest weights first) it tries
+every candidate with the others fixed, recaptures the step and keeps the fastest (one pass of
+coordinate descent). It then times the starting and the tuned configurations alternately, so
+the gain it reports is measured like any A/B in this workbook.
+"""
+from __future__ import annotations
+
+import statistics
+from typing import Callable
+
+from . import decode_attention, fused_matvec
+from .fused_matvec import KernelConfig
+
+# Per thread, at most this many weight values in registers: beyond it the kernel spills them.
+MAX_WEIGHTS_PER_THREAD = 128
+COLUMNS = (1, 2, 4, 8, 16)
+WARPS = (4, 8)
+# Largest weights first: the calls whose grids run the most waves.
+ORDER = ("gate_up", "down", "head", "qkv", "o_proj")
+
+
+def candidates(n: int, k: int, gated: bool = False) -> list[KernelConfig]:
+    """Grids for one matvec: a few output columns per program, the whole input row per load (or
+    half of it, for long rows), 4 or 8 warps; none that would hold more than
+    MAX_WEIGHTS_PER_THREAD weights per thread."""
+    row = min(4096, 1 << (k - 1).bit_length())
+    blocks = (row, row // 2) if row > 1024 else (row,)
+    found = []
+    for block_n in COLUMNS:
+        for block_k in blocks:
+            for warps in WARPS:
+                per_thread = block_n * block_k * (2 if gated else 1) // (32 * warps)
+                if block_n <= n and per_thread <= MAX_WEIGHTS_PER_THREAD:
+                    found.append(KernelConfig(block_n, block_k, warps))
+    return found
+
+
+def name_of(config: KernelConfig) -> str:
+    return f"n{config.block_n}_k{config.block_k}_w{config.warps}"
+
+
+def descend(knobs: dict[str, tuple], apply: Callable, rate: Callable[[], float]) -> dict:
+    """One pass of coordinate descent: knobs {name: (start, candidates)}, `apply(name, value)` sets
+    one, `rate()` measures the whole (higher is better). Each knob keeps its fastest candidate
+    before the next is tried. Returns {name: {"tried": {str(value): rate}, "best": value}}."""
+    found = {}
+    for name, (start, options) in knobs.items():
+        tried = {}
+        for value in options:
+            apply(name, value)
+            tried[value] = rate()
+        best = max(tried, key=tried.get)
+        apply(name, best)
+        found[name] = dict(start=start, tried=tried, best=best)
+    return found
+
+
+def tune(decoder, decode: Callable[[], float], repeats: int = 3, ab_rounds: int = 3) -> dict:
+    """Tune `decoder`'s step (a captured one, with `fused_matvec` and `fused_attention`) in place:
+    `decode()` runs one decode and returns its tokens per second. Leaves the fastest configurations
+    in `fused_matvec.CONFIGS` and `decode_attention.SPLITS`, so every decoder built after uses
+    them. Returns what was tried and the A/B of the starting against the tuned configurations."""
+    if not hasattr(decoder.step_fn, "recapture"):
+        raise ValueError("tuning recaptures the step: build the decoder with captured_graph")
+    rows, capacity = 2 * decoder.streams, decoder.capacity
+    keys = {}
+    for name, call in fused_matvec.step_calls(decoder.t3).items():
+        keys[name] = (rows, call["n"], call["k"], call.get("gated", False))
+
+    def current(name):
+        if name == "attention_splits":
+            return decode_attention.splits_for(capacity)
+        _, n, k, _ = keys[name]
+        return fused_matvec.CONFIGS.get(keys[name]) or fused_matvec.default_config(n, k)
+
+    def apply(name, value):
+        if name == "attention_splits":
+            decode_attention.SPLITS[capacity] = value
+        else:
+            fused_matvec.CONFIGS[keys[name]] = value
+
+    def rate():
+        decoder.step_fn.recapture()
+        decode()  # compiles a new configuration, warms up and captures
+        return statistics.median(decode() for _ in range(repeats))
+
+    knobs = {name: (current(name), candidates(*keys[name][1:])) for name in ORDER}
+    splits = [1 << e for e in range(decode_attention.MAX_SPLITS.bit_length())]
+    knobs["attention_splits"] = (current("attention_splits"), splits)
+    start = {name: knob[0] for name, knob in knobs.items()}
+    found = descend(knobs, apply, rate)
+    tuned = {name: entry["best"] for name, entry in found.items()}
+
+    def run_with(values):
+        for name, value in values.items():
+            apply(name, value)
+        return rate()
+
+    ab = {"start": [], "tuned": []}
+    for _ in range(ab_rounds):
+        ab["start"].append(run_with(start))
+        ab["tuned"].append(run_with(tuned))
+    run_with(tuned)
+
+    def shown(value):
+        return name_of(value) if isinstance(value, KernelConfig) else value
+
+    return dict(
+        method=f"coordinate descent over {', '.join(knobs)}; each candidate: step recaptured, one decode "
+               f"to warm up, median tok/s of {repeats}; then the starting and tuned configurations "
+               f"alternately, {ab_rounds} decodes each",
+        calls={name: dict(start=shown(entry["start"]), best=shown(entry["best"]),
+                          tried={shown(value): r for value, r in entry["tried"].items()})
+               for name, entry in found.items()},
+        start_tok_s=statistics.median(ab["start"]), tuned_tok_s=statistics.median(ab["tuned"]), raw=ab)

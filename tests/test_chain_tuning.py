@@ -1,0 +1,74 @@
+"""chain_tuning: candidates within the register budget, coordinate descent, and the wiring of `tune`."""
+import pytest
+import torch
+
+from chatterbox_lab import chain_tuning, decode_attention, fused_matvec
+from chatterbox_lab.decoder import T3Decoder, ladder_prefix, text_tokens_for
+from chatterbox_lab.fused_matvec import KernelConfig
+from chatterbox_lab.sampling import SamplingParams
+
+
+@pytest.mark.parametrize("n, k, gated", [(3072, 1024, False), (4096, 1024, True), (1024, 4096, False), (8, 80, False)])
+def test_candidates_stay_within_the_register_budget_and_load_whole_rows(n, k, gated):
+    found = chain_tuning.candidates(n, k, gated)
+    assert found and len(set(found)) == len(found)
+    row = 1 << (k - 1).bit_length()
+    for config in found:
+        assert config.block_n <= n and config.block_k in (row, row // 2)
+        assert config.block_n * config.block_k * (2 if gated else 1) <= 32 * config.warps * 128
+    assert any(c.block_k == row // 2 for c in found) == (row > 1024)
+
+
+def test_descent_keeps_each_knobs_best_before_trying_the_next():
+    state = {"a": 0, "b": 0}
+    seen = []
+
+    def apply(name, value):
+        state[name] = value
+
+    def rate():
+        seen.append(dict(state))
+        return -(state["a"] - 2) ** 2 - (state["b"] - state["a"]) ** 2  # b's best depends on a
+
+    found = chain_tuning.descend({"a": (0, [0, 1, 2, 3]), "b": (0, [0, 1, 2, 3])}, apply, rate)
+    # One pass: a is chosen with b at its start, then b with a at its best (not the joint optimum).
+    assert state == {"a": 1, "b": 1} and found["a"]["best"] == 1 and found["b"]["best"] == 1
+    assert [s["b"] for s in seen[:4]] == [0] * 4 and [s["a"] for s in seen[4:]] == [1] * 4
+    assert found["a"]["tried"] == {0: -4, 1: -2, 2: -4, 3: -10}
+
+
+def test_tune_recaptures_for_every_candidate_and_leaves_the_fastest(tiny_tts, monkeypatch):
+    """The decode here is real but its rate is made up (favouring 4 columns a program for gate/up
+    and 2 splits): what is under test is that every knob is tried on a recaptured step and
+    the winners are left in place for later decoders."""
+    monkeypatch.setattr(fused_matvec, "CONFIGS", {})
+    monkeypatch.setattr(decode_attention, "SPLITS", {})
+    monkeypatch.setattr(chain_tuning, "COLUMNS", (1, 4))
+    monkeypatch.setattr(chain_tuning, "WARPS", (4,))
+    decoder = T3Decoder(tiny_tts.t3, ladder_prefix("captured_graph") - {"bf16"}, max_new_tokens=4)
+    text = text_tokens_for(tiny_tts, "Tuned in the chain.")
+    recaptures = []
+    recapture = decoder.step_fn.recapture
+    monkeypatch.setattr(decoder.step_fn, "recapture", lambda: recaptures.append(1) or recapture())
+    gate_up = next((2, c["n"], c["k"], True) for name, c in fused_matvec.step_calls(decoder.t3).items()
+                   if name == "gate_up")
+
+    def decode():
+        decoder.generate(tiny_tts.conds.t3, text, 2, SamplingParams(), stop_on_eos=False)
+        config = fused_matvec.CONFIGS.get(gate_up)
+        return 100.0 + (config is not None and config.block_n == 4) + \
+            (decode_attention.SPLITS.get(decoder.capacity) == 2)
+
+    found = chain_tuning.tune(decoder, decode, repeats=1, ab_rounds=1)
+    assert set(found["calls"]) == {*chain_tuning.ORDER, "attention_splits"}
+    tried = sum(len(entry["tried"]) for entry in found["calls"].values())
+    assert len(recaptures) == tried + 3  # the candidates, the A/B's two, and the tuned ones again
+    assert found["calls"]["gate_up"]["best"].startswith("n4_")
+    assert fused_matvec.CONFIGS[gate_up].block_n == 4 and decode_attention.SPLITS[decoder.capacity] == 2
+    assert found["tuned_tok_s"] == 102.0 and found["start_tok_s"] < 102.0
+
+
+def test_tune_needs_a_captured_step(tiny_tts):
+    decoder = T3Decoder(tiny_tts.t3, ("static_cache",))
+    with pytest.raises(ValueError, match="captured_graph"):
+        chain_tuning.tune(decoder, lambda: 1.0)
