@@ -9,6 +9,10 @@ starts loading its weights only after the wait, on the step's critical path. In 
 `fused_bookkeeping`, gate/up (2,048 programs, the sweep's choice) ends 8.5 us after o_proj
 for 5.6 us of weights, and down launches only when gate/up's last wave starts.
 
+The attention kernel's layout is tuned the same way: stretches of the slots, combined by the last
+program to finish (a fence, an atomic and a second round trip after the wait), against shares
+of the value dimensions that need no combine.
+
 `tune` times whole decodes instead: for one kernel at a time (largest weights first) it tries
 every candidate with the others fixed, recaptures the step and keeps the fastest (one pass of
 coordinate descent). It then times the starting and the tuned configurations alternately, so
@@ -20,12 +24,17 @@ import statistics
 from typing import Callable
 
 from . import decode_attention, fused_matvec
+from .decode_attention import AttentionConfig
 from .fused_matvec import KernelConfig
 
-# Per thread, at most this many weight values in registers: beyond it the kernel spills them.
-MAX_WEIGHTS_PER_THREAD = 128
+# Per thread, at most this many weights (or cached keys and values) loaded before the wait:
+# beyond it the kernel spills them.
+MAX_VALUES_PER_THREAD = 128
 COLUMNS = (1, 2, 4, 8, 16)
 WARPS = (4, 8)
+ATTENTION_SPLITS = (1, 2, 4, 8)
+ATTENTION_PARTS = (1, 2, 4, 8)
+ATTENTION_WARPS = (4, 8, 16)
 # Largest weights first: the calls whose grids run the most waves.
 ORDER = ("gate_up", "down", "head", "qkv", "o_proj")
 
@@ -33,20 +42,40 @@ ORDER = ("gate_up", "down", "head", "qkv", "o_proj")
 def candidates(n: int, k: int, gated: bool = False) -> list[KernelConfig]:
     """Grids for one matvec: a few output columns per program, the whole input row per load (or
     half of it, for long rows), 4 or 8 warps; none that would hold more than
-    MAX_WEIGHTS_PER_THREAD weights per thread."""
-    row = min(4096, 1 << (k - 1).bit_length())
+    MAX_VALUES_PER_THREAD weights per thread."""
+    row = min(4096, _power_of_two_from(k))
     blocks = (row, row // 2) if row > 1024 else (row,)
     found = []
     for block_n in COLUMNS:
         for block_k in blocks:
             for warps in WARPS:
                 per_thread = block_n * block_k * (2 if gated else 1) // (32 * warps)
-                if block_n <= n and per_thread <= MAX_WEIGHTS_PER_THREAD:
+                if block_n <= n and per_thread <= MAX_VALUES_PER_THREAD:
                     found.append(KernelConfig(block_n, block_k, warps))
     return found
 
 
-def name_of(config: KernelConfig) -> str:
+def attention_candidates(capacity: int, head_dim: int) -> list[AttentionConfig]:
+    """Layouts of the attention kernel: each stretch of slots one block (up to 512 slots), the value
+    dimensions in 1 to 8 shares, and the two fewest warps that hold the block's keys and values
+    within MAX_VALUES_PER_THREAD."""
+    found = []
+    for splits in ATTENTION_SPLITS:
+        block = max(decode_attention.BLOCK_SLOTS, min(512, _power_of_two_from(-(-capacity // splits))))
+        for parts in (p for p in ATTENTION_PARTS if p <= head_dim):
+            values = block * (head_dim + head_dim // parts)
+            warps = [w for w in ATTENTION_WARPS if values // (32 * w) <= MAX_VALUES_PER_THREAD][:2]
+            found += [AttentionConfig(splits, parts, block, w) for w in warps]
+    return found
+
+
+def _power_of_two_from(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def name_of(config) -> str:
+    if isinstance(config, AttentionConfig):
+        return f"s{config.splits}_p{config.parts}_b{config.block}_w{config.warps}"
     return f"n{config.block_n}_k{config.block_k}_w{config.warps}"
 
 
@@ -69,8 +98,8 @@ def descend(knobs: dict[str, tuple], apply: Callable, rate: Callable[[], float])
 def tune(decoder, decode: Callable[[], float], repeats: int = 3, ab_rounds: int = 3) -> dict:
     """Tune `decoder`'s step (a captured one, with `fused_matvec` and `fused_attention`) in place:
     `decode()` runs one decode and returns its tokens per second. Leaves the fastest configurations
-    in `fused_matvec.CONFIGS` and `decode_attention.SPLITS`, so every decoder built after uses
-    them. Returns what was tried and the A/B of the starting against the tuned configurations."""
+    in `fused_matvec.CONFIGS` and `decode_attention.CONFIGS`, which decoders read when they capture
+    their step. Returns what was tried and the A/B of the starting against the tuned configurations."""
     if not hasattr(decoder.step_fn, "recapture"):
         raise ValueError("tuning recaptures the step: build the decoder with captured_graph")
     rows, capacity = 2 * decoder.streams, decoder.capacity
@@ -79,14 +108,14 @@ def tune(decoder, decode: Callable[[], float], repeats: int = 3, ab_rounds: int 
         keys[name] = (rows, call["n"], call["k"], call.get("gated", False))
 
     def current(name):
-        if name == "attention_splits":
-            return decode_attention.splits_for(capacity)
+        if name == "attention":
+            return decode_attention.config_for(capacity)
         _, n, k, _ = keys[name]
         return fused_matvec.CONFIGS.get(keys[name]) or fused_matvec.default_config(n, k)
 
     def apply(name, value):
-        if name == "attention_splits":
-            decode_attention.SPLITS[capacity] = value
+        if name == "attention":
+            decode_attention.CONFIGS[capacity] = value
         else:
             fused_matvec.CONFIGS[keys[name]] = value
 
@@ -95,9 +124,9 @@ def tune(decoder, decode: Callable[[], float], repeats: int = 3, ab_rounds: int 
         decode()  # compiles a new configuration, warms up and captures
         return statistics.median(decode() for _ in range(repeats))
 
-    knobs = {name: (current(name), candidates(*keys[name][1:])) for name in ORDER}
-    splits = [1 << e for e in range(decode_attention.MAX_SPLITS.bit_length())]
-    knobs["attention_splits"] = (current("attention_splits"), splits)
+    # Attention first: its layout changes how many programs the matvec kernels have room for.
+    knobs = {"attention": (current("attention"), attention_candidates(capacity, decoder.forward.head_dim))}
+    knobs.update({name: (current(name), candidates(*keys[name][1:])) for name in ORDER})
     start = {name: knob[0] for name, knob in knobs.items()}
     found = descend(knobs, apply, rate)
     tuned = {name: entry["best"] for name, entry in found.items()}
@@ -113,14 +142,11 @@ def tune(decoder, decode: Callable[[], float], repeats: int = 3, ab_rounds: int 
         ab["tuned"].append(run_with(tuned))
     run_with(tuned)
 
-    def shown(value):
-        return name_of(value) if isinstance(value, KernelConfig) else value
-
     return dict(
         method=f"coordinate descent over {', '.join(knobs)}; each candidate: step recaptured, one decode "
                f"to warm up, median tok/s of {repeats}; then the starting and tuned configurations "
                f"alternately, {ab_rounds} decodes each",
-        calls={name: dict(start=shown(entry["start"]), best=shown(entry["best"]),
-                          tried={shown(value): r for value, r in entry["tried"].items()})
+        calls={name: dict(start=name_of(entry["start"]), best=name_of(entry["best"]),
+                          tried={name_of(value): r for value, r in entry["tried"].items()})
                for name, entry in found.items()},
         start_tok_s=statistics.median(ab["start"]), tuned_tok_s=statistics.median(ab["tuned"]), raw=ab)

@@ -12,7 +12,11 @@ quarter of the SMs busy. Here one kernel does it all:
   already written (the position is device data, so a captured graph serves every
   step) and fold them with an online softmax;
 - the program that finishes a (row, head) last combines the stretches, found by an
-  arrival counter it resets for the next call, so no second kernel is launched.
+  arrival counter it resets for the next call, so no second kernel is launched;
+- or programs split each (row, head)'s value dimensions into `parts` instead: each scores
+  every slot itself and owns its share of the output, so none waits for another. The
+  combine's fence, atomic and second round trip leave the critical path; what it costs is
+  the keys read by every part (from L2 after the first).
 
 The new key and value are used from registers: no program reads the slot being
 written, so there is no race between the writer and the readers.
@@ -25,6 +29,8 @@ otherwise, and as the reference, `t3_forward.cached_attention`: transformers' ro
 `StaticKVCache.update` and SDPA under a mask.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -40,17 +46,30 @@ if triton is not None:
 BLOCK_SLOTS = 64
 MAX_SPLITS = 16
 
-# Per cache capacity: the split count `sweep` found fastest on the card; others use the default.
-SPLITS: dict[int, int] = {}
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """How the kernel's programs divide one (row, head)."""
+    splits: int  # stretches of the slots, combined by the program that finishes last
+    parts: int   # shares of the value dimensions, each scoring every slot of its stretch
+    block: int   # slots per load; a program's first block loads before its wait
+    warps: int
 
 
 def splits_for(capacity: int) -> int:
-    """Programs per (row, head), a power of two: by default one block of slots each, so that even
+    """The default stretches per (row, head), a power of two: one block of slots each, so that even
     a lone CFG pair's 32 (row, head) pairs spread over most of the SMs."""
-    if capacity in SPLITS:
-        return SPLITS[capacity]
     blocks = -(-capacity // BLOCK_SLOTS)
     return min(MAX_SPLITS, 1 << (blocks - 1).bit_length())
+
+
+# Per cache capacity: the layout found fastest on the card (`sweep`, `chain_tuning`).
+CONFIGS: dict[int, AttentionConfig] = {}
+
+
+def config_for(capacity: int) -> AttentionConfig:
+    return CONFIGS.get(capacity) or AttentionConfig(splits_for(capacity), 1, BLOCK_SLOTS, 4)
 
 
 if triton is not None:
@@ -83,25 +102,28 @@ if triton is not None:
         return row, head, kv_head, pos, cache_row, start, tl.minimum(start + stretch, pos), stretch
 
     @triton.jit
-    def _slot_block(keys_ptr, values_ptr, cache_row, first, end, D: tl.constexpr, BLOCK: tl.constexpr):
-        """The cached keys and values of slots [first, first + BLOCK) below `end`: (BLOCK, D) each."""
+    def _slot_block(keys_ptr, values_ptr, cache_row, first, end, part, D: tl.constexpr, BLOCK: tl.constexpr,
+                    PARTS: tl.constexpr):
+        """The cached keys and values of slots [first, first + BLOCK) below `end`: keys (BLOCK, D),
+        values (BLOCK, D // PARTS), the value dimensions of share `part`."""
+        DV: tl.constexpr = D // PARTS
         ok = (first + tl.arange(0, BLOCK)) < end
-        offsets = (cache_row + first + tl.arange(0, BLOCK))[:, None] * D + tl.arange(0, D)[None, :]
-        keys = tl.load(keys_ptr + offsets, mask=ok[:, None], other=0.0)
-        values = tl.load(values_ptr + offsets, mask=ok[:, None], other=0.0)
+        slot = (cache_row + first + tl.arange(0, BLOCK))[:, None] * D
+        keys = tl.load(keys_ptr + slot + tl.arange(0, D)[None, :], mask=ok[:, None], other=0.0)
+        values = tl.load(values_ptr + slot + part * DV + tl.arange(0, DV)[None, :], mask=ok[:, None], other=0.0)
         return keys, values
 
     @triton.jit
-    def first_block(pos_ptr, stride_pos, keys_ptr, values_ptr, capacity, row_head, split,
+    def first_block(pos_ptr, stride_pos, keys_ptr, values_ptr, capacity, row_head, split, part,
                     HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-                    BLOCK: tl.constexpr, SPLIT_FILLED: tl.constexpr):
+                    BLOCK: tl.constexpr, SPLIT_FILLED: tl.constexpr, PARTS: tl.constexpr):
         """The first block of this program's stretch, for `attend`. Its slots were written by earlier
         steps, never by a kernel of this one, so a programmatic dependent may load them before its
         wait. So may it the position: the step's first dependent kernel is launched only once the
         PyTorch kernels before it, which write the position, have finished."""
         _, _, _, _, cache_row, start, end, _ = _stretch(pos_ptr, stride_pos, capacity, row_head, split, HEADS,
                                                         KV_HEADS, SPLITS, BLOCK, SPLIT_FILLED)
-        return _slot_block(keys_ptr, values_ptr, cache_row, start, end, D, BLOCK)
+        return _slot_block(keys_ptr, values_ptr, cache_row, start, end, part, D, BLOCK, PARTS)
 
     @triton.jit
     def _fold(best, total, acc, q, keys, values, ok):
@@ -118,35 +140,37 @@ if triton is not None:
     @triton.jit
     def attend(q_ptr, k_ptr, v_ptr, stride_q, stride_k, stride_v, pos_ptr, stride_pos,
                cos_ptr, sin_ptr, keys_ptr, values_ptr, out_ptr, stride_out, partial_ptr, arrivals_ptr,
-               capacity, scale, row_head, split, first_keys, first_values, HEADS: tl.constexpr,
+               capacity, scale, row_head, split, part, first_keys, first_values, HEADS: tl.constexpr,
                KV_HEADS: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr,
-               SPLIT_FILLED: tl.constexpr):
-        """Stretch `split` of (row, head) `row_head`: one program's share of the kernel, with the
-        stretch's first block already loaded (`first_block`).
+               SPLIT_FILLED: tl.constexpr, PARTS: tl.constexpr):
+        """Stretch `split`, value share `part`, of (row, head) `row_head`: one program's share of the
+        kernel, with the stretch's first block already loaded (`first_block`).
         `SPLIT_FILLED`: the stretches divide the filled slots, not the whole capacity (for a
         caller whose split count is fixed by its grid rather than by the cache)."""
         row, head, kv_head, pos, cache_row, start, end, stretch = _stretch(
             pos_ptr, stride_pos, capacity, row_head, split, HEADS, KV_HEADS, SPLITS, BLOCK, SPLIT_FILLED)
         d = tl.arange(0, D)
+        DV: tl.constexpr = D // PARTS
+        dv = part * DV + tl.arange(0, DV)
 
         # The scale folded into q, in fp32: a compiled graph passes Python floats as fp64.
         q = _rotated(q_ptr + row * stride_q + head * D, cos_ptr, sin_ptr, pos, D).to(tl.float32) \
             * tl.cast(scale, tl.float32)
         k_new = _rotated(k_ptr + row * stride_k + kv_head * D, cos_ptr, sin_ptr, pos, D)
-        v_new = tl.load(v_ptr + row * stride_v + kv_head * D + d)
-        if (split == 0) & (head % (HEADS // KV_HEADS) == 0):
+        v_new = tl.load(v_ptr + row * stride_v + kv_head * D + dv)
+        if (split == 0) & (part == 0) & (head % (HEADS // KV_HEADS) == 0):
             tl.store(keys_ptr + (cache_row + pos) * D + d, k_new)
-            tl.store(values_ptr + (cache_row + pos) * D + d, v_new)
+            tl.store(values_ptr + (cache_row + pos) * D + d, tl.load(v_ptr + row * stride_v + kv_head * D + d))
 
         # This program's stretch of the slots before `pos`; the one holding `pos` adds it.
         best = tl.full([], float("-inf"), tl.float32)
         total = tl.zeros([], dtype=tl.float32)
-        acc = tl.zeros([D], dtype=tl.float32)
+        acc = tl.zeros([DV], dtype=tl.float32)
         if start < end:  # an all-masked block would give exp(-inf - -inf)
             best, total, acc = _fold(best, total, acc, q, first_keys, first_values,
                                      (start + tl.arange(0, BLOCK)) < end)
         for first in range(start + BLOCK, end, BLOCK):
-            keys, values = _slot_block(keys_ptr, values_ptr, cache_row, first, end, D, BLOCK)
+            keys, values = _slot_block(keys_ptr, values_ptr, cache_row, first, end, part, D, BLOCK, PARTS)
             best, total, acc = _fold(best, total, acc, q, keys, values, (first + tl.arange(0, BLOCK)) < end)
         if (pos >= start) & (pos < start + stretch):
             score = tl.sum(k_new.to(tl.float32) * q, axis=0)
@@ -157,20 +181,21 @@ if triton is not None:
             total = total * rescale + weight
             best = new_best
 
-        out_at = out_ptr + row * stride_out + head * D + d
+        out_at = out_ptr + row * stride_out + head * D
         if SPLITS == 1:
-            tl.store(out_at, (acc / total).to(out_ptr.dtype.element_ty))
+            tl.store(out_at + dv, (acc / total).to(out_ptr.dtype.element_ty))
         else:
-            # Each stretch leaves (best, total, acc); the last program of this (row, head) to
-            # arrive combines them. The barrier and the release/acquire counter make every
-            # program's partial visible to it; .cg loads skip the L1, which may hold stale lines.
+            # Each stretch leaves (best, total, acc), each value share its part of acc (and the same
+            # best and total); the last program of this (row, head) to arrive combines them. The
+            # barrier and the release/acquire counter make every program's partial visible to it;
+            # .cg loads skip the L1, which may hold stale lines.
             partial = partial_ptr + (row_head * SPLITS + split) * (D + 2)
-            tl.store(partial + d, acc)
+            tl.store(partial + dv, acc)
             tl.store(partial + D, best)
             tl.store(partial + D + 1, total)
             tl.debug_barrier()
             arrived = tl.atomic_add(arrivals_ptr + row_head, 1, sem="acq_rel")
-            if arrived == SPLITS - 1:
+            if arrived == SPLITS * PARTS - 1:
                 parts = partial_ptr + (row_head * SPLITS + tl.arange(0, SPLITS)) * (D + 2)
                 bests = tl.load(parts + D, cache_modifier=".cg")
                 totals = tl.load(parts + D + 1, cache_modifier=".cg")
@@ -178,7 +203,7 @@ if triton is not None:
                 overall = tl.max(bests, axis=0)
                 weights = tl.exp(bests - overall)
                 combined = tl.sum(weights[:, None] * accs, axis=0) / tl.sum(weights * totals, axis=0)
-                tl.store(out_at, combined.to(out_ptr.dtype.element_ty))
+                tl.store(out_at + d, combined.to(out_ptr.dtype.element_ty))
                 tl.store(arrivals_ptr + row_head, 0)
 
     @triton.jit
@@ -186,10 +211,11 @@ if triton is not None:
                                  cos_ptr, sin_ptr, keys_ptr, values_ptr, out_ptr, stride_out,
                                  partial_ptr, arrivals_ptr, capacity, scale,
                                  HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr,
-                                 SPLITS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
+                                 SPLITS: tl.constexpr, BLOCK: tl.constexpr, PARTS: tl.constexpr, PDL: tl.constexpr,
                                  AHEAD: tl.constexpr):
         row_head = tl.program_id(0)
-        split = tl.program_id(1)
+        split = tl.program_id(1) // PARTS
+        part = tl.program_id(1) % PARTS
         # q, k, v are earlier kernels' work: a dependent launch waits for them. Ahead, it lets the
         # next kernel launch at once (as `fused_matvec.triton_matvec` does) and waits only after
         # loading its first block of earlier slots, which no kernel of this step writes.
@@ -198,13 +224,13 @@ if triton is not None:
         elif PDL:
             gdc_wait()
             gdc_launch_dependents()
-        keys, values = first_block(pos_ptr, stride_pos, keys_ptr, values_ptr, capacity, row_head, split,
-                                   HEADS, KV_HEADS, D, SPLITS, BLOCK, False)
+        keys, values = first_block(pos_ptr, stride_pos, keys_ptr, values_ptr, capacity, row_head, split, part,
+                                   HEADS, KV_HEADS, D, SPLITS, BLOCK, False, PARTS)
         if PDL and AHEAD:
             gdc_wait()
         attend(q_ptr, k_ptr, v_ptr, stride_q, stride_k, stride_v, pos_ptr, stride_pos, cos_ptr, sin_ptr,
                keys_ptr, values_ptr, out_ptr, stride_out, partial_ptr, arrivals_ptr, capacity, scale,
-               row_head, split, keys, values, HEADS, KV_HEADS, D, SPLITS, BLOCK, False)
+               row_head, split, part, keys, values, HEADS, KV_HEADS, D, SPLITS, BLOCK, False, PARTS)
 
 
 def kernel_applies(q: torch.Tensor) -> bool:
@@ -214,16 +240,23 @@ def kernel_applies(q: torch.Tensor) -> bool:
     return q.is_cuda or (q.device.type == "cpu" and fused_matvec.interpreter_on_cpu)
 
 
-def attention_launch(q, k, v, positions, cos, sin, keys, values, arrivals, splits: int):
+def _power_of_two(n: int) -> bool:
+    return n >= 1 and not n & (n - 1)
+
+
+def attention_launch(q, k, v, positions, cos, sin, keys, values, arrivals, config: AttentionConfig):
     """The attention kernel's arguments for `first_block` / `attend` (checked), its constexprs and
     its output (rows, heads * D): shared by this module's kernel and `head_handoff`'s."""
     rows, _, width = q.shape
     head_dim = cos.size(-1)
     heads, kv_heads = width // head_dim, keys.size(1)
+    splits = config.splits
     if not (keys.is_contiguous() and values.is_contiguous()):
         raise ValueError("the kernel addresses the cache buffers as contiguous (rows, kv heads, slots, dim)")
-    if splits < 1 or splits & (splits - 1):
-        raise ValueError(f"splits must be a power of two, got {splits}")
+    if not (_power_of_two(splits) and _power_of_two(config.parts) and _power_of_two(config.block)):
+        raise ValueError(f"splits, parts and block must be powers of two, got {config}")
+    if config.parts > head_dim:
+        raise ValueError(f"parts ({config.parts}) cannot be more than the head's {head_dim} value dimensions")
     if arrivals.numel() < rows * heads or arrivals.dtype != torch.int32:
         raise ValueError(f"arrivals must be an int32 counter with at least {rows * heads} entries")
     q2, k2, v2 = (t[:, 0] for t in (q, k, v))
@@ -232,12 +265,13 @@ def attention_launch(q, k, v, positions, cos, sin, keys, values, arrivals, split
     positions = positions.reshape(-1)
     args = (q2, k2, v2, q2.stride(0), k2.stride(0), v2.stride(0), positions, 0 if positions.numel() == 1 else 1,
             cos, sin, keys, values, out, out.stride(0), partial, arrivals, keys.size(2), head_dim ** -0.5)
-    constexprs = dict(HEADS=heads, KV_HEADS=kv_heads, D=head_dim, SPLITS=splits, BLOCK=BLOCK_SLOTS)
+    constexprs = dict(HEADS=heads, KV_HEADS=kv_heads, D=head_dim, SPLITS=splits, BLOCK=config.block,
+                      PARTS=config.parts)
     return args, constexprs, out
 
 
-def triton_decode_attention(q, k, v, positions, cos, sin, keys, values, arrivals, splits: int, pdl: bool = False,
-                            ahead: bool = False):
+def triton_decode_attention(q, k, v, positions, cos, sin, keys, values, arrivals, config: AttentionConfig,
+                            pdl: bool = False, ahead: bool = False):
     """`t3_forward.cached_attention` for one query position as one kernel: q (B, 1, heads * D),
     k and v (B, 1, kv_heads * D) at `positions` ((1,) shared, or (B, 1) one per row), written
     into `keys` and `values` (B, kv_heads, capacity, D), the whole cache of one layer.
@@ -246,17 +280,18 @@ def triton_decode_attention(q, k, v, positions, cos, sin, keys, values, arrivals
     `fused_matvec.triton_matvec` is."""
     from torch.library import wrap_triton
 
-    args, constexprs, out = attention_launch(q, k, v, positions, cos, sin, keys, values, arrivals, splits)
+    args, constexprs, out = attention_launch(q, k, v, positions, cos, sin, keys, values, arrivals, config)
     rows, heads = q.size(0), constexprs["HEADS"]
-    wrap_triton(_decode_attention_kernel)[(rows * heads, splits)](
-        *args, **constexprs, PDL=pdl, AHEAD=ahead, num_warps=4, **({"launch_pdl": True} if pdl else {}))
+    wrap_triton(_decode_attention_kernel)[(rows * heads, config.splits * config.parts)](
+        *args, **constexprs, PDL=pdl, AHEAD=ahead, num_warps=config.warps, **({"launch_pdl": True} if pdl else {}))
     return out.view(rows, 1, q.size(-1))
 
 
 def sweep(t3, capacity: int, rows: int = 2, dtype: torch.dtype = torch.bfloat16, layers: int = 30) -> dict:
     """Microseconds per call at the last position of a `capacity`-slot cache, inside a CUDA graph
     over `layers` caches (as many as a step reads, so they are not all in L2): PyTorch's path,
-    then the kernel at each split count; the fastest count goes into SPLITS."""
+    then the kernel at each split count (one block of slots a load, 4 warps); the fastest goes
+    into CONFIGS."""
     from .fused_matvec import time_in_graph
     from .kv_cache import StaticKVCache
     from .t3_forward import cached_attention, rotary_tables
@@ -279,10 +314,11 @@ def sweep(t3, capacity: int, rows: int = 2, dtype: torch.dtype = torch.bfloat16,
         [lambda i=i: cached_attention(q, k, v, positions, slice(None), rotary, cache, i, mask)
          for i in range(layers)]) * 1e6, splits={})
     for splits in (1 << e for e in range(MAX_SPLITS.bit_length())):
+        config = AttentionConfig(splits, 1, BLOCK_SLOTS, 4)
         found["splits"][str(splits)] = time_in_graph(
             [lambda i=i: triton_decode_attention(q, k, v, positions, cos, sin, cache.keys[i], cache.values[i],
-                                                 arrivals, splits) for i in range(layers)]) * 1e6
+                                                 arrivals, config) for i in range(layers)]) * 1e6
     best = min(found["splits"], key=found["splits"].get)
     found["best"], found["best_us"] = int(best), found["splits"][best]
-    SPLITS[capacity] = int(best)
+    CONFIGS[capacity] = AttentionConfig(int(best), 1, BLOCK_SLOTS, 4)
     return found

@@ -62,7 +62,7 @@ if triton is not None:
                         BIAS: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
                         AHEAD: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr,
-                        SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+                        SPLITS: tl.constexpr, BLOCK: tl.constexpr, PARTS: tl.constexpr):
         if PDL and AHEAD:
             gdc_launch_dependents()
         program = tl.program_id(0)
@@ -77,8 +77,8 @@ if triton is not None:
             job = program - qkv_programs
             row_head = job // SPLITS
             split = job % SPLITS
-            keys, values = first_block(pos_ptr, stride_pos, keys_ptr, values_ptr, capacity, row_head, split,
-                                       HEADS, KV_HEADS, D, SPLITS, BLOCK, False)
+            keys, values = first_block(pos_ptr, stride_pos, keys_ptr, values_ptr, capacity, row_head, split, 0,
+                                       HEADS, KV_HEADS, D, SPLITS, BLOCK, False, PARTS)
             group = row_head % HEADS // (HEADS // KV_HEADS)
             writers = (HEADS // KV_HEADS + 2) * D // BLOCK_N
             if PDL:
@@ -100,7 +100,7 @@ if triton is not None:
             departed = tl.atomic_add(departed_ptr + group, 1, sem="relaxed")
             attend(q_ptr, k_ptr, v_ptr, stride_q, stride_k, stride_v, pos_ptr, stride_pos, cos_ptr, sin_ptr,
                    keys_ptr, values_ptr, out_ptr, stride_out, partial_ptr, arrivals_ptr, capacity, scale,
-                   row_head, split, keys, values, HEADS, KV_HEADS, D, SPLITS, BLOCK, False)
+                   row_head, split, 0, keys, values, HEADS, KV_HEADS, D, SPLITS, BLOCK, False, PARTS)
             if departed == readers - 1:
                 tl.store(ready_ptr + group, 0)
                 tl.store(departed_ptr + group, 0)
@@ -134,8 +134,10 @@ def handoff_attention(x: torch.Tensor, qkv_weight: torch.Tensor, norm: fused_mat
     rows, head_dim = matvec.out.size(0), cos.size(-1)
     kv_width = keys.size(1) * head_dim
     q, k, v = matvec.out[:, None].split([matvec.out.size(1) - 2 * kv_width, kv_width, kv_width], dim=-1)
-    attention, shape, out = decode_attention.attention_launch(q, k, v, positions, cos, sin, keys, values, arrivals,
-                                                              splits)
+    # One program a stretch, as the readers counted per group assume.
+    attention, shape, out = decode_attention.attention_launch(
+        q, k, v, positions, cos, sin, keys, values, arrivals,
+        decode_attention.AttentionConfig(splits, 1, decode_attention.BLOCK_SLOTS, matvec.warps))
     if head_dim % matvec.constexprs["BLOCK_N"]:
         raise ValueError(f"each q/k/v program must write one head's columns: {matvec.constexprs['BLOCK_N']} "
                          f"columns a program do not divide head_dim {head_dim}")

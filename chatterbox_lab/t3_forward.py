@@ -124,7 +124,6 @@ class StaticT3Forward:
         if launch_ahead and not dependent_launch:
             raise ValueError("launch_ahead changes when a dependent launch happens: pass dependent_launch=True")
         self.launch = dict(pdl=dependent_launch, ahead=launch_ahead)
-        self.splits = decode_attention.splits_for(capacity)
         # The kernel's per-(row, head) arrival counter: zero between calls, at a fixed address.
         self.arrivals = torch.zeros(batch * self.n_heads, dtype=torch.int32, device=weight.device)
         torch._dynamo.mark_static_address(self.arrivals)
@@ -160,7 +159,8 @@ class StaticT3Forward:
         if mask is None and self.handoff is not None and head_handoff.kernel_applies(x, self.fused.qkv[i]):
             out = head_handoff.handoff_attention(
                 x, self.fused.qkv[i], Norm.of(layer.input_layernorm), positions, self.cos, self.sin,
-                self.cache.keys[i], self.cache.values[i], self.arrivals, self.handoff[i], self.splits, **self.launch,
+                self.cache.keys[i], self.cache.values[i], self.arrivals, self.handoff[i],
+                decode_attention.config_for(self.capacity).splits, **self.launch,
                 refuse=False)
             if out is not None:
                 return out
@@ -168,7 +168,7 @@ class StaticT3Forward:
         if mask is None:
             return decode_attention.triton_decode_attention(
                 q, k, v, positions, self.cos, self.sin, self.cache.keys[i], self.cache.values[i],
-                self.arrivals, self.splits, **self.launch)
+                self.arrivals, decode_attention.config_for(self.capacity), **self.launch)
         return cached_attention(q, k, v, positions, rows, rotary, self.cache, i, mask)
 
     def _layer(self, i: int, layer, x: torch.Tensor, positions: torch.Tensor, rows: slice, rotary, mask):

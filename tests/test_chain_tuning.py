@@ -39,10 +39,10 @@ def test_descent_keeps_each_knobs_best_before_trying_the_next():
 
 def test_tune_recaptures_for_every_candidate_and_leaves_the_fastest(tiny_tts, monkeypatch):
     """The decode here is real but its rate is made up (favouring 4 columns a program for gate/up
-    and 2 splits): what is under test is that every knob is tried on a recaptured step and
+    and two value shares of attention): what is under test is that every knob is tried on a recaptured step and
     the winners are left in place for later decoders."""
     monkeypatch.setattr(fused_matvec, "CONFIGS", {})
-    monkeypatch.setattr(decode_attention, "SPLITS", {})
+    monkeypatch.setattr(decode_attention, "CONFIGS", {})
     monkeypatch.setattr(chain_tuning, "COLUMNS", (1, 4))
     monkeypatch.setattr(chain_tuning, "WARPS", (4,))
     decoder = T3Decoder(tiny_tts.t3, ladder_prefix("captured_graph") - {"bf16"}, max_new_tokens=4)
@@ -57,15 +57,25 @@ def test_tune_recaptures_for_every_candidate_and_leaves_the_fastest(tiny_tts, mo
         decoder.generate(tiny_tts.conds.t3, text, 2, SamplingParams(), stop_on_eos=False)
         config = fused_matvec.CONFIGS.get(gate_up)
         return 100.0 + (config is not None and config.block_n == 4) + \
-            (decode_attention.SPLITS.get(decoder.capacity) == 2)
+            (decode_attention.config_for(decoder.capacity).parts == 2)
 
     found = chain_tuning.tune(decoder, decode, repeats=1, ab_rounds=1)
-    assert set(found["calls"]) == {*chain_tuning.ORDER, "attention_splits"}
+    assert set(found["calls"]) == {*chain_tuning.ORDER, "attention"}
     tried = sum(len(entry["tried"]) for entry in found["calls"].values())
     assert len(recaptures) == tried + 3  # the candidates, the A/B's two, and the tuned ones again
     assert found["calls"]["gate_up"]["best"].startswith("n4_")
-    assert fused_matvec.CONFIGS[gate_up].block_n == 4 and decode_attention.SPLITS[decoder.capacity] == 2
+    assert fused_matvec.CONFIGS[gate_up].block_n == 4 and decode_attention.CONFIGS[decoder.capacity].parts == 2
     assert found["tuned_tok_s"] == 102.0 and found["start_tok_s"] < 102.0
+
+
+@pytest.mark.parametrize("capacity", [128, 448, 1024])
+def test_attention_candidates_hold_one_stretch_in_a_block_within_the_registers(capacity):
+    found = chain_tuning.attention_candidates(capacity, 64)
+    assert {c.splits for c in found} == set(chain_tuning.ATTENTION_SPLITS)
+    assert {c.parts for c in found} == set(chain_tuning.ATTENTION_PARTS)
+    for c in found:
+        assert c.block >= min(512, -(-capacity // c.splits)) or c.block == 512
+        assert c.block * (64 + 64 // c.parts) <= 32 * c.warps * chain_tuning.MAX_VALUES_PER_THREAD
 
 
 def test_tune_needs_a_captured_step(tiny_tts):

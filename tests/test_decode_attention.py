@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from chatterbox_lab import decode_attention, equivalence
+from chatterbox_lab.decode_attention import AttentionConfig
 from chatterbox_lab.decoder import T3Decoder, check_steps, text_tokens_for
 from chatterbox_lab.kv_cache import StaticKVCache
 from chatterbox_lab.t3_forward import cached_attention
@@ -18,11 +19,15 @@ def _caches(rows, kv_heads, capacity, head_dim):
     return caches
 
 
-@pytest.mark.parametrize("splits", [1, 2, 4])
+# (splits, parts, block): stretches combined, value shares, both, and blocks longer than a stretch.
+LAYOUTS = [(1, 1, 64), (2, 1, 64), (4, 1, 64), (1, 4, 64), (1, 2, 256), (2, 4, 128)]
+
+
+@pytest.mark.parametrize("splits, parts, block", LAYOUTS)
 @pytest.mark.parametrize("kv_heads", [4, 2])
 @pytest.mark.parametrize("per_row", [False, True])
-def test_kernel_matches_pytorch_attention_under_the_interpreter(interpreted, splits, kv_heads, per_row):
-    torch.manual_seed(splits * 10 + kv_heads)
+def test_kernel_matches_pytorch_attention_under_the_interpreter(interpreted, splits, parts, block, kv_heads, per_row):
+    torch.manual_seed(splits * 10 + kv_heads + parts)
     rows, heads, head_dim, capacity = 4, 4, 32, 192
     cos, sin = (torch.randn(capacity, head_dim // 2).repeat(1, 2) for _ in range(2))
     # A slot at the start, at a block edge, inside a block and the last one: every stretch shape.
@@ -34,7 +39,8 @@ def test_kernel_matches_pytorch_attention_under_the_interpreter(interpreted, spl
     arrivals = torch.zeros(rows * heads, dtype=torch.int32)
 
     got = decode_attention.triton_decode_attention(q, k, v, positions, cos, sin, kernel_cache.keys[0],
-                                                   kernel_cache.values[0], arrivals, splits)
+                                                   kernel_cache.values[0], arrivals,
+                                                   AttentionConfig(splits, parts, block, 4))
     want = cached_attention(q, k, v, positions, slice(None), rotary, reference_cache, 0,
                             reference_cache.mask(positions))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -43,13 +49,17 @@ def test_kernel_matches_pytorch_attention_under_the_interpreter(interpreted, spl
     assert not arrivals.any()  # reset for the next call
 
 
-def test_splits_are_powers_of_two_that_grow_with_the_cache():
+@pytest.mark.parametrize("config, message", [(AttentionConfig(3, 1, 64, 4), "powers of two"),
+                                             (AttentionConfig(1, 2, 48, 4), "powers of two"),
+                                             (AttentionConfig(1, 64, 64, 4), "cannot be more than the head's 32")])
+def test_splits_are_powers_of_two_that_grow_with_the_cache(config, message):
     assert [decode_attention.splits_for(c) for c in (64, 128, 384, 448, 1024, 4096)] == [1, 2, 8, 8, 16, 16]
+    assert decode_attention.config_for(448) == AttentionConfig(8, 1, decode_attention.BLOCK_SLOTS, 4)
     one = torch.zeros(1, 1, 32)
-    with pytest.raises(ValueError, match="power of two"):
+    with pytest.raises(ValueError, match=message):
         decode_attention.triton_decode_attention(one, one, one, torch.zeros(1, dtype=torch.long),
                                                  torch.zeros(8, 32), torch.zeros(8, 32), torch.zeros(1, 1, 8, 32),
-                                                 torch.zeros(1, 1, 8, 32), torch.zeros(1, dtype=torch.int32), 3)
+                                                 torch.zeros(1, 1, 8, 32), torch.zeros(1, dtype=torch.int32), config)
 
 
 def test_the_kernel_serves_one_token_steps_only(interpreted):
@@ -71,7 +81,8 @@ def test_decode_steps_through_the_kernel_give_upstreams_logits(interpreted, tiny
     reference = equivalence.reference_logits(tiny_tts, text_tokens, forced)
     steps = ("static_cache", "embed_cache", "fused_attention") + (("fused_projections", "fused_matvec") if matvec else ())
     decoder = T3Decoder(tiny_tts.t3, steps)
-    assert decoder.forward.splits > 1  # the default cache is long: stretches are combined
+    # The default cache is long: stretches are combined.
+    assert decode_attention.config_for(decoder.capacity).splits > 1
     got = equivalence.forced_logits(decoder, tiny_tts.conds.t3, text_tokens, forced)
     assert equivalence.relative_error(got, reference) < 1e-5
 

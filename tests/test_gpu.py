@@ -258,12 +258,15 @@ def test_kernel_steps_replay_one_graph_and_keep_bf16_logits(full_tts, kernels):
 
 
 @pytest.mark.parametrize("capacity", [128, 512, 1024])
-def test_decode_attention_kernel_matches_pytorch_at_every_stretch(full_tts, capacity):
+@pytest.mark.parametrize("layout", ["default", "value_shares", "both"])
+def test_decode_attention_kernel_matches_pytorch_at_every_stretch(full_tts, capacity, layout):
     """The full model's heads, bf16, positions at both ends of the cache and of a block; the
-    stretches' partials cross SMs through the arrival counter, which must come back to zero."""
+    stretches' partials cross SMs through the arrival counter, which must come back to zero.
+    Layouts: the default stretches of one block; one stretch in value shares of 512-slot blocks
+    (two of them at 1,024 slots); two stretches in two value shares."""
     import torch
 
-    from chatterbox_lab.decode_attention import splits_for, triton_decode_attention
+    from chatterbox_lab.decode_attention import AttentionConfig, config_for, triton_decode_attention
     from chatterbox_lab.kv_cache import StaticKVCache
     from chatterbox_lab.t3_forward import cached_attention, rotary_tables
 
@@ -273,6 +276,8 @@ def test_decode_attention_kernel_matches_pytorch_at_every_stretch(full_tts, capa
     new = dict(device="cuda", dtype=torch.bfloat16)
     cos, sin = rotary_tables(full_tts.t3, capacity, torch.bfloat16)
     arrivals = torch.zeros(4 * heads, dtype=torch.int32, device="cuda")
+    config = {"default": config_for(capacity), "value_shares": AttentionConfig(1, 4, 512, 16),
+              "both": AttentionConfig(2, 2, 256, 8)}[layout]
     torch.manual_seed(capacity)
     for positions in (torch.tensor([0, 1, 63, 64]), torch.tensor([capacity // 2, capacity - 65, capacity - 2, capacity - 1])):
         positions = positions.cuda()[:, None]
@@ -284,11 +289,11 @@ def test_decode_attention_kernel_matches_pytorch_at_every_stretch(full_tts, capa
         q = torch.randn(4, 1, heads * head_dim, **new)
         k, v = (torch.randn(4, 1, kv_heads * head_dim, **new) for _ in range(2))
         got = triton_decode_attention(q, k, v, positions, cos, sin, caches[0].keys[0], caches[0].values[0],
-                                      arrivals, splits_for(capacity)).float()
+                                      arrivals, config).float()
         want = cached_attention(q, k, v, positions, slice(None), (cos[positions], sin[positions]), caches[1], 0,
                                 caches[1].mask(positions)).float()
         error = float((got - want).norm() / want.norm())
-        assert error < 1e-2, (capacity, positions.tolist(), error)
+        assert error < 1e-2, (capacity, config, positions.tolist(), error)
         # The new keys' rotary is rounded once, not after each product: a bf16 step apart at most.
         key_error = (caches[0].keys[0] - caches[1].keys[0]).float().norm() / caches[1].keys[0].float().norm()
         assert key_error < 1e-3
@@ -305,7 +310,7 @@ def test_handoff_kernel_gives_the_two_kernels_output_bit_for_bit(full_tts, capac
     import torch
 
     from chatterbox_lab import head_handoff
-    from chatterbox_lab.decode_attention import splits_for, triton_decode_attention
+    from chatterbox_lab.decode_attention import config_for, triton_decode_attention
     from chatterbox_lab.fused_matvec import Norm, dependent_launch_supported, triton_matvec
     from chatterbox_lab.kv_cache import StaticKVCache
     from chatterbox_lab.t3_forward import rotary_tables
@@ -330,12 +335,13 @@ def test_handoff_kernel_gives_the_two_kernels_output_bit_for_bit(full_tts, capac
     q, k, v = triton_matvec(x, weight, norm=norm).split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim],
                                                          dim=-1)
     want = triton_decode_attention(q, k, v, positions, cos, sin, caches[1].keys[0], caches[1].values[0], arrivals,
-                                   splits_for(capacity))
+                                   config_for(capacity))
     pdl = dependent_launch_supported("cuda")
     for launch in (dict(pdl=pdl, ahead=pdl), dict()):
         for _ in range(3):
             got = head_handoff.handoff_attention(x, weight, norm, positions, cos, sin, caches[0].keys[0],
-                                                 caches[0].values[0], arrivals, ready[0], splits_for(capacity), **launch)
+                                                 caches[0].values[0], arrivals, ready[0], config_for(capacity).splits,
+                                                 **launch)
             torch.cuda.synchronize()
             assert torch.equal(got, want), launch
             assert torch.equal(caches[0].keys[0], caches[1].keys[0]) and torch.equal(caches[0].values[0],

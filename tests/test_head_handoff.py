@@ -32,7 +32,7 @@ def test_one_kernel_gives_the_two_kernels_output_and_cache(interpreted, rows, po
     q, k, v = qkv.split([HEADS * D, KV_HEADS * D, KV_HEADS * D], dim=-1)
     want_keys, want_values = cache.keys[0].clone(), cache.values[0].clone()
     want = decode_attention.triton_decode_attention(q, k, v, positions, cos, sin, want_keys, want_values, arrivals,
-                                                    splits)
+                                                    decode_attention.AttentionConfig(splits, 1, 64, 4))
     ready = head_handoff.counters(1, KV_HEADS, "cpu")
     for _ in range(2):  # the counters are back at zero for the next call
         got = head_handoff.handoff_attention(x, weight, norm, positions, cos, sin, cache.keys[0], cache.values[0],
