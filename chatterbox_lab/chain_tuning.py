@@ -23,7 +23,7 @@ from __future__ import annotations
 import statistics
 from typing import Callable
 
-from . import decode_attention, fused_matvec
+from . import decode_attention, fused_matvec, t3_forward
 from .decode_attention import AttentionConfig
 from .fused_matvec import KernelConfig
 
@@ -35,6 +35,7 @@ WARPS = (4, 8)
 ATTENTION_SPLITS = (1, 2, 4, 8)
 ATTENTION_PARTS = (1, 2, 4, 8)
 ATTENTION_WARPS = (4, 8, 16)
+PREFETCH_AHEAD = (1, 2, 3, 4)
 # Largest weights first: the calls whose grids run the most waves.
 ORDER = ("gate_up", "down", "head", "qkv", "o_proj")
 
@@ -74,6 +75,8 @@ def _power_of_two_from(n: int) -> int:
 
 
 def name_of(config) -> str:
+    if isinstance(config, int):
+        return str(config)
     if isinstance(config, AttentionConfig):
         return f"s{config.splits}_p{config.parts}_b{config.block}_w{config.warps}"
     return f"n{config.block_n}_k{config.block_k}_w{config.warps}"
@@ -110,12 +113,16 @@ def tune(decoder, decode: Callable[[], float], repeats: int = 3, ab_rounds: int 
     def current(name):
         if name == "attention":
             return decode_attention.config_for(capacity)
+        if name == "prefetch_ahead":
+            return t3_forward.PREFETCH_AHEAD
         _, n, k, _ = keys[name]
         return fused_matvec.CONFIGS.get(keys[name]) or fused_matvec.default_config(n, k)
 
     def apply(name, value):
         if name == "attention":
             decode_attention.CONFIGS[capacity] = value
+        elif name == "prefetch_ahead":
+            t3_forward.PREFETCH_AHEAD = value
         else:
             fused_matvec.CONFIGS[keys[name]] = value
 
@@ -126,6 +133,8 @@ def tune(decoder, decode: Callable[[], float], repeats: int = 3, ab_rounds: int 
 
     # Attention first: its layout changes how many programs the matvec kernels have room for.
     knobs = {"attention": (current("attention"), attention_candidates(capacity, decoder.forward.head_dim))}
+    if decoder.forward.weight_chain is not None:
+        knobs["prefetch_ahead"] = (current("prefetch_ahead"), list(PREFETCH_AHEAD))
     knobs.update({name: (current(name), candidates(*keys[name][1:])) for name in ORDER})
     start = {name: knob[0] for name, knob in knobs.items()}
     found = descend(knobs, apply, rate)
