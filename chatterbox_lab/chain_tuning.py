@@ -23,7 +23,7 @@ from __future__ import annotations
 import statistics
 from typing import Callable
 
-from . import decode_attention, fused_matvec, t3_forward
+from . import decode_attention, fused_matvec
 from .decode_attention import AttentionConfig
 from .fused_matvec import KernelConfig
 
@@ -31,18 +31,20 @@ from .fused_matvec import KernelConfig
 # beyond it the kernel spills them.
 MAX_VALUES_PER_THREAD = 128
 COLUMNS = (1, 2, 4, 8, 16)
-WARPS = (4, 8)
+# One or two warps reduce within a warp, with shuffles and no barrier between warps.
+WARPS = (1, 2, 4, 8)
 ATTENTION_SPLITS = (1, 2, 4, 8)
-ATTENTION_PARTS = (1, 2, 4, 8)
-ATTENTION_WARPS = (4, 8, 16)
-PREFETCH_AHEAD = (1, 2, 3, 4)
+# Four and eight value shares measured slower than one or two at every split count on the H100
+# (`beyond/...1602Z`): the keys each share reads cost more than the combine they save.
+ATTENTION_PARTS = (1, 2)
+ATTENTION_WARPS = (4, 8, 16, 32)
 # Largest weights first: the calls whose grids run the most waves.
 ORDER = ("gate_up", "down", "head", "qkv", "o_proj")
 
 
 def candidates(n: int, k: int, gated: bool = False) -> list[KernelConfig]:
     """Grids for one matvec: a few output columns per program, the whole input row per load (or
-    half of it, for long rows), 4 or 8 warps; none that would hold more than
+    half of it, for long rows), 1 to 8 warps; none that would hold more than
     MAX_VALUES_PER_THREAD weights per thread."""
     row = min(4096, _power_of_two_from(k))
     blocks = (row, row // 2) if row > 1024 else (row,)
@@ -58,7 +60,7 @@ def candidates(n: int, k: int, gated: bool = False) -> list[KernelConfig]:
 
 def attention_candidates(capacity: int, head_dim: int) -> list[AttentionConfig]:
     """Layouts of the attention kernel: each stretch of slots one block (up to 512 slots), the value
-    dimensions in 1 to 8 shares, and the two fewest warps that hold the block's keys and values
+    dimensions in ATTENTION_PARTS shares, and the two fewest warps that hold the block's keys and values
     within MAX_VALUES_PER_THREAD."""
     found = []
     for splits in ATTENTION_SPLITS:
@@ -75,8 +77,6 @@ def _power_of_two_from(n: int) -> int:
 
 
 def name_of(config) -> str:
-    if isinstance(config, int):
-        return str(config)
     if isinstance(config, AttentionConfig):
         return f"s{config.splits}_p{config.parts}_b{config.block}_w{config.warps}"
     return f"n{config.block_n}_k{config.block_k}_w{config.warps}"
@@ -113,16 +113,12 @@ def tune(decoder, decode: Callable[[], float], repeats: int = 3, ab_rounds: int 
     def current(name):
         if name == "attention":
             return decode_attention.config_for(capacity)
-        if name == "prefetch_ahead":
-            return t3_forward.PREFETCH_AHEAD
         _, n, k, _ = keys[name]
         return fused_matvec.CONFIGS.get(keys[name]) or fused_matvec.default_config(n, k)
 
     def apply(name, value):
         if name == "attention":
             decode_attention.CONFIGS[capacity] = value
-        elif name == "prefetch_ahead":
-            t3_forward.PREFETCH_AHEAD = value
         else:
             fused_matvec.CONFIGS[keys[name]] = value
 
@@ -133,8 +129,6 @@ def tune(decoder, decode: Callable[[], float], repeats: int = 3, ab_rounds: int 
 
     # Attention first: its layout changes how many programs the matvec kernels have room for.
     knobs = {"attention": (current("attention"), attention_candidates(capacity, decoder.forward.head_dim))}
-    if decoder.forward.weight_chain is not None:
-        knobs["prefetch_ahead"] = (current("prefetch_ahead"), list(PREFETCH_AHEAD))
     knobs.update({name: (current(name), candidates(*keys[name][1:])) for name in ORDER})
     start = {name: knob[0] for name, knob in knobs.items()}
     found = descend(knobs, apply, rate)

@@ -45,10 +45,6 @@ Past the guide (`BEYOND`):
                        kernel and the sampling kernel, the random draw moved to the step's start,
                        so our kernels' chain runs from the first kernel to the last
                        (`fused_bookkeeping.py`)
-- "l2_prefetch":    each matvec kernel asks the weights of a later one into L2 as its programs
-                       start (`t3_forward.PREFETCH_AHEAD` kernels later): the weights stream in
-                       however long that kernel waits for room on the SMs, and its programs
-                       find them in L2
 - "prefill_graph":  a lone utterance's prefill replayed from a CUDA graph per prompt-length
                        bucket, its prompt padded at the end (`prefill_graph.py`); batched
                        prefills stay eager (one pass serves many utterances already)
@@ -81,8 +77,8 @@ from .t3_forward import DynamicT3Forward, StaticT3Forward, filled_cache_mask
 
 LADDER = ("bf16", "static_cache", "embed_cache", "compiled")
 BEYOND = ("fused_projections", "sampling_in_graph", "fused_matvec", "filled_cache_attention", "fused_attention",
-          "fused_sampling", "captured_graph", "dependent_launch", "launch_ahead", "fused_bookkeeping", "l2_prefetch",
-          "prefill_graph", "head_handoff", "persistent_layers")
+          "fused_sampling", "captured_graph", "dependent_launch", "launch_ahead", "fused_bookkeeping", "prefill_graph",
+          "head_handoff", "persistent_layers")
 STEPS = LADDER + BEYOND
 REQUIRES = {"compiled": ("static_cache", "embed_cache"), "fused_projections": ("static_cache",),
             "sampling_in_graph": ("compiled",), "fused_matvec": ("fused_projections",),
@@ -90,7 +86,7 @@ REQUIRES = {"compiled": ("static_cache", "embed_cache"), "fused_projections": ("
             "fused_sampling": ("sampling_in_graph",),
             "captured_graph": ("fused_matvec", "fused_attention", "fused_sampling"),
             "dependent_launch": ("captured_graph",), "launch_ahead": ("dependent_launch",),
-            "fused_bookkeeping": ("captured_graph",), "l2_prefetch": ("launch_ahead",), "head_handoff": ("fused_matvec", "fused_attention"),
+            "fused_bookkeeping": ("captured_graph",), "head_handoff": ("fused_matvec", "fused_attention"),
             "prefill_graph": ("static_cache",),
             "persistent_layers": ("fused_matvec", "fused_attention")}
 # Steps whose Triton kernels sum in their own order: checked against PyTorch by logits and by
@@ -235,8 +231,7 @@ class T3Decoder:
                                            dependent_launch=self.pdl,
                                            launch_ahead=self.pdl and "launch_ahead" in self.steps,
                                            handoff="head_handoff" in self.steps,
-                                           whole_layers="persistent_layers" in self.steps,
-                                           l2_prefetch=self.pdl and "l2_prefetch" in self.steps)
+                                           whole_layers="persistent_layers" in self.steps)
         self._active_forward = self.forward
         self.prefill_graphs = None
         if "prefill_graph" in self.steps and streams == 1:

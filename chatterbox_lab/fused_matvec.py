@@ -114,29 +114,15 @@ if triton is not None:
         return xs.to(tl.float32)[:, None, :]
 
     @triton.jit
-    def _prefetch_to_l2(ptr, nbytes, program, programs, LINES: tl.constexpr):
-        """Program `program`'s share of the `nbytes` bytes at `ptr` (an int8 pointer) asked into L2,
-        one request a 128-byte line; nothing waits for them."""
-        share = tl.cdiv(tl.cdiv(nbytes, programs), 128) * 128
-        end = tl.minimum(program * share + share, nbytes)
-        lines = tl.minimum(program * share + tl.arange(0, LINES) * 128, end - 1)
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptr + lines],
-                                  dtype=tl.int32, is_pure=False, pack=1)
-
-    @triton.jit
     def _matvec_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, res_ptr, norm_ptr, M, N, K, eps,
-                       stride_x, stride_w, stride_out, stride_res, prefetch_ptr, prefetch_bytes,
+                       stride_x, stride_w, stride_out, stride_res,
                        BIAS: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                       AHEAD: tl.constexpr, PREFETCH_LINES: tl.constexpr):
+                       AHEAD: tl.constexpr):
         if PDL and AHEAD:
             # Nothing the next kernel does before its own wait depends on this one: let it launch as
             # soon as every program here has started, so its weights stream in behind these.
             gdc_launch_dependents()
-        if PREFETCH_LINES:
-            # A later kernel's weights, into L2 while this one waits: that kernel's programs find
-            # them there whenever the SMs have room for them, however late that is.
-            _prefetch_to_l2(prefetch_ptr, prefetch_bytes, tl.program_id(0), tl.num_programs(0), PREFETCH_LINES)
         matvec_columns(tl.program_id(0), x_ptr, w_ptr, bias_ptr, out_ptr, res_ptr, norm_ptr, M, N, K, eps,
                        stride_x, stride_w, stride_out, stride_res, BIAS, NORM, GATED, RESIDUAL, BLOCK_M, BLOCK_N,
                        BLOCK_K, PDL, AHEAD)
@@ -270,46 +256,29 @@ def matvec_launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return MatvecLaunch(args, constexprs, triton.cdiv(n, config.block_n), config.warps, out)
 
 
-def prefetch_lines(nbytes: int, programs: int) -> int:
-    """128-byte lines a program asks into L2 for its share of `nbytes` (a power of two, for Triton)."""
-    lines = -(-nbytes // (programs * 128))
-    return 1 << (lines - 1).bit_length()
-
-
 def triton_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   norm: Norm | None = None, gated: bool = False, residual: torch.Tensor | None = None,
-                  config: KernelConfig | None = None, pdl: bool = False, ahead: bool = False,
-                  prefetch: torch.Tensor | None = None) -> torch.Tensor:
+                  config: KernelConfig | None = None, pdl: bool = False, ahead: bool = False) -> torch.Tensor:
     """`reference_matvec` as one Triton kernel (x has at most MAX_ROWS rows). `pdl`: launched as a
     programmatic dependent of the kernel before it (CUDA, Hopper or later; eager launches only:
     a graph captured from them keeps the dependency, Inductor's launcher does not pass it).
     `ahead` (with `pdl`): the kernel after it may launch once all of its programs have started,
-    not once they have all passed their wait. `prefetch` (CUDA only): a contiguous tensor, the
-    weights of a later kernel, that this kernel's programs ask into L2 as they start."""
+    not once they have all passed their wait."""
     from torch.library import wrap_triton
 
     launch = matvec_launch(x, weight, bias, norm, gated, residual, config, pdl, ahead)
-    lines = 0
-    target = weight
-    if prefetch is not None and x.is_cuda:
-        if not prefetch.is_contiguous():
-            raise ValueError("the prefetched weights must be one contiguous tensor")
-        target = prefetch.view(-1).view(torch.int8)
-        lines = prefetch_lines(target.numel(), launch.programs)
     wrap_triton(_matvec_kernel)[(launch.programs,)](
-        *launch.args, target, target.numel() if lines else 0, **launch.constexprs, PREFETCH_LINES=lines,
-        num_warps=launch.warps, **({"launch_pdl": True} if pdl else {}))
+        *launch.args, **launch.constexprs, num_warps=launch.warps, **({"launch_pdl": True} if pdl else {}))
     return launch.out.view(*x.shape[:-1], launch.out.size(-1))
 
 
 def fused_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                  norm: Norm | None = None, gated: bool = False,
-                 residual: torch.Tensor | None = None, pdl: bool = False, ahead: bool = False,
-                 prefetch: torch.Tensor | None = None) -> torch.Tensor:
+                 residual: torch.Tensor | None = None, pdl: bool = False, ahead: bool = False) -> torch.Tensor:
     """The Triton kernel where it applies (`kernel_applies`), else `reference_matvec`."""
     if kernel_applies(x, weight):
         return triton_matvec(x, weight, bias, norm=norm, gated=gated, residual=residual, pdl=pdl and x.is_cuda,
-                             ahead=ahead, prefetch=prefetch)
+                             ahead=ahead)
     return reference_matvec(x, weight, bias, norm=norm, gated=gated, residual=residual)
 
 

@@ -15,10 +15,6 @@ from . import decode_attention, head_handoff, persistent_layer
 from .fused_matvec import Norm, fused_matvec
 from .kv_cache import CACHE_MULTIPLE, StaticKVCache
 
-# Under `l2_prefetch`, how many matvec kernels ahead each one asks the weights into L2 (read when
-# the step is captured; `chain_tuning` sets it).
-PREFETCH_AHEAD = 2
-
 
 def rotary_tables(t3, capacity: int, dtype: torch.dtype):
     """cos, sin for every position of the cache, as upstream's rotary module computes them."""
@@ -81,7 +77,7 @@ class StaticT3Forward:
 
     def __init__(self, t3, capacity: int, batch: int = 2, fused: bool = False, matvec: bool = False,
                  attention_kernel: bool = False, dependent_launch: bool = False, launch_ahead: bool = False,
-                 handoff: bool = False, whole_layers: bool = False, l2_prefetch: bool = False):
+                 handoff: bool = False, whole_layers: bool = False):
         """`fused`: q/k/v and gate/up as one matrix each. `matvec` (needs `fused`): every
         matmul with its norm, activation or residual as one kernel (`fused_matvec.py`).
         `attention_kernel`: a one-token step's rotary, cache write and attention as one
@@ -94,9 +90,7 @@ class StaticT3Forward:
         whose attention programs start on a head group once its q/k/v columns are written
         (`head_handoff.py`).
         `whole_layers` (needs `matvec` and `attention_kernel`): each layer of a one-token step as
-        one persistent kernel (`persistent_layer.py`).
-        `l2_prefetch` (needs `matvec`): each matvec kernel of a one-token step asks the weights of
-        the one PREFETCH_AHEAD kernels later into L2 as its programs start."""
+        one persistent kernel (`persistent_layer.py`)."""
         from .fused_projections import FusedProjections
 
         if matvec and not fused:
@@ -104,8 +98,6 @@ class StaticT3Forward:
         if handoff and not (matvec and attention_kernel):
             raise ValueError("the handoff kernel is the q/k/v matvec and attention kernels in one: pass matvec=True "
                              "and attention_kernel=True")
-        if l2_prefetch and not matvec:
-            raise ValueError("the prefetches are issued by the matvec kernels: pass matvec=True")
         if whole_layers and not (matvec and attention_kernel):
             raise ValueError("the whole-layer kernel is the matvec and attention kernels in one: pass matvec=True "
                              "and attention_kernel=True")
@@ -143,17 +135,6 @@ class StaticT3Forward:
         # The whole-layer kernel's grid barrier: arrivals and departures, zero between calls.
         self.sync = torch.zeros(2, dtype=torch.int32, device=weight.device)
         torch._dynamo.mark_static_address(self.sync)
-        # The one-token step's matvec weights in the order its kernels read them: per layer q/k/v,
-        # o_proj, gate/up, down; then the head.
-        self.weight_chain = [w for i, layer in enumerate(self.layers)
-                             for w in (self.fused.qkv[i], layer.self_attn.o_proj.weight, self.fused.gate_up[i],
-                                       layer.mlp.down_proj.weight)] + [weight] if l2_prefetch else None
-
-    def _prefetch(self, call: int, x: torch.Tensor) -> dict:
-        """For the `call`-th matvec of a one-token step (x its input): the weights it prefetches."""
-        if self.weight_chain is None or x.size(1) != 1 or call + PREFETCH_AHEAD >= len(self.weight_chain):
-            return {}
-        return dict(prefetch=self.weight_chain[call + PREFETCH_AHEAD])
 
     @property
     def capacity(self) -> int:
@@ -166,8 +147,7 @@ class StaticT3Forward:
             x = layer.input_layernorm(x)
             return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
         if self.matvec:
-            qkv = fused_matvec(x, self.fused.qkv[i], norm=Norm.of(layer.input_layernorm), **self.launch,
-                               **self._prefetch(4 * i, x))
+            qkv = fused_matvec(x, self.fused.qkv[i], norm=Norm.of(layer.input_layernorm), **self.launch)
         else:
             qkv = F.linear(layer.input_layernorm(x), self.fused.qkv[i])
         kv = self.n_kv_heads * self.head_dim
@@ -194,12 +174,10 @@ class StaticT3Forward:
     def _layer(self, i: int, layer, x: torch.Tensor, positions: torch.Tensor, rows: slice, rotary, mask):
         attended = self._attention(i, layer, x, positions, rows, rotary, mask)
         if self.matvec:
-            x = fused_matvec(attended, layer.self_attn.o_proj.weight, residual=x, **self.launch,
-                             **self._prefetch(4 * i + 1, x))
+            x = fused_matvec(attended, layer.self_attn.o_proj.weight, residual=x, **self.launch)
             act = fused_matvec(x, self.fused.gate_up[i], norm=Norm.of(layer.post_attention_layernorm), gated=True,
-                               **self.launch, **self._prefetch(4 * i + 2, x))
-            return fused_matvec(act, layer.mlp.down_proj.weight, residual=x, **self.launch,
-                                **self._prefetch(4 * i + 3, x))
+                               **self.launch)
+            return fused_matvec(act, layer.mlp.down_proj.weight, residual=x, **self.launch)
         x = x + layer.self_attn.o_proj(attended)
         normed = layer.post_attention_layernorm(x)
         return x + (layer.mlp(normed) if self.fused is None else self.fused.mlp(i, layer, normed))

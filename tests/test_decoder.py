@@ -227,7 +227,7 @@ def test_fused_bookkeeping_keeps_each_utterance_of_a_batch_apart(tiny_tts, three
 def test_dependent_launch_is_left_out_of_the_ladder_where_it_cannot_run(tiny_tts):
     from chatterbox_lab.bench import RUNGS, ladder_rungs, rung_steps
 
-    gpu_only = {"dependent_launch", "launch_ahead", "l2_prefetch"}
+    gpu_only = {"dependent_launch", "launch_ahead"}
     assert ladder_rungs("cpu") == tuple(r for r in RUNGS if r not in gpu_only)
     # The rungs after them still run there, without them.
     assert rung_steps("persistent_layers", "cpu") == ladder_prefix("persistent_layers") - gpu_only
@@ -236,24 +236,3 @@ def test_dependent_launch_is_left_out_of_the_ladder_where_it_cannot_run(tiny_tts
         from chatterbox_lab.fused_matvec import check_dependent_launch
 
         check_dependent_launch("cpu")
-
-
-def test_l2_prefetch_asks_for_the_weights_of_the_matvec_kernels_ahead(tiny_tts, monkeypatch):
-    """Per layer q/k/v, o_proj, gate/up, down, then the head: each one-token matvec names the weights
-    PREFETCH_AHEAD kernels after it; none past the head, and none in a prefill."""
-    from chatterbox_lab import t3_forward
-    from chatterbox_lab.t3_forward import StaticT3Forward
-
-    forward = StaticT3Forward(tiny_tts.t3, 64, fused=True, matvec=True, l2_prefetch=True)
-    layers = forward.layers
-    assert len(forward.weight_chain) == 4 * len(layers) + 1
-    assert forward.weight_chain[1] is layers[0].self_attn.o_proj.weight
-    assert forward.weight_chain[-1] is tiny_tts.t3.speech_head.weight
-    step, prefill = torch.zeros(2, 1, 8), torch.zeros(2, 5, 8)
-    monkeypatch.setattr(t3_forward, "PREFETCH_AHEAD", 2)
-    assert forward._prefetch(0, step)["prefetch"] is forward.fused.gate_up[0]
-    assert forward._prefetch(4 * len(layers) - 2, step)["prefetch"] is tiny_tts.t3.speech_head.weight
-    assert forward._prefetch(4 * len(layers) - 1, step) == {} and forward._prefetch(0, prefill) == {}
-    assert StaticT3Forward(tiny_tts.t3, 64, fused=True, matvec=True)._prefetch(0, step) == {}
-    with pytest.raises(ValueError, match="pass matvec=True"):
-        StaticT3Forward(tiny_tts.t3, 64, fused=True, l2_prefetch=True)

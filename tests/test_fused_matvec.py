@@ -50,13 +50,6 @@ def test_kernel_matches_reference_under_the_interpreter(interpreted, rows, optio
     torch.testing.assert_close(got, interpreted.reference_matvec(x, weight, **kw), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("nbytes, programs, lines", [(2 * 2**20, 512, 32), (16 * 2**20, 512, 256), (1000, 3, 4),
-                                                     (128, 64, 1)])
-def test_each_program_prefetches_its_share_in_a_power_of_two_of_lines(nbytes, programs, lines):
-    assert fused_matvec.prefetch_lines(nbytes, programs) == lines
-    assert lines * 128 * programs >= nbytes
-
-
 def test_the_kernel_serves_only_few_rows_on_a_device_that_runs_it():
     weight = torch.randn(16, 32)
     assert not fused_matvec.kernel_applies(torch.randn(2, 1, 32), weight)  # CPU, not interpreted

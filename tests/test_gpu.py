@@ -352,8 +352,7 @@ def test_handoff_kernel_gives_the_two_kernels_output_bit_for_bit(full_tts, capac
 def test_fused_sampling_and_the_captured_step_draw_pytorchs_tokens_without_recompiling(full_tts):
     """Same seed, same tokens as the in-graph PyTorch sampling, for upstream's defaults and a top-p
     cut, compiled, captured directly, or captured with dependent launches (after each kernel's wait,
-    or ahead of it), with the bookkeeping in our kernels, with the L2 prefetches, and with q/k/v and
-    attention as one kernel;
+    or ahead of it), with the bookkeeping in our kernels, and with q/k/v and attention as one kernel;
     one graph a token; new sampling values change data only."""
     import time
 
@@ -365,14 +364,13 @@ def test_fused_sampling_and_the_captured_step_draw_pytorchs_tokens_without_recom
     kernels = ladder_prefix("fused_sampling")
     step_sets = {"pytorch": kernels - {"fused_sampling"}, "kernel": kernels, "captured": ladder_prefix("captured_graph"),
                  "dependent": ladder_prefix("dependent_launch"), "ahead": ladder_prefix("launch_ahead"),
-                 "bookkeeping": ladder_prefix("fused_bookkeeping"), "prefetch": ladder_prefix("l2_prefetch"),
-                 "handoff": ladder_prefix("head_handoff")}
+                 "bookkeeping": ladder_prefix("fused_bookkeeping"), "handoff": ladder_prefix("head_handoff")}
     decoders = {name: T3Decoder(full_tts.t3, steps, max_cache_len=512) for name, steps in step_sets.items()}
     for name, decoder in decoders.items():
         start = time.perf_counter()
         decoder.generate(full_tts.conds.t3, text_tokens, 16)
         print(f"{name}: first 16 tokens, compile or capture included, {time.perf_counter() - start:.1f} s")
-    for name in ("kernel", "captured", "dependent", "ahead", "bookkeeping", "prefetch", "handoff"):
+    for name in ("kernel", "captured", "dependent", "ahead", "bookkeeping", "handoff"):
         counts = profiling.per_token_counts(lambda n: decoders[name].generate(full_tts.conds.t3, text_tokens, n))
         print(name, counts)
         assert counts["graph_launches"] == pytest.approx(1.0), (name, counts)
@@ -386,7 +384,6 @@ def test_fused_sampling_and_the_captured_step_draw_pytorchs_tokens_without_recom
         assert torch.equal(tokens["dependent"], tokens["captured"]), ("dependent", sampling)
         assert torch.equal(tokens["ahead"], tokens["captured"]), ("ahead", sampling)
         assert torch.equal(tokens["bookkeeping"], tokens["captured"]), ("bookkeeping", sampling)
-        assert torch.equal(tokens["prefetch"], tokens["captured"]), ("prefetch", sampling)
         assert torch.equal(tokens["handoff"], tokens["captured"]), ("handoff", sampling)
         same = float((tokens["kernel"] == tokens["pytorch"]).float().mean())
         print(f"{sampling}: kernel and PyTorch sampling agree on {same:.0%} of 64 tokens")
