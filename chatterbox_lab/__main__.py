@@ -76,8 +76,9 @@ def main(argv=None) -> int:
     b.add_argument("--checks", action="store_true", help="also check fp32 token identity and bf16 logits")
     b.add_argument("--no-profile", action="store_true", help="skip the per-token launch counts")
     b.add_argument("--no-sweep", action="store_true",
-                   help="keep the Triton kernels' default block sizes (for a cold start-up's compile_s: the "
-                        "sweep would compile them first)")
+                   help="keep the Triton kernels' default block sizes: no sweep and no tuning in the step's "
+                        "chain, a few minutes less (and a cold start-up's compile_s: the sweeps would compile "
+                        "the kernels first)")
     b.add_argument("--trace-dir", help="write a short trace per rung under this directory")
     b.add_argument("--batch", type=int, nargs="+", default=(), metavar="N",
                    help="also decode N utterances at once with the last rung's steps (e.g. 1 8 32 64)")

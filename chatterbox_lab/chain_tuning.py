@@ -113,8 +113,8 @@ def tune(decoder, decode: Callable[[], float], repeats: int = 3, ab_rounds: int 
     def current(name):
         if name == "attention":
             return decode_attention.config_for(capacity)
-        _, n, k, _ = keys[name]
-        return fused_matvec.CONFIGS.get(keys[name]) or fused_matvec.default_config(n, k)
+        _, n, k, gated = keys[name]
+        return fused_matvec.CONFIGS.get(keys[name]) or fused_matvec.default_config(n, k, gated)
 
     def apply(name, value):
         if name == "attention":

@@ -85,16 +85,17 @@ class KernelConfig:
     warps: int
 
 
-def default_config(n: int, k: int) -> KernelConfig:
-    """What `sweep` found fastest for the full model's calls on an H100 (recorded under
-    `matvec_sweep` in the bench's results): each program reads whole rows in one load, a
-    few of them, so that thousands of loads are in flight at once."""
+def default_config(n: int, k: int, gated: bool = False) -> KernelConfig:
+    """What was fastest for the full model's calls on H100s: each program reads whole rows in one
+    load, a few of them, so that thousands of loads are in flight at once (`sweep`, recorded under
+    `matvec_sweep`); inside the step, gate/up with 8 columns a program, 512 programs that the SMs
+    hold in one wave, and 4 warps for every call (`chain_tuning`, under `chain_sweep`)."""
     block_k = min(4096, triton.next_power_of_2(k))
-    return KernelConfig(block_n=4 if n >= 2048 else 2, block_k=block_k, warps=8 if block_k > 2048 else 4)
+    return KernelConfig(block_n=8 if gated else 4 if n >= 2048 else 2, block_k=block_k, warps=4)
 
 
 # Per (rows, columns, inputs, gated) shape: a config found faster on the card by
-# `sweep` (bench --matvec-sweep); anything else uses `default_config`.
+# `sweep` or `chain_tuning` (both run by the bench unless --no-sweep); anything else uses `default_config`.
 CONFIGS: dict[tuple[int, int, int, bool], KernelConfig] = {}
 
 
@@ -246,7 +247,7 @@ def matvec_launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     res = residual.reshape(m, n).contiguous() if residual is not None else out  # the kernel walks rows
     if config is None:
-        config = CONFIGS.get((m, n, k, gated)) or default_config(n, k)
+        config = CONFIGS.get((m, n, k, gated)) or default_config(n, k, gated)
     args = (x2, weight, bias if bias is not None else weight, out, res, norm.weight if norm is not None else weight,
             m, n, k, norm.eps if norm is not None else 0.0,
             x2.stride(0), weight.stride(0), out.stride(0), res.stride(0))
