@@ -153,3 +153,15 @@ def tune(decoder, decode: Callable[[], float], repeats: int = 3, ab_rounds: int 
                           tried={name_of(value): r for value, r in entry["tried"].items()})
                for name, entry in found.items()},
         start_tok_s=statistics.median(ab["start"]), tuned_tok_s=statistics.median(ab["tuned"]), raw=ab)
+
+
+def markdown_table(found: dict) -> str:
+    """`tune`'s record as a table: per knob, in the order tuned, its starting and its chosen value
+    with the decode rate each gave (the knobs before it already tuned)."""
+    rows = [f"| {name} | `{call['start']}` | {_rate(call['tried'].get(call['start']))} | `{call['best']}` | "
+            f"{_rate(call['tried'][call['best']])} |" for name, call in found["calls"].items()]
+    return "\n".join(["| knob | started as | tok/s | tuned to | tok/s |", "|---|---|---|---|---|", *rows])
+
+
+def _rate(value) -> str:
+    return "not tried" if value is None else f"{value:,.0f}"

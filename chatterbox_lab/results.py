@@ -132,14 +132,15 @@ def committed(gpu_only: bool = True, folder: str = "") -> list[tuple[Path, dict]
     return sorted(docs, key=lambda pd: pd[1]["provenance"]["date_utc"])
 
 
-def latest_with(folder: str = "", rungs=(), batch: bool = False) -> tuple[Path, dict]:
+def latest_with(folder: str = "", rungs=(), batch: bool = False, section: str | None = None) -> tuple[Path, dict]:
     """The latest committed GPU document of `folder` that measured every rung in `rungs`
-    (and batched decoding, with `batch`): a later run of only some rungs does not hide it."""
+    (and batched decoding, with `batch`; and has `section`, e.g. "chain_sweep"): a later run of
+    only some rungs does not hide it."""
     matching = [(p, d) for p, d in committed(gpu_only=True, folder=folder)
-                if set(rungs) <= set(d["rungs"]) and (not batch or d.get("batch"))]
+                if set(rungs) <= set(d["rungs"]) and (not batch or d.get("batch")) and (not section or section in d)]
     if not matching:
         raise LookupError(f"no committed GPU result in data/results/{folder} has rungs {list(rungs)}"
-                          + (" and a batch section" if batch else ""))
+                          + (" and a batch section" if batch else "") + (f" and {section}" if section else ""))
     return matching[-1]
 
 

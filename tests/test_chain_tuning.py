@@ -82,3 +82,12 @@ def test_tune_needs_a_captured_step(tiny_tts):
     decoder = T3Decoder(tiny_tts.t3, ("static_cache",))
     with pytest.raises(ValueError, match="captured_graph"):
         chain_tuning.tune(decoder, lambda: 1.0)
+
+
+def test_the_table_names_each_knob_in_the_order_tuned():
+    found = {"calls": {"attention": {"start": "s8_p1_b64_w4", "best": "s1_p1_b512_w16",
+                                     "tried": {"s8_p1_b64_w4": 1300.0, "s1_p1_b512_w16": 1365.4}},
+                       "gate_up": {"start": "n9", "best": "n8_k1024_w4", "tried": {"n8_k1024_w4": 1370.0}}}}
+    lines = chain_tuning.markdown_table(found).splitlines()
+    assert lines[2] == "| attention | `s8_p1_b64_w4` | 1,300 | `s1_p1_b512_w16` | 1,365 |"
+    assert lines[3] == "| gate_up | `n9` | not tried | `n8_k1024_w4` | 1,370 |"

@@ -39,7 +39,7 @@
 import torch
 from IPython.display import Markdown, display
 
-from chatterbox_lab import equivalence, results
+from chatterbox_lab import chain_tuning, equivalence, results
 from chatterbox_lab.decoder import BEYOND, T3Decoder, text_tokens_for
 from chatterbox_lab.models import load_tts
 from chatterbox_lab.sampling import SamplingParams
@@ -436,6 +436,58 @@ print(f"bookkeeping in our kernels: {kept:.2f}x, "
       f"{b['rungs']['fused_bookkeeping']['gpu_kernels_per_token']:.0f} kernels a token")
 assert kept > 1 and b["rungs"]["fused_bookkeeping"]["gpu_kernels_per_token"] < \
     b["rungs"]["launch_ahead"]["gpu_kernels_per_token"]
+
+# %% [markdown]
+# ## Tuning the grids inside the step, and attention without a combine
+#
+# `fused_matvec.sweep` times each matmul on its own, call after call: there, many small
+# programs win, since while some wait for their weights others compute. Inside the step
+# the game is different. Under `launch_ahead` a kernel's programs load their weights before
+# their wait, and the next kernel launches once all of them have started; a grid larger
+# than the SMs hold next to its neighbours runs in waves, and every wave after the first
+# loads its weights after the wait, on the critical path. A trace of the step at d989564
+# showed it: gate/up, in the most programs of any kernel, finished after o_proj by far more
+# than its weights alone need at the copy bandwidth.
+#
+# So the bench also tunes inside the step (`chain_tuning.py`, recorded as `chain_sweep`):
+# one kernel at a time, every candidate grid with the others fixed, the step recaptured and
+# whole decodes timed; then the starting and the tuned configurations alternately, an A/B
+# in one process. The attention kernel is its first knob, with two ways to avoid the
+# combine of its stretches (a fence, an atomic and a second round trip after the wait):
+# one program a (row, head) over a block of up to 512 slots, or shares of the value
+# dimensions that each score every slot.
+
+# %%
+c_path, c = results.latest_with("beyond", ("fused_bookkeeping",), section="chain_sweep")
+tuning = c["chain_sweep"]
+display(Markdown(f"**{c['provenance']['gpu']}**, commit `{c['provenance']['git_commit'][:10]}`, `{c_path.name}`"))
+display(Markdown(chain_tuning.markdown_table(tuning)))
+layouts = sorted(tuning["calls"]["attention"]["tried"].items(), key=lambda kv: -kv[1])
+print("attention layouts (s: stretches, p: value shares, b: slots a block, w: warps), tok/s:",
+      {name: round(rate) for name, rate in layouts})
+gain = tuning["tuned_tok_s"] / tuning["start_tok_s"]
+print(f"A/B in one process: {tuning['start_tok_s']:,.0f} -> {tuning['tuned_tok_s']:,.0f} tok/s ({gain:.2f}x)")
+assert gain > 1 and max(tuning["raw"]["start"]) < min(tuning["raw"]["tuned"])
+
+# %% [markdown]
+# Most candidates of a kernel land within a percent or two of each other, inside the
+# noise of one decode, so which of them wins varies from run to run; what held in every
+# run is gate/up at 8 columns a program (512 programs the SMs hold in one wave), now the
+# default, and no value shares (reading the keys again costs more than the combine).
+#
+# One more idea, measured and taken out: `l2_prefetch` had each matvec kernel ask a later
+# kernel's weights into L2 as its programs started, so that no kernel would wait on
+# DRAM for weights its registers could not hold. It was slower, and the further ahead it
+# prefetched the slower: the prefetches compete for DRAM with the loads the chain is
+# waiting for.
+
+# %%
+l_path, l = results.latest_with("beyond", ("fused_bookkeeping", "l2_prefetch"))
+display(Markdown(f"**{l['provenance']['gpu']}**, commit `{l['provenance']['git_commit'][:10]}`, `{l_path.name}`"))
+display(Markdown(results.markdown_table(l, ("t3_decode_tok_s", "fraction_of_floor"))))
+ahead = l["chain_sweep"]["calls"]["prefetch_ahead"]["tried"]
+print("tok/s by how many matvec kernels ahead the weights were prefetched:", {k: round(v) for k, v in ahead.items()})
+assert l["rungs"]["l2_prefetch"]["t3_decode_tok_s"] < l["rungs"]["fused_bookkeeping"]["t3_decode_tok_s"]
 
 # %% [markdown]
 # ## Handing each head over (`head_handoff`), measured slower
