@@ -412,19 +412,25 @@ def bf16_logit_error(tts, text_tokens, forced, reference, steps=LOGIT_CHECKS["bf
         equivalence.forced_logits(decoder, tts.conds.t3, text_tokens, forced), reference)
 
 
+def _chain_steps(cfg: BenchConfig) -> frozenset:
+    """The steps whose captured chain `tune_in_chain` tunes: the last rung's, less those whose kernels
+    replace the matvec and attention kernels of every other captured rung."""
+    return _t3_steps(cfg) - chain_tuning.REPLACING_STEPS
+
+
 def tune_in_chain(tts, cfg: BenchConfig, voice: Path) -> dict:
-    """`chain_tuning.tune` on a decoder of the last rung decoding the benchmark's text, every token
+    """`chain_tuning.tune` on a decoder with `_chain_steps` decoding the benchmark's text, every token
     (no stop): the configurations it finds serve every rung measured after it."""
     prepare_voice(tts, voice)
     text_tokens = text_tokens_for(tts, cfg.text)
-    decoder = T3Decoder(tts.t3, _t3_steps(cfg), max_cache_len=_capacity(tts, cfg))
+    decoder = T3Decoder(tts.t3, _chain_steps(cfg), max_cache_len=_capacity(tts, cfg))
 
     def decode():
         torch.manual_seed(cfg.seed)
         return decoder.generate(tts.conds.t3, text_tokens, cfg.tokens, cfg.sampling, stop_on_eos=False).decode_tok_s
 
     found = chain_tuning.tune(decoder, decode)
-    found["steps"] = sorted(_t3_steps(cfg))
+    found["steps"] = sorted(_chain_steps(cfg))
     del decoder
     gc.collect()
     torch.cuda.empty_cache()
@@ -483,7 +489,7 @@ def run(config: BenchConfig, progress: bool = True, tts=None, partial: Path | No
     # Tuned in the chain just before the first captured rung: after the fp32 rungs, since the last
     # rung's decoder casts T3 to bf16 in place.
     chain_rung = next((r for r in cfg.rungs if "captured_graph" in rung_steps(r, cfg.device)), None) \
-        if cfg.sweep and cfg.device.startswith("cuda") and "captured_graph" in _t3_steps(cfg) else None
+        if cfg.sweep and cfg.device.startswith("cuda") and "captured_graph" in _chain_steps(cfg) else None
     with tqdm(total=total, desc="bench", disable=not progress) as bar:
         for rung in cfg.rungs:
             bar.set_postfix_str(rung)

@@ -1,4 +1,4 @@
-"""The matvec kernels' grids and the attention's split count tuned inside the decode step, not alone.
+"""The matvec kernels' grids and the attention kernel's layout tuned inside the decode step, not alone.
 
 `fused_matvec.sweep` times each matmul on its own, call after call in a graph. There a grid of
 many small programs wins: while some wait for their weights, others compute. Inside the step
@@ -6,7 +6,7 @@ under `launch_ahead` a kernel's programs load their weights before they wait for
 before it, and the kernel after it launches only once all of its programs have started. A grid
 larger than the SMs hold beside its neighbours runs in waves, and every wave after the first
 starts loading its weights only after the wait, on the step's critical path. In the trace of
-`fused_bookkeeping`, gate/up (2,048 programs, the sweep's choice) ends 8.5 us after o_proj
+`fused_bookkeeping` at d989564, gate/up (2,048 programs, the sweep's choice) ends 8.4 us after o_proj
 for 5.6 us of weights, and down launches only when gate/up's last wave starts.
 
 The attention kernel's layout is tuned the same way: stretches of the slots, combined by the last
@@ -40,6 +40,8 @@ ATTENTION_PARTS = (1, 2)
 ATTENTION_WARPS = (4, 8, 16, 32)
 # Largest weights first: the calls whose grids run the most waves.
 ORDER = ("gate_up", "down", "head", "qkv", "o_proj")
+# Steps whose kernels take the place of the ones tuned here: a decoder with them is not tuned.
+REPLACING_STEPS = frozenset({"head_handoff", "persistent_layers"})
 
 
 def candidates(n: int, k: int, gated: bool = False) -> list[KernelConfig]:
@@ -85,7 +87,7 @@ def name_of(config) -> str:
 def descend(knobs: dict[str, tuple], apply: Callable, rate: Callable[[], float]) -> dict:
     """One pass of coordinate descent: knobs {name: (start, candidates)}, `apply(name, value)` sets
     one, `rate()` measures the whole (higher is better). Each knob keeps its fastest candidate
-    before the next is tried. Returns {name: {"tried": {str(value): rate}, "best": value}}."""
+    before the next is tried. Returns {name: {"start": value, "tried": {value: rate}, "best": value}}."""
     found = {}
     for name, (start, options) in knobs.items():
         tried = {}

@@ -91,3 +91,13 @@ def test_the_table_names_each_knob_in_the_order_tuned():
     lines = chain_tuning.markdown_table(found).splitlines()
     assert lines[2] == "| attention | `s8_p1_b64_w4` | 1,300 | `s1_p1_b512_w16` | 1,365 |"
     assert lines[3] == "| gate_up | `n9` | not tried | `n8_k1024_w4` | 1,370 |"
+
+
+def test_the_bench_tunes_the_plain_chain_even_when_the_last_rung_replaces_its_kernels():
+    from chatterbox_lab.bench import BenchConfig, _chain_steps
+    from chatterbox_lab.decoder import check_steps
+
+    steps = _chain_steps(BenchConfig(rungs=("fused_bookkeeping", "persistent_layers"), device="cpu").resolved())
+    assert steps == ladder_prefix("persistent_layers") - {"dependent_launch", "launch_ahead"} - \
+        chain_tuning.REPLACING_STEPS
+    check_steps(steps)
