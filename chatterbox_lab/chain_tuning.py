@@ -13,9 +13,9 @@ The attention kernel's layout is tuned the same way: stretches of the slots, com
 program to finish (a fence, an atomic and a second round trip after the wait), against shares
 of the value dimensions that need no combine.
 
-`tune` times whole decodes instead: for one kernel at a time (largest weights first) it tries
-every candidate with the others fixed, recaptures the step and keeps the fastest (one pass of
-coordinate descent). It then times the starting and the tuned configurations alternately, so
+`tune` times whole decodes instead: for one kernel at a time (attention, then the largest
+weights) it tries every candidate with the others fixed, recaptures the step and keeps the
+fastest (one pass of coordinate descent). It then times the starting and the tuned configurations alternately, so
 the gain it reports is measured like any A/B in this workbook.
 """
 from __future__ import annotations
@@ -115,8 +115,7 @@ def tune(decoder, decode: Callable[[], float], repeats: int = 3, ab_rounds: int 
     def current(name):
         if name == "attention":
             return decode_attention.config_for(capacity)
-        _, n, k, gated = keys[name]
-        return fused_matvec.CONFIGS.get(keys[name]) or fused_matvec.default_config(n, k, gated)
+        return fused_matvec.config_for(*keys[name])
 
     def apply(name, value):
         if name == "attention":
@@ -142,10 +141,9 @@ def tune(decoder, decode: Callable[[], float], repeats: int = 3, ab_rounds: int 
         return rate()
 
     ab = {"start": [], "tuned": []}
-    for _ in range(ab_rounds):
+    for _ in range(ab_rounds):  # each round ends on the tuned configurations, which stay in place
         ab["start"].append(run_with(start))
         ab["tuned"].append(run_with(tuned))
-    run_with(tuned)
 
     return dict(
         method=f"coordinate descent over {', '.join(knobs)}; each candidate: step recaptured, one decode "

@@ -47,7 +47,6 @@ BLOCK_SLOTS = 64
 MAX_SPLITS = 16
 
 
-
 @dataclass(frozen=True)
 class AttentionConfig:
     """How the kernel's programs divide one (row, head)."""

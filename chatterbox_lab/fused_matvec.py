@@ -99,6 +99,11 @@ def default_config(n: int, k: int, gated: bool = False) -> KernelConfig:
 CONFIGS: dict[tuple[int, int, int, bool], KernelConfig] = {}
 
 
+def config_for(rows: int, n: int, k: int, gated: bool = False) -> KernelConfig:
+    """The config a launch of this shape takes: found on the card (CONFIGS), else the default."""
+    return CONFIGS.get((rows, n, k, gated)) or default_config(n, k, gated)
+
+
 if triton is not None:
     try:  # programmatic dependent launch (Hopper and later; Triton with grid dependency control)
         from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -247,7 +252,7 @@ def matvec_launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     res = residual.reshape(m, n).contiguous() if residual is not None else out  # the kernel walks rows
     if config is None:
-        config = CONFIGS.get((m, n, k, gated)) or default_config(n, k, gated)
+        config = config_for(m, n, k, gated)
     args = (x2, weight, bias if bias is not None else weight, out, res, norm.weight if norm is not None else weight,
             m, n, k, norm.eps if norm is not None else 0.0,
             x2.stride(0), weight.stride(0), out.stride(0), res.stride(0))
