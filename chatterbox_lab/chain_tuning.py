@@ -23,9 +23,10 @@ from __future__ import annotations
 import statistics
 from typing import Callable
 
-from . import decode_attention, fused_matvec
+from . import decode_attention, fused_matvec, staged_matvec
 from .decode_attention import AttentionConfig
 from .fused_matvec import KernelConfig
+from .staged_matvec import StagedConfig
 
 # Per thread, at most this many weights (or cached keys and values) loaded before the wait:
 # beyond it the kernel spills them.
@@ -81,6 +82,8 @@ def _power_of_two_from(n: int) -> int:
 def name_of(config) -> str:
     if isinstance(config, AttentionConfig):
         return f"s{config.splits}_p{config.parts}_b{config.block}_w{config.warps}"
+    if isinstance(config, StagedConfig):
+        return f"staged_n{config.block_n}_c{config.chunk_k}_l{config.lanes_n}_wn{config.warps_n}_w{config.warps}"
     return f"n{config.block_n}_k{config.block_k}_w{config.warps}"
 
 
@@ -103,11 +106,13 @@ def descend(knobs: dict[str, tuple], apply: Callable, rate: Callable[[], float])
 def tune(decoder, decode: Callable[[], float], repeats: int = 3, ab_rounds: int = 3) -> dict:
     """Tune `decoder`'s step (a captured one, with `fused_matvec` and `fused_attention`) in place:
     `decode()` runs one decode and returns its tokens per second. Leaves the fastest configurations
-    in `fused_matvec.CONFIGS` and `decode_attention.CONFIGS`, which decoders read when they capture
-    their step. Returns what was tried and the A/B of the starting against the tuned configurations."""
+    in `fused_matvec.CONFIGS`, `staged_matvec.CONFIGS` (for the calls the step stages) and
+    `decode_attention.CONFIGS`, which decoders read when they capture their step. Returns what was
+    tried and the A/B of the starting against the tuned configurations."""
     if not hasattr(decoder.step_fn, "recapture"):
         raise ValueError("tuning recaptures the step: build the decoder with captured_graph")
     rows, capacity = 2 * decoder.streams, decoder.capacity
+    staged = decoder.forward.staged  # these calls' knob is the staged kernel's config
     keys = {}
     for name, call in fused_matvec.step_calls(decoder.t3).items():
         keys[name] = (rows, call["n"], call["k"], call.get("gated", False))
@@ -115,13 +120,13 @@ def tune(decoder, decode: Callable[[], float], repeats: int = 3, ab_rounds: int 
     def current(name):
         if name == "attention":
             return decode_attention.config_for(capacity)
-        return fused_matvec.config_for(*keys[name])
+        return (staged_matvec if name in staged else fused_matvec).config_for(*keys[name])
 
     def apply(name, value):
         if name == "attention":
             decode_attention.CONFIGS[capacity] = value
         else:
-            fused_matvec.CONFIGS[keys[name]] = value
+            (staged_matvec if name in staged else fused_matvec).CONFIGS[keys[name]] = value
 
     def rate():
         decoder.step_fn.recapture()
@@ -130,7 +135,8 @@ def tune(decoder, decode: Callable[[], float], repeats: int = 3, ab_rounds: int 
 
     # Attention first: its layout changes how many programs the matvec kernels have room for.
     knobs = {"attention": (current("attention"), attention_candidates(capacity, decoder.forward.head_dim))}
-    knobs.update({name: (current(name), candidates(*keys[name][1:])) for name in ORDER})
+    knobs.update({name: (current(name), (staged_matvec.candidates if name in staged else candidates)(*keys[name][1:]))
+                  for name in ORDER})
     start = {name: knob[0] for name, knob in knobs.items()}
     found = descend(knobs, apply, rate)
     tuned = {name: entry["best"] for name, entry in found.items()}

@@ -45,6 +45,10 @@ Past the guide (`BEYOND`):
                        kernel and the sampling kernel, the random draw moved to the step's start,
                        so our kernels' chain runs from the first kernel to the last
                        (`fused_bookkeeping.py`)
+- "staged_weights": the gate/up kernel copies its weights into shared memory before its wait
+                       (asynchronous copies, a Gluon kernel) instead of registers, which every
+                       resident kernel shares; each program asks the SM for just the shared memory
+                       it needs (`staged_matvec.py`)
 - "prefill_graph":  a lone utterance's prefill replayed from a CUDA graph per prompt-length
                        bucket, its prompt padded at the end (`prefill_graph.py`); batched
                        prefills stay eager (one pass serves many utterances already)
@@ -73,12 +77,13 @@ from .embed_cache import SpeechEmbeddingCache, upstream_step_embedding
 from .kv_cache import CACHE_MULTIPLE, cache_len_for, check_fits
 from .precision import t3_in_dtype
 from .sampling import DeviceSampling, SamplingParams, next_token_probs, race_noise, sample_token
+from .staged_matvec import STAGED_CALLS
 from .t3_forward import DynamicT3Forward, StaticT3Forward, filled_cache_mask
 
 LADDER = ("bf16", "static_cache", "embed_cache", "compiled")
 BEYOND = ("fused_projections", "sampling_in_graph", "fused_matvec", "filled_cache_attention", "fused_attention",
-          "fused_sampling", "captured_graph", "dependent_launch", "launch_ahead", "fused_bookkeeping", "prefill_graph",
-          "head_handoff", "persistent_layers")
+          "fused_sampling", "captured_graph", "dependent_launch", "launch_ahead", "fused_bookkeeping", "staged_weights",
+          "prefill_graph", "head_handoff", "persistent_layers")
 STEPS = LADDER + BEYOND
 REQUIRES = {"compiled": ("static_cache", "embed_cache"), "fused_projections": ("static_cache",),
             "sampling_in_graph": ("compiled",), "fused_matvec": ("fused_projections",),
@@ -86,13 +91,14 @@ REQUIRES = {"compiled": ("static_cache", "embed_cache"), "fused_projections": ("
             "fused_sampling": ("sampling_in_graph",),
             "captured_graph": ("fused_matvec", "fused_attention", "fused_sampling"),
             "dependent_launch": ("captured_graph",), "launch_ahead": ("dependent_launch",),
-            "fused_bookkeeping": ("captured_graph",), "head_handoff": ("fused_matvec", "fused_attention"),
+            "fused_bookkeeping": ("captured_graph",), "staged_weights": ("launch_ahead",),
+            "head_handoff": ("fused_matvec", "fused_attention"),
             "prefill_graph": ("static_cache",),
             "persistent_layers": ("fused_matvec", "fused_attention")}
 # Steps whose Triton kernels sum in their own order: checked against PyTorch by logits and by
 # tokens for the same random draws, not by fp32 identity with upstream.
-KERNEL_STEPS = ("fused_matvec", "fused_attention", "fused_sampling", "fused_bookkeeping", "head_handoff",
-                "persistent_layers")
+KERNEL_STEPS = ("fused_matvec", "fused_attention", "fused_sampling", "fused_bookkeeping", "staged_weights",
+                "head_handoff", "persistent_layers")
 
 # How often the host looks for the stop token: each look is a device sync that
 # stops the CPU from queueing further steps ahead of the GPU.
@@ -231,7 +237,8 @@ class T3Decoder:
                                            dependent_launch=self.pdl,
                                            launch_ahead=self.pdl and "launch_ahead" in self.steps,
                                            handoff="head_handoff" in self.steps,
-                                           whole_layers="persistent_layers" in self.steps)
+                                           whole_layers="persistent_layers" in self.steps,
+                                           staged=STAGED_CALLS if "staged_weights" in self.steps else ())
         self._active_forward = self.forward
         self.prefill_graphs = None
         if "prefill_graph" in self.steps and streams == 1:

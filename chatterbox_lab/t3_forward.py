@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from . import decode_attention, head_handoff, persistent_layer
+from . import decode_attention, head_handoff, persistent_layer, staged_matvec
 from .fused_matvec import Norm, fused_matvec
 from .kv_cache import CACHE_MULTIPLE, StaticKVCache
 
@@ -77,7 +77,7 @@ class StaticT3Forward:
 
     def __init__(self, t3, capacity: int, batch: int = 2, fused: bool = False, matvec: bool = False,
                  attention_kernel: bool = False, dependent_launch: bool = False, launch_ahead: bool = False,
-                 handoff: bool = False, whole_layers: bool = False):
+                 handoff: bool = False, whole_layers: bool = False, staged=()):
         """`fused`: q/k/v and gate/up as one matrix each. `matvec` (needs `fused`): every
         matmul with its norm, activation or residual as one kernel (`fused_matvec.py`).
         `attention_kernel`: a one-token step's rotary, cache write and attention as one
@@ -90,11 +90,19 @@ class StaticT3Forward:
         whose attention programs start on a head group once its q/k/v columns are written
         (`head_handoff.py`).
         `whole_layers` (needs `matvec` and `attention_kernel`): each layer of a one-token step as
-        one persistent kernel (`persistent_layer.py`)."""
+        one persistent kernel (`persistent_layer.py`).
+        `staged` (needs `matvec`): the matvecs of a layer ("qkv", "o_proj", "gate_up", "down") whose
+        weights are copied into shared memory before the wait (`staged_matvec.py`); read when a step
+        is captured, so a recaptured step may stage others."""
         from .fused_projections import FusedProjections
 
         if matvec and not fused:
             raise ValueError("matvec kernels multiply the fused q/k/v and gate/up matrices: pass fused=True")
+        if staged and not matvec:
+            raise ValueError("staged weights are the matvec kernels' weights: pass matvec=True")
+        unknown = set(staged) - set(staged_matvec.LAYER_CALLS)
+        if unknown:
+            raise ValueError(f"unknown matvecs to stage {sorted(unknown)}: choose from {', '.join(staged_matvec.LAYER_CALLS)}")
         if handoff and not (matvec and attention_kernel):
             raise ValueError("the handoff kernel is the q/k/v matvec and attention kernels in one: pass matvec=True "
                              "and attention_kernel=True")
@@ -110,6 +118,7 @@ class StaticT3Forward:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.fused = FusedProjections(self.layers) if fused else None
         self.matvec = matvec
+        self.staged = frozenset(staged)
         weight = t3.speech_head.weight
         self.cache = StaticKVCache(len(self.layers), batch, self.n_kv_heads, capacity, self.head_dim,
                                    weight.dtype, weight.device)
@@ -147,11 +156,15 @@ class StaticT3Forward:
             x = layer.input_layernorm(x)
             return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
         if self.matvec:
-            qkv = fused_matvec(x, self.fused.qkv[i], norm=Norm.of(layer.input_layernorm), **self.launch)
+            qkv = self._matvec("qkv", x, self.fused.qkv[i], norm=Norm.of(layer.input_layernorm))
         else:
             qkv = F.linear(layer.input_layernorm(x), self.fused.qkv[i])
         kv = self.n_kv_heads * self.head_dim
         return qkv.split([self.n_heads * self.head_dim, kv, kv], dim=-1)
+
+    def _matvec(self, name: str, x: torch.Tensor, weight: torch.Tensor, **fusions) -> torch.Tensor:
+        matvec = staged_matvec.staged_matvec if name in self.staged else fused_matvec
+        return matvec(x, weight, **fusions, **self.launch)
 
     def _attention(self, i: int, layer, x: torch.Tensor, positions: torch.Tensor, rows: slice, rotary, mask):
         """Attention's output for layer i, before the output projection: (B, T, heads * head_dim).
@@ -174,10 +187,10 @@ class StaticT3Forward:
     def _layer(self, i: int, layer, x: torch.Tensor, positions: torch.Tensor, rows: slice, rotary, mask):
         attended = self._attention(i, layer, x, positions, rows, rotary, mask)
         if self.matvec:
-            x = fused_matvec(attended, layer.self_attn.o_proj.weight, residual=x, **self.launch)
-            act = fused_matvec(x, self.fused.gate_up[i], norm=Norm.of(layer.post_attention_layernorm), gated=True,
-                               **self.launch)
-            return fused_matvec(act, layer.mlp.down_proj.weight, residual=x, **self.launch)
+            x = self._matvec("o_proj", attended, layer.self_attn.o_proj.weight, residual=x)
+            act = self._matvec("gate_up", x, self.fused.gate_up[i], norm=Norm.of(layer.post_attention_layernorm),
+                               gated=True)
+            return self._matvec("down", act, layer.mlp.down_proj.weight, residual=x)
         x = x + layer.self_attn.o_proj(attended)
         normed = layer.post_attention_layernorm(x)
         return x + (layer.mlp(normed) if self.fused is None else self.fused.mlp(i, layer, normed))

@@ -235,6 +235,50 @@ def test_fused_matvec_kernels_match_pytorch_on_every_call_of_the_step(full_tts):
         assert error < 5e-3, (name, error)  # a few values one bf16 step apart: sums in another order
 
 
+@pytest.mark.parametrize("rows", [2, 8])
+def test_staged_kernel_matches_pytorch_on_every_layer_call(full_tts, rows):
+    """The Gluon kernel, its default config and every one the tuner tries, on the layer's four calls."""
+    import torch
+
+    from chatterbox_lab import staged_matvec
+    from chatterbox_lab.fused_matvec import Norm, reference_matvec, step_calls, triton_matvec
+
+    torch.manual_seed(0)
+    for name in staged_matvec.LAYER_CALLS:
+        call = step_calls(full_tts.t3)[name]
+        n, k, gated = call["n"], call["k"], call.get("gated", False)
+        new = dict(device="cuda", dtype=torch.bfloat16)
+        weight = torch.randn(2 * n if gated else n, k, **new) / k ** 0.5
+        kw = dict(gated=gated, norm=Norm(torch.rand(k, **new) + 0.5, 1e-5) if call.get("norm") else None,
+                  residual=torch.randn(rows, 1, n, **new) if call.get("residual") else None)
+        x = torch.randn(rows, 1, k, **new)
+        want = reference_matvec(x, weight, **kw).float()
+        triton_error = float((triton_matvec(x, weight, **kw).float() - want).norm() / want.norm())
+        for config in [staged_matvec.default_config(n, k, gated), *staged_matvec.candidates(n, k, gated, rows)]:
+            got = staged_matvec.gluon_matvec(x, weight, config=config, **kw).float()
+            error = float((got - want).norm() / want.norm())
+            assert error < max(5e-3, 2 * triton_error), (name, config, error, triton_error)
+
+
+def test_staged_weights_replay_one_graph_and_keep_bf16_logits(full_tts):
+    from chatterbox_lab import equivalence, staged_matvec
+    from chatterbox_lab.decoder import ladder_prefix
+
+    text_tokens = text_tokens_for(full_tts, "The weights wait in shared memory.")
+    staged = T3Decoder(full_tts.t3, ladder_prefix("staged_weights"), max_cache_len=512)
+    staged.generate(full_tts.conds.t3, text_tokens, 16)
+    assert staged_matvec._carved, "the staged kernel ran without its carveout"
+    counts = profiling.per_token_counts(lambda n: staged.generate(full_tts.conds.t3, text_tokens, n))
+    assert counts["graph_launches"] == pytest.approx(1.0), counts
+
+    forced = staged.generate(full_tts.conds.t3, text_tokens, 48, stop_on_eos=False).tokens
+    eager = T3Decoder(full_tts.t3, ("bf16", "static_cache", "embed_cache", "fused_projections"), max_cache_len=512)
+    error = equivalence.relative_error(equivalence.forced_logits(staged, full_tts.conds.t3, text_tokens, forced),
+                                       equivalence.forced_logits(eager, full_tts.conds.t3, text_tokens, forced))
+    print("staged_weights logits vs PyTorch's bf16 path: relative error", error)
+    assert error < equivalence.BF16_LOGIT_TOLERANCE
+
+
 @pytest.mark.parametrize("kernels", [("fused_matvec",), ("fused_matvec", "fused_attention"),
                                      ("fused_matvec", "fused_attention", "persistent_layers")])
 def test_kernel_steps_replay_one_graph_and_keep_bf16_logits(full_tts, kernels):
@@ -353,7 +397,8 @@ def test_fused_sampling_and_the_captured_step_draw_pytorchs_tokens_without_recom
     """Same seed, same tokens as the in-graph PyTorch sampling, for upstream's defaults and a top-p
     cut, compiled, captured directly, or captured with dependent launches (after each kernel's wait,
     or ahead of it), with the bookkeeping in our kernels, and with q/k/v and attention as one kernel;
-    one graph a token; new sampling values change data only."""
+    one graph a token; new sampling values change data only, with gate/up's weights staged too (whose
+    sums in another order may move a draw: its logits are checked above)."""
     import time
 
     import torch
@@ -364,13 +409,14 @@ def test_fused_sampling_and_the_captured_step_draw_pytorchs_tokens_without_recom
     kernels = ladder_prefix("fused_sampling")
     step_sets = {"pytorch": kernels - {"fused_sampling"}, "kernel": kernels, "captured": ladder_prefix("captured_graph"),
                  "dependent": ladder_prefix("dependent_launch"), "ahead": ladder_prefix("launch_ahead"),
-                 "bookkeeping": ladder_prefix("fused_bookkeeping"), "handoff": ladder_prefix("head_handoff")}
+                 "bookkeeping": ladder_prefix("fused_bookkeeping"), "staged": ladder_prefix("staged_weights"),
+                 "handoff": ladder_prefix("head_handoff") - {"staged_weights"}}
     decoders = {name: T3Decoder(full_tts.t3, steps, max_cache_len=512) for name, steps in step_sets.items()}
     for name, decoder in decoders.items():
         start = time.perf_counter()
         decoder.generate(full_tts.conds.t3, text_tokens, 16)
         print(f"{name}: first 16 tokens, compile or capture included, {time.perf_counter() - start:.1f} s")
-    for name in ("kernel", "captured", "dependent", "ahead", "bookkeeping", "handoff"):
+    for name in ("kernel", "captured", "dependent", "ahead", "bookkeeping", "staged", "handoff"):
         counts = profiling.per_token_counts(lambda n: decoders[name].generate(full_tts.conds.t3, text_tokens, n))
         print(name, counts)
         assert counts["graph_launches"] == pytest.approx(1.0), (name, counts)

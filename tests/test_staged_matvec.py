@@ -1,0 +1,92 @@
+"""staged_matvec on the CPU: its configs, the carveout it asks for, and its fallback to fused_matvec.
+The Gluon kernel itself runs on GPUs only (tests in test_gpu.py)."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from chatterbox_lab import chain_tuning, decode_attention, equivalence, fused_matvec, staged_matvec
+from chatterbox_lab.decoder import T3Decoder, ladder_prefix, text_tokens_for
+from chatterbox_lab.fused_matvec import Norm, step_calls
+from chatterbox_lab.staged_matvec import StagedConfig
+from chatterbox_lab.t3_forward import StaticT3Forward
+
+# The full model's layer calls: (n, k, gated).
+FULL_CALLS = {"qkv": (3072, 1024, False), "o_proj": (1024, 1024, False), "gate_up": (4096, 1024, True),
+              "down": (1024, 4096, False)}
+H100 = SimpleNamespace(multi_processor_count=132, shared_memory_per_multiprocessor=228 * 1024)
+
+
+@pytest.mark.parametrize("name", list(FULL_CALLS))
+def test_defaults_and_candidates_give_every_thread_its_own_work_within_shared_memory(name):
+    n, k, gated = FULL_CALLS[name]
+    found = staged_matvec.candidates(n, k, gated)
+    assert found and len(set(found)) == len(found)
+    for config in [staged_matvec.default_config(n, k, gated), *found]:
+        assert config.fits(n, k), config
+        assert staged_matvec.shared_bytes(2, k, config, gated) <= 227 * 1024
+        assert config.warps_n * (config.warps // config.warps_n) == config.warps
+
+
+def test_gate_up_defaults_to_two_programs_an_sm_of_an_h100():
+    config = staged_matvec.default_config(*FULL_CALLS["gate_up"])
+    assert config == StagedConfig(block_n=16, chunk_k=256, lanes_n=4, warps_n=4, warps=4)
+    assert 4096 // config.block_n == 256
+
+
+def test_a_config_whose_threads_would_repeat_work_does_not_fit():
+    assert not StagedConfig(block_n=8, chunk_k=256, lanes_n=4, warps_n=4, warps=4).fits(4096, 1024)  # 16 > 8 columns
+    assert not StagedConfig(block_n=16, chunk_k=64, lanes_n=4, warps_n=2, warps=4).fits(4096, 1024)  # 2 warps on k
+    assert not StagedConfig(block_n=16, chunk_k=256, lanes_n=4, warps_n=4, warps=4).fits(4100, 1024)
+
+
+def test_the_carveout_holds_an_sms_share_of_the_programs_and_no_more():
+    # 256 programs of 68 KiB on 132 SMs: two an SM, 136 KiB of 228.
+    assert staged_matvec.carveout_percent(256, 68 * 1024, H100) == 60
+    assert staged_matvec.carveout_percent(128, 68 * 1024, H100) == 30
+    assert staged_matvec.carveout_percent(1024, 68 * 1024, H100) == 100
+
+
+def test_off_the_gpu_the_staged_call_is_fused_matvecs():
+    torch.manual_seed(0)
+    n, k = 64, 32
+    x, weight = torch.randn(2, 1, k), torch.randn(2 * n, k)
+    norm = Norm(torch.rand(k) + 0.5, 1e-5)
+    assert not staged_matvec.kernel_applies(x, weight, gated=True)
+    got = staged_matvec.staged_matvec(x, weight, norm=norm, gated=True)
+    assert torch.equal(got, fused_matvec.reference_matvec(x, weight, norm=norm, gated=True))
+
+
+def test_the_forward_checks_what_it_is_asked_to_stage(tiny_tts):
+    with pytest.raises(ValueError, match="matvec=True"):
+        StaticT3Forward(tiny_tts.t3, 64, fused=True, staged=("gate_up",))
+    with pytest.raises(ValueError, match="unknown matvecs to stage"):
+        StaticT3Forward(tiny_tts.t3, 64, fused=True, matvec=True, staged=("head",))
+
+
+def test_the_step_stages_gate_up_and_gives_the_same_tokens_off_the_gpu(tiny_tts):
+    text_tokens = text_tokens_for(tiny_tts, "Staged or not, the same tokens.")
+    steps = ladder_prefix("staged_weights") - {"bf16"}
+    staged, plain = T3Decoder(tiny_tts.t3, steps), T3Decoder(tiny_tts.t3, steps - {"staged_weights"})
+    assert staged.forward.staged == {"gate_up"} and plain.forward.staged == frozenset()
+    want = equivalence.seeded_tokens(tiny_tts, text_tokens, 12, 3, plain)
+    assert torch.equal(equivalence.seeded_tokens(tiny_tts, text_tokens, 12, 3, staged), want)
+
+
+def test_the_tuner_tunes_a_staged_calls_config(tiny_tts, monkeypatch):
+    monkeypatch.setattr(staged_matvec, "CONFIGS", {})
+    monkeypatch.setattr(fused_matvec, "CONFIGS", {})
+    decoder = T3Decoder(tiny_tts.t3, ladder_prefix("staged_weights") - {"bf16"}, max_new_tokens=4)
+    calls = step_calls(decoder.t3)
+    gate_up = (2, calls["gate_up"]["n"], calls["gate_up"]["k"], True)
+    best = staged_matvec.candidates(*gate_up[1:])[-1]
+    monkeypatch.setattr(chain_tuning, "ORDER", ("gate_up",))
+    attention = decode_attention.config_for(decoder.capacity)
+    monkeypatch.setattr(chain_tuning, "attention_candidates", lambda capacity, head_dim: [attention])
+
+    def decode():
+        return 100.0 + (staged_matvec.CONFIGS.get(gate_up) == best)
+
+    found = chain_tuning.tune(decoder, decode, repeats=1, ab_rounds=1)
+    assert found["calls"]["gate_up"]["best"] == chain_tuning.name_of(best)
+    assert staged_matvec.CONFIGS[gate_up] == best and gate_up not in fused_matvec.CONFIGS
