@@ -73,15 +73,14 @@ def config_for(capacity: int) -> AttentionConfig:
 
 if triton is not None:
     @triton.jit
-    def _rotated(ptr, cos_ptr, sin_ptr, pos, D: tl.constexpr):
-        """x * cos + rotate_half(x) * sin for one head's D values at `ptr`, rounded to x's dtype."""
+    def _rotated(ptr, cos, sin, D: tl.constexpr):
+        """x * cos + rotate_half(x) * sin for one head's D values at `ptr`, rounded to x's dtype; cos
+        and sin are the rotary table's rows at the position, in fp32."""
         d = tl.arange(0, D)
         partner = (d + D // 2) % D
         sign = tl.where(d < D // 2, -1.0, 1.0)
         x = tl.load(ptr + d)
         other = tl.load(ptr + partner).to(tl.float32)
-        cos = tl.load(cos_ptr + pos * D + d).to(tl.float32)
-        sin = tl.load(sin_ptr + pos * D + d).to(tl.float32)
         return (x.to(tl.float32) * cos + sign * other * sin).to(x.dtype)
 
     @triton.jit
@@ -113,16 +112,22 @@ if triton is not None:
         return keys, values
 
     @triton.jit
-    def first_block(pos_ptr, stride_pos, keys_ptr, values_ptr, capacity, row_head, split, part,
+    def first_block(pos_ptr, stride_pos, cos_ptr, sin_ptr, keys_ptr, values_ptr, capacity, row_head, split, part,
                     HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
                     BLOCK: tl.constexpr, SPLIT_FILLED: tl.constexpr, PARTS: tl.constexpr):
-        """The first block of this program's stretch, for `attend`. Its slots were written by earlier
-        steps, never by a kernel of this one, so a programmatic dependent may load them before its
-        wait. So may it the position: the step's first dependent kernel is launched only once the
-        PyTorch kernels before it, which write the position, have finished."""
-        _, _, _, _, cache_row, start, end, _ = _stretch(pos_ptr, stride_pos, capacity, row_head, split, HEADS,
-                                                        KV_HEADS, SPLITS, BLOCK, SPLIT_FILLED)
-        return _slot_block(keys_ptr, values_ptr, cache_row, start, end, part, D, BLOCK, PARTS)
+        """What `attend` reads of memory no kernel of this step writes: the first block of this
+        program's stretch, its keys and values written by earlier steps, and the rotary table's rows
+        at the position (fp32), so that a programmatic dependent may load them before its wait and
+        rotate q and k one round trip after it. So may it read the position: the step's first
+        dependent kernel is launched only once the kernels before it, which write the position, have
+        finished."""
+        _, _, _, pos, cache_row, start, end, _ = _stretch(pos_ptr, stride_pos, capacity, row_head, split, HEADS,
+                                                          KV_HEADS, SPLITS, BLOCK, SPLIT_FILLED)
+        keys, values = _slot_block(keys_ptr, values_ptr, cache_row, start, end, part, D, BLOCK, PARTS)
+        d = tl.arange(0, D)
+        cos = tl.load(cos_ptr + pos * D + d).to(tl.float32)
+        sin = tl.load(sin_ptr + pos * D + d).to(tl.float32)
+        return keys, values, cos, sin
 
     @triton.jit
     def _fold(best, total, acc, q, keys, values, ok):
@@ -138,12 +143,12 @@ if triton is not None:
 
     @triton.jit
     def attend(q_ptr, k_ptr, v_ptr, stride_q, stride_k, stride_v, pos_ptr, stride_pos,
-               cos_ptr, sin_ptr, keys_ptr, values_ptr, out_ptr, stride_out, partial_ptr, arrivals_ptr,
-               capacity, scale, row_head, split, part, first_keys, first_values, HEADS: tl.constexpr,
+               keys_ptr, values_ptr, out_ptr, stride_out, partial_ptr, arrivals_ptr,
+               capacity, scale, row_head, split, part, first_keys, first_values, cos, sin, HEADS: tl.constexpr,
                KV_HEADS: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr,
                SPLIT_FILLED: tl.constexpr, PARTS: tl.constexpr):
         """Stretch `split`, value share `part`, of (row, head) `row_head`: one program's share of the
-        kernel, with the stretch's first block already loaded (`first_block`).
+        kernel, with the stretch's first block and the rotary rows already loaded (`first_block`).
         `SPLIT_FILLED`: the stretches divide the filled slots, not the whole capacity (for a
         caller whose split count is fixed by its grid rather than by the cache)."""
         row, head, kv_head, pos, cache_row, start, end, stretch = _stretch(
@@ -153,9 +158,8 @@ if triton is not None:
         dv = part * DV + tl.arange(0, DV)
 
         # The scale folded into q, in fp32: a compiled graph passes Python floats as fp64.
-        q = _rotated(q_ptr + row * stride_q + head * D, cos_ptr, sin_ptr, pos, D).to(tl.float32) \
-            * tl.cast(scale, tl.float32)
-        k_new = _rotated(k_ptr + row * stride_k + kv_head * D, cos_ptr, sin_ptr, pos, D)
+        q = _rotated(q_ptr + row * stride_q + head * D, cos, sin, D).to(tl.float32) * tl.cast(scale, tl.float32)
+        k_new = _rotated(k_ptr + row * stride_k + kv_head * D, cos, sin, D)
         v_new = tl.load(v_ptr + row * stride_v + kv_head * D + dv)
         if (split == 0) & (part == 0) & (head % (HEADS // KV_HEADS) == 0):
             tl.store(keys_ptr + (cache_row + pos) * D + d, k_new)
@@ -223,13 +227,13 @@ if triton is not None:
         elif PDL:
             gdc_wait()
             gdc_launch_dependents()
-        keys, values = first_block(pos_ptr, stride_pos, keys_ptr, values_ptr, capacity, row_head, split, part,
-                                   HEADS, KV_HEADS, D, SPLITS, BLOCK, False, PARTS)
+        keys, values, cos, sin = first_block(pos_ptr, stride_pos, cos_ptr, sin_ptr, keys_ptr, values_ptr, capacity,
+                                             row_head, split, part, HEADS, KV_HEADS, D, SPLITS, BLOCK, False, PARTS)
         if PDL and AHEAD:
             gdc_wait()
-        attend(q_ptr, k_ptr, v_ptr, stride_q, stride_k, stride_v, pos_ptr, stride_pos, cos_ptr, sin_ptr,
+        attend(q_ptr, k_ptr, v_ptr, stride_q, stride_k, stride_v, pos_ptr, stride_pos,
                keys_ptr, values_ptr, out_ptr, stride_out, partial_ptr, arrivals_ptr, capacity, scale,
-               row_head, split, part, keys, values, HEADS, KV_HEADS, D, SPLITS, BLOCK, False, PARTS)
+               row_head, split, part, keys, values, cos, sin, HEADS, KV_HEADS, D, SPLITS, BLOCK, False, PARTS)
 
 
 def kernel_applies(q: torch.Tensor) -> bool:

@@ -77,8 +77,8 @@ if triton is not None:
             job = program - qkv_programs
             row_head = job // SPLITS
             split = job % SPLITS
-            keys, values = first_block(pos_ptr, stride_pos, keys_ptr, values_ptr, capacity, row_head, split, 0,
-                                       HEADS, KV_HEADS, D, SPLITS, BLOCK, False, PARTS)
+            keys, values, cos, sin = first_block(pos_ptr, stride_pos, cos_ptr, sin_ptr, keys_ptr, values_ptr, capacity,
+                                                 row_head, split, 0, HEADS, KV_HEADS, D, SPLITS, BLOCK, False, PARTS)
             group = row_head % HEADS // (HEADS // KV_HEADS)
             writers = (HEADS // KV_HEADS + 2) * D // BLOCK_N
             if PDL:
@@ -98,9 +98,9 @@ if triton is not None:
             # result is needed only at the end, so the round trip overlaps the attention.
             readers = M * (HEADS // KV_HEADS) * SPLITS
             departed = tl.atomic_add(departed_ptr + group, 1, sem="relaxed")
-            attend(q_ptr, k_ptr, v_ptr, stride_q, stride_k, stride_v, pos_ptr, stride_pos, cos_ptr, sin_ptr,
+            attend(q_ptr, k_ptr, v_ptr, stride_q, stride_k, stride_v, pos_ptr, stride_pos,
                    keys_ptr, values_ptr, out_ptr, stride_out, partial_ptr, arrivals_ptr, capacity, scale,
-                   row_head, split, 0, keys, values, HEADS, KV_HEADS, D, SPLITS, BLOCK, False, PARTS)
+                   row_head, split, 0, keys, values, cos, sin, HEADS, KV_HEADS, D, SPLITS, BLOCK, False, PARTS)
             if departed == readers - 1:
                 tl.store(ready_ptr + group, 0)
                 tl.store(departed_ptr + group, 0)

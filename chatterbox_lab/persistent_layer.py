@@ -217,12 +217,13 @@ if triton is not None:
                          BLOCK_SLOTS: tl.constexpr):
         QKV: tl.constexpr = (HEADS + 2 * KV_HEADS) * D
         for item in range(program, M * HEADS * SPLITS, programs):
-            keys, values = first_block(pos_ptr, stride_pos, keys_ptr, values_ptr, capacity, item // SPLITS,
-                                       item % SPLITS, 0, HEADS, KV_HEADS, D, SPLITS, BLOCK_SLOTS, True, 1)
+            keys, values, cos, sin = first_block(pos_ptr, stride_pos, cos_ptr, sin_ptr, keys_ptr, values_ptr, capacity,
+                                                 item // SPLITS, item % SPLITS, 0, HEADS, KV_HEADS, D, SPLITS,
+                                                 BLOCK_SLOTS, True, 1)
             attend(qkv_ptr, qkv_ptr + HEADS * D, qkv_ptr + (HEADS + KV_HEADS) * D, QKV, QKV, QKV,
-                   pos_ptr, stride_pos, cos_ptr, sin_ptr, keys_ptr, values_ptr, attn_ptr, HEADS * D,
+                   pos_ptr, stride_pos, keys_ptr, values_ptr, attn_ptr, HEADS * D,
                    partial_ptr, arrivals_ptr, capacity, scale, item // SPLITS, item % SPLITS, 0, keys, values,
-                   HEADS, KV_HEADS, D, SPLITS, BLOCK_SLOTS, True, 1)
+                   cos, sin, HEADS, KV_HEADS, D, SPLITS, BLOCK_SLOTS, True, 1)
 
     @triton.jit
     def _layer_kernel(h_ptr, qkv_ptr, attn_ptr, h2_ptr, act_ptr, out_ptr,
