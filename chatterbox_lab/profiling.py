@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
+import statistics
 import socket
 from pathlib import Path
 from typing import Callable
@@ -145,7 +147,7 @@ def gpu_busy_fraction(trace: dict, window: tuple[float, float] | None = None) ->
 # Kernel kinds by name, matched in this order: cuBLAS and our matvec kernel, cuDNN / flex / our
 # attention kernel, sampling (a vocabulary sort's passes, or our one kernel), Inductor's kernels.
 KERNEL_KINDS = (
-    ("matmul", ("nvjet", "gemm", "cutlass", "xmma", "cublas", "_matvec_kernel")),
+    ("matmul", ("nvjet", "gemm", "cutlass", "xmma", "cublas", "_matvec_kernel", "_staged_kernel")),
     ("attention", ("sdpa", "flash", "fmha", "attention")),
     ("sampling", ("radix_sort", "_sample_kernel")),
     ("generated (Triton)", ("triton_",)),
@@ -164,6 +166,37 @@ def kernel_mix(trace: dict, window: tuple[float, float] | None = None) -> dict[s
     lo, hi = window or steps_window(trace)
     kinds = [kernel_kind(name) for name, ts, _ in kernel_spans(trace) if lo <= ts < hi]
     return {kind: kinds.count(kind) / len(kinds) for kind in [k for k, _ in KERNEL_KINDS] + ["other kernels"]}
+
+
+def layer_links(trace: dict) -> list[dict]:
+    """A layer of the decode steps, kernel by kernel, the median over the trace's layers: its grid,
+    threads, registers a thread and shared memory, when it started (its first programs resident) and
+    completed, in us from the layer's first start, and its link: how long after the kernel before it
+    it completed. A layer runs from the kernel before one attention kernel to the kernel before the
+    next one of the same step. Under programmatic dependent launch a kernel starts long before its
+    link, and the links are what the step's critical path pays."""
+    lo, hi = steps_window(trace)
+    kernels = sorted((e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and e.get("cat") == "kernel"
+                      and lo <= e["ts"] < hi), key=lambda e: e["ts"])
+    attention = [i for i, e in enumerate(kernels) if kernel_kind(e["name"]) == "attention"]
+    if len(attention) < 2:
+        raise ValueError("the trace's decode steps hold fewer than two attention kernels")
+    # Between the last attention of a step and the first of the next come the head, sampling and
+    # bookkeeping too: those pairs are farther apart than a layer.
+    gaps = [b - a for a, b in zip(attention, attention[1:])]
+    layers = [[kernels[i] for i in range(a - 1, b - 1)] for a, b, gap in zip(attention, attention[1:], gaps)
+              if gap == min(gaps) and a > 0]
+    rows = []
+    for position in range(min(gaps)):
+        spans = [(layer[position], layer[0]["ts"], kernels[kernels.index(layer[position]) - 1]) for layer in layers]
+        e, args = spans[0][0], spans[0][0].get("args", {})
+        rows.append(dict(
+            kernel=e["name"], programs=math.prod(args.get("grid", [1])), threads=math.prod(args.get("block", [1])),
+            registers=args.get("registers per thread"), shared_bytes=args.get("shared memory"),
+            start_us=statistics.median(k["ts"] - origin for k, origin, _ in spans),
+            end_us=statistics.median(k["ts"] + k["dur"] - origin for k, origin, _ in spans),
+            link_us=statistics.median(k["ts"] + k["dur"] - (p["ts"] + p["dur"]) for k, _, p in spans)))
+    return rows
 
 
 def plot_timeline(trace: dict, ax=None, title: str = "", window: tuple[float, float] | None = None):

@@ -78,6 +78,15 @@ def test_committed_trace_of_every_rung_opens_as_a_chrome_trace_with_gpu_kernels(
     assert mix["matmul"] > 0 and sum(mix.values()) == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("rung, gate_up", [("fused_bookkeeping", "_matvec_kernel"), ("staged_weights", "_staged_kernel")])
+def test_layer_links_read_a_layer_of_the_committed_traces(rung, gate_up):
+    path = profiling.Path(__file__).resolve().parent.parent / "data" / "traces" / "h100" / f"{rung}.pt.trace.json.gz"
+    rows = profiling.layer_links(profiling.load_trace(path))
+    assert [profiling.kernel_kind(r["kernel"]) for r in rows] == ["matmul", "attention", "matmul", "matmul", "matmul"]
+    assert rows[3]["kernel"] == gate_up and rows[0]["start_us"] == 0
+    assert all(r["link_us"] > 0 and r["end_us"] > r["start_us"] and r["programs"] >= 32 for r in rows)
+
+
 def test_kernel_mix_sorts_kernels_by_kind():
     def kernel(name, ts):
         return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": 1}
