@@ -472,8 +472,10 @@ assert gain > 1 and max(tuning["raw"]["start"]) < min(tuning["raw"]["tuned"])
 # %% [markdown]
 # Most candidates of a kernel land within a percent or two of each other, inside the
 # noise of one decode, so which of them wins varies from run to run; what held in every
-# run is gate/up at 8 columns a program (512 programs the SMs hold in one wave), now the
-# default, and no value shares (reading the keys again costs more than the combine).
+# run before `staged_weights` (below) is gate/up at 8 columns a program (512 programs the SMs
+# hold in one wave), now the Triton kernel's default, and no value shares (reading the keys
+# again costs more than the combine). In the table above, from the latest record, the
+# gate/up knob is the staged kernel's.
 #
 # One more idea, measured and taken out: `l2_prefetch` had each matvec kernel ask a later
 # kernel's weights into L2 as its programs started, so that no kernel would wait on
@@ -488,6 +490,61 @@ display(Markdown(results.markdown_table(l, ("t3_decode_tok_s", "fraction_of_floo
 ahead = l["chain_sweep"]["calls"]["prefetch_ahead"]["tried"]
 print("tok/s by how many matvec kernels ahead the weights were prefetched:", {k: round(v) for k, v in ahead.items()})
 assert l["rungs"]["l2_prefetch"]["t3_decode_tok_s"] < l["rungs"]["fused_bookkeeping"]["t3_decode_tok_s"]
+
+# %% [markdown]
+# ## Weights in shared memory (`staged_weights`)
+#
+# A trace says more than when kernels end. Under `launch_ahead` a kernel *starts* (its first
+# programs are resident) long before its link, the time from the end of the kernel before it
+# to its own end, which is what the critical path pays. `profiling.layer_links` reads one
+# layer from a committed trace, kernel by kernel, as medians over the traced layers:
+
+# %%
+st_path, st = results.latest_with("beyond", ("fused_bookkeeping", "staged_weights"))
+links = {rung: profiling.layer_links(profiling.load_trace(f"../data/traces/h100/{rung}.pt.trace.json.gz"))
+         for rung in ("fused_bookkeeping", "staged_weights")}
+layer_calls = ("q/k/v", "attention", "o_proj", "gate/up", "down")
+display(Markdown("| rung | kernel | programs | registers a thread | shared memory (KiB) | starts (us) | link (us) |\n"
+                 "|---|---|---|---|---|---|---|\n" + "\n".join(
+                     f"| {rung} | {call} | {row['programs']} | {row['registers']} | {row['shared_bytes'] / 1024:.0f} | "
+                     f"{row['start_us']:.1f} | {row['link_us']:.1f} |"
+                     for rung, rows in links.items() for call, row in zip(layer_calls, rows))))
+layer_us = {rung: sum(row["link_us"] for row in rows) for rung, rows in links.items()}
+print("a layer, the sum of its links (us, under the profiler):", {r: round(us, 1) for r, us in layer_us.items()})
+assert links["staged_weights"][3]["kernel"] == "_staged_kernel"
+
+# %% [markdown]
+# In the `fused_bookkeeping` rows, gate/up's programs start soon after o_proj's, yet the kernel
+# after it (down launches once *every* gate/up program has started) starts only about when
+# o_proj ends: gate/up's last programs waited for registers. Four gate/up programs fill most of
+# an SM's registers, and a Triton kernel can keep weights before its wait only in registers,
+# which every resident kernel shares. So much of gate/up's 16.8 MB streams after its wait.
+#
+# `staged_matvec.py` is the gate/up kernel in Gluon, Triton's lower-level language, where
+# shared memory is placed by hand: each program issues asynchronous copies of its weight rows
+# into shared memory before its wait, and needs few registers while they fly. One more thing
+# made it pay: Triton asks the largest shared-memory share of the SM's L1 for any kernel above
+# 48 KiB. That starved the other kernels of L1, and an SM holds programs of kernels that want
+# different splits only once it has drained; the staged kernel measured slower than the
+# Triton one until it asked for just what its programs need (`staged_matvec.carveout_percent`).
+
+# %%
+display(Markdown(f"**{st['provenance']['gpu']}**, commit `{st['provenance']['git_commit'][:10]}`, `{st_path.name}`"))
+display(Markdown(results.markdown_table(st, ("t3_decode_tok_s", "fraction_of_floor", "gpu_kernels_per_token"))))
+staged_gain = st["rungs"]["staged_weights"]["t3_decode_tok_s"] / st["rungs"]["fused_bookkeeping"]["t3_decode_tok_s"]
+print(f"gate/up's weights in shared memory: {staged_gain:.2f}x the decode rate, "
+      f"{st['rungs']['staged_weights']['fraction_of_floor']:.1%} of the floor")
+if st.get("chain_sweep", {}).get("calls", {}).get("gate_up", {}).get("best", "").startswith("staged"):
+    print("staged gate/up configs tried in the chain, tok/s:",
+          {name: round(rate) for name, rate in st["chain_sweep"]["calls"]["gate_up"]["tried"].items()})
+assert staged_gain > 1
+
+# %% [markdown]
+# Staging down, q/k/v or o_proj as well measured slower (in probes not kept as records).
+# Plausibly shared memory is not free after the wait either: each program reads its weights
+# back from it, and the SM's L1 shrinks with every KiB given to it. Gate/up's own link
+# shortened by less than its weights alone would suggest, maybe for the same reason, and is
+# where the next microseconds are.
 
 # %% [markdown]
 # ## Handing each head over (`head_handoff`), measured slower
