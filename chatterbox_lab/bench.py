@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import (chain_tuning, decode_attention, equivalence, flops, fused_matvec, fused_sampling, memory,
-               persistent_layer, profiling, report, results, roofline)
+               persistent_layer, profiling, report, results, roofline, staged_matvec)
 from .decoder import (KERNEL_STEPS, STEPS, T3Decoder, dependents, ladder_prefix, prompt_len_for, requirements,
                       text_tokens_for)
 from .kv_cache import cache_len_for
@@ -39,21 +39,27 @@ RUNGS = ("upstream_fp32", *STEPS)
 PDL_STEPS = frozenset({"dependent_launch"}) | dependents("dependent_launch")
 
 
+def unsupported_steps(device: str | None = None) -> frozenset:
+    """Steps this device cannot run: the dependent-launch steps without a Hopper or later GPU and a
+    Triton that controls the launch, staged_weights without Triton's Gluon either (elsewhere they
+    would measure the rung before them again under other names)."""
+    device = resolve_device(device)
+    missing = frozenset() if fused_matvec.dependent_launch_supported(device) else PDL_STEPS
+    return missing if staged_matvec.supported(device) else missing | {"staged_weights"} | dependents("staged_weights")
+
+
 def ladder_rungs(device: str | None = None) -> tuple:
-    """Every rung this device can run: dependent_launch and launch_ahead only where the GPU and
-    Triton support them (elsewhere they would measure captured_graph again under other names)."""
-    if fused_matvec.dependent_launch_supported(resolve_device(device)):
-        return RUNGS
-    return tuple(r for r in RUNGS if r not in PDL_STEPS)
+    """Every rung this device can run."""
+    missing = unsupported_steps(device)
+    return tuple(r for r in RUNGS if r not in missing)
 
 
 def rung_steps(rung: str, device: str | None = None) -> frozenset:
-    """The steps a rung switches on: every step up to it, less the dependent-launch steps where this
-    device cannot run them (so the rungs after them still run there)."""
+    """The steps a rung switches on: every step up to it, less those this device cannot run (so the
+    rungs after them still run there)."""
     if rung == "upstream_fp32":
         return frozenset()
-    steps = ladder_prefix(rung)
-    return steps if "dependent_launch" in ladder_rungs(device) else steps - PDL_STEPS
+    return ladder_prefix(rung) - unsupported_steps(device)
 
 
 # Token counts of the two profiled T3 runs whose difference gives per-token counts.

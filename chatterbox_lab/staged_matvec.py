@@ -3,15 +3,15 @@
 Under `launch_ahead` a kernel launches while the kernels before it still run, loads
 its weights, then waits for its input. `fused_matvec`'s Triton kernels can only hold
 those weights in registers, and the register file is what every resident kernel
-shares: gate/up's 16.8 MB fill the registers of all 132 SMs of an H100, so its
-programs become resident only as the kernels before them leave, and most of its
-weights stream after its wait, on the critical path (`docs/NOTES.md`).
+shares: the Triton gate/up's programs take 56K of an SM's 64K registers on an H100,
+so its last programs become resident only as the kernels before them leave, and
+much of its 16.8 MB streams after its wait, on the critical path (`docs/NOTES.md`).
 
 Here each program copies its weight rows into shared memory with asynchronous
-copies (`cp.async`) issued before the wait. They need no registers while in flight,
-so a program holding 128 KiB of gate/up weights uses a few dozen registers a
-thread, and shared memory (228 KiB an SM) holds the weights of the kernels ahead
-on top of the registers of the ones running. After the wait the program reads its
+copies (`cp.async`) issued before the wait. They need no registers while in flight:
+a gate/up program holding 64 KiB of weights takes 96 registers a thread (its working
+set), and shared memory (228 KiB an SM) holds the weights of the kernels ahead on
+top of the registers of the ones running. After the wait the program reads its
 input once, normalizes it into shared memory, and multiplies chunk by chunk.
 
 Same computation and roundings as `fused_matvec.matvec_columns` (norm, SiLU gate,
@@ -95,6 +95,21 @@ def block_rows(rows: int) -> int:
 def shared_bytes(rows: int, k: int, config: StagedConfig, gated: bool, element_size: int = 2) -> int:
     """Shared memory one program takes: its weight rows and the (normalized) input rows."""
     return element_size * k * (config.block_n * (2 if gated else 1) + block_rows(rows))
+
+
+def supported(device) -> bool:
+    """A Hopper or later GPU and a Triton with Gluon."""
+    device = torch.device(device)
+    return GLUON_AVAILABLE and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def check_supported(device) -> None:
+    """Staging needs Triton's Gluon on a Hopper or later GPU; say so rather than fall back unseen."""
+    device = torch.device(device)
+    if device.type == "cuda" and not supported(device):
+        raise RuntimeError(f"staging weights in shared memory needs Triton's Gluon (triton.experimental.gluon, "
+                           f"Triton 3.6 here) and a Hopper or later GPU, not {torch.cuda.get_device_name(device)}: "
+                           f"leave out the staged_weights step")
 
 
 def kernel_applies(x: torch.Tensor, weight: torch.Tensor, gated: bool = False, bias=None) -> bool:

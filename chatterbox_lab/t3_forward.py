@@ -120,6 +120,8 @@ class StaticT3Forward:
         self.matvec = matvec
         self.staged = frozenset(staged)
         weight = t3.speech_head.weight
+        if staged:
+            staged_matvec.check_supported(weight.device)
         self.cache = StaticKVCache(len(self.layers), batch, self.n_kv_heads, capacity, self.head_dim,
                                    weight.dtype, weight.device)
         self.cos, self.sin = rotary_tables(t3, capacity, weight.dtype)

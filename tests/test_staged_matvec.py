@@ -91,3 +91,13 @@ def test_the_tuner_tunes_a_staged_calls_config_and_leaves_the_triton_kernel_its_
     found = chain_tuning.tune(decoder, decode, repeats=1, ab_rounds=1)
     assert found["calls"]["gate_up"]["best"] == chain_tuning.name_of(best)
     assert staged_matvec.CONFIGS[gate_up] == best and gate_up not in fused_matvec.CONFIGS
+
+
+def test_the_ladder_leaves_the_step_out_where_gluon_is_missing(monkeypatch):
+    from chatterbox_lab import bench
+
+    monkeypatch.setattr(fused_matvec, "dependent_launch_supported", lambda device: True)
+    monkeypatch.setattr(staged_matvec, "supported", lambda device: False)
+    assert bench.unsupported_steps("cpu") == {"staged_weights"}
+    assert "staged_weights" not in bench.ladder_rungs("cpu") and "launch_ahead" in bench.ladder_rungs("cpu")
+    assert bench.rung_steps("prefill_graph", "cpu") == ladder_prefix("prefill_graph") - {"staged_weights"}
