@@ -198,13 +198,20 @@ if triton is not None:
                 acc_up += tl.sum(normed * w_up.to(tl.float32)[None, :, :], axis=2)
         if BIAS:
             acc += bias[None, :]
+        y = finished(acc, acc_up if GATED else acc, res if RESIDUAL else acc, dtype, GATED, RESIDUAL)
+        tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], y, mask=out_mask)
+
+    @triton.jit
+    def finished(acc, acc_up, res, dtype: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr):
+        """The fp32 sums as transformers rounds them in the model's dtype: the matmul's output, then
+        SiLU(gate) * up, then the residual sum (`staged_matvec` finishes the same way)."""
         y = acc.to(dtype).to(tl.float32)
         if GATED:
             silu = (y / (1.0 + tl.exp(-y))).to(dtype).to(tl.float32)
             y = (silu * acc_up.to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
         if RESIDUAL:
             y = res.to(tl.float32) + y
-        tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], y.to(dtype), mask=out_mask)
+        return y.to(dtype)
 
 
 def kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -228,6 +235,19 @@ def check_dependent_launch(device) -> None:
                            f"the dependent_launch step")
 
 
+def matvec_rows(x: torch.Tensor, weight: torch.Tensor, gated: bool, residual: torch.Tensor | None):
+    """A matvec kernel's rows: the input as (m, k) with unit stride along k, the output (m, n) and
+    the residual as (m, n) rows (the output itself when there is none)."""
+    k = x.size(-1)
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.size(0)
+    n = weight.size(0) // 2 if gated else weight.size(0)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    return x2, out, residual.reshape(m, n).contiguous() if residual is not None else out
+
+
 @dataclass
 class MatvecLaunch:
     """A matvec kernel's arguments for `matvec_columns`, its program count, warps and output."""
@@ -243,14 +263,8 @@ def matvec_launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                   pdl: bool = False, ahead: bool = False) -> MatvecLaunch:
     if gated and bias is not None:
         raise ValueError("a gated matvec takes no bias (Llama's MLP has none)")
-    k = x.size(-1)
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    m = x2.size(0)
-    n = weight.size(0) // 2 if gated else weight.size(0)
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    res = residual.reshape(m, n).contiguous() if residual is not None else out  # the kernel walks rows
+    x2, out, res = matvec_rows(x, weight, gated, residual)
+    (m, k), n = x2.shape, out.size(1)
     if config is None:
         config = config_for(m, n, k, gated)
     args = (x2, weight, bias if bias is not None else weight, out, res, norm.weight if norm is not None else weight,

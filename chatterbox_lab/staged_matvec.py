@@ -233,28 +233,17 @@ if GLUON_AVAILABLE:
             acc += gl.sum(x_chunk * weights.index(c).load(W_LAYOUT).to(gl.float32)[None, :, :], axis=2)
             if GATED:
                 acc_up += gl.sum(x_chunk * weights.index(CHUNKS + c).load(W_LAYOUT).to(gl.float32)[None, :, :], axis=2)
-        y = acc.to(dtype).to(gl.float32)
-        if GATED:
-            silu = (y / (1.0 + gl.exp(-y))).to(dtype).to(gl.float32)
-            y = (silu * acc_up.to(dtype).to(gl.float32)).to(dtype).to(gl.float32)
-        if RESIDUAL:
-            y = res.to(gl.float32) + y
-        gl.store(out_ptr + out_rows[:, None] * stride_out + out_cols[None, :], y.to(dtype), mask=out_mask)
+        y = fused_matvec.finished(acc, acc_up, res if RESIDUAL else acc, dtype, GATED, RESIDUAL)
+        gl.store(out_ptr + out_rows[:, None] * stride_out + out_cols[None, :], y, mask=out_mask)
 
 
 def gluon_matvec(x: torch.Tensor, weight: torch.Tensor, norm: Norm | None = None, gated: bool = False,
                  residual: torch.Tensor | None = None, config: StagedConfig | None = None, pdl: bool = False,
                  ahead: bool = False) -> torch.Tensor:
     """`fused_matvec.reference_matvec` (no bias) as the staged kernel; the caller checks `kernel_applies`."""
-    k = x.size(-1)
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    m = x2.size(0)
-    n = weight.size(0) // 2 if gated else weight.size(0)
+    x2, out, res = fused_matvec.matvec_rows(x, weight, gated, residual)
+    (m, k), n = x2.shape, out.size(1)
     config = config or config_for(m, n, k, gated)
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    res = residual.reshape(m, n).contiguous() if residual is not None else out
     programs = n // config.block_n
     kernel = _staged_kernel[(programs,)](
         x2, weight, out, res, norm.weight if norm is not None else weight, m, n,
