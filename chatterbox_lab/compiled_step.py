@@ -56,25 +56,41 @@ class CapturedStep:
     PyTorch's generator is captured with its seed and offset read per replay, so random draws
     continue the eager sequence and `torch.manual_seed` still applies. On the CPU the step runs
     eagerly every time.
+
+    `runs`: `run(n)` replays n steps as one graph, one graph per n (captured on first use), instead
+    of n one-step graphs. Before every replay PyTorch writes the generator's seed and offset with
+    two small kernels of its own, and between two replays the GPU waits for the next launch: on
+    an H100 about 6 us a step that a graph of 16 steps pays once.
     """
 
-    def __init__(self, step, device):
+    def __init__(self, step, device, runs: bool = False):
         self.step = step
         self.on_gpu = torch.device(device).type == "cuda"
+        self.runs = runs
         self.warmed_up = False
-        self.graph = None
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # steps a replay -> graph
 
     def recapture(self) -> None:
-        """Drop the graph, so that the next call runs eagerly and the one after captures again: a
+        """Drop the graphs, so that the next step runs eagerly and the ones after capture again: a
         graph keeps every kernel's launch configuration as it was captured."""
-        self.graph = None
+        self.graphs.clear()
         self.warmed_up = False
 
     def __call__(self) -> None:
-        if self.graph is not None:
-            self.graph.replay()
+        self.run(1)
+
+    def run(self, steps: int) -> None:
+        """`steps` steps, one after the other: one graph replay with `runs`, else one per step."""
+        if steps > 1 and not self.runs:
+            for _ in range(steps):
+                self.run(1)
+        elif steps < 1:
+            return
+        elif steps in self.graphs:
+            self.graphs[steps].replay()
         elif not self.on_gpu:
-            self.step()
+            for _ in range(steps):
+                self.step()
         elif not self.warmed_up:
             # Off the default stream, as capture needs: lazy handles and workspaces are made here.
             side = warmup_stream()
@@ -83,8 +99,11 @@ class CapturedStep:
                 self.step()
             torch.cuda.current_stream().wait_stream(side)
             self.warmed_up = True
+            self.run(steps - 1)
         else:
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.step()
-            self.graph.replay()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(steps):
+                    self.step()
+            self.graphs[steps] = graph
+            graph.replay()

@@ -49,6 +49,9 @@ Past the guide (`BEYOND`):
                        (asynchronous copies, a Gluon kernel) instead of registers, which every
                        resident kernel shares; each program asks the SM for just the shared memory
                        it needs (`staged_matvec.py`)
+- "multi_step_graph": the captured steps between two stop checks replayed as one graph
+                       (`compiled_step.CapturedStep.run`), so PyTorch's per-replay generator
+                       writes and the gap between launches come once per 16 steps
 - "prefill_graph":  a lone utterance's prefill replayed from a CUDA graph per prompt-length
                        bucket, its prompt padded at the end (`prefill_graph.py`); batched
                        prefills stay eager (one pass serves many utterances already)
@@ -83,7 +86,7 @@ from .t3_forward import DynamicT3Forward, StaticT3Forward, filled_cache_mask
 LADDER = ("bf16", "static_cache", "embed_cache", "compiled")
 BEYOND = ("fused_projections", "sampling_in_graph", "fused_matvec", "filled_cache_attention", "fused_attention",
           "fused_sampling", "captured_graph", "dependent_launch", "launch_ahead", "fused_bookkeeping", "staged_weights",
-          "prefill_graph", "head_handoff", "persistent_layers")
+          "multi_step_graph", "prefill_graph", "head_handoff", "persistent_layers")
 STEPS = LADDER + BEYOND
 REQUIRES = {"compiled": ("static_cache", "embed_cache"), "fused_projections": ("static_cache",),
             "sampling_in_graph": ("compiled",), "fused_matvec": ("fused_projections",),
@@ -92,6 +95,7 @@ REQUIRES = {"compiled": ("static_cache", "embed_cache"), "fused_projections": ("
             "captured_graph": ("fused_matvec", "fused_attention", "fused_sampling"),
             "dependent_launch": ("captured_graph",), "launch_ahead": ("dependent_launch",),
             "fused_bookkeeping": ("captured_graph",), "staged_weights": ("launch_ahead",),
+            "multi_step_graph": ("captured_graph",),
             "head_handoff": ("fused_matvec", "fused_attention"),
             "prefill_graph": ("static_cache",),
             "persistent_layers": ("fused_matvec", "fused_attention")}
@@ -254,7 +258,8 @@ class T3Decoder:
         if self.compiled:
             from .compiled_step import CapturedStep, compile_step
 
-            self.step_fn = CapturedStep(self.step_fn, device) if "captured_graph" in self.steps else \
+            self.step_fn = CapturedStep(self.step_fn, device, runs="multi_step_graph" in self.steps) \
+                if "captured_graph" in self.steps else \
                 compile_step(self.step_fn, random_in_graph=self.sample_in_graph)
 
     @property
@@ -446,24 +451,33 @@ class T3Decoder:
         """The decode loop after `_begin`: yields (tokens decoded so far, whether that is all) at
         every stop check, the only points where the host knows how far the device has got; a check
         every STOP_CHECK_INTERVAL tokens, and one at step `also_check_at`."""
-        for i in range(1, max_new_tokens + 1):
-            if i % STOP_CHECK_INTERVAL == 0 or i in (max_new_tokens, also_check_at):
-                # upstream runs one more forward after its last token and never uses its output
-                last = self._should_stop(i, stop_on_eos) or i == max_new_tokens
-                yield i, last
-                if last:
-                    return
-            self._advance(i)
+        checks = {*range(STOP_CHECK_INTERVAL, max_new_tokens, STOP_CHECK_INTERVAL), max_new_tokens}
+        if also_check_at is not None and 1 <= also_check_at < max_new_tokens:
+            checks.add(also_check_at)
+        done = 1  # the first token comes from the prefill
+        for check in sorted(checks):
+            self._advance(done, check - done)
+            done = check
+            # upstream runs one more forward after its last token and never uses its output
+            last = self._should_stop(check, stop_on_eos) or check == max_new_tokens
+            yield check, last
+            if last:
+                return
 
-    def _advance(self, i: int) -> None:
-        """Feed the tokens sampled at step i - 1 and sample those of step i."""
-        if self.compiled:
-            torch.compiler.cudagraph_mark_step_begin()
-            probs = self.step_fn()
-        else:
-            probs = self.step_fn(None if self.embedding is not None else i - 1)
-        if not self.sample_in_graph:
-            sample_token(probs, out=self.tokens[:, i:i + 1])
+    def _advance(self, first: int, steps: int) -> None:
+        """Steps first, first + 1, ...: each feeds the tokens sampled at the step before and samples
+        its own."""
+        if hasattr(self.step_fn, "run"):  # a captured step, sampling in its graph
+            self.step_fn.run(steps)
+            return
+        for i in range(first, first + steps):
+            if self.compiled:
+                torch.compiler.cudagraph_mark_step_begin()
+                probs = self.step_fn()
+            else:
+                probs = self.step_fn(None if self.embedding is not None else i - 1)
+            if not self.sample_in_graph:
+                sample_token(probs, out=self.tokens[:, i:i + 1])
 
     def _should_stop(self, steps_done: int, stop_on_eos: bool) -> bool:
         """The one host sync every STOP_CHECK_INTERVAL tokens: every utterance stopped, or bad numbers."""

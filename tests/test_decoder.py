@@ -193,6 +193,29 @@ def test_captured_graph_step_gives_the_compiled_steps_tokens(tiny_tts, text_toke
         assert torch.equal(equivalence.seeded_tokens(tiny_tts, text_tokens, 24, seed, captured), want)
 
 
+def test_multi_step_graph_runs_every_step_between_two_checks_once(tiny_tts, text_tokens, monkeypatch):
+    """Runs of steps: as many steps as tokens, the same tokens, and stream chunks still cut at the
+    checks (on the CPU a run is its steps one by one, as the graph replays them)."""
+    from chatterbox_lab.compiled_step import CapturedStep
+
+    runs = []
+    monkeypatch.setattr(CapturedStep, "run", lambda self, steps, run=CapturedStep.run: (runs.append(steps),
+                                                                                       run(self, steps)))
+    decoder = T3Decoder(tiny_tts.t3, TOP + ("captured_graph", "multi_step_graph"))
+    assert decoder.step_fn.runs
+    step_by_step = T3Decoder(tiny_tts.t3, TOP + ("captured_graph",))
+    tokens = {}
+    for name, each in (("step by step", step_by_step), ("runs", decoder)):
+        torch.manual_seed(3)
+        runs.clear()
+        tokens[name] = each.generate(tiny_tts.conds.t3, text_tokens, 40, stop_on_eos=False).tokens
+    assert torch.equal(tokens["runs"], tokens["step by step"]) and tokens["runs"].shape == (1, 40)
+    assert runs == [15, 16, 8]  # the first token is the prefill's; checks at 16, 32 and the last
+    chunks = [len(c[0]) for c, _ in decoder.generate_stream(tiny_tts.conds.t3, text_tokens, 40, chunk_tokens=16,
+                                                             first_chunk_tokens=5)]
+    assert sum(chunks) <= 40 and chunks[0] == 5
+
+
 def test_fused_bookkeeping_gives_the_same_tokens(tiny_tts, text_tokens, interpreted, monkeypatch):
     """The prologue and sampling kernels, run by Triton's interpreter, keep the decode state as the
     PyTorch bookkeeping does: the same tokens for the same seed, the same mask and step counter. The

@@ -3,7 +3,7 @@ import pytest
 
 from chatterbox_lab import profiling
 from chatterbox_lab.compiled_step import compile_counters
-from chatterbox_lab.decoder import LADDER, T3Decoder, text_tokens_for
+from chatterbox_lab.decoder import LADDER, STOP_CHECK_INTERVAL, T3Decoder, text_tokens_for
 from chatterbox_lab.sampling import SamplingParams
 
 pytestmark = pytest.mark.gpu
@@ -397,7 +397,8 @@ def test_fused_sampling_and_the_captured_step_draw_pytorchs_tokens_without_recom
     """Same seed, same tokens as the in-graph PyTorch sampling, for upstream's defaults and a top-p
     cut, compiled, captured directly, or captured with dependent launches (after each kernel's wait,
     or ahead of it), with the bookkeeping in our kernels, and with q/k/v and attention as one kernel;
-    one graph a token; new sampling values change data only, with gate/up's weights staged too (whose
+    one graph a token, or one a stop check's 16 tokens (whose draws continue the generator's
+    sequence as step-by-step replays do); new sampling values change data only, with gate/up's weights staged too (whose
     sums in another order may move a draw: its logits are checked above)."""
     import time
 
@@ -410,16 +411,18 @@ def test_fused_sampling_and_the_captured_step_draw_pytorchs_tokens_without_recom
     step_sets = {"pytorch": kernels - {"fused_sampling"}, "kernel": kernels, "captured": ladder_prefix("captured_graph"),
                  "dependent": ladder_prefix("dependent_launch"), "ahead": ladder_prefix("launch_ahead"),
                  "bookkeeping": ladder_prefix("fused_bookkeeping"), "staged": ladder_prefix("staged_weights"),
-                 "handoff": ladder_prefix("head_handoff") - {"staged_weights"}}
+                 "runs": ladder_prefix("multi_step_graph") - {"staged_weights"},
+                 "handoff": ladder_prefix("head_handoff") - {"staged_weights", "multi_step_graph"}}
     decoders = {name: T3Decoder(full_tts.t3, steps, max_cache_len=512) for name, steps in step_sets.items()}
     for name, decoder in decoders.items():
         start = time.perf_counter()
         decoder.generate(full_tts.conds.t3, text_tokens, 16)
         print(f"{name}: first 16 tokens, compile or capture included, {time.perf_counter() - start:.1f} s")
-    for name in ("kernel", "captured", "dependent", "ahead", "bookkeeping", "staged", "handoff"):
+    for name in ("kernel", "captured", "dependent", "ahead", "bookkeeping", "staged", "runs", "handoff"):
         counts = profiling.per_token_counts(lambda n: decoders[name].generate(full_tts.conds.t3, text_tokens, n))
         print(name, counts)
-        assert counts["graph_launches"] == pytest.approx(1.0), (name, counts)
+        per_token = 1 / STOP_CHECK_INTERVAL if name == "runs" else 1.0
+        assert counts["graph_launches"] == pytest.approx(per_token), (name, counts)
     before = compile_counters()
     for sampling in (SamplingParams(), SamplingParams(top_p=0.8, temperature=0.7, repetition_penalty=1.4)):
         tokens = {}
@@ -430,6 +433,7 @@ def test_fused_sampling_and_the_captured_step_draw_pytorchs_tokens_without_recom
         assert torch.equal(tokens["dependent"], tokens["captured"]), ("dependent", sampling)
         assert torch.equal(tokens["ahead"], tokens["captured"]), ("ahead", sampling)
         assert torch.equal(tokens["bookkeeping"], tokens["captured"]), ("bookkeeping", sampling)
+        assert torch.equal(tokens["runs"], tokens["captured"]), ("runs", sampling)
         assert torch.equal(tokens["handoff"], tokens["captured"]), ("handoff", sampling)
         same = float((tokens["kernel"] == tokens["pytorch"]).float().mean())
         print(f"{sampling}: kernel and PyTorch sampling agree on {same:.0%} of 64 tokens")
