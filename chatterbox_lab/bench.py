@@ -420,8 +420,9 @@ def bf16_logit_error(tts, text_tokens, forced, reference, steps=LOGIT_CHECKS["bf
 
 def _chain_steps(cfg: BenchConfig) -> frozenset:
     """The steps whose captured chain `tune_in_chain` tunes: the last rung's, less those whose kernels
-    replace the matvec and attention kernels of every other captured rung."""
-    return _t3_steps(cfg) - chain_tuning.REPLACING_STEPS
+    replace the matvec and attention kernels of every other captured rung, and those that only
+    change how the step is replayed."""
+    return _t3_steps(cfg) - chain_tuning.REPLACING_STEPS - chain_tuning.REPLAY_STEPS
 
 
 def tune_in_chain(tts, cfg: BenchConfig, voice: Path) -> dict:

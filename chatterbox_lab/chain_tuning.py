@@ -43,6 +43,9 @@ ATTENTION_WARPS = (4, 8, 16, 32)
 ORDER = ("gate_up", "down", "head", "qkv", "o_proj")
 # Steps whose kernels take the place of the ones tuned here: a decoder with them is not tuned.
 REPLACING_STEPS = frozenset({"head_handoff", "persistent_layers"})
+# Steps that change how the captured step is replayed, not its kernels: tuned without them, since
+# every candidate recaptures, and a graph of 16 steps takes about 16 times as long to capture.
+REPLAY_STEPS = frozenset({"multi_step_graph"})
 
 
 def candidates(n: int, k: int, gated: bool = False) -> list[KernelConfig]:

@@ -99,11 +99,19 @@ class CapturedStep:
                 self.step()
             torch.cuda.current_stream().wait_stream(side)
             self.warmed_up = True
+            if steps > 1:
+                # This run's other steps replay a graph one step short; the same run of the next
+                # decode finds its own graph captured already, not on its clock.
+                self._capture(steps)
             self.run(steps - 1)
         else:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(steps):
-                    self.step()
-            self.graphs[steps] = graph
-            graph.replay()
+            self._capture(steps).replay()
+
+    def _capture(self, steps: int) -> torch.cuda.CUDAGraph:
+        """Record `steps` steps as one graph (capture runs nothing)."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(steps):
+                self.step()
+        self.graphs[steps] = graph
+        return graph

@@ -259,3 +259,46 @@ def test_dependent_launch_is_left_out_of_the_ladder_where_it_cannot_run(tiny_tts
         from chatterbox_lab.fused_matvec import check_dependent_launch
 
         check_dependent_launch("cpu")
+
+
+def test_a_captured_runs_first_call_leaves_that_run_captured_for_the_next_decode(monkeypatch):
+    """The first run warms up with one eager step and replays a graph one step short; the full run's
+    graph is captured then too, so a decode after the first captures nothing on its clock."""
+    import contextlib
+    from unittest import mock
+
+    from chatterbox_lab import compiled_step
+
+    recording, replayed, eager = [], [], []
+
+    class Graph:
+        steps = 0
+
+        def replay(self):
+            replayed.append(self.steps)
+
+    @contextlib.contextmanager
+    def capture(graph):
+        recording.append(graph)
+        yield
+        recording.pop()
+
+    def step():
+        if recording:
+            recording[-1].steps += 1
+        else:
+            eager.append(1)
+
+    monkeypatch.setattr(compiled_step.torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(compiled_step.torch.cuda, "graph", capture)
+    monkeypatch.setattr(compiled_step.torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(compiled_step.torch.cuda, "current_stream", mock.Mock)
+    monkeypatch.setattr(compiled_step, "warmup_stream", mock.Mock)
+    runs = compiled_step.CapturedStep(step, "cpu", runs=True)
+    runs.on_gpu = True  # the graph machinery is stood in for above
+    runs.run(15)
+    assert eager == [1] and sorted(runs.graphs) == [14, 15] and replayed == [14]
+    runs.run(16)
+    runs.run(15)
+    assert eager == [1] and replayed == [14, 16, 15]
+    assert {n: graph.steps for n, graph in runs.graphs.items()} == {14: 14, 15: 15, 16: 16}
