@@ -224,6 +224,10 @@ class T3Decoder:
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         for t in (self.tokens, self.seen, self.step_index, self.prompt_len_t, self.stopped, self.nonfinite):
             torch._dynamo.mark_static_address(t)
+        # Where a stop check's answer lands on the host: pinned, so the copy is queued like a kernel.
+        on_gpu = torch.device(device).type == "cuda"
+        self.check_flags = torch.zeros(2, dtype=torch.bool, pin_memory=on_gpu)
+        self.check_done = torch.cuda.Event() if on_gpu else None
         self.forward = None
         self.filled_only = "filled_cache_attention" in self.steps and "fused_attention" not in self.steps
         # On the CPU (tests) the step changes nothing: there are no launches to chain.
@@ -450,19 +454,36 @@ class T3Decoder:
     def _decode(self, max_new_tokens: int, stop_on_eos: bool, also_check_at: int | None = None):
         """The decode loop after `_begin`: yields (tokens decoded so far, whether that is all) at
         every stop check, the only points where the host knows how far the device has got; a check
-        every STOP_CHECK_INTERVAL tokens, and one at step `also_check_at`."""
+        every STOP_CHECK_INTERVAL tokens, and one at step `also_check_at`.
+
+        With `multi_step_graph` (and no `also_check_at`: a stream's chunk waits for no later run), the
+        run after a check is queued before the host waits for that check's flags: the host takes
+        milliseconds to launch a graph of a run's thousands of kernels, and the device would idle
+        through it after every check. A stop found at a check then leaves the run after it computed
+        in vain; the tokens and the counts returned end at the check all the same."""
         checks = {*range(STOP_CHECK_INTERVAL, max_new_tokens, STOP_CHECK_INTERVAL), max_new_tokens}
         if also_check_at is not None and 1 <= also_check_at < max_new_tokens:
             checks.add(also_check_at)
+        ahead = getattr(self.step_fn, "runs", False) and also_check_at is None
         done = 1  # the first token comes from the prefill
+        pending = None  # the check whose flags are on their way to the host
         for check in sorted(checks):
             self._advance(done, check - done)
             done = check
-            # upstream runs one more forward after its last token and never uses its output
-            last = self._should_stop(check, stop_on_eos) or check == max_new_tokens
-            yield check, last
-            if last:
-                return
+            if pending is not None:
+                last = self._stop_flags(pending)
+                yield pending, last
+                if last:
+                    return
+            pending = check
+            self._queue_check(check, stop_on_eos)
+            if not ahead or check == max_new_tokens:
+                # upstream runs one more forward after its last token and never uses its output
+                last = self._stop_flags(check) or check == max_new_tokens
+                pending = None
+                yield check, last
+                if last:
+                    return
 
     def _advance(self, first: int, steps: int) -> None:
         """Steps first, first + 1, ...: each feeds the tokens sampled at the step before and samples
@@ -479,11 +500,22 @@ class T3Decoder:
             if not self.sample_in_graph:
                 sample_token(probs, out=self.tokens[:, i:i + 1])
 
-    def _should_stop(self, steps_done: int, stop_on_eos: bool) -> bool:
-        """The one host sync every STOP_CHECK_INTERVAL tokens: every utterance stopped, or bad numbers."""
+    def _queue_check(self, steps_done: int, stop_on_eos: bool) -> None:
+        """Queue the stop check after `steps_done` tokens: whether every utterance has stopped, and
+        whether any numbers went bad, copied to the host behind the steps before it."""
         recent = self.tokens[:, max(0, steps_done - STOP_CHECK_INTERVAL): steps_done]
         self.stopped.logical_or_((recent == self.t3.hp.stop_speech_token).any(dim=1))
-        all_stopped, nonfinite = torch.stack([self.stopped.all() & stop_on_eos, self.nonfinite]).tolist()
+        self.check_flags.copy_(torch.stack([self.stopped.all() & stop_on_eos, self.nonfinite]),
+                               non_blocking=self.check_flags.is_pinned())
+        if self.check_done is not None:
+            self.check_done.record()
+
+    def _stop_flags(self, steps_done: int) -> bool:
+        """The queued check's answer, the one wait for the device every STOP_CHECK_INTERVAL tokens
+        (for that check only, not the steps queued after it): every utterance stopped?"""
+        if self.check_done is not None:
+            self.check_done.synchronize()
+        all_stopped, nonfinite = self.check_flags.tolist()
         if nonfinite:
             raise FloatingPointError(
                 f"T3 produced NaN or infinite probabilities within its first {steps_done} tokens; "

@@ -71,9 +71,13 @@ def profile_run(fn: Callable[[], object], trace_path: Path | None = None) -> dic
 
 def per_token_counts(generate: Callable[[int], object], short: int = 8, long: int = 24,
                      trace_path: Path | None = None) -> dict:
-    """`generate(n)` decodes n tokens; returns launch and kernel counts per extra token."""
+    """`generate(n)` decodes n tokens; returns launch and kernel counts per extra token. Each length
+    runs once unprofiled first: a captured run of steps is captured on its first use, and its
+    capture's launches are not the steps'."""
     if long <= short:
         raise ValueError("long must exceed short")
+    generate(short)
+    generate(long)
     first = profile_run(lambda: generate(short), trace_path)
     second = profile_run(lambda: generate(long))
     return {k: (second[k] - first[k]) / (long - short) for k in first}

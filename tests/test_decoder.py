@@ -261,6 +261,30 @@ def test_dependent_launch_is_left_out_of_the_ladder_where_it_cannot_run(tiny_tts
         check_dependent_launch("cpu")
 
 
+def test_a_run_is_queued_ahead_of_its_check_and_a_stop_still_ends_at_that_check(tiny_tts, text_tokens,
+                                                                                 monkeypatch):
+    from chatterbox_lab.compiled_step import CapturedStep
+
+    runs = []
+    monkeypatch.setattr(CapturedStep, "run", lambda self, steps, run=CapturedStep.run: (runs.append(steps),
+                                                                                       run(self, steps)))
+    decoder = T3Decoder(tiny_tts.t3, TOP + ("captured_graph", "multi_step_graph"))
+    torch.manual_seed(4)
+    free = decoder.generate(tiny_tts.conds.t3, text_tokens, 40, stop_on_eos=False).tokens
+    stop = int(free[0, 5])  # declared the stop token: found at the check after 16 tokens
+    hp = tiny_tts.t3.hp
+    original, hp.stop_speech_token = hp.stop_speech_token, stop
+    try:
+        torch.manual_seed(4)
+        runs.clear()
+        result = decoder.generate(tiny_tts.conds.t3, text_tokens, 40)
+    finally:
+        hp.stop_speech_token = original
+    first = int((free[0] == stop).nonzero()[0])
+    assert torch.equal(result.tokens, free[:, :first + 1]) and result.steps_run == 16
+    assert runs == [15, 16]  # the second run was queued before the first check's answer came
+
+
 def test_a_captured_runs_first_call_leaves_that_run_captured_for_the_next_decode(monkeypatch):
     """The first run warms up with one eager step and replays a graph one step short; the full run's
     graph is captured then too, so a decode after the first captures nothing on its clock."""
