@@ -203,6 +203,29 @@ def layer_links(trace: dict) -> list[dict]:
     return rows
 
 
+def step_seam(trace: dict) -> dict:
+    """Where one captured step meets the next (`fused_bookkeeping` and later): medians over the
+    trace's steps of the time from the sampling kernel's end to the next prologue's start (us),
+    and the kernels in between, by name."""
+    spans = kernel_spans(trace)
+    seams, between = [], None
+    for i, (name, start, duration) in enumerate(spans):
+        if name != "_sample_kernel":
+            continue
+        following = next((j for j in range(i + 1, len(spans)) if spans[j][0] == "_prologue_kernel"), None)
+        if following is not None:
+            seams.append(spans[following][1] - (start + duration))
+            between = [short_name(n) for n, _, _ in spans[i + 1:following]]
+    if not seams:
+        raise ValueError("the trace holds no sampling kernel followed by a prologue (a fused_bookkeeping step)")
+    return dict(seam_us=statistics.median(seams), kernels_between=between, steps=len(seams))
+
+
+def short_name(kernel: str) -> str:
+    """A kernel's name without its template arguments and namespaces: `vectorized_elementwise_kernel`."""
+    return kernel.split("<")[0].split("::")[-1].split("(")[0].replace("void ", "")
+
+
 def plot_timeline(trace: dict, ax=None, title: str = "", window: tuple[float, float] | None = None):
     """GPU kernels (top) and host-side CPU ops (bottom) on one time axis (ms from the window start)."""
     import matplotlib.pyplot as plt

@@ -87,6 +87,20 @@ def test_layer_links_read_a_layer_of_the_committed_traces(rung, gate_up):
     assert all(r["link_us"] > 0 and r["end_us"] > r["start_us"] and r["programs"] >= 32 for r in rows)
 
 
+def test_step_seam_finds_the_generators_writes_only_between_one_graph_a_step():
+    traces = profiling.Path(__file__).resolve().parent.parent / "data" / "traces" / "h100"
+    seams = {rung: profiling.step_seam(profiling.load_trace(traces / f"{rung}.pt.trace.json.gz"))
+             for rung in ("staged_weights", "multi_step_graph")}
+    # A replay a step: PyTorch's two fills of the generator's seed and offset, then the draw.
+    assert seams["staged_weights"]["kernels_between"] == ["vectorized_elementwise_kernel"] * 2 + \
+        ["distribution_elementwise_grid_stride_kernel"]
+    assert seams["multi_step_graph"]["kernels_between"] == ["distribution_elementwise_grid_stride_kernel"]
+    assert seams["multi_step_graph"]["seam_us"] < seams["staged_weights"]["seam_us"]
+    assert profiling.short_name("void at::native::(anonymous namespace)::fill<float>(int)") == "fill"
+    with pytest.raises(ValueError, match="no sampling kernel"):
+        profiling.step_seam({"traceEvents": []})
+
+
 def test_kernel_mix_sorts_kernels_by_kind():
     def kernel(name, ts):
         return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": 1}

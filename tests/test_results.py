@@ -1,5 +1,6 @@
 import copy
 import json
+from pathlib import Path
 
 import pytest
 
@@ -111,6 +112,17 @@ def test_latest_with_skips_later_runs_that_lack_the_rungs():
     assert later and all(not wanted <= set(d["rungs"]) or not d.get("batch") for d in later)
     with pytest.raises(LookupError, match="no committed GPU result"):
         results.latest_with("beyond", ("no_such_rung",))
+
+
+def test_latest_with_traced_takes_the_run_whose_traces_are_committed():
+    rungs = ("fused_bookkeeping", "staged_weights")
+    path, doc = results.latest_with("beyond", rungs, traced=True)
+    root = Path(__file__).resolve().parent.parent
+    assert all((root / doc["rungs"][rung]["trace"]).is_file() for rung in rungs)
+    newest = results.latest_with("beyond", rungs)[1]
+    assert newest["provenance"]["date_utc"] >= doc["provenance"]["date_utc"]
+    with pytest.raises(LookupError, match="with their traces"):
+        results.latest_with("beyond", ("no_such_rung",), traced=True)
 
 
 def test_committed_gpu_soak_served_everything_with_flat_memory():

@@ -500,8 +500,8 @@ assert l["rungs"]["l2_prefetch"]["t3_decode_tok_s"] < l["rungs"]["fused_bookkeep
 # layer from a committed trace, kernel by kernel, as medians over the traced layers:
 
 # %%
-st_path, st = results.latest_with("beyond", ("fused_bookkeeping", "staged_weights"))
-links = {rung: profiling.layer_links(profiling.load_trace(f"../data/traces/h100/{rung}.pt.trace.json.gz"))
+st_path, st = results.latest_with("beyond", ("fused_bookkeeping", "staged_weights"), traced=True)
+links = {rung: profiling.layer_links(profiling.load_trace(f"../{st['rungs'][rung]['trace']}"))
          for rung in ("fused_bookkeeping", "staged_weights")}
 layer_calls = ("q/k/v", "attention", "o_proj", "gate/up", "down")
 display(Markdown("| rung | kernel | programs | registers a thread | shared memory (KiB) | starts (us) | link (us) |\n"
@@ -545,6 +545,43 @@ assert staged_gain > 1
 # back from it, and the SM's L1 shrinks with every KiB given to it. Gate/up's own link
 # shortened by less than its weights alone would suggest, maybe for the same reason, and is
 # where the next microseconds are.
+
+# %% [markdown]
+# ## A graph per stop check (`multi_step_graph`)
+#
+# Between one step's sampling kernel and the next step's prologue the trace of a graph a step
+# shows three small kernels: before every replay PyTorch writes its generator's seed and offset
+# (two fills, launched from the host), then the graph draws the step's noise. Each waits for a
+# launch. `CapturedStep.run` replays the 16 steps between two stop checks as one graph instead;
+# the draws inside it take their offsets in capture order, so a seed gives the tokens of a graph a
+# step (GPU test).
+
+# %%
+seams = {rung: profiling.step_seam(profiling.load_trace(f"../data/traces/h100/{rung}.pt.trace.json.gz"))
+         for rung in ("staged_weights", "multi_step_graph")}
+display(Markdown("| trace | sampling end to next prologue (us, under the profiler) | kernels between |\n|---|---|---|\n"
+                 + "\n".join(f"| {rung} | {seam['seam_us']:.1f} | {', '.join(seam['kernels_between'])} |"
+                              for rung, seam in seams.items())))
+assert len(seams["multi_step_graph"]["kernels_between"]) < len(seams["staged_weights"]["kernels_between"])
+
+# %% [markdown]
+# A graph of 16 steps is ~2,500 kernels, and the host takes milliseconds to launch it: the
+# first record of this step was *slower* than a graph a step, because the loop launched each
+# run only after the check before it, and the device idled through every launch. So the
+# decoder queues the run after a check before it waits for the check's flags (copied into
+# pinned memory behind the steps before them). A stop found at a check leaves the run after it
+# computed in vain; what the decoder returns still ends at the check.
+
+# %%
+ms_path, ms = results.latest_with("beyond", ("staged_weights", "multi_step_graph"))
+display(Markdown(f"**{ms['provenance']['gpu']}**, commit `{ms['provenance']['git_commit'][:10]}`, `{ms_path.name}`"))
+display(Markdown(results.markdown_table(ms, ("t3_decode_tok_s", "fraction_of_floor", "host_launches_per_token",
+                                             "compile_s"))))
+runs_gain = ms["rungs"]["multi_step_graph"]["t3_decode_tok_s"] / ms["rungs"]["staged_weights"]["t3_decode_tok_s"]
+print(f"16 steps a graph, queued ahead of each check: {runs_gain:.3f}x the decode rate, "
+      f"{ms['rungs']['multi_step_graph']['fraction_of_floor']:.1%} of the floor, "
+      f"{1e6 / ms['rungs']['multi_step_graph']['t3_decode_tok_s']:.0f} us a step (the issue's 1,600 tok/s: 625)")
+assert runs_gain > 1
 
 # %% [markdown]
 # ## Handing each head over (`head_handoff`), measured slower
