@@ -196,17 +196,17 @@ if triton is not None:
                 w_up_next = _weight_tile(w_ptr + N * K, tile + programs, N, K, BLOCK_N)
             else:
                 w_up_next = w_next
-            y = tl.sum(xs * w.to(tl.float32)[None, :, :], axis=2).to(dtype).to(tl.float32)
+            acc = tl.sum(xs * w.to(tl.float32)[None, :, :], axis=2)
+            acc_up = acc
             if GATED:
-                up = tl.sum(xs * w_up.to(tl.float32)[None, :, :], axis=2).to(dtype).to(tl.float32)
-                silu = (y / (1.0 + tl.exp(-y))).to(dtype).to(tl.float32)
-                y = (silu * up).to(dtype).to(tl.float32)
+                acc_up = tl.sum(xs * w_up.to(tl.float32)[None, :, :], axis=2)
             cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
             mask = row_ok[:, None] & (cols < N)[None, :]
+            res = acc
             if RESIDUAL:
                 res = tl.load(res_ptr + rows[:, None] * N + cols[None, :], mask=mask, other=0.0, cache_modifier=".cg")
-                y = res.to(tl.float32) + y
-            tl.store(out_ptr + rows[:, None] * N + cols[None, :], y.to(dtype), mask=mask)
+            tl.store(out_ptr + rows[:, None] * N + cols[None, :],
+                     fused_matvec.finished(acc, acc_up, res, dtype, GATED, RESIDUAL), mask=mask)
             w = w_next
             w_up = w_up_next
 
