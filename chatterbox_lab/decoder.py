@@ -464,26 +464,20 @@ class T3Decoder:
         checks = {*range(STOP_CHECK_INTERVAL, max_new_tokens, STOP_CHECK_INTERVAL), max_new_tokens}
         if also_check_at is not None and 1 <= also_check_at < max_new_tokens:
             checks.add(also_check_at)
-        ahead = getattr(self.step_fn, "runs", False) and also_check_at is None
-        done = 1  # the first token comes from the prefill
-        pending = None  # the check whose flags are on their way to the host
-        for check in sorted(checks):
-            self._advance(done, check - done)
-            done = check
-            if pending is not None:
-                last = self._stop_flags(pending)
-                yield pending, last
-                if last:
-                    return
-            pending = check
+        ahead = "multi_step_graph" in self.steps and also_check_at is None
+        ordered = sorted(checks)
+        self._advance(1, ordered[0] - 1)  # the first token comes from the prefill
+        for check, following in zip(ordered, [*ordered[1:], None]):
             self._queue_check(check, stop_on_eos)
-            if not ahead or check == max_new_tokens:
-                # upstream runs one more forward after its last token and never uses its output
-                last = self._stop_flags(check) or check == max_new_tokens
-                pending = None
-                yield check, last
-                if last:
-                    return
+            if ahead and following is not None:
+                self._advance(check, following - check)
+            # upstream runs one more forward after its last token and never uses its output
+            last = self._stop_flags(check) or following is None
+            yield check, last
+            if last:
+                return
+            if not ahead:
+                self._advance(check, following - check)
 
     def _advance(self, first: int, steps: int) -> None:
         """Steps first, first + 1, ...: each feeds the tokens sampled at the step before and samples

@@ -206,7 +206,7 @@ def layer_links(trace: dict) -> list[dict]:
 def step_seam(trace: dict) -> dict:
     """Where one captured step meets the next (`fused_bookkeeping` and later): medians over the
     trace's steps of the time from the sampling kernel's end to the next prologue's start (us),
-    and the kernels in between, by name."""
+    and the kernels in between (the last step's), by name."""
     spans = kernel_spans(trace)
     seams, between = [], None
     for i, (name, start, duration) in enumerate(spans):
