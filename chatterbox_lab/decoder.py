@@ -52,6 +52,12 @@ Past the guide (`BEYOND`):
 - "multi_step_graph": the captured steps between two stop checks replayed as one graph
                        (`compiled_step.CapturedStep.run`), so PyTorch's per-replay generator
                        writes and the gap between launches come once per 16 steps
+- "staged_head":    the speech head's kernel stages its weights in shared memory too: after the
+                       last layer's down projection, whose programs hold little shared memory,
+                       its 16.8 MB load before its wait instead of after it (`staged_matvec.py`)
+- "draw_aside":     the step's random draw on a side branch of the captured graph, beside the
+                       layers instead of ahead of the prologue, so the sampling kernel of one
+                       step is followed by the next step's prologue directly
 - "prefill_graph":  a lone utterance's prefill replayed from a CUDA graph per prompt-length
                        bucket, its prompt padded at the end (`prefill_graph.py`); batched
                        prefills stay eager (one pass serves many utterances already)
@@ -86,7 +92,7 @@ from .t3_forward import DynamicT3Forward, StaticT3Forward, filled_cache_mask
 LADDER = ("bf16", "static_cache", "embed_cache", "compiled")
 BEYOND = ("fused_projections", "sampling_in_graph", "fused_matvec", "filled_cache_attention", "fused_attention",
           "fused_sampling", "captured_graph", "dependent_launch", "launch_ahead", "fused_bookkeeping", "staged_weights",
-          "multi_step_graph", "prefill_graph", "head_handoff", "persistent_layers")
+          "multi_step_graph", "staged_head", "draw_aside", "prefill_graph", "head_handoff", "persistent_layers")
 STEPS = LADDER + BEYOND
 REQUIRES = {"compiled": ("static_cache", "embed_cache"), "fused_projections": ("static_cache",),
             "sampling_in_graph": ("compiled",), "fused_matvec": ("fused_projections",),
@@ -95,14 +101,15 @@ REQUIRES = {"compiled": ("static_cache", "embed_cache"), "fused_projections": ("
             "captured_graph": ("fused_matvec", "fused_attention", "fused_sampling"),
             "dependent_launch": ("captured_graph",), "launch_ahead": ("dependent_launch",),
             "fused_bookkeeping": ("captured_graph",), "staged_weights": ("launch_ahead",),
-            "multi_step_graph": ("captured_graph",),
+            "multi_step_graph": ("captured_graph",), "staged_head": ("staged_weights",),
+            "draw_aside": ("fused_bookkeeping",),
             "head_handoff": ("fused_matvec", "fused_attention"),
             "prefill_graph": ("static_cache",),
             "persistent_layers": ("fused_matvec", "fused_attention")}
 # Steps whose Triton kernels sum in their own order: checked against PyTorch by logits and by
 # tokens for the same random draws, not by fp32 identity with upstream.
 KERNEL_STEPS = ("fused_matvec", "fused_attention", "fused_sampling", "fused_bookkeeping", "staged_weights",
-                "head_handoff", "persistent_layers")
+                "staged_head", "head_handoff", "persistent_layers")
 
 # How often the host looks for the stop token: each look is a device sync that
 # stops the CPU from queueing further steps ahead of the GPU.
@@ -246,7 +253,7 @@ class T3Decoder:
                                            launch_ahead=self.pdl and "launch_ahead" in self.steps,
                                            handoff="head_handoff" in self.steps,
                                            whole_layers="persistent_layers" in self.steps,
-                                           staged=STAGED_CALLS if "staged_weights" in self.steps else ())
+                                           staged=self._staged_calls())
         self._active_forward = self.forward
         self.prefill_graphs = None
         if "prefill_graph" in self.steps and streams == 1:
@@ -256,8 +263,12 @@ class T3Decoder:
         self.compiled = "compiled" in self.steps
         self.sample_in_graph = "sampling_in_graph" in self.steps
         self.sampling_kernel = "fused_sampling" in self.steps
-        self.step_buffers = fused_bookkeeping.StepBuffers(streams, self.t3.cfg.hidden_size, self.dtype, device) \
+        self.step_buffers = fused_bookkeeping.StepBuffers(streams, self.t3.cfg.hidden_size,
+                                                          self.t3.hp.speech_tokens_dict_size, self.dtype, device) \
             if "fused_bookkeeping" in self.steps else None
+        # Where the draw_aside step draws: a stream that forks from the step's and joins it before
+        # the sampling kernel (on the CPU there is no other stream: the step changes nothing).
+        self.draw_stream = torch.cuda.Stream(device) if "draw_aside" in self.steps and on_gpu else None
         self.step_fn = self._step_and_sample if self.sample_in_graph else self._step
         if self.compiled:
             from .compiled_step import CapturedStep, compile_step
@@ -265,6 +276,11 @@ class T3Decoder:
             self.step_fn = CapturedStep(self.step_fn, device, runs="multi_step_graph" in self.steps) \
                 if "captured_graph" in self.steps else \
                 compile_step(self.step_fn, random_in_graph=self.sample_in_graph)
+
+    def _staged_calls(self) -> tuple:
+        if "staged_weights" not in self.steps:
+            return ()
+        return STAGED_CALLS + (("head",) if "staged_head" in self.steps else ())
 
     @property
     def capacity(self) -> int | None:
@@ -313,12 +329,21 @@ class T3Decoder:
     def _step_and_sample(self) -> None:
         """`_feed_last`, then draw the next tokens into their slots, all on the device."""
         if self.step_buffers is not None and fused_bookkeeping.kernel_applies(self.tokens):
-            noise = race_noise(self.seen)
+            # The step's only draw, so it takes the same numbers wherever it sits in the step.
+            noise = self.step_buffers.noise
+            if self.draw_stream is None:
+                race_noise(self.seen, out=noise)
+            else:
+                self.draw_stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(self.draw_stream):
+                    race_noise(self.seen, out=noise)
             embeds, positions = fused_bookkeeping.prologue(
                 self.tokens, self.step_index, self.seen, self.prompt_len_t, self.embedding.tokens,
                 self.embedding.positions, self.step_buffers)
-            fused_sampling.triton_sample(self._forward_at(embeds, positions), self.seen, self.sampling, noise,
-                                         self.nonfinite, pdl=self.pdl,
+            logits = self._forward_at(embeds, positions)
+            if self.draw_stream is not None:
+                torch.cuda.current_stream().wait_stream(self.draw_stream)
+            fused_sampling.triton_sample(logits, self.seen, self.sampling, noise, self.nonfinite, pdl=self.pdl,
                                          write_token=(self.tokens, self.step_index, self.step_buffers.arrivals))
             return
         logits = self._feed_last()

@@ -63,14 +63,15 @@ def kernel_applies(tokens: torch.Tensor) -> bool:
 
 class StepBuffers:
     """Where the prologue writes a step's input: embeddings (2n, 1, dim) and cache positions, (1,)
-    for a lone utterance or (2n, 1), at fixed addresses so a captured graph serves every step; and
-    the sampling kernel's arrival counter."""
+    for a lone utterance or (2n, 1), at fixed addresses so a captured graph serves every step; the
+    step's random draw (n, vocab), and the sampling kernel's arrival counter."""
 
-    def __init__(self, streams: int, dim: int, dtype: torch.dtype, device):
+    def __init__(self, streams: int, dim: int, vocab: int, dtype: torch.dtype, device):
         self.embeds = torch.empty(2 * streams, 1, dim, dtype=dtype, device=device)
         self.positions = torch.empty((1,) if streams == 1 else (2 * streams, 1), dtype=torch.long, device=device)
+        self.noise = torch.empty(streams, vocab, dtype=torch.float32, device=device)
         self.arrivals = torch.zeros(1, dtype=torch.int32, device=device)
-        for t in (self.embeds, self.positions, self.arrivals):
+        for t in (self.embeds, self.positions, self.noise, self.arrivals):
             torch._dynamo.mark_static_address(t)
 
 

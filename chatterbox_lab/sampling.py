@@ -112,9 +112,12 @@ def next_token_probs(logits: torch.Tensor, seen: torch.Tensor, sampling: DeviceS
     return torch.softmax(scores, dim=-1)
 
 
-def race_noise(probs: torch.Tensor) -> torch.Tensor:
-    """The Exp(1) draws `torch.multinomial` makes for one sample from each row of `probs`."""
-    return torch.empty_like(probs, dtype=torch.float32).exponential_(1)
+def race_noise(probs: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The Exp(1) draws `torch.multinomial` makes for one sample from each row of `probs` (into `out`,
+    float32 and of `probs`' shape, if given)."""
+    if out is None:
+        out = torch.empty_like(probs, dtype=torch.float32)
+    return out.exponential_(1)
 
 
 def sample_token(probs: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -15,7 +15,8 @@ top of the registers of the ones running. After the wait the program reads its
 input once, normalizes it into shared memory, and multiplies chunk by chunk.
 
 Same computation and roundings as `fused_matvec.matvec_columns` (norm, SiLU gate,
-residual; no bias), summed in another order. Written in Gluon, Triton's lower-level
+residual; no bias), summed in another order. Any number of columns: the last
+program's columns past the end copy the last row again, and are not stored. Written in Gluon, Triton's lower-level
 language, which places data in shared memory explicitly; it has no interpreter, so
 the kernel runs on CUDA GPUs only (Hopper and later) and its tests are GPU tests.
 Off the GPU, or for a shape it does not take, `staged_matvec` is `fused_matvec`.
@@ -37,8 +38,9 @@ try:
 except ImportError:  # an older Triton, or none (the CPU install)
     GLUON_AVAILABLE = False
 
-# The matvecs of a layer, as `t3_forward.StaticT3Forward(staged=...)` names them.
+# The matvecs of a layer, then the speech head, as `t3_forward.StaticT3Forward(staged=...)` names them.
 LAYER_CALLS = ("qkv", "o_proj", "gate_up", "down")
+CALLS = LAYER_CALLS + ("head",)
 # Those the `staged_weights` step stages. On the H100 staging gate/up alone was fastest; down, q/k/v
 # and o_proj staged as well were each slower (`docs/NOTES.md`).
 STAGED_CALLS = ("gate_up",)
@@ -53,9 +55,10 @@ class StagedConfig:
     warps: int
 
     def fits(self, n: int, k: int) -> bool:
-        """Every thread has its own columns and inputs (none repeats another's work)."""
+        """Every thread has its own columns and inputs (none repeats another's work), and the last
+        program has some columns of its own."""
         lanes_k, warps_k = 32 // self.lanes_n, self.warps // self.warps_n
-        return (n % self.block_n == 0 and self.block_n % (self.lanes_n * self.warps_n) == 0
+        return (self.block_n <= n and self.block_n % (self.lanes_n * self.warps_n) == 0
                 and k % self.chunk_k == 0 and self.chunk_k % (8 * lanes_k * warps_k) == 0)
 
 
@@ -189,8 +192,10 @@ if GLUON_AVAILABLE:
         SHARED: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])  # of each chunk; the allocation stacks them
         dtype = out_ptr.dtype.element_ty
 
-        # The weights are parameters, written by no kernel: copied in before the wait.
-        cols = gl.program_id(0) * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, W_LAYOUT))
+        # The weights are parameters, written by no kernel: copied in before the wait. Columns past
+        # the end (N need not be a multiple of BLOCK_N: the speech head's 8,194) copy the last row
+        # again, which keeps every copy whole and unmasked; their results are not stored.
+        cols = gl.minimum(gl.program_id(0) * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, W_LAYOUT)), N - 1)
         ks = gl.arange(0, CHUNK_K, layout=gl.SliceLayout(0, W_LAYOUT))
         weights = gl.allocate_shared_memory(w_ptr.dtype.element_ty, [CHUNKS * (2 if GATED else 1), BLOCK_N, CHUNK_K],
                                             SHARED)
@@ -244,7 +249,7 @@ def gluon_matvec(x: torch.Tensor, weight: torch.Tensor, norm: Norm | None = None
     x2, out, res = fused_matvec.matvec_rows(x, weight, gated, residual)
     (m, k), n = x2.shape, out.size(1)
     config = config or config_for(m, n, k, gated)
-    programs = n // config.block_n
+    programs = -(-n // config.block_n)
     kernel = _staged_kernel[(programs,)](
         x2, weight, out, res, norm.weight if norm is not None else weight, m, n,
         norm.eps if norm is not None else 0.0, x2.stride(0), weight.stride(0), out.stride(0), res.stride(0),
@@ -256,9 +261,10 @@ def gluon_matvec(x: torch.Tensor, weight: torch.Tensor, norm: Norm | None = None
     return out.view(*x.shape[:-1], n)
 
 
-def staged_matvec(x: torch.Tensor, weight: torch.Tensor, norm: Norm | None = None, gated: bool = False,
-                  residual: torch.Tensor | None = None, pdl: bool = False, ahead: bool = False) -> torch.Tensor:
+def staged_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, norm: Norm | None = None,
+                  gated: bool = False, residual: torch.Tensor | None = None, pdl: bool = False,
+                  ahead: bool = False) -> torch.Tensor:
     """The staged kernel where it applies, else `fused_matvec.fused_matvec` (Triton kernel or PyTorch)."""
-    if kernel_applies(x, weight, gated):
+    if kernel_applies(x, weight, gated, bias):
         return gluon_matvec(x, weight, norm, gated, residual, pdl=pdl, ahead=ahead)
-    return fused_matvec.fused_matvec(x, weight, norm=norm, gated=gated, residual=residual, pdl=pdl, ahead=ahead)
+    return fused_matvec.fused_matvec(x, weight, bias, norm=norm, gated=gated, residual=residual, pdl=pdl, ahead=ahead)

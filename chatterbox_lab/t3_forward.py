@@ -91,8 +91,8 @@ class StaticT3Forward:
         (`head_handoff.py`).
         `whole_layers` (needs `matvec` and `attention_kernel`): each layer of a one-token step as
         one persistent kernel (`persistent_layer.py`).
-        `staged` (needs `matvec`): the matvecs of a layer ("qkv", "o_proj", "gate_up", "down") whose
-        weights are copied into shared memory before the wait (`staged_matvec.py`); read when a step
+        `staged` (needs `matvec`): the matvecs of a layer ("qkv", "o_proj", "gate_up", "down") and the
+        speech head ("head") whose weights are copied into shared memory before the wait (`staged_matvec.py`); read when a step
         is captured, so a recaptured step may stage others."""
         from .fused_projections import FusedProjections
 
@@ -100,9 +100,9 @@ class StaticT3Forward:
             raise ValueError("matvec kernels multiply the fused q/k/v and gate/up matrices: pass fused=True")
         if staged and not matvec:
             raise ValueError("staged weights are the matvec kernels' weights: pass matvec=True")
-        unknown = set(staged) - set(staged_matvec.LAYER_CALLS)
+        unknown = set(staged) - set(staged_matvec.CALLS)
         if unknown:
-            raise ValueError(f"unknown matvecs to stage {sorted(unknown)}: choose from {', '.join(staged_matvec.LAYER_CALLS)}")
+            raise ValueError(f"unknown matvecs to stage {sorted(unknown)}: choose from {', '.join(staged_matvec.CALLS)}")
         if handoff and not (matvec and attention_kernel):
             raise ValueError("the handoff kernel is the q/k/v matvec and attention kernels in one: pass matvec=True "
                              "and attention_kernel=True")
@@ -227,7 +227,7 @@ class StaticT3Forward:
         x = x[:, -1] if last is None else x.index_select(1, last)[:, 0]
         if self.matvec:
             head = self.t3.speech_head
-            return fused_matvec(x, head.weight, head.bias, norm=Norm.of(self.t3.tfmr.norm), **self.launch)
+            return self._matvec("head", x, head.weight, bias=head.bias, norm=Norm.of(self.t3.tfmr.norm))
         return self.t3.speech_head(self.t3.tfmr.norm(x))
 
 

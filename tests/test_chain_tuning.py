@@ -98,6 +98,6 @@ def test_the_bench_tunes_the_plain_chain_even_when_the_last_rung_replaces_its_ke
     from chatterbox_lab.decoder import check_steps
 
     steps = _chain_steps(BenchConfig(rungs=("fused_bookkeeping", "persistent_layers"), device="cpu").resolved())
-    assert steps == ladder_prefix("persistent_layers") - {"dependent_launch", "launch_ahead", "staged_weights"} - \
+    assert steps == ladder_prefix("persistent_layers") - {"dependent_launch", "launch_ahead", "staged_weights", "staged_head"} - \
         chain_tuning.REPLACING_STEPS - {"multi_step_graph"}
     check_steps(steps)

@@ -24,7 +24,7 @@ def test_prologue_writes_what_the_pytorch_bookkeeping_computes(interpreted, stre
     want_positions = prompt_len + 7
     want_positions = want_positions if streams == 1 else want_positions.repeat_interleave(2)[:, None]
 
-    buffers = fused_bookkeeping.StepBuffers(streams, DIM, torch.float32, "cpu")
+    buffers = fused_bookkeeping.StepBuffers(streams, DIM, VOCAB, torch.float32, "cpu")
     embeds, positions = fused_bookkeeping.prologue(tokens, step_index, seen, prompt_len, token_table, position_table,
                                                    buffers)
     assert torch.equal(seen, want_seen)
@@ -34,7 +34,7 @@ def test_prologue_writes_what_the_pytorch_bookkeeping_computes(interpreted, stre
 
 def test_prologue_refuses_tables_it_cannot_address():
     tokens, step_index, seen, prompt_len = _state(1, step=0)
-    buffers = fused_bookkeeping.StepBuffers(1, 12, torch.float32, "cpu")
+    buffers = fused_bookkeeping.StepBuffers(1, 12, VOCAB, torch.float32, "cpu")
     with pytest.raises(ValueError, match="dim must be a power of two, got 12"):
         fused_bookkeeping.prologue(tokens, step_index, seen, prompt_len, torch.randn(VOCAB, 12),
                                    torch.randn(POSITIONS, 12), buffers)

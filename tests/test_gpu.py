@@ -236,15 +236,16 @@ def test_fused_matvec_kernels_match_pytorch_on_every_call_of_the_step(full_tts):
 
 
 @pytest.mark.parametrize("rows", [2, 8])
-def test_staged_kernel_matches_pytorch_on_every_layer_call(full_tts, rows):
-    """The Gluon kernel, its default config and every one the tuner tries, on the layer's four calls."""
+def test_staged_kernel_matches_pytorch_on_every_call(full_tts, rows):
+    """The Gluon kernel, its default config and every one the tuner tries, on the layer's four calls
+    and the speech head (whose 8,194 columns leave the last program two)."""
     import torch
 
     from chatterbox_lab import staged_matvec
     from chatterbox_lab.fused_matvec import Norm, reference_matvec, step_calls, triton_matvec
 
     torch.manual_seed(0)
-    for name in staged_matvec.LAYER_CALLS:
+    for name in staged_matvec.CALLS:
         call = step_calls(full_tts.t3)[name]
         n, k, gated = call["n"], call["k"], call.get("gated", False)
         new = dict(device="cuda", dtype=torch.bfloat16)
@@ -260,12 +261,13 @@ def test_staged_kernel_matches_pytorch_on_every_layer_call(full_tts, rows):
             assert error < max(5e-3, 2 * triton_error), (name, config, error, triton_error)
 
 
-def test_staged_weights_replay_one_graph_and_keep_bf16_logits(full_tts):
+@pytest.mark.parametrize("rung", ["staged_weights", "staged_head"])
+def test_staged_weights_replay_one_graph_and_keep_bf16_logits(full_tts, rung):
     from chatterbox_lab import equivalence, staged_matvec
     from chatterbox_lab.decoder import ladder_prefix
 
     text_tokens = text_tokens_for(full_tts, "The weights wait in shared memory.")
-    staged = T3Decoder(full_tts.t3, ladder_prefix("staged_weights"), max_cache_len=512)
+    staged = T3Decoder(full_tts.t3, ladder_prefix(rung) - {"multi_step_graph"}, max_cache_len=512)
     staged.generate(full_tts.conds.t3, text_tokens, 16)
     assert staged_matvec._carved, "the staged kernel ran without its carveout"
     counts = profiling.per_token_counts(lambda n: staged.generate(full_tts.conds.t3, text_tokens, n))
@@ -275,7 +277,7 @@ def test_staged_weights_replay_one_graph_and_keep_bf16_logits(full_tts):
     eager = T3Decoder(full_tts.t3, ("bf16", "static_cache", "embed_cache", "fused_projections"), max_cache_len=512)
     error = equivalence.relative_error(equivalence.forced_logits(staged, full_tts.conds.t3, text_tokens, forced),
                                        equivalence.forced_logits(eager, full_tts.conds.t3, text_tokens, forced))
-    print("staged_weights logits vs PyTorch's bf16 path: relative error", error)
+    print(f"{rung} logits vs PyTorch's bf16 path: relative error", error)
     assert error < equivalence.BF16_LOGIT_TOLERANCE
 
 
@@ -398,7 +400,7 @@ def test_fused_sampling_and_the_captured_step_draw_pytorchs_tokens_without_recom
     cut, compiled, captured directly, or captured with dependent launches (after each kernel's wait,
     or ahead of it), with the bookkeeping in our kernels, and with q/k/v and attention as one kernel;
     one graph a token, or one a stop check's 16 tokens (whose draws continue the generator's
-    sequence as step-by-step replays do); new sampling values change data only, with gate/up's weights staged too (whose
+    sequence as step-by-step replays do), with the draw on a side branch; new sampling values change data only, with gate/up's weights staged too (whose
     sums in another order may move a draw: its logits are checked above)."""
     import time
 
@@ -412,16 +414,18 @@ def test_fused_sampling_and_the_captured_step_draw_pytorchs_tokens_without_recom
                  "dependent": ladder_prefix("dependent_launch"), "ahead": ladder_prefix("launch_ahead"),
                  "bookkeeping": ladder_prefix("fused_bookkeeping"), "staged": ladder_prefix("staged_weights"),
                  "runs": ladder_prefix("multi_step_graph") - {"staged_weights"},
-                 "handoff": ladder_prefix("head_handoff") - {"staged_weights", "multi_step_graph"}}
+                 "aside": ladder_prefix("draw_aside") - {"staged_weights", "staged_head"},
+                 "handoff": ladder_prefix("head_handoff") - {"staged_weights", "staged_head", "multi_step_graph",
+                                                             "draw_aside"}}
     decoders = {name: T3Decoder(full_tts.t3, steps, max_cache_len=512) for name, steps in step_sets.items()}
     for name, decoder in decoders.items():
         start = time.perf_counter()
         decoder.generate(full_tts.conds.t3, text_tokens, 16)
         print(f"{name}: first 16 tokens, compile or capture included, {time.perf_counter() - start:.1f} s")
-    for name in ("kernel", "captured", "dependent", "ahead", "bookkeeping", "staged", "runs", "handoff"):
+    for name in ("kernel", "captured", "dependent", "ahead", "bookkeeping", "staged", "runs", "aside", "handoff"):
         counts = profiling.per_token_counts(lambda n: decoders[name].generate(full_tts.conds.t3, text_tokens, n))
         print(name, counts)
-        per_token = 1 / STOP_CHECK_INTERVAL if name == "runs" else 1.0
+        per_token = 1 / STOP_CHECK_INTERVAL if name in ("runs", "aside") else 1.0
         assert counts["graph_launches"] == pytest.approx(per_token), (name, counts)
     before = compile_counters()
     for sampling in (SamplingParams(), SamplingParams(top_p=0.8, temperature=0.7, repetition_penalty=1.4)):
@@ -434,6 +438,7 @@ def test_fused_sampling_and_the_captured_step_draw_pytorchs_tokens_without_recom
         assert torch.equal(tokens["ahead"], tokens["captured"]), ("ahead", sampling)
         assert torch.equal(tokens["bookkeeping"], tokens["captured"]), ("bookkeeping", sampling)
         assert torch.equal(tokens["runs"], tokens["captured"]), ("runs", sampling)
+        assert torch.equal(tokens["aside"], tokens["captured"]), ("aside", sampling)
         assert torch.equal(tokens["handoff"], tokens["captured"]), ("handoff", sampling)
         same = float((tokens["kernel"] == tokens["pytorch"]).float().mean())
         print(f"{sampling}: kernel and PyTorch sampling agree on {same:.0%} of 64 tokens")

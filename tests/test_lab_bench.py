@@ -50,8 +50,8 @@ def test_step_rules_follow_requirements_both_ways():
     assert dependents("static_cache") == {"compiled", "fused_projections", "sampling_in_graph", "fused_matvec",
                                           "filled_cache_attention", "fused_attention", "fused_sampling",
                                           "captured_graph", "dependent_launch", "launch_ahead", "fused_bookkeeping",
-                                          "staged_weights", "multi_step_graph", "head_handoff", "prefill_graph",
-                                          "persistent_layers"}
+                                          "staged_weights", "multi_step_graph", "staged_head", "draw_aside",
+                                          "head_handoff", "prefill_graph", "persistent_layers"}
     picker = StepPicker("A")
     picker.boxes["sampling_in_graph"].value = True
     assert picker.steps == ("static_cache", "embed_cache", "compiled", "sampling_in_graph")

@@ -11,9 +11,9 @@ from chatterbox_lab.fused_matvec import Norm, step_calls
 from chatterbox_lab.staged_matvec import StagedConfig
 from chatterbox_lab.t3_forward import StaticT3Forward
 
-# The full model's layer calls: (n, k, gated).
+# The full model's layer calls and speech head: (n, k, gated).
 FULL_CALLS = {"qkv": (3072, 1024, False), "o_proj": (1024, 1024, False), "gate_up": (4096, 1024, True),
-              "down": (1024, 4096, False)}
+              "down": (1024, 4096, False), "head": (8194, 1024, False)}
 H100 = SimpleNamespace(multi_processor_count=132, shared_memory_per_multiprocessor=228 * 1024)
 
 
@@ -37,7 +37,13 @@ def test_gate_up_defaults_to_two_programs_an_sm_of_an_h100():
 def test_a_config_whose_threads_would_repeat_work_does_not_fit():
     assert not StagedConfig(block_n=8, chunk_k=256, lanes_n=4, warps_n=4, warps=4).fits(4096, 1024)  # 16 > 8 columns
     assert not StagedConfig(block_n=16, chunk_k=64, lanes_n=4, warps_n=2, warps=4).fits(4096, 1024)  # 2 warps on k
-    assert not StagedConfig(block_n=16, chunk_k=256, lanes_n=4, warps_n=4, warps=4).fits(4100, 1024)
+    assert not StagedConfig(block_n=16, chunk_k=256, lanes_n=4, warps_n=4, warps=4).fits(8, 1024)  # no columns left
+
+
+def test_the_speech_head_stages_in_programs_whose_last_one_has_two_columns():
+    config = staged_matvec.default_config(*FULL_CALLS["head"])
+    assert config.block_n == 32 and config.fits(8194, 1024)
+    assert -(-8194 // config.block_n) == 257 and 8194 % config.block_n == 2
 
 
 def test_the_carveout_holds_an_sms_share_of_the_programs_and_no_more():
@@ -61,7 +67,7 @@ def test_the_forward_checks_what_it_is_asked_to_stage(tiny_tts):
     with pytest.raises(ValueError, match="matvec=True"):
         StaticT3Forward(tiny_tts.t3, 64, fused=True, staged=("gate_up",))
     with pytest.raises(ValueError, match="unknown matvecs to stage"):
-        StaticT3Forward(tiny_tts.t3, 64, fused=True, matvec=True, staged=("head",))
+        StaticT3Forward(tiny_tts.t3, 64, fused=True, matvec=True, staged=("lm_head",))
 
 
 def test_the_step_stages_gate_up_and_gives_the_same_tokens_off_the_gpu(tiny_tts):
@@ -71,6 +77,15 @@ def test_the_step_stages_gate_up_and_gives_the_same_tokens_off_the_gpu(tiny_tts)
     assert staged.forward.staged == {"gate_up"} and plain.forward.staged == frozenset()
     want = equivalence.seeded_tokens(tiny_tts, text_tokens, 12, 3, plain)
     assert torch.equal(equivalence.seeded_tokens(tiny_tts, text_tokens, 12, 3, staged), want)
+
+
+def test_the_staged_head_step_stages_the_head_as_well_and_the_draw_aside_changes_nothing_off_the_gpu(tiny_tts):
+    text_tokens = text_tokens_for(tiny_tts, "The head waits in shared memory too.")
+    steps = ladder_prefix("draw_aside") - {"bf16"}
+    both, plain = T3Decoder(tiny_tts.t3, steps), T3Decoder(tiny_tts.t3, steps - {"staged_head", "draw_aside"})
+    assert both.forward.staged == {"gate_up", "head"} and both.draw_stream is None
+    want = equivalence.seeded_tokens(tiny_tts, text_tokens, 12, 3, plain)
+    assert torch.equal(equivalence.seeded_tokens(tiny_tts, text_tokens, 12, 3, both), want)
 
 
 def test_the_tuner_tunes_a_staged_calls_config_and_leaves_the_triton_kernel_its_default(tiny_tts, monkeypatch):
@@ -98,6 +113,6 @@ def test_the_ladder_leaves_the_step_out_where_gluon_is_missing(monkeypatch):
 
     monkeypatch.setattr(fused_matvec, "dependent_launch_supported", lambda device: True)
     monkeypatch.setattr(staged_matvec, "supported", lambda device: False)
-    assert bench.unsupported_steps("cpu") == {"staged_weights"}
+    assert bench.unsupported_steps("cpu") == {"staged_weights", "staged_head"}
     assert "staged_weights" not in bench.ladder_rungs("cpu") and "launch_ahead" in bench.ladder_rungs("cpu")
-    assert bench.rung_steps("prefill_graph", "cpu") == ladder_prefix("prefill_graph") - {"staged_weights"}
+    assert bench.rung_steps("prefill_graph", "cpu") == ladder_prefix("prefill_graph") - {"staged_weights", "staged_head"}
