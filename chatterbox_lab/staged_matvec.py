@@ -14,8 +14,8 @@ set), and shared memory (228 KiB an SM) holds the weights of the kernels ahead o
 top of the registers of the ones running. After the wait the program reads its
 input once, normalizes it into shared memory, and multiplies chunk by chunk.
 
-Same computation and roundings as `fused_matvec.matvec_columns` (norm, SiLU gate,
-residual; no bias), summed in another order. Any number of columns: the last
+Same computation and roundings as `fused_matvec.matvec_columns` (norm, bias, SiLU
+gate, residual), summed in another order. Any number of columns: the last
 program's columns past the end copy the last row again, and are not stored. Written in Gluon, Triton's lower-level
 language, which places data in shared memory explicitly; it has no interpreter, so
 the kernel runs on CUDA GPUs only (Hopper and later) and its tests are GPU tests.
@@ -116,9 +116,10 @@ def check_supported(device) -> None:
 
 
 def kernel_applies(x: torch.Tensor, weight: torch.Tensor, gated: bool = False, bias=None) -> bool:
-    """The staged kernel serves this call: on a Hopper-or-later GPU with Gluon, few rows, no bias,
-    a config whose threads divide the shape, and a program's weights within an SM's shared memory."""
-    if not (GLUON_AVAILABLE and x.is_cuda and bias is None and weight.is_contiguous()):
+    """The staged kernel serves this call: on a Hopper-or-later GPU with Gluon, few rows, a bias only
+    without a gate (as `fused_matvec`), a config whose threads divide the shape, and a program's
+    weights within an SM's shared memory."""
+    if not (GLUON_AVAILABLE and x.is_cuda and not (gated and bias is not None) and weight.is_contiguous()):
         return False
     rows, k = x.numel() // x.size(-1), x.size(-1)
     n = weight.size(0) // 2 if gated else weight.size(0)
@@ -173,9 +174,10 @@ if GLUON_AVAILABLE:
         gl.inline_asm_elementwise(instruction + "; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
-    def _staged_kernel(x_ptr, w_ptr, out_ptr, res_ptr, norm_ptr, M, N, eps,
+    def _staged_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, res_ptr, norm_ptr, M, N, eps,
                        stride_x, stride_w, stride_out, stride_res,
-                       K: gl.constexpr, NORM: gl.constexpr, GATED: gl.constexpr, RESIDUAL: gl.constexpr,
+                       K: gl.constexpr, BIAS: gl.constexpr, NORM: gl.constexpr, GATED: gl.constexpr,
+                       RESIDUAL: gl.constexpr,
                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CHUNK_K: gl.constexpr, LANES_N: gl.constexpr,
                        WARPS_N: gl.constexpr, WARPS: gl.constexpr, PDL: gl.constexpr, AHEAD: gl.constexpr):
         if PDL and AHEAD:
@@ -213,6 +215,8 @@ if GLUON_AVAILABLE:
         out_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, OUT_LAYOUT))
         out_cols = gl.program_id(0) * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, OUT_LAYOUT))
         out_mask = (out_rows < M)[:, None] & (out_cols < N)[None, :]
+        if BIAS:
+            bias = gl.load(bias_ptr + out_cols, mask=out_cols < N, other=0.0).to(gl.float32)
 
         if PDL:
             _grid_dependency("griddepcontrol.wait")  # below: what earlier kernels wrote
@@ -238,22 +242,24 @@ if GLUON_AVAILABLE:
             acc += gl.sum(x_chunk * weights.index(c).load(W_LAYOUT).to(gl.float32)[None, :, :], axis=2)
             if GATED:
                 acc_up += gl.sum(x_chunk * weights.index(CHUNKS + c).load(W_LAYOUT).to(gl.float32)[None, :, :], axis=2)
+        if BIAS:
+            acc += bias[None, :]
         y = fused_matvec.finished(acc, acc_up, res if RESIDUAL else acc, dtype, GATED, RESIDUAL)
         gl.store(out_ptr + out_rows[:, None] * stride_out + out_cols[None, :], y, mask=out_mask)
 
 
-def gluon_matvec(x: torch.Tensor, weight: torch.Tensor, norm: Norm | None = None, gated: bool = False,
-                 residual: torch.Tensor | None = None, config: StagedConfig | None = None, pdl: bool = False,
-                 ahead: bool = False) -> torch.Tensor:
-    """`fused_matvec.reference_matvec` (no bias) as the staged kernel; the caller checks `kernel_applies`."""
+def gluon_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, norm: Norm | None = None,
+                 gated: bool = False, residual: torch.Tensor | None = None, config: StagedConfig | None = None,
+                 pdl: bool = False, ahead: bool = False) -> torch.Tensor:
+    """`fused_matvec.reference_matvec` as the staged kernel; the caller checks `kernel_applies`."""
     x2, out, res = fused_matvec.matvec_rows(x, weight, gated, residual)
     (m, k), n = x2.shape, out.size(1)
     config = config or config_for(m, n, k, gated)
     programs = -(-n // config.block_n)
     kernel = _staged_kernel[(programs,)](
-        x2, weight, out, res, norm.weight if norm is not None else weight, m, n,
+        x2, weight, bias if bias is not None else weight, out, res, norm.weight if norm is not None else weight, m, n,
         norm.eps if norm is not None else 0.0, x2.stride(0), weight.stride(0), out.stride(0), res.stride(0),
-        K=k, NORM=norm is not None, GATED=gated, RESIDUAL=residual is not None,
+        K=k, BIAS=bias is not None, NORM=norm is not None, GATED=gated, RESIDUAL=residual is not None,
         BLOCK_M=block_rows(m), BLOCK_N=config.block_n, CHUNK_K=config.chunk_k,
         LANES_N=config.lanes_n, WARPS_N=config.warps_n, WARPS=config.warps, PDL=pdl, AHEAD=ahead,
         num_warps=config.warps, **({"launch_pdl": True} if pdl else {}))
@@ -266,5 +272,5 @@ def staged_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                   ahead: bool = False) -> torch.Tensor:
     """The staged kernel where it applies, else `fused_matvec.fused_matvec` (Triton kernel or PyTorch)."""
     if kernel_applies(x, weight, gated, bias):
-        return gluon_matvec(x, weight, norm, gated, residual, pdl=pdl, ahead=ahead)
+        return gluon_matvec(x, weight, bias, norm, gated, residual, pdl=pdl, ahead=ahead)
     return fused_matvec.fused_matvec(x, weight, bias, norm=norm, gated=gated, residual=residual, pdl=pdl, ahead=ahead)

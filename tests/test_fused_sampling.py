@@ -16,24 +16,36 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_kernel_picks_pytorchs_tokens_for_the_same_noise(interpreted, case):
+def _check_tokens(sampling_params: SamplingParams, vocab: int, seeds) -> None:
     sampling = DeviceSampling("cpu")
-    sampling.set(CASES[case])
-    for seed in range(8):
+    sampling.set(sampling_params)
+    for seed in seeds:
         torch.manual_seed(seed)
         utterances = 3
         # Peaked like a trained model's logits, so min-p and top-p both have work to do.
-        logits = torch.randn(2 * utterances, VOCAB) * 3
-        seen = torch.rand(utterances, VOCAB) < 0.05
+        logits = torch.randn(2 * utterances, vocab) * 3
+        seen = torch.rand(utterances, vocab) < 0.05
         nonfinite = torch.zeros((), dtype=torch.bool)
         state = torch.get_rng_state()
         want = sample_token(next_token_probs(logits, seen, sampling))
         torch.set_rng_state(state)
-        noise = torch.empty(utterances, VOCAB).exponential_(1)
+        noise = torch.empty(utterances, vocab).exponential_(1)
         got = fused_sampling.triton_sample(logits, seen, sampling, noise, nonfinite)
-        assert torch.equal(got, want), (case, seed)
+        assert torch.equal(got, want), (sampling_params, vocab, seed)
         assert not nonfinite
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_kernel_picks_pytorchs_tokens_for_the_same_noise(interpreted, case):
+    _check_tokens(CASES[case], VOCAB, range(8))
+
+
+@pytest.mark.parametrize("vocab, block, tail", [(8194, 8192, 2), (1024, 1024, 2), (1000, 512, 512)])
+def test_the_vocabulary_is_a_power_of_two_block_and_a_tail(interpreted, vocab, block, tail):
+    """T3's 8,194 speech tokens: 8,192 and a tail of 2, not one block of 16,384; a power of two
+    leaves the tail empty."""
+    assert fused_sampling.blocks(vocab) == (block, tail)
+    _check_tokens(SamplingParams(top_p=0.9), vocab, range(2))
 
 
 def test_top_p_keeps_the_smallest_set_over_the_mass(interpreted):

@@ -251,8 +251,10 @@ def test_staged_kernel_matches_pytorch_on_every_call(full_tts, rows):
         new = dict(device="cuda", dtype=torch.bfloat16)
         weight = torch.randn(2 * n if gated else n, k, **new) / k ** 0.5
         kw = dict(gated=gated, norm=Norm(torch.rand(k, **new) + 0.5, 1e-5) if call.get("norm") else None,
-                  residual=torch.randn(rows, 1, n, **new) if call.get("residual") else None)
+                  residual=torch.randn(rows, 1, n, **new) if call.get("residual") else None,
+                  bias=torch.randn(n, **new) if call.get("bias") else None)
         x = torch.randn(rows, 1, k, **new)
+        assert staged_matvec.kernel_applies(x, weight, gated, kw["bias"]), name
         want = reference_matvec(x, weight, **kw).float()
         triton_error = float((triton_matvec(x, weight, **kw).float() - want).norm() / want.norm())
         for config in [staged_matvec.default_config(n, k, gated), *staged_matvec.candidates(n, k, gated, rows)]:
@@ -263,6 +265,8 @@ def test_staged_kernel_matches_pytorch_on_every_call(full_tts, rows):
 
 @pytest.mark.parametrize("rung", ["staged_weights", "staged_head"])
 def test_staged_weights_replay_one_graph_and_keep_bf16_logits(full_tts, rung):
+    import torch
+
     from chatterbox_lab import equivalence, staged_matvec
     from chatterbox_lab.decoder import ladder_prefix
 
@@ -270,6 +274,11 @@ def test_staged_weights_replay_one_graph_and_keep_bf16_logits(full_tts, rung):
     staged = T3Decoder(full_tts.t3, ladder_prefix(rung) - {"multi_step_graph"}, max_cache_len=512)
     staged.generate(full_tts.conds.t3, text_tokens, 16)
     assert staged_matvec._carved, "the staged kernel ran without its carveout"
+    # The speech head (with its bias, and 8,194 columns) is staged too, not left to the Triton kernel.
+    head = full_tts.t3.speech_head
+    assert ("head" in staged.forward.staged) == (rung == "staged_head")
+    assert staged_matvec.kernel_applies(torch.zeros(2, 1, head.in_features, dtype=head.weight.dtype, device="cuda"),
+                                        head.weight, bias=head.bias)
     counts = profiling.per_token_counts(lambda n: staged.generate(full_tts.conds.t3, text_tokens, n))
     assert counts["graph_launches"] == pytest.approx(1.0), counts
 
