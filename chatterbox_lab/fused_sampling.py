@@ -43,33 +43,55 @@ if triton is not None:
         from triton.language.extra.cuda import gdc_wait
 
     @triton.jit
-    def _scores(logits_ptr, stride_logits, utterance, ids, valid, seen, cfg_weight, penalty, temperature):
-        """CFG mix, repetition penalty and temperature of the tokens `ids` (-inf where not `valid`)."""
-        cond = tl.load(logits_ptr + 2 * utterance * stride_logits + ids, mask=valid, other=0.0).to(tl.float32)
-        uncond = tl.load(logits_ptr + (2 * utterance + 1) * stride_logits + ids, mask=valid, other=0.0).to(tl.float32)
+    def _scores(cond, uncond, seen, cfg_weight, penalty, temperature):
+        """CFG mix, repetition penalty on the tokens seen, temperature."""
         scores = cond + cfg_weight * (cond - uncond)
         penalised = tl.where(scores < 0, scores * penalty, scores / penalty)
-        scores = tl.where(seen, penalised, scores)
-        scores = scores / temperature
-        return tl.where(valid, scores, float("-inf"))
+        return tl.where(seen, penalised, scores) / temperature
+
+    @triton.jit
+    def _min_p_kept(weights, total, min_p):
+        return tl.where(weights / total < min_p * (1.0 / total), 0.0, weights)
+
+    @triton.jit
+    def _top_p_kept(weights, kept, low, top_bits):
+        """The weights of the tokens a top-p cut at probability bits `low` keeps (all for low = -1)."""
+        bits = (weights / kept).to(tl.int32, bitcast=True)
+        return tl.where((bits <= low) & (bits < top_bits), 0.0, weights)
+
+    @triton.jit
+    def _tail_score(logits_ptr, stride_logits, seen_ptr, stride_seen, utterance, token, cfg_weight, penalty,
+                    temperature):
+        """One tail token's score, as the block's are computed, as a scalar: every thread computes it,
+        so it needs no reduction across the program."""
+        cond = tl.load(logits_ptr + 2 * utterance * stride_logits + token).to(tl.float32)
+        uncond = tl.load(logits_ptr + (2 * utterance + 1) * stride_logits + token).to(tl.float32)
+        seen = tl.load(seen_ptr + utterance * stride_seen + token) != 0
+        return _scores(cond, uncond, seen, cfg_weight, penalty, temperature)
+
+    @triton.jit
+    def _tail_kept(logits_ptr, stride_logits, seen_ptr, stride_seen, utterance, token, cfg_weight, penalty,
+                   temperature, top, total, min_p):
+        """A tail token's weight after min-p."""
+        score = _tail_score(logits_ptr, stride_logits, seen_ptr, stride_seen, utterance, token, cfg_weight, penalty,
+                            temperature)
+        return _min_p_kept(tl.exp(score - top), total, min_p)
 
     @triton.jit
     def _sample_kernel(logits_ptr, stride_logits, seen_ptr, stride_seen, noise_ptr, stride_noise,
                        temperature_ptr, cfg_weight_ptr, penalty_ptr, min_p_ptr, one_minus_top_p_ptr,
                        out_ptr, nonfinite_ptr, tokens_ptr, stride_tokens, step_ptr, arrivals_ptr, V,
                        BLOCK: tl.constexpr, TAIL: tl.constexpr, PDL: tl.constexpr, WRITE_TOKEN: tl.constexpr):
-        # The vocabulary as a block of a power of two tokens and a tail of the rest: 8,194 speech
-        # tokens are 8,192 and 2, where one block of the next power of two would compute twice as
-        # many values, half of them masked (~9 us against ~5 us a call on an H100, `sweep`).
+        # The vocabulary as a block of a power of two tokens and a tail of a few, each tail token a
+        # scalar that every thread computes: 8,194 speech tokens are 8,192 and 2, where one block of
+        # 16,384 would compute twice the values, half of them masked, and a second block for the
+        # tail would add a reduction (barriers across the program) to each of the block's.
         utterance = tl.program_id(0)
         ids = tl.arange(0, BLOCK)
-        tail_ids = BLOCK + tl.arange(0, TAIL)
         valid = ids < V
-        tail_valid = tail_ids < V
         # The mask and the values were written before the step's first kernel (the kernels before
         # this one launched only after that): under a programmatic launch they load during the wait.
         seen = tl.load(seen_ptr + utterance * stride_seen + ids, mask=valid, other=0) != 0
-        tail_seen = tl.load(seen_ptr + utterance * stride_seen + tail_ids, mask=tail_valid, other=0) != 0
         cfg_weight = tl.load(cfg_weight_ptr)
         penalty = tl.load(penalty_ptr)
         temperature = tl.load(temperature_ptr)
@@ -77,56 +99,71 @@ if triton is not None:
         allowed = tl.load(one_minus_top_p_ptr)
         if PDL:
             gdc_wait()  # the logits are the kernel before's work
-        scores = _scores(logits_ptr, stride_logits, utterance, ids, valid, seen, cfg_weight, penalty, temperature)
-        tail_scores = _scores(logits_ptr, stride_logits, utterance, tail_ids, tail_valid, tail_seen, cfg_weight,
-                              penalty, temperature)
+        cond = tl.load(logits_ptr + 2 * utterance * stride_logits + ids, mask=valid, other=0.0).to(tl.float32)
+        uncond = tl.load(logits_ptr + (2 * utterance + 1) * stride_logits + ids, mask=valid, other=0.0).to(tl.float32)
+        scores = tl.where(valid, _scores(cond, uncond, seen, cfg_weight, penalty, temperature), float("-inf"))
 
         # Three softmaxes over one set of weights: no cut drops the most likely token, so every
         # softmax has the same maximum and the same weight for every token it keeps (0 for the
         # rest), and the most likely probability is exactly 1 / sum. What is left to reduce is a
         # maximum, a sum before and after each cut, and the draw's argmax; a NaN or inf anywhere
-        # makes every sum one.
-        top = tl.maximum(tl.max(scores, axis=0), tl.max(tail_scores, axis=0))
+        # makes every sum one. The tail's scores are recomputed where needed (their loads hit L1).
+        top = tl.max(scores, axis=0)
+        for j in tl.static_range(TAIL):
+            top = tl.maximum(top, _tail_score(logits_ptr, stride_logits, seen_ptr, stride_seen, utterance, BLOCK + j,
+                                              cfg_weight, penalty, temperature))
         weights = tl.exp(scores - top)
-        tail_weights = tl.exp(tail_scores - top)
-        total = tl.sum(weights, axis=0) + tl.sum(tail_weights, axis=0)
-        weights = tl.where(weights / total < min_p * (1.0 / total), 0.0, weights)
-        tail_weights = tl.where(tail_weights / total < min_p * (1.0 / total), 0.0, tail_weights)
+        total = tl.sum(weights, axis=0)
+        for j in tl.static_range(TAIL):
+            total += tl.exp(_tail_score(logits_ptr, stride_logits, seen_ptr, stride_seen, utterance, BLOCK + j,
+                                        cfg_weight, penalty, temperature) - top)
+        weights = _min_p_kept(weights, total, min_p)
+        kept = tl.sum(weights, axis=0)
+        for j in tl.static_range(TAIL):
+            kept += _tail_kept(logits_ptr, stride_logits, seen_ptr, stride_seen, utterance, BLOCK + j, cfg_weight,
+                               penalty, temperature, top, total, min_p)
 
-        total = tl.sum(weights, axis=0) + tl.sum(tail_weights, axis=0)
-        probs = weights / total
-        tail_probs = tail_weights / total
+        low = tl.full([], -1, tl.int32)  # no top-p cut unless one is asked for
+        top_bits = (1.0 / kept).to(tl.int32, bitcast=True)
+        final = kept
         if allowed > 0:
+            probs = weights / kept
             bits = probs.to(tl.int32, bitcast=True)
-            tail_bits = tail_probs.to(tl.int32, bitcast=True)
-            top_bits = (1.0 / total).to(tl.int32, bitcast=True)
             low = tl.full([], 0, tl.int32)  # mass at most `low` stays within `allowed`...
             high = top_bits                # ...and at most `high` exceeds it (all of it, 1)
             for _ in range(31):
                 middle = low + (high - low) // 2
-                mass = (tl.sum(tl.where(bits <= middle, probs, 0.0), axis=0)
-                        + tl.sum(tl.where(tail_bits <= middle, tail_probs, 0.0), axis=0))
+                mass = tl.sum(tl.where(bits <= middle, probs, 0.0), axis=0)
+                for j in tl.static_range(TAIL):
+                    p = _tail_kept(logits_ptr, stride_logits, seen_ptr, stride_seen, utterance, BLOCK + j, cfg_weight,
+                                   penalty, temperature, top, total, min_p) / kept
+                    mass += tl.where(p.to(tl.int32, bitcast=True) <= middle, p, 0.0)
                 within = mass <= allowed
                 low = tl.where(within, middle, low)
                 high = tl.where(within, high, middle)
             # The most likely token is never dropped, as transformers keeps the last sorted one.
-            weights = tl.where((bits <= low) & (bits < top_bits), 0.0, weights)
-            tail_weights = tl.where((tail_bits <= low) & (tail_bits < top_bits), 0.0, tail_weights)
-            total = tl.sum(weights, axis=0) + tl.sum(tail_weights, axis=0)
-            probs = weights / total
-            tail_probs = tail_weights / total
+            weights = _top_p_kept(weights, kept, low, top_bits)
+            final = tl.sum(weights, axis=0)
+            for j in tl.static_range(TAIL):
+                weight = _tail_kept(logits_ptr, stride_logits, seen_ptr, stride_seen, utterance, BLOCK + j,
+                                    cfg_weight, penalty, temperature, top, total, min_p)
+                final += _top_p_kept(weight, kept, low, top_bits)
+        probs = weights / final
 
-        bad = (total != total) | (tl.abs(total) == float("inf"))
+        bad = (final != final) | (tl.abs(final) == float("inf"))
         tl.store(nonfinite_ptr, bad, mask=bad)
         noise = tl.load(noise_ptr + utterance * stride_noise + ids, mask=valid, other=1.0)
-        tail_noise = tl.load(noise_ptr + utterance * stride_noise + tail_ids, mask=tail_valid, other=1.0)
         # With the flag up the decode stops and its token is never used: no NaN reaches the argmax.
-        ratios = tl.where(bad, -1.0, tl.where(valid, probs / noise, -1.0))
-        tail_ratios = tl.where(bad, -1.0, tl.where(tail_valid, tail_probs / tail_noise, -1.0))
-        best, index = tl.max(ratios, axis=0, return_indices=True)
-        tail_best, tail_index = tl.max(tail_ratios, axis=0, return_indices=True)
-        # As torch.argmax, the first of equal maxima: the block's come before the tail's.
-        token = tl.where(best >= tail_best, index, BLOCK + tail_index).to(tl.int64)
+        best, token = tl.max(tl.where(bad, -1.0, tl.where(valid, probs / noise, -1.0)), axis=0, return_indices=True)
+        for j in tl.static_range(TAIL):
+            weight = _tail_kept(logits_ptr, stride_logits, seen_ptr, stride_seen, utterance, BLOCK + j, cfg_weight,
+                                penalty, temperature, top, total, min_p)
+            weight = _top_p_kept(weight, kept, low, top_bits)
+            ratio = (weight / final) / tl.load(noise_ptr + utterance * stride_noise + BLOCK + j)
+            # As torch.argmax, the first of equal maxima: a tail token only past a larger ratio.
+            token = tl.where(ratio > best, BLOCK + j, token)
+            best = tl.maximum(best, ratio)
+        token = token.to(tl.int64)
         if WRITE_TOKEN:
             # Into the slot after the step counter's; the last program to get here advances the
             # counter, once every program has read it (acq_rel orders each read before its arrival).
@@ -176,10 +213,14 @@ def triton_sample(logits: torch.Tensor, seen: torch.Tensor, sampling: DeviceSamp
 
 
 def blocks(vocab: int) -> tuple[int, int]:
-    """The kernel's block (the largest power of two within `vocab`) and tail (a power of two, at
-    least 2, that holds the rest)."""
+    """The kernel's block (the largest power of two within `vocab`) and its tail (the tokens past it,
+    each a scalar) when there are at most MAX_TAIL of those, else the next power of two and none."""
     block = 1 << (vocab.bit_length() - 1)
-    return block, max(2, triton.next_power_of_2(vocab - block))
+    return (block, vocab - block) if vocab - block <= MAX_TAIL else (2 * block, 0)
+
+
+# Tail tokens computed as scalars: each adds a few scalar operations to every pass over the block.
+MAX_TAIL = 8
 
 
 def default_warps(block: int) -> int:

@@ -40,12 +40,27 @@ def test_kernel_picks_pytorchs_tokens_for_the_same_noise(interpreted, case):
     _check_tokens(CASES[case], VOCAB, range(8))
 
 
-@pytest.mark.parametrize("vocab, block, tail", [(8194, 8192, 2), (1024, 1024, 2), (1000, 512, 512)])
-def test_the_vocabulary_is_a_power_of_two_block_and_a_tail(interpreted, vocab, block, tail):
-    """T3's 8,194 speech tokens: 8,192 and a tail of 2, not one block of 16,384; a power of two
-    leaves the tail empty."""
+@pytest.mark.parametrize("vocab, block, tail", [(8194, 8192, 2), (1024, 1024, 0), (1000, 1024, 0), (519, 512, 7)])
+def test_the_vocabulary_is_a_power_of_two_block_and_a_few_tokens_past_it(interpreted, vocab, block, tail):
+    """T3's 8,194 speech tokens: 8,192 and 2 scalars, not one block of 16,384, half of it masked."""
     assert fused_sampling.blocks(vocab) == (block, tail)
-    _check_tokens(SamplingParams(top_p=0.9), vocab, range(2))
+    for case in ("upstream defaults", "top-p 0.5, no min-p"):
+        _check_tokens(CASES[case], vocab, range(3))
+
+
+def test_a_tail_token_is_drawn_and_cut_like_any_other(interpreted):
+    """Probabilities 1/7, 2/7 and 4/7, the most likely past a block of 2: top-p 0.65 and min-p 0.3
+    each keep it and the next, a greedy top-p it alone."""
+    sampling = DeviceSampling("cpu")
+    logits = torch.tensor([1.0, 2.0, 4.0]).log().repeat(2, 1)
+    assert fused_sampling.blocks(3) == (2, 1)
+    for params, want in [(SamplingParams(top_p=0.65, min_p=0.0), {1, 2}), (SamplingParams(min_p=0.3), {1, 2}),
+                         (SamplingParams(top_p=1e-6, min_p=0.0), {2})]:
+        sampling.set(SamplingParams(**{**vars(params), "temperature": 1.0, "cfg_weight": 0.0}))
+        picked = {int(fused_sampling.triton_sample(logits, torch.zeros(1, 3, dtype=torch.bool), sampling,
+                                                   torch.empty(1, 3).exponential_(1), torch.zeros((), dtype=torch.bool)))
+                  for _ in range(200)}
+        assert picked == want, params
 
 
 def test_top_p_keeps_the_smallest_set_over_the_mass(interpreted):
