@@ -584,6 +584,42 @@ print(f"16 steps a graph, queued ahead of each check: {runs_gain:.3f}x the decod
 assert runs_gain > 1
 
 # %% [markdown]
+# ## The head staged, and the draw aside (`staged_head`, `draw_aside`)
+#
+# After the last layer, the step's trace shows the speech head's link far longer than its 16.8 MB
+# of weights: the down projection's programs leave the head's grid little room, so most of its
+# weights stream after its wait, as gate/up's did before `staged_weights`. `staged_head` stages the
+# head in shared memory with the same kernel (now with a bias, and a last program whose columns
+# past the end are not stored). Then each step still ends with the random draw between the
+# sampling kernel and the next prologue; `draw_aside` forks it onto a side stream at the step's
+# start and joins it before the sampling kernel: the same draws in the same order, so the same
+# tokens (GPU test).
+
+# %%
+aside_path, aside = results.latest_with("beyond", ("staged_head", "draw_aside"), traced=True)
+display(Markdown(f"**{aside['provenance']['gpu']}**, commit `{aside['provenance']['git_commit'][:10]}`, "
+                 f"`{aside_path.name}`"))
+display(Markdown(results.markdown_table(aside, ("t3_decode_tok_s", "fraction_of_floor", "gpu_kernels_per_token"))))
+traces = {rung: profiling.load_trace(f"../{aside['rungs'][rung]['trace']}") for rung in ("staged_head", "draw_aside")}
+seams = {rung: profiling.step_seam(trace) for rung, trace in traces.items()}
+display(Markdown("| trace | sampling end to next prologue (us, under the profiler) |\n|---|---|\n"
+                 + "\n".join(f"| {rung} | {seam['seam_us']:.1f} |" for rung, seam in seams.items())))
+assert seams["draw_aside"]["seam_us"] < seams["staged_head"]["seam_us"]
+# A layer runs three Triton matvecs (q/k/v, o_proj, down) and one staged (gate/up); each step one
+# staged head more.
+lo, hi = profiling.steps_window(traces["staged_head"])
+kernels = [profiling.short_name(name) for name, start, _ in profiling.kernel_spans(traces["staged_head"]) if lo <= start < hi]
+assert kernels.count("_staged_kernel") == kernels.count("_matvec_kernel") // 3 + kernels.count("_sample_kernel")
+rate = aside["rungs"]["draw_aside"]["t3_decode_tok_s"]
+print(f"draw_aside: {rate:,.0f} tok/s, {aside['rungs']['draw_aside']['fraction_of_floor']:.1%} of the floor, "
+      f"{1e6 / rate:.0f} us a step (the issue's 1,600 tok/s: 625)")
+
+# %% [markdown]
+# Under the profiler the staged head's link shortens by about 4 us and the step's end by about 2 us,
+# but unprofiled the two gain about 1% together (`docs/NOTES.md`, with the probes' A/B): the
+# issue's 1,600 tok/s is still a few microseconds a step away.
+
+# %% [markdown]
 # ## Handing each head over (`head_handoff`), measured slower
 #
 # The attention kernel waits for the whole q/k/v kernel, yet a head group's attention needs
