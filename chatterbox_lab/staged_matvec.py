@@ -16,8 +16,9 @@ input once, normalizes it into shared memory, and multiplies chunk by chunk.
 
 Same computation and roundings as `fused_matvec.matvec_columns` (norm, bias, SiLU
 gate, residual), summed in another order. Any number of columns: the last
-program's columns past the end copy the last row again, and are not stored. Written in Gluon, Triton's lower-level
-language, which places data in shared memory explicitly; it has no interpreter, so
+program's columns past the end copy the last row again, and are not stored.
+Written in Gluon, Triton's lower-level language, which places data in shared
+memory explicitly; it has no interpreter, so
 the kernel runs on CUDA GPUs only (Hopper and later) and its tests are GPU tests.
 Off the GPU, or for a shape it does not take, `staged_matvec` is `fused_matvec`.
 """

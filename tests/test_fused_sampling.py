@@ -57,9 +57,9 @@ def test_a_tail_token_is_drawn_and_cut_like_any_other(interpreted):
     for params, want in [(SamplingParams(top_p=0.65, min_p=0.0), {1, 2}), (SamplingParams(min_p=0.3), {1, 2}),
                          (SamplingParams(top_p=1e-6, min_p=0.0), {2})]:
         sampling.set(SamplingParams(**{**vars(params), "temperature": 1.0, "cfg_weight": 0.0}))
-        picked = {int(fused_sampling.triton_sample(logits, torch.zeros(1, 3, dtype=torch.bool), sampling,
-                                                   torch.empty(1, 3).exponential_(1), torch.zeros((), dtype=torch.bool)))
-                  for _ in range(200)}
+        nothing_seen, flag = torch.zeros(1, 3, dtype=torch.bool), torch.zeros((), dtype=torch.bool)
+        picked = {int(fused_sampling.triton_sample(logits, nothing_seen, sampling, torch.empty(1, 3).exponential_(1),
+                                                   flag)) for _ in range(200)}
         assert picked == want, params
 
 

@@ -115,4 +115,5 @@ def test_the_ladder_leaves_the_step_out_where_gluon_is_missing(monkeypatch):
     monkeypatch.setattr(staged_matvec, "supported", lambda device: False)
     assert bench.unsupported_steps("cpu") == {"staged_weights", "staged_head"}
     assert "staged_weights" not in bench.ladder_rungs("cpu") and "launch_ahead" in bench.ladder_rungs("cpu")
-    assert bench.rung_steps("prefill_graph", "cpu") == ladder_prefix("prefill_graph") - {"staged_weights", "staged_head"}
+    staged = {"staged_weights", "staged_head"}
+    assert bench.rung_steps("prefill_graph", "cpu") == ladder_prefix("prefill_graph") - staged

@@ -608,7 +608,8 @@ assert seams["draw_aside"]["seam_us"] < seams["staged_head"]["seam_us"]
 # A layer runs three Triton matvecs (q/k/v, o_proj, down) and one staged (gate/up); each step one
 # staged head more.
 lo, hi = profiling.steps_window(traces["staged_head"])
-kernels = [profiling.short_name(name) for name, start, _ in profiling.kernel_spans(traces["staged_head"]) if lo <= start < hi]
+kernels = [profiling.short_name(name) for name, start, _ in profiling.kernel_spans(traces["staged_head"])
+           if lo <= start < hi]
 assert kernels.count("_staged_kernel") == kernels.count("_matvec_kernel") // 3 + kernels.count("_sample_kernel")
 rate = aside["rungs"]["draw_aside"]["t3_decode_tok_s"]
 print(f"draw_aside: {rate:,.0f} tok/s, {aside['rungs']['draw_aside']['fraction_of_floor']:.1%} of the floor, "
