@@ -3,12 +3,6 @@ import os
 import pytest
 import torch
 
-os.environ.setdefault("TQDM_DISABLE", "1")
-if not torch.cuda.is_available():
-    # Triton reads this when it is first imported: its kernels defined from then on run
-    # on the CPU through its interpreter (tests of the fused_matvec and decode_attention kernels).
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
