@@ -27,8 +27,16 @@
 #   dependent of the one before, so it loads its weights while that one finishes.
 # - `launch_ahead`: each kernel lets the next launch as soon as all its programs have
 #   started, and the attention kernel loads earlier cache slots before its wait.
-# - `persistent_layers`: each layer one persistent kernel whose phases are separated
-#   by grid-wide barriers instead of kernel boundaries.
+# - `fused_bookkeeping`: the step's bookkeeping (last token, repetition mask, input
+#   embedding, position, token write) in a prologue kernel and the sampling kernel.
+# - `staged_weights`: gate/up's weights copied into shared memory before the kernel's
+#   wait, instead of registers that every resident kernel shares.
+# - `multi_step_graph`: the 16 steps between two stop checks replayed as one graph.
+# - `staged_head`, `draw_aside`: the speech head staged as well, and the step's random
+#   draw on a side branch of the graph instead of between two steps.
+# - `head_handoff` and `persistent_layers`, measured slower: q/k/v and attention as one
+#   kernel, and each layer one persistent kernel whose phases are separated by grid-wide
+#   barriers instead of kernel boundaries.
 # - several utterances at once (`T3Decoder(streams=N)`): each is a CFG pair of rows
 #   with its own prompt, position, repetition mask and stop; the weights are read
 #   once for all of them.
