@@ -212,15 +212,15 @@ def triton_sample(logits: torch.Tensor, seen: torch.Tensor, sampling: DeviceSamp
     return out
 
 
+# Tail tokens computed as scalars: each adds a few scalar operations to every pass over the block.
+MAX_TAIL = 8
+
+
 def blocks(vocab: int) -> tuple[int, int]:
     """The kernel's block (the largest power of two within `vocab`) and its tail (the tokens past it,
     each a scalar) when there are at most MAX_TAIL of those, else the next power of two and none."""
     block = 1 << (vocab.bit_length() - 1)
     return (block, vocab - block) if vocab - block <= MAX_TAIL else (2 * block, 0)
-
-
-# Tail tokens computed as scalars: each adds a few scalar operations to every pass over the block.
-MAX_TAIL = 8
 
 
 def default_warps(block: int) -> int:

@@ -40,8 +40,7 @@ except ImportError:  # an older Triton, or none (the CPU install)
     GLUON_AVAILABLE = False
 
 # The matvecs of a layer, then the speech head, as `t3_forward.StaticT3Forward(staged=...)` names them.
-LAYER_CALLS = ("qkv", "o_proj", "gate_up", "down")
-CALLS = LAYER_CALLS + ("head",)
+CALLS = ("qkv", "o_proj", "gate_up", "down", "head")
 # Those the `staged_weights` step stages. On the H100 staging gate/up alone was fastest; down, q/k/v
 # and o_proj staged as well were each slower (`docs/NOTES.md`).
 STAGED_CALLS = ("gate_up",)
