@@ -58,6 +58,10 @@ Past the guide (`BEYOND`):
 - "draw_aside":     the step's random draw on a side branch of the captured graph, beside the
                        layers instead of ahead of the prologue, so the sampling kernel of one
                        step is followed by the next step's prologue directly
+- "folded_prologue": that prologue's work at the end of the sampling kernel, for the step after
+                       (the prologue runs once, after the prefill): a step's first layer
+                       launches as a dependent of the step before's sampling kernel, one
+                       kernel and its launch fewer a token
 - "prefill_graph":  a lone utterance's prefill replayed from a CUDA graph per prompt-length
                        bucket, its prompt padded at the end (`prefill_graph.py`); batched
                        prefills stay eager (one pass serves many utterances already)
@@ -92,7 +96,7 @@ from .t3_forward import DynamicT3Forward, StaticT3Forward, filled_cache_mask
 LADDER = ("bf16", "static_cache", "embed_cache", "compiled")
 BEYOND = ("fused_projections", "sampling_in_graph", "fused_matvec", "filled_cache_attention", "fused_attention",
           "fused_sampling", "captured_graph", "dependent_launch", "launch_ahead", "fused_bookkeeping", "staged_weights",
-          "multi_step_graph", "staged_head", "draw_aside", "prefill_graph", "head_handoff", "persistent_layers")
+          "multi_step_graph", "staged_head", "draw_aside", "folded_prologue", "prefill_graph", "head_handoff", "persistent_layers")
 STEPS = LADDER + BEYOND
 REQUIRES = {"compiled": ("static_cache", "embed_cache"), "fused_projections": ("static_cache",),
             "sampling_in_graph": ("compiled",), "fused_matvec": ("fused_projections",),
@@ -102,14 +106,14 @@ REQUIRES = {"compiled": ("static_cache", "embed_cache"), "fused_projections": ("
             "dependent_launch": ("captured_graph",), "launch_ahead": ("dependent_launch",),
             "fused_bookkeeping": ("captured_graph",), "staged_weights": ("launch_ahead",),
             "multi_step_graph": ("captured_graph",), "staged_head": ("staged_weights",),
-            "draw_aside": ("fused_bookkeeping",),
+            "draw_aside": ("fused_bookkeeping",), "folded_prologue": ("fused_bookkeeping",),
             "head_handoff": ("fused_matvec", "fused_attention"),
             "prefill_graph": ("static_cache",),
             "persistent_layers": ("fused_matvec", "fused_attention")}
 # Steps whose Triton kernels sum in their own order: checked against PyTorch by logits and by
 # tokens for the same random draws, not by fp32 identity with upstream.
 KERNEL_STEPS = ("fused_matvec", "fused_attention", "fused_sampling", "fused_bookkeeping", "staged_weights",
-                "staged_head", "head_handoff", "persistent_layers")
+                "staged_head", "folded_prologue", "head_handoff", "persistent_layers")
 
 # How often the host looks for the stop token: each look is a device sync that
 # stops the CPU from queueing further steps ahead of the GPU.
@@ -263,9 +267,13 @@ class T3Decoder:
         self.compiled = "compiled" in self.steps
         self.sample_in_graph = "sampling_in_graph" in self.steps
         self.sampling_kernel = "fused_sampling" in self.steps
-        self.step_buffers = fused_bookkeeping.StepBuffers(streams, self.t3.cfg.hidden_size,
-                                                          self.t3.hp.speech_tokens_dict_size, self.dtype, device) \
-            if "fused_bookkeeping" in self.steps else None
+        self.step_inputs = None
+        if "fused_bookkeeping" in self.steps:
+            buffers = fused_bookkeeping.StepBuffers(streams, self.t3.cfg.hidden_size,
+                                                    self.t3.hp.speech_tokens_dict_size, self.dtype, device)
+            self.step_inputs = fused_bookkeeping.InputSources(self.prompt_len_t, self.embedding.tokens,
+                                                              self.embedding.positions, buffers)
+        self.folded_prologue = "folded_prologue" in self.steps
         # Where the draw_aside step draws: a stream that forks from the step's and joins it before
         # the sampling kernel (on the CPU there is no other stream: the step changes nothing).
         self.draw_stream = torch.cuda.Stream(device) if "draw_aside" in self.steps and on_gpu else None
@@ -328,23 +336,23 @@ class T3Decoder:
 
     def _step_and_sample(self) -> None:
         """`_feed_last`, then draw the next tokens into their slots, all on the device."""
-        if self.step_buffers is not None and fused_bookkeeping.kernel_applies(self.tokens):
+        if self.step_inputs is not None and fused_bookkeeping.kernel_applies(self.tokens):
+            buffers = self.step_inputs.out
             # The step's only draw, so it takes the same numbers wherever it sits in the step.
-            noise = self.step_buffers.noise
             if self.draw_stream is None:
-                race_noise(self.seen, out=noise)
+                race_noise(self.seen, out=buffers.noise)
             else:
                 self.draw_stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(self.draw_stream):
-                    race_noise(self.seen, out=noise)
-            embeds, positions = fused_bookkeeping.prologue(
-                self.tokens, self.step_index, self.seen, self.prompt_len_t, self.embedding.tokens,
-                self.embedding.positions, self.step_buffers)
-            logits = self._forward_at(embeds, positions)
+                    race_noise(self.seen, out=buffers.noise)
+            if not self.folded_prologue:  # else the step before's sampling kernel wrote the input
+                fused_bookkeeping.prologue(self.tokens, self.step_index, self.seen, self.step_inputs)
+            logits = self._forward_at(buffers.embeds, buffers.positions)
             if self.draw_stream is not None:
                 torch.cuda.current_stream().wait_stream(self.draw_stream)
-            fused_sampling.triton_sample(logits, self.seen, self.sampling, noise, self.nonfinite, pdl=self.pdl,
-                                         write_token=(self.tokens, self.step_index, self.step_buffers.arrivals))
+            fused_sampling.triton_sample(logits, self.seen, self.sampling, buffers.noise, self.nonfinite, pdl=self.pdl,
+                                         write_token=(self.tokens, self.step_index, buffers.arrivals),
+                                         next_input=self.step_inputs if self.folded_prologue else None)
             return
         logits = self._feed_last()
         if self.sampling_kernel and fused_sampling.kernel_applies(logits):
@@ -475,6 +483,9 @@ class T3Decoder:
         probs = self._probs(logits)
         sync_device(self.device)
         sample_token(probs, out=self.tokens[:, :1])
+        if self.folded_prologue and fused_bookkeeping.kernel_applies(self.tokens):
+            # The first step's input; each step's sampling kernel writes the next one's.
+            fused_bookkeeping.prologue(self.tokens, self.step_index, self.seen, self.step_inputs)
 
     def _decode(self, max_new_tokens: int, stop_on_eos: bool, also_check_at: int | None = None):
         """The decode loop after `_begin`: yields (tokens decoded so far, whether that is all) at

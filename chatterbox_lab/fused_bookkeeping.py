@@ -34,12 +34,12 @@ if triton is not None:
     import triton.language as tl
 
     @triton.jit
-    def _prologue_kernel(tokens_ptr, stride_tokens, step_ptr, seen_ptr, stride_seen, prompt_len_ptr,
-                         token_table_ptr, position_table_ptr, embeds_ptr, positions_ptr, DIM: tl.constexpr,
+    def write_step_input(utterance, token, step, seen_ptr, stride_seen, prompt_len_ptr, token_table_ptr,
+                         position_table_ptr, embeds_ptr, positions_ptr, DIM: tl.constexpr,
                          SHARED_POSITION: tl.constexpr):
-        utterance = tl.program_id(0)
-        step = tl.load(step_ptr)
-        token = tl.load(tokens_ptr + utterance * stride_tokens + step)
+        """Step `step`'s input for an utterance whose last token is `token`: the token marked seen,
+        its embedding in both CFG rows, the cache position (the prologue's work, and under
+        `folded_prologue` the end of the sampling kernel's)."""
         tl.store(seen_ptr + utterance * stride_seen + token, 1)
         dims = tl.arange(0, DIM)
         embed = (tl.load(token_table_ptr + token * DIM + dims).to(tl.float32)
@@ -53,6 +53,16 @@ if triton is not None:
         else:
             tl.store(positions_ptr + 2 * utterance, position)
             tl.store(positions_ptr + 2 * utterance + 1, position)
+
+    @triton.jit
+    def _prologue_kernel(tokens_ptr, stride_tokens, step_ptr, seen_ptr, stride_seen, prompt_len_ptr,
+                         token_table_ptr, position_table_ptr, embeds_ptr, positions_ptr, DIM: tl.constexpr,
+                         SHARED_POSITION: tl.constexpr):
+        utterance = tl.program_id(0)
+        step = tl.load(step_ptr)
+        token = tl.load(tokens_ptr + utterance * stride_tokens + step)
+        write_step_input(utterance, token, step, seen_ptr, stride_seen, prompt_len_ptr, token_table_ptr,
+                         position_table_ptr, embeds_ptr, positions_ptr, DIM, SHARED_POSITION)
 
 
 def kernel_applies(tokens: torch.Tensor) -> bool:
@@ -75,21 +85,34 @@ class StepBuffers:
             torch._dynamo.mark_static_address(t)
 
 
-def prologue(tokens: torch.Tensor, step_index: torch.Tensor, seen: torch.Tensor, prompt_len: torch.Tensor,
-             token_table: torch.Tensor, position_table: torch.Tensor, out: StepBuffers):
+class InputSources:
+    """What the prologue makes a step's input from, besides the tokens and the mask: per utterance
+    the prompt length, the token and position embedding tables, and where the input goes."""
+
+    def __init__(self, prompt_len: torch.Tensor, token_table: torch.Tensor, position_table: torch.Tensor,
+                 out: StepBuffers):
+        dim = token_table.size(1)
+        if token_table.stride() != (dim, 1) or position_table.stride() != (dim, 1):
+            raise ValueError("the prologue kernel addresses the embedding tables as contiguous rows")
+        if dim & (dim - 1):
+            raise ValueError(f"the prologue kernel reads whole embedding rows as one block: dim must be a power of "
+                             f"two, got {dim}")
+        self.prompt_len, self.token_table, self.position_table, self.out = prompt_len, token_table, position_table, out
+
+    def kernel_args(self) -> tuple:
+        """The arguments `write_step_input` takes after the mask, and its constants."""
+        return ((self.prompt_len, self.token_table, self.position_table, self.out.embeds, self.out.positions),
+                dict(DIM=self.token_table.size(1), SHARED_POSITION=self.out.positions.numel() == 1))
+
+
+def prologue(tokens: torch.Tensor, step_index: torch.Tensor, seen: torch.Tensor, sources: InputSources):
     """The step's input, from device state only: for every utterance u, token = tokens[u, step],
     seen[u, token] = True, both CFG rows' embedding token_table[token] + position_table[step + 1],
-    position prompt_len[u] + step. Returns (embeds, positions) from `out`."""
-    streams, dim = tokens.size(0), token_table.size(1)
-    if token_table.stride() != (dim, 1) or position_table.stride() != (dim, 1):
-        raise ValueError("the prologue kernel addresses the embedding tables as contiguous rows")
-    if dim & (dim - 1):
-        raise ValueError(f"the prologue kernel reads whole embedding rows as one block: dim must be a power of "
-                         f"two, got {dim}")
+    position prompt_len[u] + step. Returns (embeds, positions) from `sources.out`."""
     from torch.library import wrap_triton
 
-    wrap_triton(_prologue_kernel)[(streams,)](
-        tokens, tokens.stride(0), step_index, seen.view(torch.uint8), seen.stride(0), prompt_len,
-        token_table, position_table, out.embeds, out.positions, DIM=dim, SHARED_POSITION=out.positions.numel() == 1,
+    args, constants = sources.kernel_args()
+    wrap_triton(_prologue_kernel)[(tokens.size(0),)](
+        tokens, tokens.stride(0), step_index, seen.view(torch.uint8), seen.stride(0), *args, **constants,
         num_warps=4)
-    return out.embeds, out.positions
+    return sources.out.embeds, sources.out.positions

@@ -235,6 +235,13 @@ def check_dependent_launch(device) -> None:
                            f"the dependent_launch step")
 
 
+def aligned_rows(m: int, n: int, **options) -> torch.Tensor:
+    """An empty (m, n) tensor whose rows start a multiple of 16 values apart, so that each starts
+    aligned for a kernel that reads them as vectors (the sampling kernel reads the speech head's CFG
+    rows, 8,194 wide); contiguous where n is a multiple of 16, as every other call's width is."""
+    return torch.empty(m, -(-n // 16) * 16, **options)[:, :n]
+
+
 def matvec_rows(x: torch.Tensor, weight: torch.Tensor, gated: bool, residual: torch.Tensor | None):
     """A matvec kernel's rows: the input as (m, k) with unit stride along k, the output (m, n) and
     the residual as (m, n) rows (the output itself when there is none)."""
@@ -244,7 +251,7 @@ def matvec_rows(x: torch.Tensor, weight: torch.Tensor, gated: bool, residual: to
         x2 = x2.contiguous()
     m = x2.size(0)
     n = weight.size(0) // 2 if gated else weight.size(0)
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    out = aligned_rows(m, n, dtype=x.dtype, device=x.device)
     return x2, out, residual.reshape(m, n).contiguous() if residual is not None else out
 
 

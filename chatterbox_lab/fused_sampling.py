@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from . import fused_matvec
+from . import fused_bookkeeping, fused_matvec
 from .sampling import DeviceSampling, SamplingParams
 
 triton = fused_matvec.triton
@@ -41,6 +41,7 @@ if triton is not None:
     import triton.language as tl
     if fused_matvec.PDL_AVAILABLE:
         from triton.language.extra.cuda import gdc_wait
+    from .fused_bookkeeping import write_step_input
 
     @triton.jit
     def _scores(cond, uncond, seen, cfg_weight, penalty, temperature):
@@ -58,6 +59,16 @@ if triton is not None:
         """The weights of the tokens a top-p cut at probability bits `low` keeps (all for low = -1)."""
         bits = (weights / kept).to(tl.int32, bitcast=True)
         return tl.where((bits <= low) & (bits < top_bits), 0.0, weights)
+
+    @triton.jit
+    def _row(row_ptr, ids, V, other, MASKED: tl.constexpr):
+        """A row's values at `ids`, masked past V only where the block overhangs the row: Triton
+        vectorizes a load only where it can prove a whole vector in bounds and aligned."""
+        if MASKED:
+            values = tl.load(row_ptr + ids, mask=ids < V, other=other)
+        else:
+            values = tl.load(row_ptr + ids)
+        return values
 
     @triton.jit
     def _tail_score(logits_ptr, stride_logits, seen_ptr, stride_seen, utterance, token, cfg_weight, penalty,
@@ -80,18 +91,21 @@ if triton is not None:
     @triton.jit
     def _sample_kernel(logits_ptr, stride_logits, seen_ptr, stride_seen, noise_ptr, stride_noise,
                        temperature_ptr, cfg_weight_ptr, penalty_ptr, min_p_ptr, one_minus_top_p_ptr,
-                       out_ptr, nonfinite_ptr, tokens_ptr, stride_tokens, step_ptr, arrivals_ptr, V,
-                       BLOCK: tl.constexpr, TAIL: tl.constexpr, PDL: tl.constexpr, WRITE_TOKEN: tl.constexpr):
+                       out_ptr, nonfinite_ptr, tokens_ptr, stride_tokens, step_ptr, arrivals_ptr,
+                       prompt_len_ptr, token_table_ptr, position_table_ptr, embeds_ptr, positions_ptr, V,
+                       BLOCK: tl.constexpr, TAIL: tl.constexpr, PDL: tl.constexpr, WRITE_TOKEN: tl.constexpr,
+                       NEXT_INPUT: tl.constexpr, DIM: tl.constexpr, SHARED_POSITION: tl.constexpr,
+                       MASKED: tl.constexpr):
         # The vocabulary as a block of a power of two tokens and a tail of a few, each tail token a
         # scalar that every thread computes: 8,194 speech tokens are 8,192 and 2, where one block of
         # 16,384 would compute twice the values, half of them masked, and a second block for the
         # tail would add a reduction (barriers across the program) to each of the block's.
         utterance = tl.program_id(0)
         ids = tl.arange(0, BLOCK)
-        valid = ids < V
-        # The mask and the values were written before the step's first kernel (the kernels before
-        # this one launched only after that): under a programmatic launch they load during the wait.
-        seen = tl.load(seen_ptr + utterance * stride_seen + ids, mask=valid, other=0) != 0
+        # The mask and the values were written before the step's first kernel launched (by the
+        # prologue, or the step before's sampling kernel: neither lets the kernel after it launch
+        # early): under a programmatic launch they load during the wait.
+        seen = _row(seen_ptr + utterance * stride_seen, ids, V, 0, MASKED) != 0
         cfg_weight = tl.load(cfg_weight_ptr)
         penalty = tl.load(penalty_ptr)
         temperature = tl.load(temperature_ptr)
@@ -99,9 +113,11 @@ if triton is not None:
         allowed = tl.load(one_minus_top_p_ptr)
         if PDL:
             gdc_wait()  # the logits are the kernel before's work
-        cond = tl.load(logits_ptr + 2 * utterance * stride_logits + ids, mask=valid, other=0.0).to(tl.float32)
-        uncond = tl.load(logits_ptr + (2 * utterance + 1) * stride_logits + ids, mask=valid, other=0.0).to(tl.float32)
-        scores = tl.where(valid, _scores(cond, uncond, seen, cfg_weight, penalty, temperature), float("-inf"))
+        cond = _row(logits_ptr + 2 * utterance * stride_logits, ids, V, 0.0, MASKED).to(tl.float32)
+        uncond = _row(logits_ptr + (2 * utterance + 1) * stride_logits, ids, V, 0.0, MASKED).to(tl.float32)
+        scores = _scores(cond, uncond, seen, cfg_weight, penalty, temperature)
+        if MASKED:
+            scores = tl.where(ids < V, scores, float("-inf"))
 
         # Three softmaxes over one set of weights: no cut drops the most likely token, so every
         # softmax has the same maximum and the same weight for every token it keeps (0 for the
@@ -152,9 +168,11 @@ if triton is not None:
 
         bad = (final != final) | (tl.abs(final) == float("inf"))
         tl.store(nonfinite_ptr, bad, mask=bad)
-        noise = tl.load(noise_ptr + utterance * stride_noise + ids, mask=valid, other=1.0)
+        ratios = probs / _row(noise_ptr + utterance * stride_noise, ids, V, 1.0, MASKED)
+        if MASKED:
+            ratios = tl.where(ids < V, ratios, -1.0)
         # With the flag up the decode stops and its token is never used: no NaN reaches the argmax.
-        best, token = tl.max(tl.where(bad, -1.0, tl.where(valid, probs / noise, -1.0)), axis=0, return_indices=True)
+        best, token = tl.max(tl.where(bad, -1.0, ratios), axis=0, return_indices=True)
         for j in tl.static_range(TAIL):
             weight = _tail_kept(logits_ptr, stride_logits, seen_ptr, stride_seen, utterance, BLOCK + j, cfg_weight,
                                 penalty, temperature, top, total, min_p)
@@ -169,6 +187,9 @@ if triton is not None:
             # counter, once every program has read it (acq_rel orders each read before its arrival).
             step = tl.load(step_ptr)
             tl.store(tokens_ptr + utterance * stride_tokens + step + 1, token)
+            if NEXT_INPUT:  # the next step's prologue, here: that step starts with its first layer
+                write_step_input(utterance, token, step + 1, seen_ptr, stride_seen, prompt_len_ptr, token_table_ptr,
+                                 position_table_ptr, embeds_ptr, positions_ptr, DIM, SHARED_POSITION)
             arrived = tl.atomic_add(arrivals_ptr, 1, sem="acq_rel")
             if arrived == tl.num_programs(0) - 1:
                 tl.store(step_ptr, step + 1)
@@ -184,30 +205,39 @@ def kernel_applies(logits: torch.Tensor) -> bool:
 
 
 def triton_sample(logits: torch.Tensor, seen: torch.Tensor, sampling: DeviceSampling, noise: torch.Tensor,
-                  nonfinite: torch.Tensor, pdl: bool = False, write_token=None) -> torch.Tensor | None:
+                  nonfinite: torch.Tensor, pdl: bool = False, write_token=None,
+                  next_input: fused_bookkeeping.InputSources | None = None) -> torch.Tensor | None:
     """logits (2n, V), CFG rows alternating, `noise` (n, V) ~ Exp(1) -> tokens (n, 1): the token
     `sample_token(next_token_probs(...))` picks with that noise. Sets `nonfinite` on NaN or inf.
     `pdl`: launched as a programmatic dependent of the kernel before it.
     `write_token` = (tokens, step_index, arrivals): instead of returning them, write the tokens into
     tokens[:, step_index + 1] and advance step_index by one (`fused_bookkeeping`); `arrivals` is an
-    int32 counter, zero, kept zero between calls."""
+    int32 counter, zero, kept zero between calls. `next_input` (with `write_token`): then do what
+    `fused_bookkeeping.prologue` does for the step after, from these sources."""
     n, vocab = seen.shape
     if logits.shape != (2 * n, vocab) or noise.shape != (n, vocab):
         raise ValueError(f"expected logits (2n, V) and noise (n, V) for seen (n, V) = {tuple(seen.shape)}, got "
                          f"{tuple(logits.shape)} and {tuple(noise.shape)}")
     if logits.stride(-1) != 1 or noise.stride(-1) != 1 or seen.stride(-1) != 1:
         raise ValueError("the kernel reads rows of contiguous values")
+    if next_input is not None and write_token is None:
+        raise ValueError("next_input prepares the step after the token written: pass write_token too")
     out = torch.empty(n, 1, dtype=torch.long, device=logits.device) if write_token is None else None
     tokens, step_index, arrivals = write_token if write_token is not None else (out, out, out)
+    sources, constants = next_input.kernel_args() if next_input is not None else \
+        ((tokens,) * 5, dict(DIM=1, SHARED_POSITION=True))
     block, tail = blocks(vocab)
+    # A lone utterance's rows get stride 0: its one row starts where the tensor does, which Triton
+    # then knows to be aligned (8,194-wide rows are not, after the first).
+    row_stride = (lambda t: 0) if n == 1 else (lambda t: t.stride(0))
     from torch.library import wrap_triton
 
     wrap_triton(_sample_kernel)[(n,)](
-        logits, logits.stride(0), seen, seen.stride(0), noise, noise.stride(0),
+        logits, logits.stride(0), seen.view(torch.uint8), row_stride(seen), noise, row_stride(noise),
         *(sampling[name] for name in DeviceSampling.NAMES),  # the kernel's parameters are in this order
-        tokens if out is None else out, nonfinite, tokens, tokens.stride(0), step_index, arrivals, vocab,
-        BLOCK=block, TAIL=tail, PDL=pdl, WRITE_TOKEN=write_token is not None,
-        num_warps=WARPS.get(block, default_warps(block)),
+        tokens if out is None else out, nonfinite, tokens, tokens.stride(0), step_index, arrivals, *sources, vocab,
+        BLOCK=block, TAIL=tail, PDL=pdl, WRITE_TOKEN=write_token is not None, NEXT_INPUT=next_input is not None,
+        MASKED=block > vocab, **constants, num_warps=WARPS.get(block, default_warps(block)),
         **({"launch_pdl": True} if pdl else {}))
     return out
 
@@ -238,7 +268,8 @@ def sweep(vocab: int, device, utterances: int = 1, warps=(4, 8, 16, 32)) -> dict
 
     sampling = DeviceSampling(device)
     sampling.set(SamplingParams())
-    logits = torch.randn(64, 2 * utterances, vocab, device=device, dtype=torch.bfloat16) * 3
+    logits = [fused_matvec.aligned_rows(2 * utterances, vocab, device=device, dtype=torch.bfloat16).normal_(0, 3)
+              for _ in range(64)]  # as the speech head writes them
     seen = torch.rand(utterances, vocab, device=device) < 0.05
     noise = torch.empty(utterances, vocab, device=device).exponential_(1)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)

@@ -216,26 +216,34 @@ def test_multi_step_graph_runs_every_step_between_two_checks_once(tiny_tts, text
     assert sum(chunks) <= 40 and chunks[0] == 5
 
 
-def test_fused_bookkeeping_gives_the_same_tokens(tiny_tts, text_tokens, interpreted, monkeypatch):
+@pytest.mark.parametrize("fold", [(), ("folded_prologue",)])
+def test_fused_bookkeeping_gives_the_same_tokens(tiny_tts, text_tokens, interpreted, monkeypatch, fold):
     """The prologue and sampling kernels, run by Triton's interpreter, keep the decode state as the
-    PyTorch bookkeeping does: the same tokens for the same seed, the same mask and step counter. The
-    layers stay PyTorch's here (their kernels are tested on their own), which keeps the interpreter fast."""
+    PyTorch bookkeeping does, with the prologue a kernel of each step or folded into the sampling
+    kernel: the same tokens for the same seed, the same mask and step counter. The layers stay
+    PyTorch's here (their kernels are tested on their own), which keeps the interpreter fast."""
     from chatterbox_lab import decode_attention, fused_matvec
 
     monkeypatch.setattr(fused_matvec, "kernel_applies", lambda x, weight: False)
     monkeypatch.setattr(decode_attention, "kernel_applies", lambda q: False)
     steps = ladder_prefix("fused_bookkeeping") - {"bf16", "dependent_launch", "launch_ahead"}
-    pytorch, kernels = T3Decoder(tiny_tts.t3, steps - {"fused_bookkeeping"}), T3Decoder(tiny_tts.t3, steps)
+    pytorch = T3Decoder(tiny_tts.t3, steps - {"fused_bookkeeping"})
+    kernels = T3Decoder(tiny_tts.t3, steps | set(fold))
     want = equivalence.seeded_tokens(tiny_tts, text_tokens, 12, 5, pytorch)
     assert torch.equal(equivalence.seeded_tokens(tiny_tts, text_tokens, 12, 5, kernels), want)
-    assert torch.equal(kernels.step_index, pytorch.step_index) and torch.equal(kernels.seen, pytorch.seen)
-    assert int(kernels.step_buffers.arrivals) == 0
+    assert torch.equal(kernels.step_index, pytorch.step_index)
+    # Folded, the mask also holds the last token: marked for the step after, which never runs.
+    last = kernels.tokens.index_select(1, kernels.step_index)
+    assert torch.equal(kernels.seen, pytorch.seen.scatter(1, last, True) if fold else pytorch.seen)
+    assert int(kernels.step_inputs.out.arrivals) == 0
 
 
+@pytest.mark.parametrize("fold", [(), ("folded_prologue",)])
 def test_fused_bookkeeping_keeps_each_utterance_of_a_batch_apart(tiny_tts, three_utterances, interpreted,
-                                                                  monkeypatch):
+                                                                  monkeypatch, fold):
     """Three utterances with their own prompt lengths: the prologue's per-row positions and the
-    sampling kernel's token writes give each the tokens the PyTorch bookkeeping gives it."""
+    sampling kernel's token writes (with the prologue folded into it or not) give each the tokens
+    the PyTorch bookkeeping gives it."""
     from chatterbox_lab import decode_attention, fused_matvec
 
     monkeypatch.setattr(fused_matvec, "kernel_applies", lambda x, weight: False)
@@ -243,7 +251,7 @@ def test_fused_bookkeeping_keeps_each_utterance_of_a_batch_apart(tiny_tts, three
     conds, texts = three_utterances
     steps = ladder_prefix("fused_bookkeeping") - {"bf16", "dependent_launch", "launch_ahead"}
     want, got = (T3Decoder(tiny_tts.t3, s, streams=3, max_new_tokens=10).generate_batch(
-        conds, texts, 10, GREEDY, stop_on_eos=False).all_tokens for s in (steps - {"fused_bookkeeping"}, steps))
+        conds, texts, 10, GREEDY, stop_on_eos=False).all_tokens for s in (steps - {"fused_bookkeeping"}, steps | set(fold)))
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 

@@ -409,8 +409,9 @@ def test_fused_sampling_and_the_captured_step_draw_pytorchs_tokens_without_recom
     cut, compiled, captured directly, or captured with dependent launches (after each kernel's wait,
     or ahead of it), with the bookkeeping in our kernels, and with q/k/v and attention as one kernel;
     one graph a token, or one a stop check's 16 tokens (whose draws continue the generator's
-    sequence as step-by-step replays do), with the draw on a side branch; new sampling values change data only, with gate/up's weights staged too (whose
-    sums in another order may move a draw: its logits are checked above)."""
+    sequence as step-by-step replays do), with the draw on a side branch, with the prologue folded
+    into the sampling kernel; new sampling values change data only, with gate/up's weights staged
+    too (whose sums in another order may move a draw: its logits are checked above)."""
     import time
 
     import torch
@@ -424,17 +425,19 @@ def test_fused_sampling_and_the_captured_step_draw_pytorchs_tokens_without_recom
                  "bookkeeping": ladder_prefix("fused_bookkeeping"), "staged": ladder_prefix("staged_weights"),
                  "runs": ladder_prefix("multi_step_graph") - {"staged_weights"},
                  "aside": ladder_prefix("draw_aside") - {"staged_weights", "staged_head"},
+                 "folded": ladder_prefix("folded_prologue") - {"staged_weights", "staged_head"},
                  "handoff": ladder_prefix("head_handoff") - {"staged_weights", "staged_head", "multi_step_graph",
-                                                             "draw_aside"}}
+                                                             "draw_aside", "folded_prologue"}}
     decoders = {name: T3Decoder(full_tts.t3, steps, max_cache_len=512) for name, steps in step_sets.items()}
     for name, decoder in decoders.items():
         start = time.perf_counter()
         decoder.generate(full_tts.conds.t3, text_tokens, 16)
         print(f"{name}: first 16 tokens, compile or capture included, {time.perf_counter() - start:.1f} s")
-    for name in ("kernel", "captured", "dependent", "ahead", "bookkeeping", "staged", "runs", "aside", "handoff"):
+    for name in ("kernel", "captured", "dependent", "ahead", "bookkeeping", "staged", "runs", "aside", "folded",
+                 "handoff"):
         counts = profiling.per_token_counts(lambda n: decoders[name].generate(full_tts.conds.t3, text_tokens, n))
         print(name, counts)
-        per_token = 1 / STOP_CHECK_INTERVAL if name in ("runs", "aside") else 1.0
+        per_token = 1 / STOP_CHECK_INTERVAL if name in ("runs", "aside", "folded") else 1.0
         assert counts["graph_launches"] == pytest.approx(per_token), (name, counts)
     before = compile_counters()
     for sampling in (SamplingParams(), SamplingParams(top_p=0.8, temperature=0.7, repetition_penalty=1.4)):
@@ -448,6 +451,7 @@ def test_fused_sampling_and_the_captured_step_draw_pytorchs_tokens_without_recom
         assert torch.equal(tokens["bookkeeping"], tokens["captured"]), ("bookkeeping", sampling)
         assert torch.equal(tokens["runs"], tokens["captured"]), ("runs", sampling)
         assert torch.equal(tokens["aside"], tokens["captured"]), ("aside", sampling)
+        assert torch.equal(tokens["folded"], tokens["captured"]), ("folded", sampling)
         assert torch.equal(tokens["handoff"], tokens["captured"]), ("handoff", sampling)
         same = float((tokens["kernel"] == tokens["pytorch"]).float().mean())
         print(f"{sampling}: kernel and PyTorch sampling agree on {same:.0%} of 64 tokens")
