@@ -233,7 +233,7 @@ def triton_sample(logits: torch.Tensor, seen: torch.Tensor, sampling: DeviceSamp
     from torch.library import wrap_triton
 
     wrap_triton(_sample_kernel)[(n,)](
-        logits, logits.stride(0), seen.view(torch.uint8), row_stride(seen), noise, row_stride(noise),
+        logits, logits.stride(0), seen, row_stride(seen), noise, row_stride(noise),
         *(sampling[name] for name in DeviceSampling.NAMES),  # the kernel's parameters are in this order
         tokens if out is None else out, nonfinite, tokens, tokens.stride(0), step_index, arrivals, *sources, vocab,
         BLOCK=block, TAIL=tail, PDL=pdl, WRITE_TOKEN=write_token is not None, NEXT_INPUT=next_input is not None,
