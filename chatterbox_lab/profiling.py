@@ -205,20 +205,29 @@ def layer_links(trace: dict) -> list[dict]:
 
 def step_seam(trace: dict) -> dict:
     """Where one captured step meets the next (`fused_bookkeeping` and later): medians over the
-    trace's steps of the time from the sampling kernel's end to the next prologue's start (us),
-    and the kernels in between (the last step's), by name."""
+    trace's steps of the sampling kernel's duration and of the time from its end to the start of
+    the next step's first kernel of ours (us), the prologue or, under `folded_prologue`, the first
+    layer's; and to the first layer's kernel either way. Also the next kernel's name and the
+    kernels in between (the last step's), by name. Ours are the Triton kernels, named after their
+    functions (`_..._kernel`); PyTorch's are namespaced."""
     spans = kernel_spans(trace)
-    seams, between = [], None
+    seams, to_layers, samples, between, opener = [], [], [], None, None
     for i, (name, start, duration) in enumerate(spans):
         if name != "_sample_kernel":
             continue
-        following = next((j for j in range(i + 1, len(spans)) if spans[j][0] == "_prologue_kernel"), None)
-        if following is not None:
-            seams.append(spans[following][1] - (start + duration))
-            between = [short_name(n) for n, _, _ in spans[i + 1:following]]
+        samples.append(duration)
+        ours = (j for j in range(i + 1, len(spans)) if spans[j][0].startswith("_"))
+        first = next(ours, None)
+        layer = first if first is None or spans[first][0] != "_prologue_kernel" else next(ours, None)
+        if layer is not None:
+            seams.append(spans[first][1] - (start + duration))
+            to_layers.append(spans[layer][1] - (start + duration))
+            between = [short_name(n) for n, _, _ in spans[i + 1:first]]
+            opener = spans[first][0]
     if not seams:
-        raise ValueError("the trace holds no sampling kernel followed by a prologue (a fused_bookkeeping step)")
-    return dict(seam_us=statistics.median(seams), kernels_between=between, steps=len(seams))
+        raise ValueError("the trace holds no sampling kernel followed by another step (a fused_bookkeeping step)")
+    return dict(seam_us=statistics.median(seams), to_layers_us=statistics.median(to_layers),
+                sample_us=statistics.median(samples), next_kernel=opener, kernels_between=between, steps=len(seams))
 
 
 def short_name(kernel: str) -> str:

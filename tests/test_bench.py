@@ -96,6 +96,11 @@ def test_step_seam_finds_the_generators_writes_only_between_one_graph_a_step():
         ["distribution_elementwise_grid_stride_kernel"]
     assert seams["multi_step_graph"]["kernels_between"] == ["distribution_elementwise_grid_stride_kernel"]
     assert seams["multi_step_graph"]["seam_us"] < seams["staged_weights"]["seam_us"]
+    assert seams["multi_step_graph"]["next_kernel"] == "_prologue_kernel"
+    folded = profiling.step_seam(profiling.load_trace(traces / "folded_prologue.pt.trace.json.gz"))
+    assert folded["next_kernel"] == "_matvec_kernel" and folded["kernels_between"] == []
+    aside = profiling.step_seam(profiling.load_trace(traces / "draw_aside.pt.trace.json.gz"))
+    assert folded["to_layers_us"] < aside["to_layers_us"]
     assert profiling.short_name("void at::native::(anonymous namespace)::fill<float>(int)") == "fill"
     with pytest.raises(ValueError, match="no sampling kernel"):
         profiling.step_seam({"traceEvents": []})

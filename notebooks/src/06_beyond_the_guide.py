@@ -34,6 +34,8 @@
 # - `multi_step_graph`: the 16 steps between two stop checks replayed as one graph.
 # - `staged_head`, `draw_aside`: the speech head staged as well, and the step's random
 #   draw on a side branch of the graph instead of between two steps.
+# - `folded_prologue`: the next step's input written by the sampling kernel, so a step
+#   opens with its first layer, not with a prologue kernel.
 # - `head_handoff` and `persistent_layers`, measured slower: q/k/v and attention as one
 #   kernel, and each layer one persistent kernel whose phases are separated by grid-wide
 #   barriers instead of kernel boundaries.
@@ -627,6 +629,52 @@ print(f"draw_aside: {rate:,.0f} tok/s, {aside['rungs']['draw_aside']['fraction_o
 # Under the profiler the staged head's link shortens by about 4 us and the step's end by about 2 us,
 # but unprofiled the two gain about 1% together (`docs/NOTES.md`, with the probes' A/B): the
 # issue's 1,600 tok/s is still a few microseconds a step away.
+
+# %% [markdown]
+# ## The prologue folded into the sampling kernel (`folded_prologue`)
+#
+# Each step still opened with the prologue kernel: read the last token, mark it seen, write its
+# embedding into both CFG rows and the cache position. The sampling kernel of the step before
+# holds all of that once it has drawn the token, so under `folded_prologue` it does that work
+# itself, for the next step (`fused_bookkeeping.write_step_input`, one function for both
+# kernels), and the prologue runs once, after the prefill. The next step's first layer kernel
+# launches as the sampling kernel's dependent. The sampling kernel does not let it launch early:
+# the first attention kernel loads the cache position before its own wait, and it must find the
+# new one there, as it did behind the prologue.
+#
+# The same record has every rung's sampling kernel faster. Its block of 8,192 tokens was loaded
+# with a mask against the vocabulary's 8,194, from rows 8,194 values apart; Triton vectorizes a
+# load only where it can prove the whole vector in bounds and aligned, so each value was a load
+# of its own. Now the block loads unmasked (it lies within the row), a lone utterance's mask and
+# noise rows take stride 0 (the row starts where the tensor does), and every matvec's output
+# rows start 16 values apart, the speech head's included.
+
+# %%
+fold_path, fold = results.latest_with("beyond", ("draw_aside", "folded_prologue"))
+display(Markdown(f"**{fold['provenance']['gpu']}**, commit `{fold['provenance']['git_commit'][:10]}`, "
+                 f"`{fold_path.name}`"))
+display(Markdown(results.markdown_table(fold, ("t3_decode_tok_s", "fraction_of_floor", "gpu_kernels_per_token"))))
+print(f"the sampling kernel alone over {fold['sampling_sweep']['vocab']:,} tokens: "
+      f"{aside['sampling_sweep']['best_us']:.1f} us a call in {aside_path.name}, "
+      f"{fold['sampling_sweep']['best_us']:.1f} in {fold_path.name}")
+seams = {"draw_aside": seams["draw_aside"],
+         "folded_prologue": profiling.step_seam(profiling.load_trace(f"../{fold['rungs']['folded_prologue']['trace']}"))}
+display(Markdown("| trace | sampling kernel (us) | its end to the next step's first kernel (us) | to its first layer "
+                 "kernel (us) |\n|---|---|---|---|\n"
+                 + "\n".join(f"| {rung} (`{seam['next_kernel']}` next) | {seam['sample_us']:.1f} | "
+                              f"{seam['seam_us']:.1f} | {seam['to_layers_us']:.1f} |" for rung, seam in seams.items())))
+assert seams["folded_prologue"]["to_layers_us"] < seams["draw_aside"]["to_layers_us"]
+rate = fold["rungs"]["folded_prologue"]["t3_decode_tok_s"]
+print(f"folded_prologue: {rate:,.0f} tok/s, {fold['rungs']['folded_prologue']['fraction_of_floor']:.1%} of the floor, "
+      f"{1e6 / rate:.0f} us a step (the issue's 1,600 tok/s: 625); draw_aside in the same process: "
+      f"{fold['rungs']['draw_aside']['t3_decode_tok_s']:,.0f}, and {aside['rungs']['draw_aside']['t3_decode_tok_s']:,.0f} "
+      f"in {aside_path.name}")
+
+# %% [markdown]
+# That is the issue's 1,600 tok/s reached, by a margin smaller than the spread between two
+# records of one rung on the same kind of card (the two `draw_aside` figures above): the record
+# counts, and a rerun could land on either side. Most of the step is still the layers' chains of
+# kernels (a layer's links in the `staged_weights` section above), where a margin would come from.
 
 # %% [markdown]
 # ## Handing each head over (`head_handoff`), measured slower
