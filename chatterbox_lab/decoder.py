@@ -60,8 +60,9 @@ Past the guide (`BEYOND`):
                        step is followed by the next step's prologue directly
 - "folded_prologue": that prologue's work at the end of the sampling kernel, for the step after
                        (the prologue runs once, after the prefill): a step's first layer
-                       launches as a dependent of the step before's sampling kernel, one
-                       kernel and its launch fewer a token
+                       kernel launches as a dependent of the step before's sampling kernel,
+                       early, and loads its weights while that kernel runs; one kernel and its
+                       launch fewer a token
 - "prefill_graph":  a lone utterance's prefill replayed from a CUDA graph per prompt-length
                        bucket, its prompt padded at the end (`prefill_graph.py`); batched
                        prefills stay eager (one pass serves many utterances already)
@@ -274,6 +275,15 @@ class T3Decoder:
             self.step_inputs = fused_bookkeeping.InputSources(self.prompt_len_t, self.embedding.tokens,
                                                               self.embedding.positions, buffers)
         self.folded_prologue = "folded_prologue" in self.steps
+        # Folded, the sampling kernel lets the next step's first kernel (layer 0's q/k/v matvec,
+        # which loads only weights before its wait) launch at once, and that kernel holds its own
+        # dependents back until its wait, so the input the sampling kernel writes is in place
+        # before any kernel reads it. Not for the handoff or whole-layer kernels, which open the
+        # step otherwise.
+        self.early_first_layer = self.folded_prologue and self.forward is not None and \
+            self.forward.launch["ahead"] and not {"head_handoff", "persistent_layers"} & self.steps
+        if self.early_first_layer:
+            self.forward.opens_early = True
         # Where the draw_aside step draws: a stream that forks from the step's and joins it before
         # the sampling kernel (on the CPU there is no other stream: the step changes nothing).
         self.draw_stream = torch.cuda.Stream(device) if "draw_aside" in self.steps and on_gpu else None
@@ -352,7 +362,8 @@ class T3Decoder:
                 torch.cuda.current_stream().wait_stream(self.draw_stream)
             fused_sampling.triton_sample(logits, self.seen, self.sampling, buffers.noise, self.nonfinite, pdl=self.pdl,
                                          write_token=(self.tokens, self.step_index, buffers.arrivals),
-                                         next_input=self.step_inputs if self.folded_prologue else None)
+                                         next_input=self.step_inputs if self.folded_prologue else None,
+                                         early=self.early_first_layer)
             return
         logits = self._feed_last()
         if self.sampling_kernel and fused_sampling.kernel_applies(logits):

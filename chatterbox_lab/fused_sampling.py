@@ -40,7 +40,7 @@ triton = fused_matvec.triton
 if triton is not None:
     import triton.language as tl
     if fused_matvec.PDL_AVAILABLE:
-        from triton.language.extra.cuda import gdc_wait
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
     from .fused_bookkeeping import write_step_input
 
     @triton.jit
@@ -95,11 +95,15 @@ if triton is not None:
                        prompt_len_ptr, token_table_ptr, position_table_ptr, embeds_ptr, positions_ptr, V,
                        BLOCK: tl.constexpr, TAIL: tl.constexpr, PDL: tl.constexpr, WRITE_TOKEN: tl.constexpr,
                        NEXT_INPUT: tl.constexpr, DIM: tl.constexpr, SHARED_POSITION: tl.constexpr,
-                       MASKED: tl.constexpr):
+                       MASKED: tl.constexpr, EARLY: tl.constexpr, LONE: tl.constexpr):
         # The vocabulary as a block of a power of two tokens and a tail of a few, each tail token a
         # scalar that every thread computes: 8,194 speech tokens are 8,192 and 2, where one block of
         # 16,384 would compute twice the values, half of them masked, and a second block for the
         # tail would add a reduction (barriers across the program) to each of the block's.
+        if PDL and EARLY:
+            # The next kernel (the next step's first) loads only weights before its wait, and lets
+            # nothing launch behind it before then: it may launch now.
+            gdc_launch_dependents()
         utterance = tl.program_id(0)
         ids = tl.arange(0, BLOCK)
         # The mask and the values were written before the step's first kernel launched (by the
@@ -113,6 +117,10 @@ if triton is not None:
         allowed = tl.load(one_minus_top_p_ptr)
         if PDL:
             gdc_wait()  # the logits are the kernel before's work
+        if WRITE_TOKEN:
+            # Read before the reductions, whose barriers then order every warp's read before a lone
+            # program's own write of the counter at the end.
+            step = tl.load(step_ptr)
         cond = _row(logits_ptr + 2 * utterance * stride_logits, ids, V, 0.0, MASKED).to(tl.float32)
         uncond = _row(logits_ptr + (2 * utterance + 1) * stride_logits, ids, V, 0.0, MASKED).to(tl.float32)
         scores = _scores(cond, uncond, seen, cfg_weight, penalty, temperature)
@@ -185,15 +193,18 @@ if triton is not None:
         if WRITE_TOKEN:
             # Into the slot after the step counter's; the last program to get here advances the
             # counter, once every program has read it (acq_rel orders each read before its arrival).
-            step = tl.load(step_ptr)
+            # A lone program needs no count of arrivals.
             tl.store(tokens_ptr + utterance * stride_tokens + step + 1, token)
             if NEXT_INPUT:  # the next step's prologue, here: that step starts with its first layer
                 write_step_input(utterance, token, step + 1, seen_ptr, stride_seen, prompt_len_ptr, token_table_ptr,
                                  position_table_ptr, embeds_ptr, positions_ptr, DIM, SHARED_POSITION)
-            arrived = tl.atomic_add(arrivals_ptr, 1, sem="acq_rel")
-            if arrived == tl.num_programs(0) - 1:
+            if LONE:
                 tl.store(step_ptr, step + 1)
-                tl.store(arrivals_ptr, 0)
+            else:
+                arrived = tl.atomic_add(arrivals_ptr, 1, sem="acq_rel")
+                if arrived == tl.num_programs(0) - 1:
+                    tl.store(step_ptr, step + 1)
+                    tl.store(arrivals_ptr, 0)
         else:
             tl.store(out_ptr + utterance, token)
 
@@ -206,14 +217,16 @@ def kernel_applies(logits: torch.Tensor) -> bool:
 
 def triton_sample(logits: torch.Tensor, seen: torch.Tensor, sampling: DeviceSampling, noise: torch.Tensor,
                   nonfinite: torch.Tensor, pdl: bool = False, write_token=None,
-                  next_input: fused_bookkeeping.InputSources | None = None) -> torch.Tensor | None:
+                  next_input: fused_bookkeeping.InputSources | None = None, early: bool = False) -> torch.Tensor | None:
     """logits (2n, V), CFG rows alternating, `noise` (n, V) ~ Exp(1) -> tokens (n, 1): the token
     `sample_token(next_token_probs(...))` picks with that noise. Sets `nonfinite` on NaN or inf.
     `pdl`: launched as a programmatic dependent of the kernel before it.
     `write_token` = (tokens, step_index, arrivals): instead of returning them, write the tokens into
     tokens[:, step_index + 1] and advance step_index by one (`fused_bookkeeping`); `arrivals` is an
     int32 counter, zero, kept zero between calls. `next_input` (with `write_token`): then do what
-    `fused_bookkeeping.prologue` does for the step after, from these sources."""
+    `fused_bookkeeping.prologue` does for the step after, from these sources. `early` (with `pdl`):
+    let the kernel after this one launch at once; only for one that loads nothing but weights
+    before its wait and lets no kernel launch behind it before then."""
     n, vocab = seen.shape
     if logits.shape != (2 * n, vocab) or noise.shape != (n, vocab):
         raise ValueError(f"expected logits (2n, V) and noise (n, V) for seen (n, V) = {tuple(seen.shape)}, got "
@@ -237,7 +250,7 @@ def triton_sample(logits: torch.Tensor, seen: torch.Tensor, sampling: DeviceSamp
         *(sampling[name] for name in DeviceSampling.NAMES),  # the kernel's parameters are in this order
         tokens if out is None else out, nonfinite, tokens, tokens.stride(0), step_index, arrivals, *sources, vocab,
         BLOCK=block, TAIL=tail, PDL=pdl, WRITE_TOKEN=write_token is not None, NEXT_INPUT=next_input is not None,
-        MASKED=block > vocab, **constants, num_warps=WARPS.get(block, default_warps(block)),
+        MASKED=block > vocab, EARLY=early, LONE=n == 1, **constants, num_warps=WARPS.get(block, default_warps(block)),
         **({"launch_pdl": True} if pdl else {}))
     return out
 

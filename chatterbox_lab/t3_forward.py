@@ -135,6 +135,8 @@ class StaticT3Forward:
         if launch_ahead and not dependent_launch:
             raise ValueError("launch_ahead changes when a dependent launch happens: pass dependent_launch=True")
         self.launch = dict(pdl=dependent_launch, ahead=launch_ahead)
+        # Set by a caller whose kernel before the step lets the step's first kernel launch early.
+        self.opens_early = False
         # The kernel's per-(row, head) arrival counter: zero between calls, at a fixed address.
         self.arrivals = torch.zeros(batch * self.n_heads, dtype=torch.int32, device=weight.device)
         torch._dynamo.mark_static_address(self.arrivals)
@@ -158,15 +160,20 @@ class StaticT3Forward:
             x = layer.input_layernorm(x)
             return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
         if self.matvec:
-            qkv = self._matvec("qkv", x, self.fused.qkv[i], norm=Norm.of(layer.input_layernorm))
+            # Launched early behind the step before, the first kernel lets its dependents launch only
+            # once past its wait: the attention kernel after it reads the step's cache position
+            # before its own wait.
+            launch = dict(self.launch, ahead=False) if i == 0 and self.opens_early else self.launch
+            qkv = self._matvec("qkv", x, self.fused.qkv[i], norm=Norm.of(layer.input_layernorm), launch=launch)
         else:
             qkv = F.linear(layer.input_layernorm(x), self.fused.qkv[i])
         kv = self.n_kv_heads * self.head_dim
         return qkv.split([self.n_heads * self.head_dim, kv, kv], dim=-1)
 
-    def _matvec(self, name: str, x: torch.Tensor, weight: torch.Tensor, **fusions) -> torch.Tensor:
+    def _matvec(self, name: str, x: torch.Tensor, weight: torch.Tensor, launch: dict | None = None,
+                **fusions) -> torch.Tensor:
         matvec = staged_matvec.staged_matvec if name in self.staged else fused_matvec
-        return matvec(x, weight, **fusions, **self.launch)
+        return matvec(x, weight, **fusions, **(launch or self.launch))
 
     def _attention(self, i: int, layer, x: torch.Tensor, positions: torch.Tensor, rows: slice, rotary, mask):
         """Attention's output for layer i, before the output projection: (B, T, heads * head_dim).

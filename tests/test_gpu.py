@@ -429,6 +429,7 @@ def test_fused_sampling_and_the_captured_step_draw_pytorchs_tokens_without_recom
                  "handoff": ladder_prefix("head_handoff") - {"staged_weights", "staged_head", "multi_step_graph",
                                                              "draw_aside", "folded_prologue"}}
     decoders = {name: T3Decoder(full_tts.t3, steps, max_cache_len=512) for name, steps in step_sets.items()}
+    assert decoders["folded"].early_first_layer and not decoders["aside"].early_first_layer
     for name, decoder in decoders.items():
         start = time.perf_counter()
         decoder.generate(full_tts.conds.t3, text_tokens, 16)
