@@ -132,12 +132,11 @@ def committed(gpu_only: bool = True, folder: str = "") -> list[tuple[Path, dict]
     return sorted(docs, key=lambda pd: pd[1]["provenance"]["date_utc"])
 
 
-def latest_with(folder: str = "", rungs=(), batch: bool = False, section: str | None = None,
-                traced: bool = False) -> tuple[Path, dict]:
-    """The latest committed GPU document of `folder` that measured every rung in `rungs`
-    (and batched decoding, with `batch`; and has `section`, e.g. "chain_sweep"; and, with
-    `traced`, a committed trace of each of those rungs): a later run of only some rungs does not
-    hide it."""
+def all_with(folder: str = "", rungs=(), batch: bool = False, section: str | None = None,
+             traced: bool = False) -> list[tuple[Path, dict]]:
+    """Every committed GPU document of `folder` that measured every rung in `rungs` (and batched
+    decoding, with `batch`; and has `section`, e.g. "chain_sweep"; and, with `traced`, a committed
+    trace of each of those rungs), oldest first: the runs to compare when one rung's records spread."""
     matching = [(p, d) for p, d in committed(gpu_only=True, folder=folder)
                 if set(rungs) <= set(d["rungs"]) and (not batch or d.get("batch")) and (not section or section in d)
                 and (not traced or all(d["rungs"][rung].get("trace") for rung in rungs))]
@@ -145,7 +144,13 @@ def latest_with(folder: str = "", rungs=(), batch: bool = False, section: str | 
         raise LookupError(f"no committed GPU result in data/results/{folder} has rungs {list(rungs)}"
                           + (" and a batch section" if batch else "") + (f" and {section}" if section else "")
                           + (" with their traces" if traced else ""))
-    return matching[-1]
+    return matching
+
+
+def latest_with(folder: str = "", rungs=(), batch: bool = False, section: str | None = None,
+                traced: bool = False) -> tuple[Path, dict]:
+    """The latest of `all_with`: a later run of only some rungs does not hide it."""
+    return all_with(folder, rungs, batch, section, traced)[-1]
 
 
 def cold_starts(folder: str = "beyond") -> dict[tuple[str, str], tuple[Path, dict]]:

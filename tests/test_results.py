@@ -180,3 +180,12 @@ def test_comparison_table_puts_each_record_on_a_row():
             "new": {"rungs": {"a": {"t3_decode_tok_s": 1200.0}}}}
     assert results.comparison_table(docs, ("a", "b")).splitlines() == [
         "| t3_decode_tok_s | a | b |", "|---|---|---|", "| old | 1,000 | 1,100 |", "| new | 1,200 | - |"]
+
+
+def test_all_with_lists_every_record_of_the_rungs_oldest_first():
+    found = results.all_with("beyond", ("draw_aside", "folded_prologue"))
+    assert len(found) >= 3 and found[-1] == results.latest_with("beyond", ("draw_aside", "folded_prologue"))
+    dates = [doc["provenance"]["date_utc"] for _, doc in found]
+    assert dates == sorted(dates)
+    with pytest.raises(LookupError, match="no_such_rung"):
+        results.all_with("beyond", ("no_such_rung",))
