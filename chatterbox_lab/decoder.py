@@ -97,7 +97,8 @@ from .t3_forward import DynamicT3Forward, StaticT3Forward, filled_cache_mask
 LADDER = ("bf16", "static_cache", "embed_cache", "compiled")
 BEYOND = ("fused_projections", "sampling_in_graph", "fused_matvec", "filled_cache_attention", "fused_attention",
           "fused_sampling", "captured_graph", "dependent_launch", "launch_ahead", "fused_bookkeeping", "staged_weights",
-          "multi_step_graph", "staged_head", "draw_aside", "folded_prologue", "prefill_graph", "head_handoff", "persistent_layers")
+          "multi_step_graph", "staged_head", "draw_aside", "folded_prologue", "prefill_graph", "head_handoff",
+          "persistent_layers")
 STEPS = LADDER + BEYOND
 REQUIRES = {"compiled": ("static_cache", "embed_cache"), "fused_projections": ("static_cache",),
             "sampling_in_graph": ("compiled",), "fused_matvec": ("fused_projections",),
@@ -244,6 +245,14 @@ class T3Decoder:
         self.filled_only = "filled_cache_attention" in self.steps and "fused_attention" not in self.steps
         # On the CPU (tests) the step changes nothing: there are no launches to chain.
         self.pdl = "dependent_launch" in self.steps and torch.device(device).type == "cuda"
+        self.folded_prologue = "folded_prologue" in self.steps
+        # Folded, the sampling kernel lets the next step's first kernel (layer 0's q/k/v matvec,
+        # which loads only weights before its wait) launch at once, and that kernel holds its own
+        # dependents back until its wait, so the input the sampling kernel writes is in place
+        # before any kernel reads it. Not for the handoff or whole-layer kernels, which open the
+        # step otherwise.
+        self.early_first_layer = self.folded_prologue and self.pdl and "launch_ahead" in self.steps and \
+            not {"head_handoff", "persistent_layers"} & self.steps
         if "static_cache" in self.steps:
             if max_cache_len is None:
                 max_cache_len = cache_len_for(cond_len(self.t3) + max_text_tokens + 4, max_new_tokens)
@@ -258,7 +267,7 @@ class T3Decoder:
                                            launch_ahead=self.pdl and "launch_ahead" in self.steps,
                                            handoff="head_handoff" in self.steps,
                                            whole_layers="persistent_layers" in self.steps,
-                                           staged=self._staged_calls())
+                                           staged=self._staged_calls(), opens_early=self.early_first_layer)
         self._active_forward = self.forward
         self.prefill_graphs = None
         if "prefill_graph" in self.steps and streams == 1:
@@ -274,16 +283,6 @@ class T3Decoder:
                                                     self.t3.hp.speech_tokens_dict_size, self.dtype, device)
             self.step_inputs = fused_bookkeeping.InputSources(self.prompt_len_t, self.embedding.tokens,
                                                               self.embedding.positions, buffers)
-        self.folded_prologue = "folded_prologue" in self.steps
-        # Folded, the sampling kernel lets the next step's first kernel (layer 0's q/k/v matvec,
-        # which loads only weights before its wait) launch at once, and that kernel holds its own
-        # dependents back until its wait, so the input the sampling kernel writes is in place
-        # before any kernel reads it. Not for the handoff or whole-layer kernels, which open the
-        # step otherwise.
-        self.early_first_layer = self.folded_prologue and self.forward is not None and \
-            self.forward.launch["ahead"] and not {"head_handoff", "persistent_layers"} & self.steps
-        if self.early_first_layer:
-            self.forward.opens_early = True
         # Where the draw_aside step draws: a stream that forks from the step's and joins it before
         # the sampling kernel (on the CPU there is no other stream: the step changes nothing).
         self.draw_stream = torch.cuda.Stream(device) if "draw_aside" in self.steps and on_gpu else None

@@ -106,9 +106,9 @@ if triton is not None:
             gdc_launch_dependents()
         utterance = tl.program_id(0)
         ids = tl.arange(0, BLOCK)
-        # The mask and the values were written before the step's first kernel launched (by the
-        # prologue, or the step before's sampling kernel: neither lets the kernel after it launch
-        # early): under a programmatic launch they load during the wait.
+        # The mask and the values were written before any kernel of this step but its first launched
+        # (by the prologue, or by the step before's sampling kernel, whose early dependent holds its
+        # own until that kernel has finished): under a programmatic launch they load during the wait.
         seen = _row(seen_ptr + utterance * stride_seen, ids, V, 0, MASKED) != 0
         cfg_weight = tl.load(cfg_weight_ptr)
         penalty = tl.load(penalty_ptr)

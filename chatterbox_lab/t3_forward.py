@@ -77,7 +77,7 @@ class StaticT3Forward:
 
     def __init__(self, t3, capacity: int, batch: int = 2, fused: bool = False, matvec: bool = False,
                  attention_kernel: bool = False, dependent_launch: bool = False, launch_ahead: bool = False,
-                 handoff: bool = False, whole_layers: bool = False, staged=()):
+                 handoff: bool = False, whole_layers: bool = False, staged=(), opens_early: bool = False):
         """`fused`: q/k/v and gate/up as one matrix each. `matvec` (needs `fused`): every
         matmul with its norm, activation or residual as one kernel (`fused_matvec.py`).
         `attention_kernel`: a one-token step's rotary, cache write and attention as one
@@ -93,7 +93,10 @@ class StaticT3Forward:
         one persistent kernel (`persistent_layer.py`).
         `staged` (needs `matvec`): the matvecs of a layer ("qkv", "o_proj", "gate_up", "down") and the
         speech head ("head") whose weights are copied into shared memory before the wait (`staged_matvec.py`); read when a step
-        is captured, so a recaptured step may stage others."""
+        is captured, so a recaptured step may stage others.
+        `opens_early` (with `launch_ahead`): the kernel before a one-token step lets the step's first
+        kernel launch at once (`folded_prologue`), so that kernel lets its own dependents launch only
+        once past its wait."""
         from .fused_projections import FusedProjections
 
         if matvec and not fused:
@@ -135,8 +138,7 @@ class StaticT3Forward:
         if launch_ahead and not dependent_launch:
             raise ValueError("launch_ahead changes when a dependent launch happens: pass dependent_launch=True")
         self.launch = dict(pdl=dependent_launch, ahead=launch_ahead)
-        # Set by a caller whose kernel before the step lets the step's first kernel launch early.
-        self.opens_early = False
+        self.opens_early = opens_early
         # The kernel's per-(row, head) arrival counter: zero between calls, at a fixed address.
         self.arrivals = torch.zeros(batch * self.n_heads, dtype=torch.int32, device=weight.device)
         torch._dynamo.mark_static_address(self.arrivals)

@@ -51,7 +51,7 @@ def test_step_rules_follow_requirements_both_ways():
                                           "filled_cache_attention", "fused_attention", "fused_sampling",
                                           "captured_graph", "dependent_launch", "launch_ahead", "fused_bookkeeping",
                                           "staged_weights", "multi_step_graph", "staged_head", "draw_aside",
-                                          "head_handoff", "prefill_graph", "persistent_layers"}
+                                          "folded_prologue", "head_handoff", "prefill_graph", "persistent_layers"}
     picker = StepPicker("A")
     picker.boxes["sampling_in_graph"].value = True
     assert picker.steps == ("static_cache", "embed_cache", "compiled", "sampling_in_graph")
