@@ -686,11 +686,12 @@ assert all(doc["rungs"]["folded_prologue"]["fraction_of_floor"] > 0.55 for _, do
 # %% [markdown]
 # One record reaches the issue's 1,600 tok/s; the later ones do not, and the step is the same
 # within a few microseconds. What moves is around it: the card (copy bandwidths differ by a
-# couple of percent) and the chain tuner's picks, which differ from run to run. Probes on the card
-# of the last record decoded a few percent faster with an earlier record's picks than with the
-# ones its own tuning chose (`docs/NOTES.md`): one pass of coordinate descent, three decodes a
-# candidate, in graphs of one step, does not find the fastest combination reliably. That is where
-# the next percent is, before any kernel.
+# couple of percent), the chain tuner's picks, which differ from run to run, and the bench's few
+# runs a rung. Probes on the card of the last record decoded a few percent faster than its record
+# with other records' picks, and an H200 ranked the same picks the other way round
+# (`docs/NOTES.md`): one pass of coordinate descent, three decodes a candidate, in graphs of one
+# step, does not reliably find the fastest combination for the card it runs on. That is where the
+# next percent is, before any kernel.
 
 # %% [markdown]
 # ## Handing each head over (`head_handoff`), measured slower
