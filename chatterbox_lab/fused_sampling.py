@@ -242,11 +242,11 @@ def triton_sample(logits: torch.Tensor, seen: torch.Tensor, sampling: DeviceSamp
     block, tail = blocks(vocab)
     # A lone utterance's rows get stride 0: its one row starts where the tensor does, which Triton
     # then knows to be aligned (8,194-wide rows are not, after the first).
-    row_stride = (lambda t: 0) if n == 1 else (lambda t: t.stride(0))
+    seen_stride, noise_stride = (0, 0) if n == 1 else (seen.stride(0), noise.stride(0))
     from torch.library import wrap_triton
 
     wrap_triton(_sample_kernel)[(n,)](
-        logits, logits.stride(0), seen, row_stride(seen), noise, row_stride(noise),
+        logits, logits.stride(0), seen, seen_stride, noise, noise_stride,
         *(sampling[name] for name in DeviceSampling.NAMES),  # the kernel's parameters are in this order
         tokens if out is None else out, nonfinite, tokens, tokens.stride(0), step_index, arrivals, *sources, vocab,
         BLOCK=block, TAIL=tail, PDL=pdl, WRITE_TOKEN=write_token is not None, NEXT_INPUT=next_input is not None,
