@@ -1,10 +1,11 @@
 """The benchmark: every rung in one process, on one device, with the same text, voice and token count.
 
-For each rung: one warm-up synthesis (its extra time over a warm run is the
-compile / warm-up cost), then `repeats` timed syntheses (median reported), the
-peak device memory over them, and per-token kernel and launch counts from two
-profiled T3 runs (never timed). T3 is reported as true speech tokens per second
-of decode (25 tokens = 1 s of audio); end to end separately.
+For each rung: two warm-up syntheses (the first one's extra time over a warm run
+is the compile / warm-up cost), then `repeats` timed syntheses (median reported),
+the peak device memory over them, and per-token kernel and launch counts from two
+profiled T3 runs (never timed), taken once everything is timed. T3 is reported as
+true speech tokens per second of decode (25 tokens = 1 s of audio); end to end
+separately.
 
 Rungs run in ladder order. The bf16 rung casts the model's T3 in place (one copy
 of the weights on the device, so peak memory is that rung's own), which is why
@@ -12,6 +13,7 @@ upstream fp32 and the fp32 equivalence checks run first.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import statistics
 import time
@@ -23,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import (chain_tuning, decode_attention, equivalence, flops, fused_matvec, fused_sampling, memory,
-               persistent_layer, profiling, report, results, roofline, staged_matvec)
+               persistent_layer, precision, profiling, report, results, roofline, staged_matvec)
 from .decoder import (KERNEL_STEPS, STEPS, T3Decoder, dependents, ladder_prefix, prompt_len_for, requirements,
                       text_tokens_for)
 from .kv_cache import cache_len_for
@@ -193,6 +195,10 @@ def measure_steps(tts, steps, cfg: BenchConfig, voice: Path, bar=None, bandwidth
                           sampling=cfg.sampling)
 
     first = run()
+    # Untimed as well: the first synthesis captures a multi-step decoder's graph for the first
+    # run of steps without replaying it, and a graph's first replay is slower (in the records
+    # before this second warm-up, the first timed synthesis of those rungs was their slowest).
+    run()
     if bar:
         bar.update()
     _reset_peak(cfg.device)
@@ -243,21 +249,33 @@ def measure_steps(tts, steps, cfg: BenchConfig, voice: Path, bar=None, bandwidth
     if decoder is not None:
         figures["kv_cache_mib"] = decoder.forward.cache.nbytes() / 2**20 if decoder.forward else None
     if cfg.profile:
-        def t3_only(n):
-            torch.manual_seed(cfg.seed)
-            if decoder is None:
-                upstream_t3(tts, text_tokens, n, cfg.sampling)
-            else:
-                decoder.generate(tts.conds.t3, text_tokens, n, cfg.sampling)
-
-        counts = profiling.per_token_counts(t3_only, *PROFILE_TOKENS, trace_path=trace)
-        figures["gpu_kernels_per_token"] = counts["gpu_kernels"] if cfg.device.startswith("cuda") else None
-        figures["host_launches_per_token"] = counts["host_launches"] if cfg.device.startswith("cuda") else None
-        figures["graph_launches_per_token"] = counts["graph_launches"]
-        figures["cpu_ops_per_token"] = counts["cpu_ops"]
-        if trace:
-            figures["trace"] = str(trace)
+        figures.update(profile_steps(tts, steps, cfg, trace, decoder))
     return figures, runs[0]
+
+
+def profile_steps(tts, steps, cfg: BenchConfig, trace: Path | None = None, decoder: T3Decoder | None = None) -> dict:
+    """Per-token kernel and launch counts of T3 with `steps` switched on (none: upstream's own loop),
+    or with `decoder`, built for those steps, from two profiled decodes of the voice prepared last;
+    `trace`: where to write the shorter one's trace."""
+    text_tokens = text_tokens_for(tts, cfg.text)
+    if steps and decoder is None:
+        decoder = T3Decoder(tts.t3, steps, max_cache_len=_capacity(tts, cfg))
+
+    def t3_only(n):
+        torch.manual_seed(cfg.seed)
+        if decoder is None:
+            upstream_t3(tts, text_tokens, n, cfg.sampling)
+        else:
+            decoder.generate(tts.conds.t3, text_tokens, n, cfg.sampling)
+
+    counts = profiling.per_token_counts(t3_only, *PROFILE_TOKENS, trace_path=trace)
+    on_gpu = cfg.device.startswith("cuda")
+    figures = dict(gpu_kernels_per_token=counts["gpu_kernels"] if on_gpu else None,
+                   host_launches_per_token=counts["host_launches"] if on_gpu else None,
+                   graph_launches_per_token=counts["graph_launches"], cpu_ops_per_token=counts["cpu_ops"])
+    if trace:
+        figures["trace"] = str(trace)
+    return figures
 
 
 def measure_s3gen_rungs(tts, cfg: BenchConfig, voice: Path, doc: dict, decoder: T3Decoder | None, bar=None,
@@ -491,61 +509,76 @@ def run(config: BenchConfig, progress: bool = True, tts=None, partial: Path | No
         doc["checks"]["fp32_token_identity"] = checks["fp32_token_identity"]
         doc["checks"]["fp32_tokens_checked"] = checks["fp32_tokens_checked"]
 
-    total = (len(cfg.rungs) + len(cfg.s3gen_steps)) * (cfg.repeats + 1)
-    decoder = None
-    # Tuned in the chain just before the first captured rung: after the fp32 rungs, since the last
-    # rung's decoder casts T3 to bf16 in place.
-    chain_rung = next((r for r in cfg.rungs if "captured_graph" in rung_steps(r, cfg.device)), None) \
-        if cfg.sweep and cfg.device.startswith("cuda") and "captured_graph" in _chain_steps(cfg) else None
-    with tqdm(total=total, desc="bench", disable=not progress) as bar:
-        for rung in cfg.rungs:
-            bar.set_postfix_str(rung)
-            if rung == chain_rung:
-                doc["chain_sweep"] = tune_in_chain(tts, cfg, voice)
-            if rung != "upstream_fp32" and checks is not None and "bf16_logit_rel_error" not in doc["checks"]:
-                text_tokens = text_tokens_for(tts, cfg.text)
-                for name, steps in LOGIT_CHECKS.items():
-                    err = bf16_logit_error(tts, text_tokens, checks["forced"], checks["reference"], steps)
-                    doc["checks"].update({f"{name}_logit_rel_error": err,
-                                          f"{name}_within_tolerance": err <= equivalence.BF16_LOGIT_TOLERANCE})
-                doc["checks"]["bf16_logit_tolerance"] = equivalence.BF16_LOGIT_TOLERANCE
-            # The S3Gen rungs decode with the last T3 rung's decoder, compiled once for both.
-            if cfg.s3gen_steps and rung == cfg.rungs[-1] and rung != "upstream_fp32":
-                decoder = T3Decoder(tts.t3, rung_steps(rung, cfg.device), max_cache_len=_capacity(tts, cfg))
-            doc["rungs"][rung] = measure_rung(tts, rung, cfg, voice, bar, bandwidth, decoder)
-            if partial:
-                results.write(doc, partial, overwrite=True)
-        if cfg.s3gen_steps:
-            bar.set_postfix_str("S3Gen: " + ", ".join(cfg.s3gen_steps))
-            measure_s3gen_rungs(tts, cfg, voice, doc, decoder, bar, bandwidth, partial)
-    if cfg.batch_sizes:
-        doc["batch"] = dict(steps=sorted(_t3_steps(cfg)), streams={})
-        for n in tqdm(cfg.batch_sizes, desc="batch", disable=not progress):
-            doc["batch"]["streams"][str(n)] = measure_batch(tts, cfg, n)
-            if partial:
-                results.write(doc, partial, overwrite=True)
-    if cfg.stream or cfg.many:
-        doc["end_to_end"] = {}
-        if cfg.stream:
-            doc["end_to_end"]["stream"] = measure_stream(tts, cfg, voice)
-            if partial:
-                results.write(doc, partial, overwrite=True)
-        many_runs = {"many": None} if cfg.many else {}
-        if cfg.many_flow_steps is not None:
-            many_runs["many_fewer_flow_steps"] = cfg.many_flow_steps
-        if many_runs:
-            cache_ceiling = flops.t3_cache_ceiling_x_realtime(
-                tts.t3, prompt_len_for(tts.t3, text_tokens_for(tts, cfg.text)), cfg.tokens, bandwidth)
-        for kind, flow_steps in many_runs.items():
-            figures = doc["end_to_end"][kind] = measure_many(tts, cfg, voice, flow_steps)
-            figures["t3_cache_ceiling_x_realtime"] = cache_ceiling
-            if "flops" in doc:
-                counted = dict(doc["flops"]["per_utterance"])
-                if flow_steps is not None:
-                    counted["s3gen_flow"] = doc["flops"]["s3gen_flow_with_many_flow_steps"]
-                figures["x_realtime_ceiling"] = flops.x_realtime_ceiling(counted, doc["flops"]["audio_s"], flop_rate)
-            if partial:
-                results.write(doc, partial, overwrite=True)
+    # Every figure is timed before any rung is profiled: a profiler session leaves the process's
+    # later decodes slower (on an H100, by half a percent and more, CUPTI torn down or not), and
+    # a rung timed after another's profile would carry that. The profile of upstream's loop needs
+    # T3 in fp32, which the bf16 rungs cast in place: a host copy puts it back.
+    timing = replace(cfg, profile=False)
+    casts = any("bf16" in rung_steps(rung, cfg.device) for rung in cfg.rungs)
+    kept = precision.weights_restored(tts.t3) if cfg.profile and "upstream_fp32" in cfg.rungs and casts \
+        else contextlib.nullcontext()
+    with kept:
+        total = (len(cfg.rungs) + len(cfg.s3gen_steps)) * (cfg.repeats + 1)
+        decoder = None
+        # Tuned in the chain just before the first captured rung: after the fp32 rungs, since the last
+        # rung's decoder casts T3 to bf16 in place.
+        chain_rung = next((r for r in cfg.rungs if "captured_graph" in rung_steps(r, cfg.device)), None) \
+            if cfg.sweep and cfg.device.startswith("cuda") and "captured_graph" in _chain_steps(cfg) else None
+        with tqdm(total=total, desc="bench", disable=not progress) as bar:
+            for rung in cfg.rungs:
+                bar.set_postfix_str(rung)
+                if rung == chain_rung:
+                    doc["chain_sweep"] = tune_in_chain(tts, cfg, voice)
+                if rung != "upstream_fp32" and checks is not None and "bf16_logit_rel_error" not in doc["checks"]:
+                    text_tokens = text_tokens_for(tts, cfg.text)
+                    for name, steps in LOGIT_CHECKS.items():
+                        err = bf16_logit_error(tts, text_tokens, checks["forced"], checks["reference"], steps)
+                        doc["checks"].update({f"{name}_logit_rel_error": err,
+                                              f"{name}_within_tolerance": err <= equivalence.BF16_LOGIT_TOLERANCE})
+                    doc["checks"]["bf16_logit_tolerance"] = equivalence.BF16_LOGIT_TOLERANCE
+                # The S3Gen rungs decode with the last T3 rung's decoder, compiled once for both.
+                if cfg.s3gen_steps and rung == cfg.rungs[-1] and rung != "upstream_fp32":
+                    decoder = T3Decoder(tts.t3, rung_steps(rung, cfg.device), max_cache_len=_capacity(tts, cfg))
+                doc["rungs"][rung] = measure_rung(tts, rung, timing, voice, bar, bandwidth, decoder)
+                if partial:
+                    results.write(doc, partial, overwrite=True)
+            if cfg.s3gen_steps:
+                bar.set_postfix_str("S3Gen: " + ", ".join(cfg.s3gen_steps))
+                measure_s3gen_rungs(tts, cfg, voice, doc, decoder, bar, bandwidth, partial)
+        if cfg.batch_sizes:
+            doc["batch"] = dict(steps=sorted(_t3_steps(cfg)), streams={})
+            for n in tqdm(cfg.batch_sizes, desc="batch", disable=not progress):
+                doc["batch"]["streams"][str(n)] = measure_batch(tts, cfg, n)
+                if partial:
+                    results.write(doc, partial, overwrite=True)
+        if cfg.stream or cfg.many:
+            doc["end_to_end"] = {}
+            if cfg.stream:
+                doc["end_to_end"]["stream"] = measure_stream(tts, cfg, voice)
+                if partial:
+                    results.write(doc, partial, overwrite=True)
+            many_runs = {"many": None} if cfg.many else {}
+            if cfg.many_flow_steps is not None:
+                many_runs["many_fewer_flow_steps"] = cfg.many_flow_steps
+            if many_runs:
+                cache_ceiling = flops.t3_cache_ceiling_x_realtime(
+                    tts.t3, prompt_len_for(tts.t3, text_tokens_for(tts, cfg.text)), cfg.tokens, bandwidth)
+            for kind, flow_steps in many_runs.items():
+                figures = doc["end_to_end"][kind] = measure_many(tts, cfg, voice, flow_steps)
+                figures["t3_cache_ceiling_x_realtime"] = cache_ceiling
+                if "flops" in doc:
+                    counted = dict(doc["flops"]["per_utterance"])
+                    if flow_steps is not None:
+                        counted["s3gen_flow"] = doc["flops"]["s3gen_flow_with_many_flow_steps"]
+                    figures["x_realtime_ceiling"] = flops.x_realtime_ceiling(counted, doc["flops"]["audio_s"],
+                                                                             flop_rate)
+                if partial:
+                    results.write(doc, partial, overwrite=True)
+    if cfg.profile:
+        prepare_voice(tts, voice)
+        for rung in tqdm(cfg.rungs, desc="profile", disable=not progress):
+            trace = profiling.trace_path_for(cfg.trace_dir, rung) if cfg.trace_dir else None
+            doc["rungs"][rung].update(profile_steps(tts, rung_steps(rung, cfg.device), cfg, trace))
     if "upstream_fp32" in doc["rungs"]:
         base = doc["rungs"]["upstream_fp32"]["t3_decode_tok_s"]
         for figures in doc["rungs"].values():

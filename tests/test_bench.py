@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from chatterbox_lab import profiling, results
 from chatterbox_lab.__main__ import main
@@ -44,6 +45,34 @@ def test_bench_medians_and_stage_split(tiny_tts):
     assert len(rung["raw"]["t3_decode_s"]) == 3 and rung["raw"]["t3_steps"] == [8, 8, 8]
     per_run = sorted(sum(stages.values()) for stages in rung["raw"]["stages_s"])
     assert rung["e2e_s"] == pytest.approx(per_run[1])  # the median run's own total
+
+
+def test_every_rung_is_timed_before_any_is_profiled_and_upstream_profiled_in_fp32(monkeypatch):
+    """A profiler session leaves the process's later decodes slower, so no timing follows one; and
+    upstream's loop is profiled in fp32 although the bf16 rung cast T3 in place before it."""
+    from chatterbox_lab import bench
+    from chatterbox_lab.models import load_tts
+
+    tts = load_tts(preset="tiny", device="cpu")  # its own: the bf16 rung casts it
+    events = []
+    synthesize, profile_steps = bench.synthesize, bench.profile_steps
+
+    def timed(*args, **kwargs):
+        events.append("timed")
+        return synthesize(*args, **kwargs)
+
+    def profiled(tts, steps, *args, **kwargs):
+        events.append(("profiled", tuple(steps), tts.t3.speech_head.weight.dtype))
+        return profile_steps(tts, steps, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "synthesize", timed)
+    monkeypatch.setattr(bench, "profile_steps", profiled)
+    doc = run(BenchConfig(rungs=("upstream_fp32", "bf16"), tokens=8, repeats=1, device="cpu"), progress=False,
+              tts=tts)
+    assert set(events[:-2]) == {"timed"}
+    assert events[-2:] == [("profiled", (), torch.float32), ("profiled", ("bf16",), torch.float32)]
+    assert tts.t3.speech_head.weight.dtype == torch.bfloat16  # the bf16 profile's decoder cast it again
+    assert all(rung["cpu_ops_per_token"] > 0 for rung in doc["rungs"].values())
 
 
 def test_profiler_counts_per_token(tiny_tts):
