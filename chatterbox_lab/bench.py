@@ -195,9 +195,9 @@ def measure_steps(tts, steps, cfg: BenchConfig, voice: Path, bar=None, bandwidth
                           sampling=cfg.sampling)
 
     first = run()
-    # Untimed as well: the first synthesis captures a multi-step decoder's graph for the first
-    # run of steps without replaying it, and a graph's first replay is slower (in the records
-    # before this second warm-up, the first timed synthesis of those rungs was their slowest).
+    # Untimed as well: in the records before this second warm-up, the first timed synthesis of the
+    # multi-step rungs was their slowest, by 1-3% (the first warm-up captures the graph of a
+    # decode's first run of steps, but does not replay it).
     run()
     if bar:
         bar.update()
