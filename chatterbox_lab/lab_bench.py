@@ -57,6 +57,10 @@ def measure(tts, voice, text: str, steps, tokens: int, *, repeats: int | None = 
     path). `repeats` timed runs, 2 on a CPU and 3 on a GPU by default. `progress`: anything
     with tqdm's `update()`. T3 is left as it was, even with the bf16 step (which casts it).
 
+    Each measurement ends with its profile, and a profiler session leaves the process's later
+    decodes slower (about half a percent on an H100): a difference that small between two
+    measurements here is no evidence. `bench` times every rung before it profiles any.
+
     `trace_dir` (e.g. "runs"): also write the profiled run, a few decode steps after the
     warm-up, as `<trace_dir>/<steps>/<host>.pt.trace.json.gz` (its path is in
     `figures["trace"]`). Open it at ui.perfetto.dev (drag the file in), or with TensorBoard's
