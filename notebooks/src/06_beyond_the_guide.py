@@ -685,13 +685,13 @@ assert all(doc["rungs"]["folded_prologue"]["fraction_of_floor"] > 0.55 for _, do
 
 # %% [markdown]
 # One record reaches the issue's 1,600 tok/s; the later ones do not, and the step is the same
-# within a few microseconds. What moves is around it: the card (copy bandwidths differ by a
-# couple of percent), the chain tuner's picks, which differ from run to run, and the bench's few
-# runs a rung. Probes on the card of the last record decoded a few percent faster than its record
-# with other records' picks, and an H200 ranked the same picks the other way round
-# (`docs/NOTES.md`): one pass of coordinate descent, three decodes a candidate, in graphs of one
-# step, does not reliably find the fastest combination for the card it runs on. That is where the
-# next percent is, before any kernel.
+# within a few microseconds. The probes that followed (`docs/NOTES.md`) ruled out the chain
+# tuner's picks: on other H100s, the last record's picks and the others' decoded within about a
+# percent of each other, and every one faster than any record. What the records carried was the
+# bench itself. It profiled each rung right after timing it, and a profiler session leaves the
+# process's later decodes slower, so every rung after the first was timed behind profiles; and
+# the first timed synthesis of the multi-step rungs was their slowest. The bench now times every
+# rung before it profiles any, and warms each rung up twice. The records above came before that.
 
 # %% [markdown]
 # ## Handing each head over (`head_handoff`), measured slower
