@@ -518,62 +518,7 @@ def run(config: BenchConfig, progress: bool = True, tts=None, partial: Path | No
     kept = precision.weights_restored(tts.t3) if cfg.profile and "upstream_fp32" in cfg.rungs and casts \
         else contextlib.nullcontext()
     with kept:
-        total = (len(cfg.rungs) + len(cfg.s3gen_steps)) * (cfg.repeats + 1)
-        decoder = None
-        # Tuned in the chain just before the first captured rung: after the fp32 rungs, since the last
-        # rung's decoder casts T3 to bf16 in place.
-        chain_rung = next((r for r in cfg.rungs if "captured_graph" in rung_steps(r, cfg.device)), None) \
-            if cfg.sweep and cfg.device.startswith("cuda") and "captured_graph" in _chain_steps(cfg) else None
-        with tqdm(total=total, desc="bench", disable=not progress) as bar:
-            for rung in cfg.rungs:
-                bar.set_postfix_str(rung)
-                if rung == chain_rung:
-                    doc["chain_sweep"] = tune_in_chain(tts, cfg, voice)
-                if rung != "upstream_fp32" and checks is not None and "bf16_logit_rel_error" not in doc["checks"]:
-                    text_tokens = text_tokens_for(tts, cfg.text)
-                    for name, steps in LOGIT_CHECKS.items():
-                        err = bf16_logit_error(tts, text_tokens, checks["forced"], checks["reference"], steps)
-                        doc["checks"].update({f"{name}_logit_rel_error": err,
-                                              f"{name}_within_tolerance": err <= equivalence.BF16_LOGIT_TOLERANCE})
-                    doc["checks"]["bf16_logit_tolerance"] = equivalence.BF16_LOGIT_TOLERANCE
-                # The S3Gen rungs decode with the last T3 rung's decoder, compiled once for both.
-                if cfg.s3gen_steps and rung == cfg.rungs[-1] and rung != "upstream_fp32":
-                    decoder = T3Decoder(tts.t3, rung_steps(rung, cfg.device), max_cache_len=_capacity(tts, cfg))
-                doc["rungs"][rung] = measure_rung(tts, rung, timing, voice, bar, bandwidth, decoder)
-                if partial:
-                    results.write(doc, partial, overwrite=True)
-            if cfg.s3gen_steps:
-                bar.set_postfix_str("S3Gen: " + ", ".join(cfg.s3gen_steps))
-                measure_s3gen_rungs(tts, cfg, voice, doc, decoder, bar, bandwidth, partial)
-        if cfg.batch_sizes:
-            doc["batch"] = dict(steps=sorted(_t3_steps(cfg)), streams={})
-            for n in tqdm(cfg.batch_sizes, desc="batch", disable=not progress):
-                doc["batch"]["streams"][str(n)] = measure_batch(tts, cfg, n)
-                if partial:
-                    results.write(doc, partial, overwrite=True)
-        if cfg.stream or cfg.many:
-            doc["end_to_end"] = {}
-            if cfg.stream:
-                doc["end_to_end"]["stream"] = measure_stream(tts, cfg, voice)
-                if partial:
-                    results.write(doc, partial, overwrite=True)
-            many_runs = {"many": None} if cfg.many else {}
-            if cfg.many_flow_steps is not None:
-                many_runs["many_fewer_flow_steps"] = cfg.many_flow_steps
-            if many_runs:
-                cache_ceiling = flops.t3_cache_ceiling_x_realtime(
-                    tts.t3, prompt_len_for(tts.t3, text_tokens_for(tts, cfg.text)), cfg.tokens, bandwidth)
-            for kind, flow_steps in many_runs.items():
-                figures = doc["end_to_end"][kind] = measure_many(tts, cfg, voice, flow_steps)
-                figures["t3_cache_ceiling_x_realtime"] = cache_ceiling
-                if "flops" in doc:
-                    counted = dict(doc["flops"]["per_utterance"])
-                    if flow_steps is not None:
-                        counted["s3gen_flow"] = doc["flops"]["s3gen_flow_with_many_flow_steps"]
-                    figures["x_realtime_ceiling"] = flops.x_realtime_ceiling(counted, doc["flops"]["audio_s"],
-                                                                             flop_rate)
-                if partial:
-                    results.write(doc, partial, overwrite=True)
+        _time_everything(tts, timing, voice, doc, checks, bandwidth, flop_rate, progress, partial)
     if cfg.profile:
         prepare_voice(tts, voice)
         for rung in tqdm(cfg.rungs, desc="profile", disable=not progress):
@@ -584,6 +529,68 @@ def run(config: BenchConfig, progress: bool = True, tts=None, partial: Path | No
         for figures in doc["rungs"].values():
             figures["t3_speedup_vs_upstream"] = figures["t3_decode_tok_s"] / base
     return results.validate(doc)
+
+
+def _time_everything(tts, cfg: BenchConfig, voice: Path, doc: dict, checks: dict | None,
+                     bandwidth: float | None, flop_rate: float | None, progress: bool, partial: Path | None) -> None:
+    """Every rung, then the S3Gen rungs, the batch sizes, the stream and the many utterances, timed
+    into `doc` (with the checks that need the bf16 model, after the fp32 rungs)."""
+    total = (len(cfg.rungs) + len(cfg.s3gen_steps)) * (cfg.repeats + 1)
+    decoder = None
+    # Tuned in the chain just before the first captured rung: after the fp32 rungs, since the last
+    # rung's decoder casts T3 to bf16 in place.
+    chain_rung = next((r for r in cfg.rungs if "captured_graph" in rung_steps(r, cfg.device)), None) \
+        if cfg.sweep and cfg.device.startswith("cuda") and "captured_graph" in _chain_steps(cfg) else None
+    with tqdm(total=total, desc="bench", disable=not progress) as bar:
+        for rung in cfg.rungs:
+            bar.set_postfix_str(rung)
+            if rung == chain_rung:
+                doc["chain_sweep"] = tune_in_chain(tts, cfg, voice)
+            if rung != "upstream_fp32" and checks is not None and "bf16_logit_rel_error" not in doc["checks"]:
+                text_tokens = text_tokens_for(tts, cfg.text)
+                for name, steps in LOGIT_CHECKS.items():
+                    err = bf16_logit_error(tts, text_tokens, checks["forced"], checks["reference"], steps)
+                    doc["checks"].update({f"{name}_logit_rel_error": err,
+                                          f"{name}_within_tolerance": err <= equivalence.BF16_LOGIT_TOLERANCE})
+                doc["checks"]["bf16_logit_tolerance"] = equivalence.BF16_LOGIT_TOLERANCE
+            # The S3Gen rungs decode with the last T3 rung's decoder, compiled once for both.
+            if cfg.s3gen_steps and rung == cfg.rungs[-1] and rung != "upstream_fp32":
+                decoder = T3Decoder(tts.t3, rung_steps(rung, cfg.device), max_cache_len=_capacity(tts, cfg))
+            doc["rungs"][rung] = measure_rung(tts, rung, cfg, voice, bar, bandwidth, decoder)
+            if partial:
+                results.write(doc, partial, overwrite=True)
+        if cfg.s3gen_steps:
+            bar.set_postfix_str("S3Gen: " + ", ".join(cfg.s3gen_steps))
+            measure_s3gen_rungs(tts, cfg, voice, doc, decoder, bar, bandwidth, partial)
+    if cfg.batch_sizes:
+        doc["batch"] = dict(steps=sorted(_t3_steps(cfg)), streams={})
+        for n in tqdm(cfg.batch_sizes, desc="batch", disable=not progress):
+            doc["batch"]["streams"][str(n)] = measure_batch(tts, cfg, n)
+            if partial:
+                results.write(doc, partial, overwrite=True)
+    if cfg.stream or cfg.many:
+        doc["end_to_end"] = {}
+        if cfg.stream:
+            doc["end_to_end"]["stream"] = measure_stream(tts, cfg, voice)
+            if partial:
+                results.write(doc, partial, overwrite=True)
+        many_runs = {"many": None} if cfg.many else {}
+        if cfg.many_flow_steps is not None:
+            many_runs["many_fewer_flow_steps"] = cfg.many_flow_steps
+        if many_runs:
+            cache_ceiling = flops.t3_cache_ceiling_x_realtime(
+                tts.t3, prompt_len_for(tts.t3, text_tokens_for(tts, cfg.text)), cfg.tokens, bandwidth)
+        for kind, flow_steps in many_runs.items():
+            figures = doc["end_to_end"][kind] = measure_many(tts, cfg, voice, flow_steps)
+            figures["t3_cache_ceiling_x_realtime"] = cache_ceiling
+            if "flops" in doc:
+                counted = dict(doc["flops"]["per_utterance"])
+                if flow_steps is not None:
+                    counted["s3gen_flow"] = doc["flops"]["s3gen_flow_with_many_flow_steps"]
+                figures["x_realtime_ceiling"] = flops.x_realtime_ceiling(counted, doc["flops"]["audio_s"],
+                                                                         flop_rate)
+            if partial:
+                results.write(doc, partial, overwrite=True)
 
 
 def summary_table(doc: dict) -> str:
