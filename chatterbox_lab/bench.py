@@ -165,11 +165,10 @@ def _median(values):
 
 def measure_rung(tts, rung: str, cfg: BenchConfig, voice: Path, bar=None, bandwidth: float | None = None,
                  decoder: T3Decoder | None = None) -> dict:
-    """Warm up, time `cfg.repeats` syntheses and profile one rung (with `decoder`, if given,
-    built for its steps); returns its figures."""
-    trace = profiling.trace_path_for(cfg.trace_dir, rung) if cfg.trace_dir else None
-    steps = rung_steps(rung, cfg.device)
-    figures, _ = measure_steps(tts, steps, cfg, voice, bar, bandwidth, trace, decoder)
+    """Warm up and time `cfg.repeats` syntheses of one rung (with `decoder`, if given, built for its
+    steps); returns its figures. Not profiled: `run` profiles every rung once all are timed."""
+    figures, _ = measure_steps(tts, rung_steps(rung, cfg.device), replace(cfg, profile=False), voice, bar, bandwidth,
+                               decoder=decoder)
     return figures
 
 
@@ -513,12 +512,11 @@ def run(config: BenchConfig, progress: bool = True, tts=None, partial: Path | No
     # later decodes slower (on an H100, by half a percent and more, CUPTI torn down or not), and
     # a rung timed after another's profile would carry that. The profile of upstream's loop needs
     # T3 in fp32, which the bf16 rungs cast in place: a host copy puts it back.
-    timing = replace(cfg, profile=False)
     casts = any("bf16" in rung_steps(rung, cfg.device) for rung in cfg.rungs)
     kept = precision.weights_restored(tts.t3) if cfg.profile and "upstream_fp32" in cfg.rungs and casts \
         else contextlib.nullcontext()
     with kept:
-        _time_everything(tts, timing, voice, doc, checks, bandwidth, flop_rate, progress, partial)
+        _time_everything(tts, cfg, voice, doc, checks, bandwidth, flop_rate, progress, partial)
     if cfg.profile:
         prepare_voice(tts, voice)
         for rung in tqdm(cfg.rungs, desc="profile", disable=not progress):
