@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .graphed_calls import warmup_stream
+from .graphed_calls import capturing, warmup_stream
 
 
 def compile_step(step, random_in_graph: bool = False):
@@ -111,7 +111,7 @@ class CapturedStep:
     def _capture(self, steps: int) -> torch.cuda.CUDAGraph:
         """Record `steps` steps as one graph (capture runs nothing)."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with capturing(graph):
             for _ in range(steps):
                 self.step()
         self.graphs[steps] = graph

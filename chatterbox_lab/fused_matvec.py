@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .graphed_calls import warmup_stream
+from .graphed_calls import capturing, warmup_stream
 
 try:
     import triton
@@ -341,7 +341,7 @@ def time_in_graph(calls: list, repeats: int = 5) -> float:
             call()  # compiles each kernel, and warms up outside the capture
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with capturing(graph):
         for call in calls:
             call()
     graph.replay()

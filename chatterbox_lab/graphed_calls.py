@@ -7,6 +7,7 @@ padding changes no real output; this class only captures and replays.
 from __future__ import annotations
 
 import contextlib
+import gc
 
 import torch
 
@@ -22,6 +23,26 @@ def warmup_stream() -> torch.cuda.Stream:
     if device not in _WARMUP_STREAMS:
         _WARMUP_STREAMS[device] = torch.cuda.Stream(device)
     return _WARMUP_STREAMS[device]
+
+
+@contextlib.contextmanager
+def capturing(graph: torch.cuda.CUDAGraph, pool=None):
+    """`torch.cuda.graph(graph, pool=pool)` with Python's garbage collector paused.
+
+    A collection during the capture may free an earlier, unreachable CUDA graph (a decoder
+    dropped in a reference cycle), and destroying a graph is not permitted while a stream
+    captures: the capture fails with cudaErrorStreamCaptureInvalidated, at random (it did so in a
+    bench's profile pass on an H100). torch.cuda.graph no longer collects before it captures, and
+    still lets a collection run during the capture (pytorch/pytorch#161037).
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 class GraphedCalls(torch.nn.Module):
@@ -73,6 +94,6 @@ class GraphedCalls(torch.nn.Module):
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with self._context(), torch.cuda.graph(graph, pool=self._pool):
+        with self._context(), capturing(graph, pool=self._pool):
             output = call(**inputs)
         return graph, inputs, output

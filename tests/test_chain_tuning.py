@@ -33,8 +33,25 @@ def test_descent_keeps_each_knobs_best_before_trying_the_next():
     found = chain_tuning.descend({"a": (0, [0, 1, 2, 3]), "b": (0, [0, 1, 2, 3])}, apply, rate)
     # One pass: a is chosen with b at its start, then b with a at its best (not the joint optimum).
     assert state == {"a": 1, "b": 1} and found["a"]["best"] == 1 and found["b"]["best"] == 1
-    assert [s["b"] for s in seen[:4]] == [0] * 4 and [s["a"] for s in seen[4:]] == [1] * 4
     assert found["a"]["tried"] == {0: -4, 1: -2, 2: -4, 3: -10}
+    # Each knob's start and its candidates near the fastest, again in three alternating rounds.
+    assert found["a"]["final"] == {0: [-4] * 3, 1: [-2] * 3} and found["b"]["final"] == {0: [-2] * 3, 1: [-1] * 3}
+    assert [s["b"] for s in seen[:10]] == [0] * 10 and [s["a"] for s in seen[10:]] == [1] * 10
+    assert [s["a"] for s in seen[4:10]] == [0, 1] * 3
+
+
+def test_descent_keeps_the_best_median_of_the_rounds_not_the_screens_fluke():
+    true_rates = {0: 100.0, 1: 101.0, 2: 99.5, 3: 90.0, 4: 100.5, 5: 100.2}
+    screen = iter([100.0, 101.0, 103.0, 90.0, 100.5, 100.2])  # candidate 2 reads high once
+    state = {}
+
+    def rate():
+        return next(screen, None) or true_rates[state["x"]]
+
+    found = chain_tuning.descend({"x": (0, list(true_rates))}, state.__setitem__, rate)
+    # The start and the three fastest others within CONTENDING: not 3 (13% behind), nor 5 (the fourth).
+    assert list(found["x"]["final"]) == [0, 2, 1, 4]
+    assert found["x"]["best"] == 1 == state["x"] and found["x"]["tried"][2] == 103.0
 
 
 def test_tune_recaptures_for_every_candidate_and_leaves_the_fastest(tiny_tts, monkeypatch):
@@ -59,10 +76,11 @@ def test_tune_recaptures_for_every_candidate_and_leaves_the_fastest(tiny_tts, mo
         return 100.0 + (config is not None and config.block_n == 4) + \
             (decode_attention.config_for(decoder.capacity).parts == 2)
 
-    found = chain_tuning.tune(decoder, decode, repeats=1, ab_rounds=1)
+    found = chain_tuning.tune(decoder, decode, repeats=1, ab_rounds=1, final_rounds=1)
     assert set(found["calls"]) == {*chain_tuning.ORDER, "attention"}
     tried = sum(len(entry["tried"]) for entry in found["calls"].values())
-    assert len(recaptures) == tried + 2  # the candidates, then the A/B's start and tuned ones
+    finals = sum(len(values) for entry in found["calls"].values() for values in entry["final"].values())
+    assert len(recaptures) == tried + finals + 2  # the candidates, their finals, then the A/B's start and tuned ones
     assert found["calls"]["gate_up"]["best"].startswith("n4_")
     assert fused_matvec.CONFIGS[gate_up].block_n == 4 and decode_attention.CONFIGS[decoder.capacity].parts == 2
     assert found["tuned_tok_s"] == 102.0 and found["start_tok_s"] < 102.0

@@ -524,3 +524,34 @@ def test_prefill_graph_gives_the_eager_prefills_logits(full_tts):
         assert error < 1e-2  # bf16 matmuls of another row count
     assert lengths[0] != lengths[1]
     assert graphed.prefill_graphs.graphs_captured == len({-(-length // 32) for length in lengths})  # one a bucket
+
+
+def test_a_capture_survives_an_earlier_graph_becoming_garbage_in_a_cycle():
+    """The failure `graphed_calls.capturing` prevents: with the collector running during a capture,
+    collecting an unreachable earlier graph destroys it mid-capture and the capture fails."""
+    import gc
+
+    import torch
+
+    from chatterbox_lab.graphed_calls import capturing
+
+    x = torch.ones(4, device="cuda")
+    earlier = torch.cuda.CUDAGraph()
+    with capturing(earlier):
+        x.add_(0)
+    graph, threshold = torch.cuda.CUDAGraph(), gc.get_threshold()
+    gc.set_threshold(1)  # a collection at (almost) every allocation, were the collector running
+    try:
+        with capturing(graph):
+            cycle = [earlier]
+            cycle.append(cycle)
+            del earlier, cycle
+            garbage = [[] for _ in range(1000)]
+            y = x * 2
+    finally:
+        gc.set_threshold(*threshold)
+    del garbage
+    gc.collect()  # the earlier graph goes now, outside any capture
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, torch.full((4,), 2.0, device="cuda"))

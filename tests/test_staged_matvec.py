@@ -103,7 +103,7 @@ def test_the_tuner_tunes_a_staged_calls_config_and_leaves_the_triton_kernel_its_
     def decode():
         return 100.0 + (staged_matvec.CONFIGS.get(gate_up) == best)
 
-    found = chain_tuning.tune(decoder, decode, repeats=1, ab_rounds=1)
+    found = chain_tuning.tune(decoder, decode, repeats=1, ab_rounds=1, final_rounds=1)
     assert found["calls"]["gate_up"]["best"] == chain_tuning.name_of(best)
     assert staged_matvec.CONFIGS[gate_up] == best and gate_up not in fused_matvec.CONFIGS
 
