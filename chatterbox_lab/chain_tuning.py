@@ -42,7 +42,7 @@ ATTENTION_PARTS = (1, 2)
 ATTENTION_WARPS = (4, 8, 16, 32)
 # A single measurement of each candidate picks by noise: in one H100 process the same
 # configurations read 1,527 and 1,446 tok/s minutes apart, and two processes on one card kept
-# gate/up, down and head configurations that decoded 3% apart (`beyond/...1240Z`). So the start
+# gate/up, down and head configurations that decoded 3% apart (`beyond/...1233Z`, `...1241Z`). So the start
 # and the candidates within CONTENDING of the fastest are measured again, alternately.
 CONTENDING = 0.03
 FINALISTS = 4
