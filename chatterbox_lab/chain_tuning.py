@@ -97,13 +97,15 @@ def name_of(config) -> str:
     return f"n{config.block_n}_k{config.block_k}_w{config.warps}"
 
 
-def descend(knobs: dict[str, tuple], apply: Callable, rate: Callable[[], float], rounds: int = 3) -> dict:
+def descend(knobs: dict[str, tuple], apply: Callable, rate: Callable[[], float], rounds: int = 3,
+            revisit: tuple[str, ...] = ()) -> dict:
     """One pass of coordinate descent: knobs {name: (start, candidates)}, `apply(name, value)` sets
     one, `rate()` measures the whole (higher is better). Each knob keeps its best before the next is
     tried: every candidate is measured once, then the start and the others within CONTENDING of the
     fastest (FINALISTS in all at most) are measured again in `rounds` alternating rounds, and the
-    best median wins. Returns {name: {"start", "tried": {value: rate}, "final": {value: [rates]},
-    "best"}}."""
+    best median wins. The knobs in `revisit` have their finalists measured once more after the pass,
+    with every other knob at its best. Returns {name: {"start", "tried": {value: rate},
+    "final": {value: [rates]}, "revisit": {value: [rates]}, "best"}}."""
     found = {}
     for name, (start, options) in knobs.items():
         tried = {}
@@ -113,17 +115,35 @@ def descend(knobs: dict[str, tuple], apply: Callable, rate: Callable[[], float],
         fastest = max(tried.values())
         ahead = [value for value in sorted(tried, key=tried.get, reverse=True)
                  if value != start and tried[value] >= fastest - CONTENDING * abs(fastest)]
-        contenders = [start, *ahead][:FINALISTS]
-        final = {value: [] for value in contenders} if rounds and len(contenders) > 1 else {}
-        for _ in range(rounds if final else 0):
-            for value in final:
-                apply(name, value)
-                final[value].append(rate())
+        final = _alternate(name, [start, *ahead][:FINALISTS], apply, rate, rounds)
         # Without a final the start stood alone, as the fastest, or there were no rounds to run.
-        best = max(final, key=lambda value: statistics.median(final[value])) if final else max(tried, key=tried.get)
+        best = _best(final) if final else max(tried, key=tried.get)
         apply(name, best)
-        found[name] = dict(start=start, tried=tried, final=final, best=best)
+        found[name] = dict(start=start, tried=tried, final=final, revisit={}, best=best)
+    for name in revisit:
+        entry = found[name]
+        entry["revisit"] = _alternate(name, list(entry["final"]), apply, rate, rounds)
+        if entry["revisit"]:
+            entry["best"] = _best(entry["revisit"])
+        apply(name, entry["best"])
     return found
+
+
+def _alternate(name: str, values: list, apply: Callable, rate: Callable[[], float], rounds: int) -> dict:
+    """{value: [rates]}: each of `values` measured once a round, for `rounds` rounds; {} for fewer
+    than two values."""
+    if len(values) < 2:
+        return {}
+    rates = {value: [] for value in values}
+    for _ in range(rounds):
+        for value in values:
+            apply(name, value)
+            rates[value].append(rate())
+    return rates if rounds else {}
+
+
+def _best(rates: dict):
+    return max(rates, key=lambda value: statistics.median(rates[value]))
 
 
 def tune(decoder, decode: Callable[[], float], repeats: int = 3, ab_rounds: int = 3, final_rounds: int = 3) -> dict:
@@ -161,12 +181,15 @@ def tune(decoder, decode: Callable[[], float], repeats: int = 3, ab_rounds: int 
         decode()  # compiles a new configuration, warms up and captures
         return statistics.median(decode() for _ in range(repeats))
 
-    # Attention first: its layout changes how many programs the matvec kernels have room for.
+    # Attention first: its layout changes how many programs the matvec kernels have room for. The
+    # matvecs' grids change its best in turn: in `beyond/...1250Z` the one pass kept 128-slot
+    # stretches, measured against the matvecs' starting grids, where every record before it had
+    # kept one 512-slot block a head. So its finalists are timed again once the matvecs are tuned.
     knobs = {"attention": (current("attention"), attention_candidates(capacity, decoder.forward.head_dim))}
     knobs.update({name: (current(name), (staged_matvec.candidates if name in staged else candidates)(*keys[name][1:]))
                   for name in ORDER})
     start = {name: knob[0] for name, knob in knobs.items()}
-    found = descend(knobs, apply, rate, final_rounds)
+    found = descend(knobs, apply, rate, final_rounds, revisit=("attention",))
     tuned = {name: entry["best"] for name, entry in found.items()}
 
     def run_with(values):
@@ -183,24 +206,27 @@ def tune(decoder, decode: Callable[[], float], repeats: int = 3, ab_rounds: int 
         method=f"coordinate descent over {', '.join(knobs)}; each candidate: step recaptured, one decode "
                f"to warm up, median tok/s of {repeats}; then the start and up to {FINALISTS - 1} others within "
                f"{CONTENDING:.0%} of the fastest again, alternately, {final_rounds} rounds, best median kept; "
+               f"attention's finalists again after the pass; "
                f"then the starting and tuned configurations alternately, {ab_rounds} decodes each",
         calls={name: dict(start=name_of(entry["start"]), best=name_of(entry["best"]),
                           tried={name_of(value): r for value, r in entry["tried"].items()},
-                          final={name_of(value): rates for value, rates in entry["final"].items()})
+                          final={name_of(value): rates for value, rates in entry["final"].items()},
+                          revisit={name_of(value): rates for value, rates in entry["revisit"].items()})
                for name, entry in found.items()},
         start_tok_s=statistics.median(ab["start"]), tuned_tok_s=statistics.median(ab["tuned"]), raw=ab)
 
 
 def markdown_table(found: dict) -> str:
     """`tune`'s record as a table: per knob, in the order tuned, its starting and its chosen value
-    with the decode rate each gave (the knobs before it already tuned): the median of the final
-    rounds where the knob had them (records before them have none), else the one measurement."""
+    with the decode rate each gave (the knobs before it already tuned): the median of its last
+    alternating rounds where the knob had them (records before them have none), else the one
+    measurement."""
     rows = [f"| {name} | `{call['start']}` | {_rate(call, call['start'])} | `{call['best']}` | "
             f"{_rate(call, call['best'])} |" for name, call in found["calls"].items()]
     return "\n".join(["| knob | started as | tok/s | tuned to | tok/s |", "|---|---|---|---|---|", *rows])
 
 
 def _rate(call: dict, value: str) -> str:
-    rates = call.get("final", {}).get(value)
+    rates = (call.get("revisit") or call.get("final") or {}).get(value)
     rate = statistics.median(rates) if rates else call["tried"].get(value)
     return "not tried" if rate is None else f"{rate:,.0f}"

@@ -40,6 +40,19 @@ def test_descent_keeps_each_knobs_best_before_trying_the_next():
     assert [s["a"] for s in seen[4:10]] == [0, 1] * 3
 
 
+def test_a_revisited_knob_is_decided_again_among_its_finalists_with_the_others_tuned():
+    state = {"a": 0, "b": 0}
+
+    def rate():  # a=1 is best with b at its start, a=2 once b is tuned
+        return {(0, 0): 10, (1, 0): 12, (2, 0): 11.9, (2, 1): 20, (1, 1): 15, (0, 1): 14}[state["a"], state["b"]]
+
+    found = chain_tuning.descend({"a": (0, [0, 1, 2]), "b": (0, [0, 1])}, state.__setitem__, rate, rounds=2,
+                                 revisit=("a",))
+    assert found["a"]["final"] == {0: [10, 10], 1: [12, 12], 2: [11.9, 11.9]} and found["b"]["best"] == 1
+    assert found["a"]["revisit"] == {0: [14, 14], 1: [15, 15], 2: [20, 20]}
+    assert found["a"]["best"] == 2 and state == {"a": 2, "b": 1}
+
+
 def test_descent_keeps_the_best_median_of_the_rounds_not_the_screens_fluke():
     true_rates = {0: 100.0, 1: 101.0, 2: 99.5, 3: 90.0, 4: 100.5, 5: 100.2}
     screen = iter([100.0, 101.0, 103.0, 90.0, 100.5, 100.2])  # candidate 2 reads high once
@@ -79,8 +92,10 @@ def test_tune_recaptures_for_every_candidate_and_leaves_the_fastest(tiny_tts, mo
     found = chain_tuning.tune(decoder, decode, repeats=1, ab_rounds=1, final_rounds=1)
     assert set(found["calls"]) == {*chain_tuning.ORDER, "attention"}
     tried = sum(len(entry["tried"]) for entry in found["calls"].values())
-    finals = sum(len(values) for entry in found["calls"].values() for values in entry["final"].values())
-    assert len(recaptures) == tried + finals + 2  # the candidates, their finals, then the A/B's start and tuned ones
+    again = sum(len(rates) for entry in found["calls"].values() for rounds in ("final", "revisit")
+                for rates in entry[rounds].values())
+    assert found["calls"]["attention"]["revisit"]  # its finalists again, after the matvecs
+    assert len(recaptures) == tried + again + 2  # candidates, their finals, then the A/B's start and tuned ones
     assert found["calls"]["gate_up"]["best"].startswith("n4_")
     assert fused_matvec.CONFIGS[gate_up].block_n == 4 and decode_attention.CONFIGS[decoder.capacity].parts == 2
     assert found["tuned_tok_s"] == 102.0 and found["start_tok_s"] < 102.0
