@@ -230,3 +230,11 @@ def _rate(call: dict, value: str) -> str:
     rates = (call.get("revisit") or call.get("final") or {}).get(value)
     rate = statistics.median(rates) if rates else call["tried"].get(value)
     return "not tried" if rate is None else f"{rate:,.0f}"
+
+
+def rounds_table(call: dict) -> str:
+    """A revisited knob's finalists: the median rate of their rounds during the pass (the knobs
+    after it at their starts) and after it (every other knob tuned)."""
+    rows = [f"| `{name}` | {statistics.median(rates):,.0f} | {statistics.median(call['revisit'][name]):,.0f} |"
+            for name, rates in call["final"].items()]
+    return "\n".join(["| finalist | during the pass (tok/s) | after it (tok/s) |", "|---|---|---|", *rows])

@@ -53,6 +53,13 @@ def test_a_revisited_knob_is_decided_again_among_its_finalists_with_the_others_t
     assert found["a"]["best"] == 2 and state == {"a": 2, "b": 1}
 
 
+def test_the_rounds_table_shows_each_finalists_median_during_and_after_the_pass():
+    call = {"final": {"s8": [1455, 1456, 1455], "s1": [1465, 1456, 1451]},
+            "revisit": {"s8": [1454, 1452, 1458], "s1": [1544, 1546, 1545]}}
+    rows = chain_tuning.rounds_table(call).splitlines()
+    assert rows[2:] == ["| `s8` | 1,455 | 1,454 |", "| `s1` | 1,456 | 1,545 |"]
+
+
 def test_descent_keeps_the_best_median_of_the_rounds_not_the_screens_fluke():
     true_rates = {0: 100.0, 1: 101.0, 2: 99.5, 3: 90.0, 4: 100.5, 5: 100.2}
     screen = iter([100.0, 101.0, 103.0, 90.0, 100.5, 100.2])  # candidate 2 reads high once
