@@ -79,6 +79,9 @@ def main(argv=None) -> int:
                    help="keep the Triton kernels' default block sizes: no sweep and no tuning in the step's "
                         "chain, a few minutes less (and a cold start-up's compile_s: the sweeps would compile "
                         "the kernels first)")
+    b.add_argument("--tune-from", metavar="RECORD",
+                   help="start the tuning in the step's chain from the picks of this bench record (JSON) "
+                        "of the same card, instead of the kernels' defaults")
     b.add_argument("--trace-dir", help="write a short trace per rung under this directory")
     b.add_argument("--batch", type=int, nargs="+", default=(), metavar="N",
                    help="also decode N utterances at once with the last rung's steps (e.g. 1 8 32 64)")
@@ -169,7 +172,7 @@ def main(argv=None) -> int:
                              repeats=args.repeats, rungs=rungs, voice=args.voice, checks=args.checks,
                              profile=not args.no_profile, sweep=not args.no_sweep, trace_dir=args.trace_dir,
                              batch_sizes=tuple(args.batch), stream=args.stream, many=args.many,
-                             many_flow_steps=args.many_flow_steps,
+                             many_flow_steps=args.many_flow_steps, tune_from=args.tune_from,
                              s3gen_steps=tuple(args.s3gen or S3GEN_STEPS) if args.s3gen is not None or args.ladder
                              else ())
         config.resolved()

@@ -93,6 +93,7 @@ class BenchConfig:
     many_flow_steps: int | None = None  # and again with this many Euler steps of the flow (not 10)
     stream_chunk_tokens: int = 32
     s3gen_steps: tuple = ()        # S3Gen rungs after the T3 rungs, with the last T3 rung's decoder
+    tune_from: str | None = None   # a record of this card whose chain-tuned picks the tuning starts from
     sampling: SamplingParams = field(default_factory=SamplingParams)
 
     def resolved(self) -> "BenchConfig":
@@ -121,9 +122,17 @@ class BenchConfig:
         check_flow_steps(self.many_flow_steps)
         if self.many_flow_steps is not None and not self.many:
             raise ValueError("--many-flow-steps compares against --many N: give both")
+        if self.tune_from is not None:
+            if not self.sweep:
+                raise ValueError("--tune-from starts the tuning that --no-sweep leaves out: give one of them")
+            chain_tuning.picks_from(results.load(Path(self.tune_from)), _gpu_name(device))
         return BenchConfig(**{**asdict(self), "device": device, "tokens": tokens, "repeats": repeats,
                               "rungs": ordered, "s3gen_steps": s3gen_steps,
                               "sampling": self.sampling})
+
+
+def _gpu_name(device: str) -> str | None:
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else None
 
 
 def _peak_mib(device: str) -> float | None:
@@ -453,8 +462,12 @@ def tune_in_chain(tts, cfg: BenchConfig, voice: Path) -> dict:
         torch.manual_seed(cfg.seed)
         return decoder.generate(tts.conds.t3, text_tokens, cfg.tokens, cfg.sampling, stop_on_eos=False).decode_tok_s
 
-    found = chain_tuning.tune(decoder, decode)
+    start_from = chain_tuning.picks_from(results.load(Path(cfg.tune_from)), _gpu_name(cfg.device)) \
+        if cfg.tune_from else None
+    found = chain_tuning.tune(decoder, decode, start_from=start_from)
     found["steps"] = sorted(_chain_steps(cfg))
+    if cfg.tune_from:
+        found["started_from"] = cfg.tune_from
     del decoder
     gc.collect()
     torch.cuda.empty_cache()

@@ -21,6 +21,7 @@ reports is measured like any A/B in this workbook.
 """
 from __future__ import annotations
 
+import re
 import statistics
 from typing import Callable
 
@@ -97,6 +98,33 @@ def name_of(config) -> str:
     return f"n{config.block_n}_k{config.block_k}_w{config.warps}"
 
 
+# `name_of`'s forms, read back: a record's picks as configurations.
+_NAMED = ((re.compile(r"s(\d+)_p(\d+)_b(\d+)_w(\d+)"), AttentionConfig),
+          (re.compile(r"staged_n(\d+)_c(\d+)_l(\d+)_wn(\d+)_w(\d+)"), StagedConfig),
+          (re.compile(r"n(\d+)_k(\d+)_w(\d+)"), KernelConfig))
+
+
+def config_named(name: str):
+    """The configuration `name_of` calls `name`."""
+    for pattern, kind in _NAMED:
+        match = pattern.fullmatch(name)
+        if match:
+            return kind(*map(int, match.groups()))
+    raise ValueError(f"{name!r} names no kernel configuration (as chain_tuning.name_of writes them)")
+
+
+def picks_from(record: dict, gpu: str | None) -> dict[str, str]:
+    """A bench record's tuned configurations by knob, to start a tuning from on the same card."""
+    calls = record.get("chain_sweep", {}).get("calls")
+    if not calls:
+        raise ValueError("the record has no chain tuning (`chain_sweep`): start from a record of a bench run "
+                         "with its sweeps on a GPU")
+    if record["provenance"].get("gpu") != gpu:
+        raise ValueError(f"the record was tuned on {record['provenance'].get('gpu') or 'a CPU'}, this is "
+                         f"{gpu or 'a CPU'}: its picks are a start only for the card they were measured on")
+    return {name: call["best"] for name, call in calls.items()}
+
+
 def descend(knobs: dict[str, tuple], apply: Callable, rate: Callable[[], float], rounds: int = 3,
             revisit: tuple[str, ...] = ()) -> dict:
     """One pass of coordinate descent: knobs {name: (start, candidates)}, `apply(name, value)` sets
@@ -146,12 +174,15 @@ def _best(rates: dict):
     return max(rates, key=lambda value: statistics.median(rates[value]))
 
 
-def tune(decoder, decode: Callable[[], float], repeats: int = 3, ab_rounds: int = 3, final_rounds: int = 3) -> dict:
+def tune(decoder, decode: Callable[[], float], repeats: int = 3, ab_rounds: int = 3, final_rounds: int = 3,
+         start_from: dict[str, str] | None = None) -> dict:
     """Tune `decoder`'s step (a captured one, with `fused_matvec` and `fused_attention`) in place:
     `decode()` runs one decode and returns its tokens per second. Leaves the fastest configurations
     in `fused_matvec.CONFIGS`, `staged_matvec.CONFIGS` (for the calls the step stages) and
-    `decode_attention.CONFIGS`, which decoders read when they capture their step. Returns what was
-    tried and the A/B of the starting against the tuned configurations."""
+    `decode_attention.CONFIGS`, which decoders read when they capture their step. `start_from`:
+    configurations by knob, named as `name_of` names them (`picks_from` a record), to start from
+    instead of the current ones. Returns what was tried and the A/B of the starting against the
+    tuned configurations."""
     if not hasattr(decoder.step_fn, "recapture"):
         raise ValueError("tuning recaptures the step: build the decoder with captured_graph")
     rows, capacity = 2 * decoder.streams, decoder.capacity
@@ -175,6 +206,9 @@ def tune(decoder, decode: Callable[[], float], repeats: int = 3, ab_rounds: int 
             decode_attention.CONFIGS[capacity] = value
         else:
             (staged_matvec if name in staged else fused_matvec).CONFIGS[keys[name]] = value
+
+    for name, value in (start_from or {}).items():
+        apply(name, _start_config(name, value, staged))
 
     def rate():
         decoder.step_fn.recapture()
@@ -214,6 +248,18 @@ def tune(decoder, decode: Callable[[], float], repeats: int = 3, ab_rounds: int 
                           revisit={name_of(value): rates for value, rates in entry["revisit"].items()})
                for name, entry in found.items()},
         start_tok_s=statistics.median(ab["start"]), tuned_tok_s=statistics.median(ab["tuned"]), raw=ab)
+
+
+def _start_config(knob: str, name: str, staged: set):
+    """`name`'s configuration, checked to be one `knob` takes in this decoder."""
+    if knob != "attention" and knob not in ORDER:
+        raise ValueError(f"no knob {knob!r} to start from: the knobs are attention, {', '.join(ORDER)}")
+    config = config_named(name)
+    kind = AttentionConfig if knob == "attention" else StagedConfig if knob in staged else KernelConfig
+    if not isinstance(config, kind):
+        raise ValueError(f"{knob} starts from {name!r}, a {type(config).__name__}, but this decoder's {knob} "
+                         f"takes a {kind.__name__}: start from a record of the same steps")
+    return config
 
 
 def markdown_table(found: dict) -> str:

@@ -200,6 +200,24 @@ def test_batching_needs_a_cached_rung():
         BenchConfig(rungs=("embed_cache",), many=2, many_flow_steps=0, device="cpu").resolved()
 
 
+def test_tuning_starts_only_from_a_tuned_record_of_the_same_card(tmp_path, capsys):
+    record = results.load(results.latest_with("beyond", ("folded_prologue",), section="chain_sweep")[0])
+    gpu = record["provenance"]["gpu"]
+    path = tmp_path / "record.json"
+    results.write(record, path)
+    with pytest.raises(ValueError, match=f"tuned on {gpu}, this is a CPU"):
+        BenchConfig(rungs=("embed_cache",), device="cpu", tune_from=str(path)).resolved()
+    with pytest.raises(ValueError, match="--tune-from starts the tuning that --no-sweep leaves out"):
+        BenchConfig(rungs=("embed_cache",), device="cpu", tune_from=str(path), sweep=False).resolved()
+    untuned = tmp_path / "untuned.json"
+    results.write({**record, "chain_sweep": {}}, untuned)
+    with pytest.raises(ValueError, match="the record has no chain tuning"):
+        BenchConfig(rungs=("embed_cache",), device="cpu", tune_from=str(untuned)).resolved()
+    with pytest.raises(SystemExit):
+        main(["bench", "--device", "cpu", "--tune-from", str(tmp_path / "missing.json")])
+    assert "missing.json" in capsys.readouterr().err
+
+
 def test_s3gen_rungs_follow_the_t3_rungs_with_the_half_flow_check(tmp_path, capsys):
     """S3Gen's steps change the model in place, so this loads its own (the CLI does)."""
     out = tmp_path / "s3gen.json"

@@ -108,6 +108,48 @@ def test_tune_recaptures_for_every_candidate_and_leaves_the_fastest(tiny_tts, mo
     assert found["tuned_tok_s"] == 102.0 and found["start_tok_s"] < 102.0
 
 
+def test_every_candidates_name_reads_back_as_its_configuration():
+    from chatterbox_lab import staged_matvec
+
+    for config in (*chain_tuning.candidates(4096, 1024, True), *chain_tuning.attention_candidates(448, 64),
+                   *staged_matvec.candidates(4096, 1024)):
+        assert chain_tuning.config_named(chain_tuning.name_of(config)) == config
+    with pytest.raises(ValueError, match="names no kernel configuration"):
+        chain_tuning.config_named("n4_k1024")
+
+
+def test_picks_come_from_a_tuned_record_of_the_same_card():
+    record = {"provenance": {"gpu": "H"}, "chain_sweep": {"calls": {"qkv": {"best": "n4_k1024_w2"}}}}
+    assert chain_tuning.picks_from(record, "H") == {"qkv": "n4_k1024_w2"}
+    with pytest.raises(ValueError, match="tuned on H, this is G"):
+        chain_tuning.picks_from(record, "G")
+    with pytest.raises(ValueError, match="no chain tuning"):
+        chain_tuning.picks_from({"provenance": {"gpu": "H"}}, "H")
+
+
+def test_tune_starts_from_given_picks_and_refuses_ones_the_decoder_cannot_take(tiny_tts, monkeypatch):
+    monkeypatch.setattr(fused_matvec, "CONFIGS", {})
+    monkeypatch.setattr(decode_attention, "CONFIGS", {})
+    monkeypatch.setattr(chain_tuning, "ORDER", ("qkv",))
+    decoder = T3Decoder(tiny_tts.t3, ladder_prefix("captured_graph") - {"bf16"}, max_new_tokens=4)
+    attention = decode_attention.config_for(decoder.capacity)
+    monkeypatch.setattr(chain_tuning, "attention_candidates", lambda capacity, head_dim: [attention])
+    monkeypatch.setattr(chain_tuning, "candidates", lambda n, k, gated=False: [KernelConfig(1, 128, 4)])
+    text = text_tokens_for(tiny_tts, "Tuned from a record.")
+
+    def decode():
+        decoder.generate(tiny_tts.conds.t3, text, 2, SamplingParams(), stop_on_eos=False)
+        return 100.0
+
+    start = {"qkv": "n2_k128_w2", "attention": chain_tuning.name_of(attention)}
+    found = chain_tuning.tune(decoder, decode, repeats=1, ab_rounds=1, final_rounds=1, start_from=start)
+    assert found["calls"]["qkv"]["start"] == "n2_k128_w2" and "n2_k128_w2" in found["calls"]["qkv"]["final"]
+    for picks, message in (({"qkv": "staged_n16_c256_l4_wn4_w4"}, "this decoder's qkv takes a KernelConfig"),
+                           ({"prefetch_ahead": "1"}, "no knob 'prefetch_ahead'")):
+        with pytest.raises(ValueError, match=message):
+            chain_tuning.tune(decoder, decode, repeats=1, ab_rounds=1, final_rounds=1, start_from=picks)
+
+
 @pytest.mark.parametrize("capacity", [128, 448, 1024])
 def test_attention_candidates_hold_one_stretch_in_a_block_within_the_registers(capacity):
     found = chain_tuning.attention_candidates(capacity, 64)
