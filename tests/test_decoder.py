@@ -310,7 +310,7 @@ def test_a_captured_runs_first_call_leaves_that_run_captured_for_the_next_decode
             replayed.append(self.steps)
 
     @contextlib.contextmanager
-    def capture(graph):
+    def capture(graph, pool=None):
         recording.append(graph)
         yield
         recording.pop()
