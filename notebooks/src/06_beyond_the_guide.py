@@ -463,8 +463,9 @@ assert kept > 1 and b["rungs"]["fused_bookkeeping"]["gpu_kernels_per_token"] < \
 #
 # So the bench also tunes inside the step (`chain_tuning.py`, recorded as `chain_sweep`):
 # one kernel at a time, every candidate grid with the others fixed, the step recaptured and
-# whole decodes timed; then the starting and the tuned configurations alternately, an A/B
-# in one process. The attention kernel is its first knob, with two ways to avoid the
+# whole decodes timed (from `...1250Z` on, the closest candidates timed again, alternately:
+# see the records of `folded_prologue` below); then the starting and the tuned configurations
+# alternately, an A/B in one process. The attention kernel is its first knob, with two ways to avoid the
 # combine of its stretches (a fence, an atomic and a second round trip after the wait):
 # one program a (row, head) over a block of up to 512 slots, or shares of the value
 # dimensions that each score every slot.
