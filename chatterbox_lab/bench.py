@@ -125,6 +125,9 @@ class BenchConfig:
         if self.tune_from is not None:
             if not self.sweep:
                 raise ValueError("--tune-from starts the tuning that --no-sweep leaves out: give one of them")
+            if not any("captured_graph" in rung_steps(rung, device) for rung in ordered):
+                raise ValueError("--tune-from starts the tuning of the captured step: give a rung at or past "
+                                 "captured_graph")
             chain_tuning.picks_from(results.load(Path(self.tune_from)), _gpu_name(device))
         return BenchConfig(**{**asdict(self), "device": device, "tokens": tokens, "repeats": repeats,
                               "rungs": ordered, "s3gen_steps": s3gen_steps,

@@ -206,15 +206,17 @@ def test_tuning_starts_only_from_a_tuned_record_of_the_same_card(tmp_path, capsy
     path = tmp_path / "record.json"
     results.write(record, path)
     with pytest.raises(ValueError, match=f"tuned on {gpu}, this is a CPU"):
-        BenchConfig(rungs=("embed_cache",), device="cpu", tune_from=str(path)).resolved()
+        BenchConfig(rungs=("captured_graph",), device="cpu", tune_from=str(path)).resolved()
     with pytest.raises(ValueError, match="--tune-from starts the tuning that --no-sweep leaves out"):
-        BenchConfig(rungs=("embed_cache",), device="cpu", tune_from=str(path), sweep=False).resolved()
+        BenchConfig(rungs=("captured_graph",), device="cpu", tune_from=str(path), sweep=False).resolved()
+    with pytest.raises(ValueError, match="give a rung at or past captured_graph"):
+        BenchConfig(rungs=("embed_cache",), device="cpu", tune_from=str(path)).resolved()
     untuned = tmp_path / "untuned.json"
     results.write({**record, "chain_sweep": {}}, untuned)
     with pytest.raises(ValueError, match="the record has no chain tuning"):
-        BenchConfig(rungs=("embed_cache",), device="cpu", tune_from=str(untuned)).resolved()
+        BenchConfig(rungs=("captured_graph",), device="cpu", tune_from=str(untuned)).resolved()
     with pytest.raises(SystemExit):
-        main(["bench", "--device", "cpu", "--tune-from", str(tmp_path / "missing.json")])
+        main(["bench", "--device", "cpu", "--rungs", "captured_graph", "--tune-from", str(tmp_path / "missing.json")])
     assert "missing.json" in capsys.readouterr().err
 
 
