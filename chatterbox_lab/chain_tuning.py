@@ -159,15 +159,15 @@ def descend(knobs: dict[str, tuple], apply: Callable, rate: Callable[[], float],
 
 def _alternate(name: str, values: list, apply: Callable, rate: Callable[[], float], rounds: int) -> dict:
     """{value: [rates]}: each of `values` measured once a round, for `rounds` rounds; {} for fewer
-    than two values."""
-    if len(values) < 2:
+    than two values or no rounds."""
+    if len(values) < 2 or rounds < 1:
         return {}
     rates = {value: [] for value in values}
     for _ in range(rounds):
         for value in values:
             apply(name, value)
             rates[value].append(rate())
-    return rates if rounds else {}
+    return rates
 
 
 def _best(rates: dict):
