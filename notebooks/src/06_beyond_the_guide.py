@@ -339,7 +339,9 @@ assert mix["fused_sampling"]["sampling"] < mix["fused_matvec"]["sampling"]
 # next is captured and replayed. Both were timed from a fresh process with empty
 # Inductor and Triton caches (the records' commands); the rates of both in one
 # process follow, from the latest record that has them. The GPU test checks that
-# the captured step draws the compiled step's tokens for the same seed.
+# the captured step draws the compiled step's tokens for the same seed. The
+# fastest single-stream rung, `folded_prologue` (later sections), was timed cold
+# the same way: every Triton and Gluon kernel of its step compiled, then captured.
 
 # %%
 cold = results.cold_starts()
@@ -354,6 +356,9 @@ for gpu in {gpu for gpu, _ in cold}:
     if (gpu, "fused_sampling") in cold and (gpu, "captured_graph") in cold:
         start_up = {rung: cold[gpu, rung][1]["rungs"][rung]["compile_s"] for rung in ("captured_graph", "fused_sampling")}
         assert start_up["captured_graph"] < start_up["fused_sampling"], (gpu, start_up)
+# the issue's goal for a cold start-up: 15 s
+assert all(record["rungs"][rung]["compile_s"] <= 15 for (_, rung), (_, record) in cold.items()
+           if rung == "folded_prologue")
 
 # %% [markdown]
 # ## Overlapping the kernels (`dependent_launch`)
