@@ -81,7 +81,8 @@ def main(argv=None) -> int:
                         "the kernels first)")
     b.add_argument("--tune-from", metavar="RECORD",
                    help="start the tuning in the step's chain from the picks of this bench record (JSON) "
-                        "of the same card, instead of the kernels' defaults")
+                        "of the same card, instead of the kernels' defaults; with --no-sweep, run the rungs "
+                        "with those picks, untuned")
     b.add_argument("--trace-dir", help="write a short trace per rung under this directory")
     b.add_argument("--batch", type=int, nargs="+", default=(), metavar="N",
                    help="also decode N utterances at once with the last rung's steps (e.g. 1 8 32 64)")

@@ -93,7 +93,9 @@ class BenchConfig:
     many_flow_steps: int | None = None  # and again with this many Euler steps of the flow (not 10)
     stream_chunk_tokens: int = 32
     s3gen_steps: tuple = ()        # S3Gen rungs after the T3 rungs, with the last T3 rung's decoder
-    tune_from: str | None = None   # a record of this card whose chain-tuned picks the tuning starts from
+    # A record of this card whose chain-tuned picks the tuning starts from; without `sweep`, the
+    # picks the rungs run with, untuned.
+    tune_from: str | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
 
     def resolved(self) -> "BenchConfig":
@@ -123,11 +125,9 @@ class BenchConfig:
         if self.many_flow_steps is not None and not self.many:
             raise ValueError("--many-flow-steps compares against --many N: give both")
         if self.tune_from is not None:
-            if not self.sweep:
-                raise ValueError("--tune-from starts the tuning that --no-sweep leaves out: give one of them")
             if not any("captured_graph" in rung_steps(rung, device) for rung in ordered):
-                raise ValueError("--tune-from starts the tuning of the captured step: give a rung at or past "
-                                 "captured_graph")
+                raise ValueError("--tune-from sets the configurations of the captured step: give a rung at or "
+                                 "past captured_graph")
             chain_tuning.picks_from(results.load(Path(self.tune_from)), _gpu_name(device))
         return BenchConfig(**{**asdict(self), "device": device, "tokens": tokens, "repeats": repeats,
                               "rungs": ordered, "s3gen_steps": s3gen_steps,
@@ -454,27 +454,34 @@ def _chain_steps(cfg: BenchConfig) -> frozenset:
     return _t3_steps(cfg) - chain_tuning.REPLACING_STEPS - chain_tuning.REPLAY_STEPS
 
 
-def tune_in_chain(tts, cfg: BenchConfig, voice: Path) -> dict:
+def tune_in_chain(tts, cfg: BenchConfig, voice: Path) -> tuple[str, dict]:
     """`chain_tuning.tune` on a decoder with `_chain_steps` decoding the benchmark's text, every token
-    (no stop): the configurations it finds serve every rung measured after it."""
-    prepare_voice(tts, voice)
-    text_tokens = text_tokens_for(tts, cfg.text)
+    (no stop): the configurations it finds serve every rung measured after it. Without `cfg.sweep`,
+    the picks of `cfg.tune_from` are set as they are. Returns the record's section and its content:
+    "chain_sweep" (what the tuning tried) or "chain_picks"."""
     decoder = T3Decoder(tts.t3, _chain_steps(cfg), max_cache_len=_capacity(tts, cfg))
-
-    def decode():
-        torch.manual_seed(cfg.seed)
-        return decoder.generate(tts.conds.t3, text_tokens, cfg.tokens, cfg.sampling, stop_on_eos=False).decode_tok_s
-
     start_from = chain_tuning.picks_from(results.load(Path(cfg.tune_from)), _gpu_name(cfg.device)) \
         if cfg.tune_from else None
-    found = chain_tuning.tune(decoder, decode, start_from=start_from)
+    if cfg.sweep:
+        prepare_voice(tts, voice)
+        text_tokens = text_tokens_for(tts, cfg.text)
+
+        def decode():
+            torch.manual_seed(cfg.seed)
+            return decoder.generate(tts.conds.t3, text_tokens, cfg.tokens, cfg.sampling,
+                                    stop_on_eos=False).decode_tok_s
+
+        section, found = "chain_sweep", chain_tuning.tune(decoder, decode, start_from=start_from)
+    else:
+        chain_tuning.apply_picks(decoder, start_from)
+        section, found = "chain_picks", dict(calls=start_from)
     found["steps"] = sorted(_chain_steps(cfg))
     if cfg.tune_from:
         found["started_from"] = cfg.tune_from
     del decoder
     gc.collect()
     torch.cuda.empty_cache()
-    return found
+    return section, found
 
 
 def run(config: BenchConfig, progress: bool = True, tts=None, partial: Path | None = None) -> dict:
@@ -551,15 +558,17 @@ def _time_everything(tts, cfg: BenchConfig, voice: Path, doc: dict, checks: dict
     into `doc` (with the checks that need the bf16 model, after the fp32 rungs)."""
     total = (len(cfg.rungs) + len(cfg.s3gen_steps)) * (cfg.repeats + 1)
     decoder = None
-    # Tuned in the chain just before the first captured rung: after the fp32 rungs, since the last
-    # rung's decoder casts T3 to bf16 in place.
+    # Tuned in the chain (or set to a record's picks) just before the first captured rung: after the
+    # fp32 rungs, since the last rung's decoder casts T3 to bf16 in place.
     chain_rung = next((r for r in cfg.rungs if "captured_graph" in rung_steps(r, cfg.device)), None) \
-        if cfg.sweep and cfg.device.startswith("cuda") and "captured_graph" in _chain_steps(cfg) else None
+        if (cfg.sweep or cfg.tune_from) and cfg.device.startswith("cuda") and "captured_graph" in _chain_steps(cfg) \
+        else None
     with tqdm(total=total, desc="bench", disable=not progress) as bar:
         for rung in cfg.rungs:
             bar.set_postfix_str(rung)
             if rung == chain_rung:
-                doc["chain_sweep"] = tune_in_chain(tts, cfg, voice)
+                section, found = tune_in_chain(tts, cfg, voice)
+                doc[section] = found
             if rung != "upstream_fp32" and checks is not None and "bf16_logit_rel_error" not in doc["checks"]:
                 text_tokens = text_tokens_for(tts, cfg.text)
                 for name, steps in LOGIT_CHECKS.items():

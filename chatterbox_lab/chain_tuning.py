@@ -185,30 +185,8 @@ def tune(decoder, decode: Callable[[], float], repeats: int = 3, ab_rounds: int 
     tuned configurations."""
     if not hasattr(decoder.step_fn, "recapture"):
         raise ValueError("tuning recaptures the step: build the decoder with captured_graph")
-    rows, capacity = 2 * decoder.streams, decoder.capacity
-    staged = decoder.forward.staged  # these calls' knob is the staged kernel's config
-    keys = {}
-    for name, call in fused_matvec.step_calls(decoder.t3).items():
-        keys[name] = (rows, call["n"], call["k"], call.get("gated", False))
-    for name in staged:
-        # Rungs without the staged kernel run the Triton kernel for these calls, which this tuning
-        # leaves untouched: they get its default, measured in the chain, not `fused_matvec.sweep`'s
-        # pick from timing it alone.
-        fused_matvec.CONFIGS.pop(keys[name], None)
-
-    def current(name):
-        if name == "attention":
-            return decode_attention.config_for(capacity)
-        return (staged_matvec if name in staged else fused_matvec).config_for(*keys[name])
-
-    def apply(name, value):
-        if name == "attention":
-            decode_attention.CONFIGS[capacity] = value
-        else:
-            (staged_matvec if name in staged else fused_matvec).CONFIGS[keys[name]] = value
-
-    for name, value in (start_from or {}).items():
-        apply(name, _start_config(name, value, staged))
+    apply_picks(decoder, start_from or {})
+    staged, keys, current, apply = _knobs(decoder)
 
     def rate():
         decoder.step_fn.recapture()
@@ -219,7 +197,7 @@ def tune(decoder, decode: Callable[[], float], repeats: int = 3, ab_rounds: int 
     # matvecs' grids change its best in turn: in `beyond/...1250Z` the one pass kept 128-slot
     # stretches, measured against the matvecs' starting grids, where every record before it had
     # kept one 512-slot block a head. So its finalists are timed again once the matvecs are tuned.
-    knobs = {"attention": (current("attention"), attention_candidates(capacity, decoder.forward.head_dim))}
+    knobs = {"attention": (current("attention"), attention_candidates(decoder.capacity, decoder.forward.head_dim))}
     knobs.update({name: (current(name), (staged_matvec.candidates if name in staged else candidates)(*keys[name][1:]))
                   for name in ORDER})
     start = {name: knob[0] for name, knob in knobs.items()}
@@ -248,6 +226,42 @@ def tune(decoder, decode: Callable[[], float], repeats: int = 3, ab_rounds: int 
                           revisit={name_of(value): rates for value, rates in entry["revisit"].items()})
                for name, entry in found.items()},
         start_tok_s=statistics.median(ab["start"]), tuned_tok_s=statistics.median(ab["tuned"]), raw=ab)
+
+
+def apply_picks(decoder, picks: dict[str, str]) -> None:
+    """Set the configurations that `decoder`'s step reads when it captures to `picks` (by knob, named
+    as `name_of` names them: `picks_from` a record), untimed: where `tune` would start from them."""
+    staged, _, _, apply = _knobs(decoder)
+    for name, value in picks.items():
+        apply(name, _start_config(name, value, staged))
+
+
+def _knobs(decoder):
+    """For `decoder`'s step: the calls it stages, each matvec's configuration key, and `current(knob)`
+    and `apply(knob, config)` over the tables the kernels read."""
+    rows, capacity = 2 * decoder.streams, decoder.capacity
+    staged = decoder.forward.staged  # these calls' knob is the staged kernel's config
+    keys = {}
+    for name, call in fused_matvec.step_calls(decoder.t3).items():
+        keys[name] = (rows, call["n"], call["k"], call.get("gated", False))
+    for name in staged:
+        # Rungs without the staged kernel run the Triton kernel for these calls, which the tuning
+        # leaves untouched: they get its default, measured in the chain, not `fused_matvec.sweep`'s
+        # pick from timing it alone.
+        fused_matvec.CONFIGS.pop(keys[name], None)
+
+    def current(name):
+        if name == "attention":
+            return decode_attention.config_for(capacity)
+        return (staged_matvec if name in staged else fused_matvec).config_for(*keys[name])
+
+    def apply(name, value):
+        if name == "attention":
+            decode_attention.CONFIGS[capacity] = value
+        else:
+            (staged_matvec if name in staged else fused_matvec).CONFIGS[keys[name]] = value
+
+    return staged, keys, current, apply
 
 
 def _start_config(knob: str, name: str, staged: set):

@@ -207,8 +207,6 @@ def test_tuning_starts_only_from_a_tuned_record_of_the_same_card(tmp_path, capsy
     results.write(record, path)
     with pytest.raises(ValueError, match=f"tuned on {gpu}, this is a CPU"):
         BenchConfig(rungs=("captured_graph",), device="cpu", tune_from=str(path)).resolved()
-    with pytest.raises(ValueError, match="--tune-from starts the tuning that --no-sweep leaves out"):
-        BenchConfig(rungs=("captured_graph",), device="cpu", tune_from=str(path), sweep=False).resolved()
     with pytest.raises(ValueError, match="give a rung at or past captured_graph"):
         BenchConfig(rungs=("embed_cache",), device="cpu", tune_from=str(path)).resolved()
     untuned = tmp_path / "untuned.json"

@@ -150,6 +150,19 @@ def test_tune_starts_from_given_picks_and_refuses_ones_the_decoder_cannot_take(t
             chain_tuning.tune(decoder, decode, repeats=1, ab_rounds=1, final_rounds=1, start_from=picks)
 
 
+def test_picks_are_set_untimed_where_the_next_capture_reads_them(tiny_tts, monkeypatch):
+    monkeypatch.setattr(fused_matvec, "CONFIGS", {})
+    monkeypatch.setattr(decode_attention, "CONFIGS", {})
+    decoder = T3Decoder(tiny_tts.t3, ladder_prefix("captured_graph") - {"bf16"}, max_new_tokens=4)
+    qkv = next((2, c["n"], c["k"], False) for name, c in fused_matvec.step_calls(decoder.t3).items() if name == "qkv")
+    attention = chain_tuning.attention_candidates(decoder.capacity, decoder.forward.head_dim)[-1]
+    chain_tuning.apply_picks(decoder, {"qkv": "n2_k128_w2", "attention": chain_tuning.name_of(attention)})
+    assert fused_matvec.CONFIGS == {qkv: KernelConfig(2, 128, 2)}
+    assert decode_attention.CONFIGS == {decoder.capacity: attention}
+    with pytest.raises(ValueError, match="this decoder's qkv takes a KernelConfig"):
+        chain_tuning.apply_picks(decoder, {"qkv": "staged_n16_c256_l4_wn4_w4"})
+
+
 @pytest.mark.parametrize("capacity", [128, 448, 1024])
 def test_attention_candidates_hold_one_stretch_in_a_block_within_the_registers(capacity):
     found = chain_tuning.attention_candidates(capacity, 64)
@@ -183,3 +196,20 @@ def test_the_bench_tunes_the_plain_chain_even_when_the_last_rung_replaces_its_ke
     assert steps == ladder_prefix("persistent_layers") - {"dependent_launch", "launch_ahead", "staged_weights", "staged_head"} - \
         chain_tuning.REPLACING_STEPS - {"multi_step_graph"}
     check_steps(steps)
+
+
+def test_the_bench_without_sweeps_sets_a_records_picks_untuned(tiny_tts, tmp_path, monkeypatch):
+    from chatterbox_lab import bench
+
+    monkeypatch.setattr(fused_matvec, "CONFIGS", {})
+    monkeypatch.setattr(decode_attention, "CONFIGS", {})
+    # Kept in fp32: the casting decoder would change the session's tiny model for every later test.
+    monkeypatch.setattr(bench, "T3Decoder", lambda t3, steps, **kw: T3Decoder(t3, steps - {"bf16"}, **kw))
+    monkeypatch.setattr(bench.results, "load", lambda path: {"chain_sweep": {"calls": {"qkv": {"best": "n2_k128_w2"}}},
+                                                             "provenance": {"gpu": None}})
+    monkeypatch.setattr(chain_tuning, "tune", lambda *args, **kwargs: pytest.fail("no sweep, so no tuning"))
+    cfg = bench.BenchConfig(rungs=("captured_graph",), device="cpu", tokens=4, sweep=False, tune_from="record.json")
+    section, found = bench.tune_in_chain(tiny_tts, cfg, tmp_path / "unused.wav")
+    assert section == "chain_picks" and found["calls"] == {"qkv": "n2_k128_w2"}
+    assert found["started_from"] == "record.json"
+    assert list(fused_matvec.CONFIGS.values()) == [KernelConfig(2, 128, 2)]
