@@ -47,6 +47,7 @@
 
 # %%
 import statistics
+from pathlib import Path
 
 import torch
 from IPython.display import Markdown, display
@@ -756,6 +757,21 @@ assert all(doc["chain_sweep"]["tuned_tok_s"] > doc["chain_sweep"]["start_tok_s"]
 # lie within about 1% of each other. Where the descent starts matters more than where it ends:
 # started from the default grids, attention and gate/up are chosen against matvecs that are not
 # tuned yet, and the records above show how far from the best that can leave a pass.
+#
+# The tuning compiles and times every candidate: minutes of a bench run. A server needs none of
+# it once a record of its card holds the picks. With `--no-sweep`, `--tune-from` sets a record's
+# picks as they are and tunes nothing (`chain_tuning.apply_picks`); from a fresh process with empty
+# Inductor and Triton caches, the step's kernels compile and it is captured within the 15
+# s start-up, and it decodes at the tuned rate:
+
+# %%
+for (gpu, rung), (cold_path, cold_doc) in sorted(results.cold_starts().items()):
+    if "chain_picks" in cold_doc:
+        figures = cold_doc["rungs"][rung]
+        print(f"{gpu}, {rung}, picks of {Path(cold_doc['chain_picks']['started_from']).name}: "
+              f"cold start-up {figures['compile_s']:.1f} s, then {figures['t3_decode_tok_s']:,.0f} tok/s "
+              f"({figures['fraction_of_floor']:.1%} of the floor; {cold_path.name})")
+        assert figures["compile_s"] <= 15 and figures["t3_decode_tok_s"] >= 1600
 
 # %% [markdown]
 # ## Handing each head over (`head_handoff`), measured slower
