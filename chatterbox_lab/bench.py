@@ -448,13 +448,13 @@ def bf16_logit_error(tts, text_tokens, forced, reference, steps=LOGIT_CHECKS["bf
 
 
 def _chain_steps(cfg: BenchConfig) -> frozenset:
-    """The steps whose captured chain `tune_in_chain` tunes: the last rung's, less those whose kernels
+    """The steps whose captured chain `configure_chain` tunes: the last rung's, less those whose kernels
     replace the matvec and attention kernels of every other captured rung, and those that only
     change how the step is replayed."""
     return _t3_steps(cfg) - chain_tuning.REPLACING_STEPS - chain_tuning.REPLAY_STEPS
 
 
-def tune_in_chain(tts, cfg: BenchConfig, voice: Path) -> tuple[str, dict]:
+def configure_chain(tts, cfg: BenchConfig, voice: Path) -> tuple[str, dict]:
     """`chain_tuning.tune` on a decoder with `_chain_steps` decoding the benchmark's text, every token
     (no stop): the configurations it finds serve every rung measured after it. Without `cfg.sweep`,
     the picks of `cfg.tune_from` are set as they are. Returns the record's section and its content:
@@ -567,7 +567,7 @@ def _time_everything(tts, cfg: BenchConfig, voice: Path, doc: dict, checks: dict
         for rung in cfg.rungs:
             bar.set_postfix_str(rung)
             if rung == chain_rung:
-                section, found = tune_in_chain(tts, cfg, voice)
+                section, found = configure_chain(tts, cfg, voice)
                 doc[section] = found
             if rung != "upstream_fp32" and checks is not None and "bf16_logit_rel_error" not in doc["checks"]:
                 text_tokens = text_tokens_for(tts, cfg.text)

@@ -209,7 +209,7 @@ def test_the_bench_without_sweeps_sets_a_records_picks_untuned(tiny_tts, tmp_pat
                                                              "provenance": {"gpu": None}})
     monkeypatch.setattr(chain_tuning, "tune", lambda *args, **kwargs: pytest.fail("no sweep, so no tuning"))
     cfg = bench.BenchConfig(rungs=("captured_graph",), device="cpu", tokens=4, sweep=False, tune_from="record.json")
-    section, found = bench.tune_in_chain(tiny_tts, cfg, tmp_path / "unused.wav")
+    section, found = bench.configure_chain(tiny_tts, cfg, tmp_path / "unused.wav")
     assert section == "chain_picks" and found["calls"] == {"qkv": "n2_k128_w2"}
     assert found["started_from"] == "record.json"
     assert list(fused_matvec.CONFIGS.values()) == [KernelConfig(2, 128, 2)]
