@@ -754,11 +754,11 @@ assert all(doc["chain_sweep"]["tuned_tok_s"] > doc["chain_sweep"]["start_tok_s"]
 # Three processes in a row, and every multi-step rung of each at 1,600 tok/s or more. The tuning
 # still moves gate/up, the head and o_proj away from `...1233Z`'s picks, and its A/B measures the
 # move as a gain each time; but the grids it lands on differ between the three, and their finalists
-# lie within about 1% of each other. Where the descent starts matters more than where it ends:
+# lie within about 2% of each other. Where the descent starts matters more than where it ends:
 # started from the default grids, attention and gate/up are chosen against matvecs that are not
 # tuned yet, and the records above show how far from the best that can leave a pass.
 #
-# The tuning compiles and times every candidate: minutes of a bench run. A server needs none of
+# The tuning compiles and times every candidate: minutes of a bench run. A process needs none of
 # it once a record of its card holds the picks. With `--no-sweep`, `--tune-from` sets a record's
 # picks as they are and tunes nothing (`chain_tuning.apply_picks`); from a fresh process with empty
 # Inductor and Triton caches, the step's kernels compile and it is captured within the issue's 15
