@@ -9,11 +9,11 @@ import re
 import sys
 from pathlib import Path
 
-from . import results
-from .architecture import PRESETS
-from .bench import RUNGS, BenchConfig, batch_table, ladder_rungs, run, summary_table
-from .s3gen_steps import S3GEN_STEPS
-from .sampling import SamplingParams
+from chatterbox_lab.records import results
+from chatterbox_lab.loading.architecture import PRESETS
+from chatterbox_lab.measure.bench import RUNGS, BenchConfig, batch_table, ladder_rungs, run, summary_table
+from chatterbox_lab.s3gen.s3gen_steps import S3GEN_STEPS
+from chatterbox_lab.sampling import SamplingParams
 
 LOCAL_RESULTS = Path("bench-results")
 
@@ -30,10 +30,11 @@ def default_output(doc: dict) -> Path:
 
 def say(args) -> Path:
     """One utterance into a WAV file; every cheap check runs before the model loads."""
-    from .models import load_tts
-    from .session import TTSSession
-    from .validation import MAX_LONG_TEXT_CHARS, MAX_TEXT_CHARS, check_output_path, check_text, check_token_count
-    from .voices import check_reference_audio
+    from chatterbox_lab.loading.models import load_tts
+    from chatterbox_lab.serving.session import TTSSession
+    from chatterbox_lab.validation import (MAX_LONG_TEXT_CHARS, MAX_TEXT_CHARS, check_output_path, check_text,
+                                           check_token_count)
+    from chatterbox_lab.pipeline.voices import check_reference_audio
 
     # Arguments that are not UTF-8 reach Python as surrogate escapes; encoding them back
     # gives check_text the original bytes to refuse.
@@ -141,7 +142,7 @@ def main(argv=None) -> int:
         print(f"wrote {out}")
         return 0
     if args.command == "soak":
-        from .soak import soak_document
+        from chatterbox_lab.measure.soak import soak_document
 
         doc = soak_document(requests=args.requests, clients=args.clients, preset=args.preset, device=args.device,
                             time_limit_s=args.time_limit, s3gen_steps=_s3gen_steps(args))
@@ -153,8 +154,8 @@ def main(argv=None) -> int:
     if args.command == "serve":
         import uvicorn
 
-        from .server import create_app
-        from .session import TTSSession
+        from chatterbox_lab.serving.server import create_app
+        from chatterbox_lab.serving.session import TTSSession
 
         session = TTSSession(args.checkpoint, preset=args.preset, device=args.device,
                              s3gen_steps=_s3gen_steps(args))
@@ -162,7 +163,7 @@ def main(argv=None) -> int:
         uvicorn.run(create_app(session), host=args.host, port=args.port)
         return 0
     if args.command == "readme":
-        from .report import update_readme
+        from chatterbox_lab.records.report import update_readme
 
         print("README.md updated" if update_readme() else "README.md already up to date")
         return 0
@@ -185,7 +186,7 @@ def main(argv=None) -> int:
     out = results.write(doc, args.out or default_output(doc), overwrite=args.overwrite)
     if partial:
         partial.unlink(missing_ok=True)
-    from .report import write_companions
+    from chatterbox_lab.records.report import write_companions
 
     companions = write_companions(doc, out)
     print(summary_table(doc))

@@ -16,7 +16,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def interpreted(monkeypatch):
     """Our Triton kernels run on the CPU by Triton's interpreter (the switch lives in fused_matvec)."""
-    from chatterbox_lab import fused_matvec
+    from chatterbox_lab.kernels import fused_matvec
 
     if fused_matvec.triton is None or os.environ.get("TRITON_INTERPRET") != "1" or torch.cuda.is_available():
         pytest.skip("needs Triton's interpreter, on a machine without a GPU")
@@ -26,7 +26,7 @@ def interpreted(monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_tts():
-    from chatterbox_lab.models import load_tts
+    from chatterbox_lab.loading.models import load_tts
 
     tts = load_tts(preset="tiny", device="cpu")
     tts.prepare_conditionals(str(_voice("alto")))
@@ -34,6 +34,6 @@ def tiny_tts():
 
 
 def _voice(name):
-    from chatterbox_lab.voices import voice_path
+    from chatterbox_lab.pipeline.voices import voice_path
 
     return voice_path(name)

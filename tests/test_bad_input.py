@@ -17,9 +17,9 @@ import soundfile as sf
 import torch
 
 from chatterbox_lab.__main__ import main
-from chatterbox_lab.pipeline import SAMPLES_PER_TOKEN
+from chatterbox_lab.pipeline.synthesis import SAMPLES_PER_TOKEN
 from chatterbox_lab.sampling import SamplingParams
-from chatterbox_lab.session import Speech, TTSSession
+from chatterbox_lab.serving.session import Speech, TTSSession
 from chatterbox_lab.validation import MAX_NEW_TOKENS, MAX_TEXT_CHARS
 
 TOKENS = 4

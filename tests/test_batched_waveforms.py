@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from chatterbox_lab.batched_waveforms import equal_length_groups, vocode_all, watermark_all
+from chatterbox_lab.pipeline.batched_waveforms import equal_length_groups, vocode_all, watermark_all
 
 
 def test_groups_are_equal_lengths_in_first_seen_order_and_split_at_the_budget():
@@ -49,8 +49,8 @@ def test_another_watermarker_is_applied_one_by_one():
 
 
 def test_fewer_flow_steps_is_explicit_and_its_difference_measured(tiny_tts, monkeypatch):
-    from chatterbox_lab.pipeline import synthesize
-    from chatterbox_lab.s3gen_steps import check_flow_steps, fewer_flow_steps_error
+    from chatterbox_lab.pipeline.synthesis import synthesize
+    from chatterbox_lab.s3gen.s3gen_steps import check_flow_steps, fewer_flow_steps_error
 
     tokens = torch.randint(0, 6561, (1, 12), generator=torch.Generator().manual_seed(1))
     assert fewer_flow_steps_error(tiny_tts, tokens, 10) == 0.0  # upstream's own count

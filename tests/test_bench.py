@@ -3,11 +3,12 @@ import json
 import pytest
 import torch
 
-from chatterbox_lab import profiling, results
+from chatterbox_lab.measure import profiling
+from chatterbox_lab.records import results
 from chatterbox_lab.__main__ import main
-from chatterbox_lab.bench import RUNGS, BenchConfig, run
-from chatterbox_lab.decoder import T3Decoder, text_tokens_for
-from chatterbox_lab.s3gen_steps import S3GEN_STEPS
+from chatterbox_lab.measure.bench import RUNGS, BenchConfig, run
+from chatterbox_lab.decode.decoder import T3Decoder, text_tokens_for
+from chatterbox_lab.s3gen.s3gen_steps import S3GEN_STEPS
 
 
 def test_cli_bench_prints_a_table_and_writes_json(tmp_path, capsys):
@@ -50,8 +51,8 @@ def test_bench_medians_and_stage_split(tiny_tts):
 def test_every_rung_is_timed_before_any_is_profiled_and_upstream_profiled_in_fp32(monkeypatch):
     """A profiler session leaves the process's later decodes slower, so no timing follows one; and
     upstream's loop is profiled in fp32 although the bf16 rung cast T3 in place before it."""
-    from chatterbox_lab import bench
-    from chatterbox_lab.models import load_tts
+    from chatterbox_lab.measure import bench
+    from chatterbox_lab.loading.models import load_tts
 
     tts = load_tts(preset="tiny", device="cpu")  # its own: the bf16 rung casts it
     events = []

@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from chatterbox_lab import chain_tuning, decode_attention, fused_matvec
-from chatterbox_lab.decoder import T3Decoder, ladder_prefix, text_tokens_for
-from chatterbox_lab.fused_matvec import KernelConfig
+from chatterbox_lab.tuning import chain_tuning
+from chatterbox_lab.kernels import decode_attention, fused_matvec
+from chatterbox_lab.decode.decoder import T3Decoder, ladder_prefix, text_tokens_for
+from chatterbox_lab.kernels.fused_matvec import KernelConfig
 from chatterbox_lab.sampling import SamplingParams
 
 
@@ -109,7 +110,7 @@ def test_tune_recaptures_for_every_candidate_and_leaves_the_fastest(tiny_tts, mo
 
 
 def test_every_candidates_name_reads_back_as_its_configuration():
-    from chatterbox_lab import staged_matvec
+    from chatterbox_lab.kernels import staged_matvec
 
     for config in (*chain_tuning.candidates(4096, 1024, True), *chain_tuning.attention_candidates(448, 64),
                    *staged_matvec.candidates(4096, 1024)):
@@ -189,8 +190,8 @@ def test_the_table_names_each_knob_in_the_order_tuned():
 
 
 def test_the_bench_tunes_the_plain_chain_even_when_the_last_rung_replaces_its_kernels():
-    from chatterbox_lab.bench import BenchConfig, _chain_steps
-    from chatterbox_lab.decoder import check_steps
+    from chatterbox_lab.measure.bench import BenchConfig, _chain_steps
+    from chatterbox_lab.decode.decoder import check_steps
 
     steps = _chain_steps(BenchConfig(rungs=("fused_bookkeeping", "persistent_layers"), device="cpu").resolved())
     assert steps == ladder_prefix("persistent_layers") - {"dependent_launch", "launch_ahead", "staged_weights", "staged_head"} - \
@@ -199,7 +200,7 @@ def test_the_bench_tunes_the_plain_chain_even_when_the_last_rung_replaces_its_ke
 
 
 def test_the_bench_without_sweeps_sets_a_records_picks_untuned(tiny_tts, tmp_path, monkeypatch):
-    from chatterbox_lab import bench
+    from chatterbox_lab.measure import bench
 
     monkeypatch.setattr(fused_matvec, "CONFIGS", {})
     monkeypatch.setattr(decode_attention, "CONFIGS", {})

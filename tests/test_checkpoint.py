@@ -1,9 +1,9 @@
 
 import pytest
 
-from chatterbox_lab import checkpoint
-from chatterbox_lab.architecture import build_t3, check_preset
-from chatterbox_lab.models import SPECIAL_TOKEN_BIAS, is_guarded, load_tts, resolve_device
+from chatterbox_lab.loading import checkpoint
+from chatterbox_lab.loading.architecture import build_t3, check_preset
+from chatterbox_lab.loading.models import SPECIAL_TOKEN_BIAS, is_guarded, load_tts, resolve_device
 
 
 def test_same_seed_same_weights(tmp_path):
@@ -69,6 +69,6 @@ def test_tokenizer_layout():
 
 
 def test_tiny_t3_is_small():
-    from chatterbox_lab.architecture import count_parameters
+    from chatterbox_lab.loading.architecture import count_parameters
 
     assert count_parameters(build_t3("tiny")) < 5_000_000

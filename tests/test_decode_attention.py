@@ -2,11 +2,12 @@
 import pytest
 import torch
 
-from chatterbox_lab import decode_attention, equivalence
-from chatterbox_lab.decode_attention import AttentionConfig
-from chatterbox_lab.decoder import T3Decoder, check_steps, text_tokens_for
-from chatterbox_lab.kv_cache import StaticKVCache
-from chatterbox_lab.t3_forward import cached_attention
+from chatterbox_lab.kernels import decode_attention
+from chatterbox_lab.measure import equivalence
+from chatterbox_lab.kernels.decode_attention import AttentionConfig
+from chatterbox_lab.decode.decoder import T3Decoder, check_steps, text_tokens_for
+from chatterbox_lab.decode.kv_cache import StaticKVCache
+from chatterbox_lab.decode.t3_forward import cached_attention
 
 
 def _caches(rows, kv_heads, capacity, head_dim):

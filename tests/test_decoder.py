@@ -3,10 +3,11 @@ import copy
 import pytest
 import torch
 
-from chatterbox_lab import equivalence
-from chatterbox_lab.compiled_step import compile_counters
-from chatterbox_lab.decoder import LADDER, STEPS, T3Decoder, check_steps, dependents, ladder_prefix, text_tokens_for
-from chatterbox_lab.kv_cache import CacheOverflowError
+from chatterbox_lab.measure import equivalence
+from chatterbox_lab.decode.compiled_step import compile_counters
+from chatterbox_lab.decode.decoder import (LADDER, STEPS, T3Decoder, check_steps, dependents, ladder_prefix,
+                                           text_tokens_for)
+from chatterbox_lab.decode.kv_cache import CacheOverflowError
 from chatterbox_lab.sampling import SamplingParams
 
 # Every step but bf16 (whose tokens are not upstream's fp32 ones) and captured_graph (which
@@ -79,8 +80,8 @@ def test_filled_cache_mask_reads_only_filled_blocks_and_matches_masked_attention
     import torch.nn.functional as F
     from torch.nn.attention.flex_attention import flex_attention
 
-    from chatterbox_lab.kv_cache import StaticKVCache
-    from chatterbox_lab.t3_forward import filled_cache_mask
+    from chatterbox_lab.decode.kv_cache import StaticKVCache
+    from chatterbox_lab.decode.t3_forward import filled_cache_mask
 
     torch.manual_seed(0)
     prompt_lens, step_index, heads, capacity = torch.tensor([10, 70, 130]), torch.tensor([3]), 2, 256
@@ -95,7 +96,7 @@ def test_filled_cache_mask_reads_only_filled_blocks_and_matches_masked_attention
 
 @pytest.mark.parametrize("steps", [("static_cache", "embed_cache", "compiled"), TOP])
 def test_switching_speaker_text_and_sampling_does_not_recompile(tiny_tts, steps):
-    from chatterbox_lab.voices import VoiceCache
+    from chatterbox_lab.pipeline.voices import VoiceCache
 
     voices = VoiceCache(tiny_tts)
     decoder = T3Decoder(tiny_tts.t3, steps, max_cache_len=256)
@@ -117,7 +118,7 @@ GREEDY = SamplingParams(top_p=1e-6)  # keeps only the most likely token: no rand
 
 @pytest.fixture(scope="module")
 def three_utterances(tiny_tts):
-    from chatterbox_lab.voices import VoiceCache
+    from chatterbox_lab.pipeline.voices import VoiceCache
 
     voices = VoiceCache(tiny_tts)
     conds = [voices.use(v).t3 for v in ("alto", "tenor", "alto")]
@@ -184,7 +185,7 @@ def test_batch_size_must_match(tiny_tts, three_utterances):
 
 def test_captured_graph_step_gives_the_compiled_steps_tokens(tiny_tts, text_tokens):
     """On the CPU the captured step runs eagerly: the same step as the compiled one, without Inductor."""
-    from chatterbox_lab.compiled_step import CapturedStep
+    from chatterbox_lab.decode.compiled_step import CapturedStep
 
     captured = T3Decoder(tiny_tts.t3, TOP + ("captured_graph",))
     assert isinstance(captured.step_fn, CapturedStep)
@@ -196,7 +197,7 @@ def test_captured_graph_step_gives_the_compiled_steps_tokens(tiny_tts, text_toke
 def test_multi_step_graph_runs_every_step_between_two_checks_once(tiny_tts, text_tokens, monkeypatch):
     """Runs of steps: as many steps as tokens, the same tokens, and stream chunks still cut at the
     checks (on the CPU a run is its steps one by one, as the graph replays them)."""
-    from chatterbox_lab.compiled_step import CapturedStep
+    from chatterbox_lab.decode.compiled_step import CapturedStep
 
     runs = []
     monkeypatch.setattr(CapturedStep, "run", lambda self, steps, run=CapturedStep.run: (runs.append(steps),
@@ -222,7 +223,7 @@ def test_fused_bookkeeping_gives_the_same_tokens(tiny_tts, text_tokens, interpre
     PyTorch bookkeeping does, with the prologue a kernel of each step or folded into the sampling
     kernel: the same tokens for the same seed, the same mask and step counter. The layers stay
     PyTorch's here (their kernels are tested on their own), which keeps the interpreter fast."""
-    from chatterbox_lab import decode_attention, fused_matvec
+    from chatterbox_lab.kernels import decode_attention, fused_matvec
 
     monkeypatch.setattr(fused_matvec, "kernel_applies", lambda x, weight: False)
     monkeypatch.setattr(decode_attention, "kernel_applies", lambda q: False)
@@ -244,7 +245,7 @@ def test_fused_bookkeeping_keeps_each_utterance_of_a_batch_apart(tiny_tts, three
     """Three utterances with their own prompt lengths: the prologue's per-row positions and the
     sampling kernel's token writes (with the prologue folded into it or not) give each the tokens
     the PyTorch bookkeeping gives it."""
-    from chatterbox_lab import decode_attention, fused_matvec
+    from chatterbox_lab.kernels import decode_attention, fused_matvec
 
     monkeypatch.setattr(fused_matvec, "kernel_applies", lambda x, weight: False)
     monkeypatch.setattr(decode_attention, "kernel_applies", lambda q: False)
@@ -256,7 +257,7 @@ def test_fused_bookkeeping_keeps_each_utterance_of_a_batch_apart(tiny_tts, three
 
 
 def test_dependent_launch_is_left_out_of_the_ladder_where_it_cannot_run(tiny_tts):
-    from chatterbox_lab.bench import RUNGS, ladder_rungs, rung_steps
+    from chatterbox_lab.measure.bench import RUNGS, ladder_rungs, rung_steps
 
     gpu_only = {"dependent_launch", "launch_ahead", "staged_weights", "staged_head"}
     assert ladder_rungs("cpu") == tuple(r for r in RUNGS if r not in gpu_only)
@@ -264,14 +265,14 @@ def test_dependent_launch_is_left_out_of_the_ladder_where_it_cannot_run(tiny_tts
     assert rung_steps("persistent_layers", "cpu") == ladder_prefix("persistent_layers") - gpu_only
     check_steps(rung_steps("persistent_layers", "cpu"))
     with pytest.raises(RuntimeError, match="Hopper or later GPU"):
-        from chatterbox_lab.fused_matvec import check_dependent_launch
+        from chatterbox_lab.kernels.fused_matvec import check_dependent_launch
 
         check_dependent_launch("cpu")
 
 
 def test_a_run_is_queued_ahead_of_its_check_and_a_stop_still_ends_at_that_check(tiny_tts, text_tokens,
                                                                                  monkeypatch):
-    from chatterbox_lab.compiled_step import CapturedStep
+    from chatterbox_lab.decode.compiled_step import CapturedStep
 
     runs = []
     monkeypatch.setattr(CapturedStep, "run", lambda self, steps, run=CapturedStep.run: (runs.append(steps),
@@ -299,7 +300,7 @@ def test_a_captured_runs_first_call_leaves_that_run_captured_for_the_next_decode
     import contextlib
     from unittest import mock
 
-    from chatterbox_lab import compiled_step
+    from chatterbox_lab.decode import compiled_step
 
     recording, replayed, eager = [], [], []
 

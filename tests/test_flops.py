@@ -2,7 +2,7 @@ import copy
 
 import pytest
 
-from chatterbox_lab.flops import flow_flops, t3_cache_ceiling_x_realtime, utterance_flops, x_realtime_ceiling
+from chatterbox_lab.measure.flops import flow_flops, t3_cache_ceiling_x_realtime, utterance_flops, x_realtime_ceiling
 
 
 def test_ceiling_is_audio_over_the_time_every_operation_takes_at_the_rate():
@@ -22,7 +22,7 @@ def test_flow_count_scales_with_its_euler_steps_and_refuses_a_model_with_steps_a
 
 
 def test_the_cache_ceiling_is_bandwidth_over_the_cache_a_token_reads(tiny_tts):
-    from chatterbox_lab.roofline import kv_bytes_per_step
+    from chatterbox_lab.measure.roofline import kv_bytes_per_step
 
     per_token = kv_bytes_per_step(tiny_tts.t3, 100 + 32 / 2)
     assert t3_cache_ceiling_x_realtime(tiny_tts.t3, 100, 32, 25 * per_token) == pytest.approx(1.0)

@@ -3,7 +3,7 @@ work for the step after) keep the decoder's state."""
 import pytest
 import torch
 
-from chatterbox_lab import fused_bookkeeping, fused_sampling
+from chatterbox_lab.kernels import fused_bookkeeping, fused_sampling
 from chatterbox_lab.sampling import DeviceSampling, SamplingParams, race_noise
 
 VOCAB, DIM, POSITIONS = 50, 16, 40

@@ -3,9 +3,10 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
-from chatterbox_lab import equivalence, fused_matvec
-from chatterbox_lab.decoder import T3Decoder, text_tokens_for
-from chatterbox_lab.fused_matvec import KernelConfig, Norm, reference_matvec
+from chatterbox_lab.measure import equivalence
+from chatterbox_lab.kernels import fused_matvec
+from chatterbox_lab.decode.decoder import T3Decoder, text_tokens_for
+from chatterbox_lab.kernels.fused_matvec import KernelConfig, Norm, reference_matvec
 
 
 def _mlp(dim, hidden, dtype):

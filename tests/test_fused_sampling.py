@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from chatterbox_lab import fused_sampling
+from chatterbox_lab.kernels import fused_sampling
 from chatterbox_lab.sampling import DeviceSampling, SamplingParams, next_token_probs, sample_token
 
 VOCAB = 1000  # not a power of two: the padded lanes are exercised

@@ -1,9 +1,9 @@
 """GPU behaviour, full preset: run with `pytest -m gpu` on a CUDA machine."""
 import pytest
 
-from chatterbox_lab import profiling
-from chatterbox_lab.compiled_step import compile_counters
-from chatterbox_lab.decoder import LADDER, STOP_CHECK_INTERVAL, T3Decoder, text_tokens_for
+from chatterbox_lab.measure import profiling
+from chatterbox_lab.decode.compiled_step import compile_counters
+from chatterbox_lab.decode.decoder import LADDER, STOP_CHECK_INTERVAL, T3Decoder, text_tokens_for
 from chatterbox_lab.sampling import SamplingParams
 
 pytestmark = pytest.mark.gpu
@@ -11,7 +11,7 @@ pytestmark = pytest.mark.gpu
 
 @pytest.fixture(scope="module")
 def full_tts():
-    from chatterbox_lab.models import load_tts
+    from chatterbox_lab.loading.models import load_tts
 
     tts = load_tts(preset="full", device="cuda")
     tts.prepare_conditionals("data/voices/alto.wav")
@@ -34,7 +34,7 @@ def test_compiled_step_replays_cuda_graphs(full_tts, compiled):
 
 
 def test_no_recompile_across_speakers_texts_and_sampling(full_tts, compiled):
-    from chatterbox_lab.voices import VoiceCache
+    from chatterbox_lab.pipeline.voices import VoiceCache
 
     voices = VoiceCache(full_tts)
     before = compile_counters()
@@ -59,7 +59,7 @@ def test_session_serves_callers_on_other_threads():
 
     import torch._inductor.cudagraph_trees  # noqa: F401  (its state now belongs to this thread)
 
-    from chatterbox_lab.session import TTSSession
+    from chatterbox_lab.serving.session import TTSSession
 
     session = TTSSession(preset="full", device="cuda", max_new_tokens=64)
     session.warmup()
@@ -87,7 +87,7 @@ def fresh_flow():
     first n of 200 fixed tokens, with fixed noise."""
     import torch
 
-    from chatterbox_lab.models import load_tts
+    from chatterbox_lab.loading.models import load_tts
 
     tts = load_tts(preset="full", device="cuda")
     tts.prepare_conditionals("data/voices/alto.wav")
@@ -102,7 +102,7 @@ def fresh_flow():
 def test_flow_graphs_replay_the_eager_flow_and_half_precision_stays_within_tolerance(fresh_flow):
     import torch
 
-    from chatterbox_lab.s3gen_steps import HALF_FLOW_TOLERANCE, apply_s3gen_steps, half_flow_error
+    from chatterbox_lab.s3gen.s3gen_steps import HALF_FLOW_TOLERANCE, apply_s3gen_steps, half_flow_error
 
     tts, tokens, mels = fresh_flow
     eager = mels()
@@ -121,7 +121,7 @@ def test_flow_graphs_replay_the_eager_flow_and_half_precision_stays_within_toler
 
 
 def test_fused_and_compiled_estimator_replays_close_to_the_graphed_one_with_fewer_kernels(fresh_flow):
-    from chatterbox_lab.s3gen_steps import apply_s3gen_steps
+    from chatterbox_lab.s3gen.s3gen_steps import apply_s3gen_steps
 
     tts, _, mels = fresh_flow
     apply_s3gen_steps(tts, ["flow_graphs", "flow_half"])
@@ -144,7 +144,7 @@ def test_fused_and_compiled_estimator_replays_close_to_the_graphed_one_with_fewe
 def test_compiled_hifigan_gives_the_eager_audio(fresh_flow):
     import torch
 
-    from chatterbox_lab.s3gen_steps import apply_s3gen_steps
+    from chatterbox_lab.s3gen.s3gen_steps import apply_s3gen_steps
 
     tts, _, mels = fresh_flow
     hift = tts.s3gen.mel2wav
@@ -172,8 +172,8 @@ def test_compiled_hifigan_and_the_watermark_batch_equal_lengths_like_one_at_a_ti
     import numpy as np
     import torch
 
-    from chatterbox_lab.batched_waveforms import vocode_all, watermark_all
-    from chatterbox_lab.s3gen_steps import apply_s3gen_steps
+    from chatterbox_lab.pipeline.batched_waveforms import vocode_all, watermark_all
+    from chatterbox_lab.s3gen.s3gen_steps import apply_s3gen_steps
 
     tts, _, mels = fresh_flow
     apply_s3gen_steps(tts, ["hifigan_compiled", "watermark_on_device"])
@@ -201,7 +201,7 @@ def test_compiled_hifigan_and_the_watermark_batch_equal_lengths_like_one_at_a_ti
 
 
 def test_encoder_graphs_replay_the_eager_encoder(fresh_flow):
-    from chatterbox_lab.s3gen_steps import apply_s3gen_steps
+    from chatterbox_lab.s3gen.s3gen_steps import apply_s3gen_steps
 
     tts, _, mels = fresh_flow
     eager = mels()
@@ -219,7 +219,7 @@ def test_encoder_graphs_replay_the_eager_encoder(fresh_flow):
 def test_fused_matvec_kernels_match_pytorch_on_every_call_of_the_step(full_tts):
     import torch
 
-    from chatterbox_lab.fused_matvec import Norm, reference_matvec, step_calls, triton_matvec
+    from chatterbox_lab.kernels.fused_matvec import Norm, reference_matvec, step_calls, triton_matvec
 
     torch.manual_seed(0)
     for name, call in step_calls(full_tts.t3).items():
@@ -241,8 +241,8 @@ def test_staged_kernel_matches_pytorch_on_every_call(full_tts, rows):
     and the speech head (whose 8,194 columns leave the last program two)."""
     import torch
 
-    from chatterbox_lab import staged_matvec
-    from chatterbox_lab.fused_matvec import Norm, reference_matvec, step_calls, triton_matvec
+    from chatterbox_lab.kernels import staged_matvec
+    from chatterbox_lab.kernels.fused_matvec import Norm, reference_matvec, step_calls, triton_matvec
 
     torch.manual_seed(0)
     for name in staged_matvec.CALLS:
@@ -267,8 +267,9 @@ def test_staged_kernel_matches_pytorch_on_every_call(full_tts, rows):
 def test_staged_weights_replay_one_graph_and_keep_bf16_logits(full_tts, rung):
     import torch
 
-    from chatterbox_lab import equivalence, staged_matvec
-    from chatterbox_lab.decoder import ladder_prefix
+    from chatterbox_lab.measure import equivalence
+    from chatterbox_lab.kernels import staged_matvec
+    from chatterbox_lab.decode.decoder import ladder_prefix
 
     text_tokens = text_tokens_for(full_tts, "The weights wait in shared memory.")
     staged = T3Decoder(full_tts.t3, ladder_prefix(rung) - {"multi_step_graph"}, max_cache_len=512)
@@ -293,8 +294,8 @@ def test_staged_weights_replay_one_graph_and_keep_bf16_logits(full_tts, rung):
 @pytest.mark.parametrize("kernels", [("fused_matvec",), ("fused_matvec", "fused_attention"),
                                      ("fused_matvec", "fused_attention", "persistent_layers")])
 def test_kernel_steps_replay_one_graph_and_keep_bf16_logits(full_tts, kernels):
-    from chatterbox_lab import equivalence
-    from chatterbox_lab.decoder import ladder_prefix
+    from chatterbox_lab.measure import equivalence
+    from chatterbox_lab.decode.decoder import ladder_prefix
 
     text_tokens = text_tokens_for(full_tts, "The fused kernels read the weights once.")
     compiled = T3Decoder(full_tts.t3, ladder_prefix(kernels[-1]), max_cache_len=512)
@@ -321,9 +322,9 @@ def test_decode_attention_kernel_matches_pytorch_at_every_stretch(full_tts, capa
     (two of them at 1,024 slots); two stretches in two value shares."""
     import torch
 
-    from chatterbox_lab.decode_attention import AttentionConfig, config_for, triton_decode_attention
-    from chatterbox_lab.kv_cache import StaticKVCache
-    from chatterbox_lab.t3_forward import cached_attention, rotary_tables
+    from chatterbox_lab.kernels.decode_attention import AttentionConfig, config_for, triton_decode_attention
+    from chatterbox_lab.decode.kv_cache import StaticKVCache
+    from chatterbox_lab.decode.t3_forward import cached_attention, rotary_tables
 
     cfg = full_tts.t3.cfg
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -364,11 +365,11 @@ def test_handoff_kernel_gives_the_two_kernels_output_bit_for_bit(full_tts, capac
     kernel: refused, not launched."""
     import torch
 
-    from chatterbox_lab import head_handoff
-    from chatterbox_lab.decode_attention import config_for, triton_decode_attention
-    from chatterbox_lab.fused_matvec import Norm, dependent_launch_supported, triton_matvec
-    from chatterbox_lab.kv_cache import StaticKVCache
-    from chatterbox_lab.t3_forward import rotary_tables
+    from chatterbox_lab.kernels.experimental import head_handoff
+    from chatterbox_lab.kernels.decode_attention import config_for, triton_decode_attention
+    from chatterbox_lab.kernels.fused_matvec import Norm, dependent_launch_supported, triton_matvec
+    from chatterbox_lab.decode.kv_cache import StaticKVCache
+    from chatterbox_lab.decode.t3_forward import rotary_tables
 
     cfg = full_tts.t3.cfg
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -416,7 +417,7 @@ def test_fused_sampling_and_the_captured_step_draw_pytorchs_tokens_without_recom
 
     import torch
 
-    from chatterbox_lab.decoder import ladder_prefix
+    from chatterbox_lab.decode.decoder import ladder_prefix
 
     text_tokens = text_tokens_for(full_tts, "Sampling runs as one kernel.")
     kernels = ladder_prefix("fused_sampling")
@@ -468,7 +469,7 @@ def test_fused_sampling_and_the_captured_step_draw_pytorchs_tokens_without_recom
 def test_memory_parts_add_up_to_what_is_allocated(full_tts, compiled):
     import torch
 
-    from chatterbox_lab.memory import resident_parts_mib
+    from chatterbox_lab.measure.memory import resident_parts_mib
 
     parts = resident_parts_mib(full_tts, compiled)
     print("resident parts, MiB:", {name: round(value, 1) for name, value in parts.items()})
@@ -506,8 +507,8 @@ def test_captures_warm_up_on_one_stream_and_keep_no_workspace_each():
 def test_prefill_graph_gives_the_eager_prefills_logits(full_tts):
     import torch
 
-    from chatterbox_lab.bench import rung_steps
-    from chatterbox_lab.decoder import prompt_len_for
+    from chatterbox_lab.measure.bench import rung_steps
+    from chatterbox_lab.decode.decoder import prompt_len_for
 
     texts = ["The prefill, replayed from a graph.", "The prefill, replayed from a graph, again."]
     eager, graphed = (T3Decoder(full_tts.t3, rung_steps(rung, "cuda"), max_cache_len=512)

@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from chatterbox_lab import decode_attention, fused_matvec, head_handoff
-from chatterbox_lab.fused_matvec import Norm
-from chatterbox_lab.kv_cache import StaticKVCache
+from chatterbox_lab.kernels import decode_attention, fused_matvec
+from chatterbox_lab.kernels.experimental import head_handoff
+from chatterbox_lab.kernels.fused_matvec import Norm
+from chatterbox_lab.decode.kv_cache import StaticKVCache
 
 DIM, HEADS, KV_HEADS, D, CAPACITY = 64, 4, 2, 16, 96
 
@@ -53,7 +54,7 @@ def test_forward_takes_the_handoff_for_one_token_steps(tiny_tts, interpreted, mo
     """The wiring in `StaticT3Forward`: a layer's attention with the handoff kernel is the two
     kernels' (the decoder's tokens with it are checked on the GPU, where the interpreter's
     thousands of head programs are not in the way)."""
-    from chatterbox_lab.t3_forward import StaticT3Forward
+    from chatterbox_lab.decode.t3_forward import StaticT3Forward
 
     calls = []
     launch = head_handoff.handoff_attention

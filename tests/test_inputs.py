@@ -1,8 +1,8 @@
 """Input checks outside the session; the bad-input table itself is tests/test_bad_input.py."""
 import pytest
 
-from chatterbox_lab.pipeline import synthesize
-from chatterbox_lab.voices import bundled_voices, check_reference_audio
+from chatterbox_lab.pipeline.synthesis import synthesize
+from chatterbox_lab.pipeline.voices import bundled_voices, check_reference_audio
 
 
 def test_bundled_voices_are_valid():

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from chatterbox_lab.decoder import STEPS, dependents, requirements
-from chatterbox_lab.lab_bench import LabBench, StepPicker, measure
+from chatterbox_lab.decode.decoder import STEPS, dependents, requirements
+from chatterbox_lab.measure.lab_bench import LabBench, StepPicker, measure
 
 TEXT = "Measure me."
 
@@ -23,7 +23,7 @@ def test_measure_upstream_and_a_ladder_step_set(tiny_tts):
 
 
 def test_measure_writes_a_short_trace_of_any_configuration(tiny_tts, tmp_path):
-    from chatterbox_lab import profiling
+    from chatterbox_lab.measure import profiling
 
     m = measure(tiny_tts, "alto", TEXT, ("static_cache", "embed_cache"), 4, repeats=1, trace_dir=tmp_path / "runs")
     path = profiling.Path(m.figures["trace"])

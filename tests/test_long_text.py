@@ -3,8 +3,8 @@ import contextlib
 import numpy as np
 import pytest
 
-from chatterbox_lab.long_text import JOIN_FADE_S, JOIN_PAUSE_S, join_speech, split_text
-from chatterbox_lab.pipeline import SAMPLES_PER_TOKEN
+from chatterbox_lab.pipeline.long_text import JOIN_FADE_S, JOIN_PAUSE_S, join_speech, split_text
+from chatterbox_lab.pipeline.synthesis import SAMPLES_PER_TOKEN
 from chatterbox_lab.validation import MAX_TEXT_CHARS
 
 CHAPTER = ("It was a bright cold day in April. The clocks were striking thirteen! Was it late? "
@@ -51,7 +51,7 @@ def test_joins_fade_to_silence_and_pause_between_chunks():
 
 
 def test_long_text_through_a_session_is_spoken_whole(tiny_tts):
-    from chatterbox_lab.session import TTSSession
+    from chatterbox_lab.serving.session import TTSSession
 
     text = " ".join([CHAPTER] * 3)  # over one utterance's limit
     assert len(text) > MAX_TEXT_CHARS
@@ -88,10 +88,10 @@ def test_say_speaks_long_text_with_chunk_and_refuses_it_without(tmp_path, capsys
 def test_many_texts_in_batches_match_one_at_a_time(tiny_tts):
     import torch
 
-    from chatterbox_lab.decoder import T3Decoder
-    from chatterbox_lab.pipeline import synthesize, synthesize_many
+    from chatterbox_lab.decode.decoder import T3Decoder
+    from chatterbox_lab.pipeline.synthesis import synthesize, synthesize_many
     from chatterbox_lab.sampling import SamplingParams
-    from chatterbox_lab.voices import voice_path
+    from chatterbox_lab.pipeline.voices import voice_path
 
     greedy = SamplingParams(top_p=1e-6)  # no randomness left: batch and alone must agree
     texts = ["First of five.", "The second one, somewhat longer.", "Third.", "Fourth here.", "Fifth and last."]
@@ -116,8 +116,8 @@ def test_one_flow_run_for_utterances_of_different_lengths_gives_each_ones_own_me
     them); without, the shorter rows' look-ahead reads the padding."""
     import torch
 
-    from chatterbox_lab.pipeline import tokens_to_speeches
-    from chatterbox_lab.s3gen_steps import padding_zeroed
+    from chatterbox_lab.pipeline.synthesis import tokens_to_speeches
+    from chatterbox_lab.s3gen.s3gen_steps import padding_zeroed
 
     monkeypatch.setattr(torch, "randn_like", torch.zeros_like)
     s3gen, ref = tiny_tts.s3gen, tiny_tts.conds.gen

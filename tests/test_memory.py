@@ -1,7 +1,7 @@
 """Device memory by part: storages counted once, nothing reported on the CPU."""
 import torch
 
-from chatterbox_lab.memory import module_bytes, resident_parts_mib
+from chatterbox_lab.measure.memory import module_bytes, resident_parts_mib
 
 
 def test_module_bytes_counts_each_storage_once():

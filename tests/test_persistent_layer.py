@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from chatterbox_lab import equivalence, persistent_layer
-from chatterbox_lab.decoder import T3Decoder, text_tokens_for
-from chatterbox_lab.t3_forward import StaticT3Forward
+from chatterbox_lab.measure import equivalence
+from chatterbox_lab.kernels.experimental import persistent_layer
+from chatterbox_lab.decode.decoder import T3Decoder, text_tokens_for
+from chatterbox_lab.decode.t3_forward import StaticT3Forward
 
 LAYER_STEPS = ("static_cache", "embed_cache", "fused_projections", "fused_matvec", "fused_attention",
                "persistent_layers")
@@ -56,8 +57,8 @@ def test_layer_kernel_with_barriers_is_its_phases_one_launch_each(capacity):
     """Full model, bf16, one program per SM: the barriers change nothing (bit for bit against a
     launch per phase, call after call, so the counter resets too) and the layer is PyTorch's within
     bf16 rounding."""
-    from chatterbox_lab.models import load_tts
-    from chatterbox_lab.precision import t3_in_dtype, weights_restored
+    from chatterbox_lab.loading.models import load_tts
+    from chatterbox_lab.decode.precision import t3_in_dtype, weights_restored
 
     t3 = load_tts(preset="full", device="cuda").t3
     with weights_restored(t3):

@@ -2,8 +2,8 @@
 the prompt that the decode overwrites before it reads them."""
 import torch
 
-from chatterbox_lab.decoder import T3Decoder, prompt_len_for, text_tokens_for
-from chatterbox_lab.prefill_graph import PREFILL_BUCKET, BucketedPrefill
+from chatterbox_lab.decode.decoder import T3Decoder, prompt_len_for, text_tokens_for
+from chatterbox_lab.decode.prefill_graph import PREFILL_BUCKET, BucketedPrefill
 
 
 def test_padded_prefill_gives_the_unpadded_logits_and_cache(tiny_tts):

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from chatterbox_lab import report, results
+from chatterbox_lab.records import report, results
 
 
 @pytest.fixture
@@ -99,7 +99,7 @@ def test_every_number_in_readme_prose_is_a_definition_not_a_measurement():
     assert numbers <= definitions, f"numbers with no committed source: {sorted(numbers - definitions)}"
     from chatterbox.models.s3tokenizer import S3_TOKEN_RATE
 
-    from chatterbox_lab.reference import GUIDE_TOKENS_PER_AUDIO_SECOND
+    from chatterbox_lab.records.reference import GUIDE_TOKENS_PER_AUDIO_SECOND
 
     assert S3_TOKEN_RATE == 25 and GUIDE_TOKENS_PER_AUDIO_SECOND == 50
 

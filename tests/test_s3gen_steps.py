@@ -3,9 +3,9 @@ its stated tolerance, steps applied once and in any order."""
 import pytest
 import torch
 
-from chatterbox_lab.pipeline import synthesize
-from chatterbox_lab.s3gen_steps import (HALF_FLOW_TOLERANCE, S3GEN_STEPS, BucketedEncoder, BucketedEstimator,
-                                        apply_s3gen_steps, half_flow_error, s3gen_steps_of)
+from chatterbox_lab.pipeline.synthesis import synthesize
+from chatterbox_lab.s3gen.s3gen_steps import (HALF_FLOW_TOLERANCE, S3GEN_STEPS, BucketedEncoder, BucketedEstimator,
+                                              apply_s3gen_steps, half_flow_error, s3gen_steps_of)
 
 TEXT = "The waveform side, made fast without changing what it computes."
 
@@ -13,8 +13,8 @@ TEXT = "The waveform side, made fast without changing what it computes."
 @pytest.fixture()
 def fresh_tts():
     """Steps change a model in place: each test gets its own."""
-    from chatterbox_lab.models import load_tts
-    from chatterbox_lab.voices import voice_path
+    from chatterbox_lab.loading.models import load_tts
+    from chatterbox_lab.pipeline.voices import voice_path
 
     tts = load_tts(preset="tiny", device="cpu")
     tts.prepare_conditionals(str(voice_path("alto")))
@@ -136,7 +136,7 @@ def test_unknown_step_is_refused(fresh_tts):
 def test_voice_encoders_visit_the_device_only_to_prepare_a_voice(fresh_tts, monkeypatch):
     """On the CPU nothing moves; the moves are recorded instead: to the model's device for the
     preparation, back to the host after it, and none for a request with the voice prepared."""
-    from chatterbox_lab.voices import prepare_voice
+    from chatterbox_lab.pipeline.voices import prepare_voice
 
     apply_s3gen_steps(fresh_tts, ["voice_encoders_on_host"])
     encoders = (fresh_tts.s3gen.tokenizer, fresh_tts.s3gen.speaker_encoder)

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from chatterbox_lab.pipeline import SAMPLES_PER_TOKEN
-from chatterbox_lab.server import create_app
-from chatterbox_lab.session import TTSSession
-from chatterbox_lab.soak import LoopbackServer, run_soak
+from chatterbox_lab.pipeline.synthesis import SAMPLES_PER_TOKEN
+from chatterbox_lab.serving.server import create_app
+from chatterbox_lab.serving.session import TTSSession
+from chatterbox_lab.measure.soak import LoopbackServer, run_soak
 
 # The first 50 requests fill per-shape caches (one set per token count and voice:
 # oneDNN primitives, allocator pools; measured ~380 MiB on the tiny preset). From
@@ -89,7 +89,7 @@ def test_soak_command_with_s3gen_steps(tmp_path, capsys):
     import json
 
     from chatterbox_lab.__main__ import main
-    from chatterbox_lab.s3gen_steps import S3GEN_STEPS
+    from chatterbox_lab.s3gen.s3gen_steps import S3GEN_STEPS
 
     out = tmp_path / "soak.json"
     assert main(["soak", "--requests", "4", "--clients", "2", "--preset", "tiny", "--device", "cpu", "--s3gen",

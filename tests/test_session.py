@@ -4,8 +4,8 @@ import threading
 import numpy as np
 import pytest
 
-from chatterbox_lab.pipeline import SAMPLES_PER_TOKEN
-from chatterbox_lab.session import TTSSession
+from chatterbox_lab.pipeline.synthesis import SAMPLES_PER_TOKEN
+from chatterbox_lab.serving.session import TTSSession
 from chatterbox_lab.validation import check_text
 
 TOKENS = 8
@@ -61,7 +61,7 @@ def test_concurrent_callers_get_their_own_results(session):
 def test_worker_thread_gets_its_own_cudagraph_state():
     from torch._inductor import cudagraph_trees as trees
 
-    from chatterbox_lab.session import own_cudagraph_state
+    from chatterbox_lab.serving.session import own_cudagraph_state
 
     seen = []
 
@@ -78,7 +78,7 @@ def test_worker_thread_gets_its_own_cudagraph_state():
 def test_a_registered_voice_is_prepared_before_its_first_request(session, tmp_path):
     import soundfile as sf
 
-    from chatterbox_lab.voices import voice_path
+    from chatterbox_lab.pipeline.voices import voice_path
 
     wav, rate = sf.read(voice_path("tenor"))
     sf.write(tmp_path / "quieter.wav", 0.5 * wav, rate)  # new content: not in the voice cache yet
@@ -90,7 +90,7 @@ def test_a_registered_voice_is_prepared_before_its_first_request(session, tmp_pa
 
 
 def test_a_session_with_s3gen_steps_gives_the_same_length_and_close_audio():
-    from chatterbox_lab.s3gen_steps import S3GEN_STEPS, BucketedEstimator, s3gen_steps_of
+    from chatterbox_lab.s3gen.s3gen_steps import S3GEN_STEPS, BucketedEstimator, s3gen_steps_of
 
     fast = TTSSession(preset="tiny", device="cpu", steps=("static_cache", "embed_cache"), s3gen_steps=S3GEN_STEPS,
                       max_new_tokens=64)

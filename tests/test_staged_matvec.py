@@ -5,11 +5,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from chatterbox_lab import chain_tuning, decode_attention, equivalence, fused_matvec, staged_matvec
-from chatterbox_lab.decoder import T3Decoder, ladder_prefix, text_tokens_for
-from chatterbox_lab.fused_matvec import Norm, step_calls
-from chatterbox_lab.staged_matvec import StagedConfig
-from chatterbox_lab.t3_forward import StaticT3Forward
+from chatterbox_lab.tuning import chain_tuning
+from chatterbox_lab.kernels import decode_attention, fused_matvec, staged_matvec
+from chatterbox_lab.measure import equivalence
+from chatterbox_lab.decode.decoder import T3Decoder, ladder_prefix, text_tokens_for
+from chatterbox_lab.kernels.fused_matvec import Norm, step_calls
+from chatterbox_lab.kernels.staged_matvec import StagedConfig
+from chatterbox_lab.decode.t3_forward import StaticT3Forward
 
 # The full model's layer calls and speech head: (n, k, gated).
 FULL_CALLS = {"qkv": (3072, 1024, False), "o_proj": (1024, 1024, False), "gate_up": (4096, 1024, True),
@@ -109,7 +111,7 @@ def test_the_tuner_tunes_a_staged_calls_config_and_leaves_the_triton_kernel_its_
 
 
 def test_the_ladder_leaves_the_step_out_where_gluon_is_missing(monkeypatch):
-    from chatterbox_lab import bench
+    from chatterbox_lab.measure import bench
 
     monkeypatch.setattr(fused_matvec, "dependent_launch_supported", lambda device: True)
     monkeypatch.setattr(staged_matvec, "supported", lambda device: False)

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from chatterbox_lab.decoder import T3Decoder, text_tokens_for
-from chatterbox_lab.pipeline import synthesize
-from chatterbox_lab.streaming import AudioPiece, playback_waits, seam_error, stream_speech
+from chatterbox_lab.decode.decoder import T3Decoder, text_tokens_for
+from chatterbox_lab.pipeline.synthesis import synthesize
+from chatterbox_lab.pipeline.streaming import AudioPiece, playback_waits, seam_error, stream_speech
 
 TEXT = "Streaming starts to speak before the sentence is decoded."
 STEPS = ("static_cache", "embed_cache")

@@ -27,10 +27,11 @@
 import torch
 from IPython.display import Audio, Markdown, display
 
-from chatterbox_lab import bench, profiling, results
-from chatterbox_lab.architecture import count_parameters
-from chatterbox_lab.models import load_tts
-from chatterbox_lab.pipeline import synthesize
+from chatterbox_lab.measure import bench, profiling
+from chatterbox_lab.records import results
+from chatterbox_lab.loading.architecture import count_parameters
+from chatterbox_lab.loading.models import load_tts
+from chatterbox_lab.pipeline.synthesis import synthesize
 
 tts = load_tts()  # synthetic checkpoint: full on a GPU, tiny on a CPU
 print(f"device {tts.device}, preset {tts.preset}, T3 {count_parameters(tts.t3) / 1e6:.1f} M parameters, "
@@ -121,8 +122,8 @@ print("GPU idle most of the time (CPU-bound):", busy < 0.5)
 # counts are per extra token: two runs of different lengths, subtracted.
 
 # %%
-from chatterbox_lab.decoder import text_tokens_for
-from chatterbox_lab.pipeline import upstream_t3
+from chatterbox_lab.decode.decoder import text_tokens_for
+from chatterbox_lab.pipeline.synthesis import upstream_t3
 from chatterbox_lab.sampling import SamplingParams
 
 text_tokens = text_tokens_for(tts, "Count what one token costs.")
@@ -149,7 +150,7 @@ print("operators (or kernels) per token > 100:", max(counts["cpu_ops"], counts["
 # %%
 from IPython.display import HTML
 
-from chatterbox_lab.lab_bench import LabBench, measure, table_html
+from chatterbox_lab.measure.lab_bench import LabBench, measure, table_html
 
 LabBench(tts)
 

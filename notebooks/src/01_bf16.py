@@ -29,11 +29,12 @@ import matplotlib.pyplot as plt
 import torch
 from IPython.display import Audio, Markdown, display
 
-from chatterbox_lab import bench, equivalence, results
-from chatterbox_lab.decoder import T3Decoder, ladder_prefix, text_tokens_for
-from chatterbox_lab.models import load_tts
-from chatterbox_lab.pipeline import synthesize
-from chatterbox_lab.voices import voice_path
+from chatterbox_lab.measure import bench, equivalence
+from chatterbox_lab.records import results
+from chatterbox_lab.decode.decoder import T3Decoder, ladder_prefix, text_tokens_for
+from chatterbox_lab.loading.models import load_tts
+from chatterbox_lab.pipeline.synthesis import synthesize
+from chatterbox_lab.pipeline.voices import voice_path
 
 tts = load_tts()  # synthetic checkpoint: full on a GPU, tiny on a CPU
 tts.prepare_conditionals(str(voice_path("alto")))

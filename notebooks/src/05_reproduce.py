@@ -18,7 +18,7 @@
 # %%
 from IPython.display import Markdown, display
 
-from chatterbox_lab import reference, report, results
+from chatterbox_lab.records import reference, report, results
 
 doc = results.latest_gpu_result()
 prov = doc["provenance"]

@@ -52,11 +52,13 @@ from pathlib import Path
 import torch
 from IPython.display import Markdown, display
 
-from chatterbox_lab import chain_tuning, equivalence, results
-from chatterbox_lab.decoder import BEYOND, T3Decoder, text_tokens_for
-from chatterbox_lab.models import load_tts
+from chatterbox_lab.tuning import chain_tuning
+from chatterbox_lab.measure import equivalence
+from chatterbox_lab.records import results
+from chatterbox_lab.decode.decoder import BEYOND, T3Decoder, text_tokens_for
+from chatterbox_lab.loading.models import load_tts
 from chatterbox_lab.sampling import SamplingParams
-from chatterbox_lab.voices import VoiceCache
+from chatterbox_lab.pipeline.voices import VoiceCache
 
 tts = load_tts(preset="tiny", device="cpu")
 voices = VoiceCache(tts)
@@ -115,7 +117,8 @@ assert all(same)
 # `data/results/beyond/`; its README says what each covers.
 
 # %%
-from chatterbox_lab import bench, profiling, report
+from chatterbox_lab.measure import bench, profiling
+from chatterbox_lab.records import report
 
 path, doc = results.latest_with("beyond", ("upstream_fp32", "compiled", "fused_projections", "sampling_in_graph"),
                                 batch=True)
@@ -217,7 +220,7 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 from types import SimpleNamespace
 
-from chatterbox_lab.fused_matvec import Norm, reference_matvec
+from chatterbox_lab.kernels.fused_matvec import Norm, reference_matvec
 
 torch.manual_seed(0)
 norm = LlamaRMSNorm(64, eps=1e-5)

@@ -27,12 +27,12 @@ import numpy as np
 import torch
 from IPython.display import Audio, Markdown, display
 
-from chatterbox_lab import report, results
-from chatterbox_lab.models import load_tts
-from chatterbox_lab.pipeline import synthesize
-from chatterbox_lab.s3gen_steps import (FRAME_BUCKET, HALF_FLOW_TOLERANCE, S3GEN_STEPS, BucketedEstimator,
-                                        apply_s3gen_steps, half_flow_error)
-from chatterbox_lab.voices import voice_path
+from chatterbox_lab.records import report, results
+from chatterbox_lab.loading.models import load_tts
+from chatterbox_lab.pipeline.synthesis import synthesize
+from chatterbox_lab.s3gen.s3gen_steps import (FRAME_BUCKET, HALF_FLOW_TOLERANCE, S3GEN_STEPS, BucketedEstimator,
+                                              apply_s3gen_steps, half_flow_error)
+from chatterbox_lab.pipeline.voices import voice_path
 
 # %% [markdown]
 # ## Where the time goes (full preset, on a GPU)

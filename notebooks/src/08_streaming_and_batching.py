@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from IPython.display import Audio, Markdown, display
 
-from chatterbox_lab.decoder import T3Decoder
-from chatterbox_lab.long_text import split_text
-from chatterbox_lab.models import load_tts
-from chatterbox_lab.pipeline import synthesize, synthesize_long, synthesize_many
-from chatterbox_lab.streaming import playback_waits, seam_error, stream_speech
-from chatterbox_lab.voices import voice_path
+from chatterbox_lab.decode.decoder import T3Decoder
+from chatterbox_lab.pipeline.long_text import split_text
+from chatterbox_lab.loading.models import load_tts
+from chatterbox_lab.pipeline.synthesis import synthesize, synthesize_long, synthesize_many
+from chatterbox_lab.pipeline.streaming import playback_waits, seam_error, stream_speech
+from chatterbox_lab.pipeline.voices import voice_path
 
 tts = load_tts(preset="tiny", device="cpu")
 tts.prepare_conditionals(str(voice_path("alto")))
@@ -143,7 +143,7 @@ assert all(same)
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-from chatterbox_lab import report
+from chatterbox_lab.records import report
 
 flop_path, flop_doc = report.latest_flop_record()
 display(Markdown(f"`{flop_path.name}`, {flop_doc['provenance']['gpu']}:\n\n" + report.flop_table(flop_doc)))
@@ -164,7 +164,7 @@ assert measured < ceiling < 2000
 # (`s3gen_steps.fewer_flow_steps_error`). Here on the tiny model:
 
 # %%
-from chatterbox_lab.s3gen_steps import fewer_flow_steps_error
+from chatterbox_lab.s3gen.s3gen_steps import fewer_flow_steps_error
 
 tokens = many.speeches[0].speech_tokens[None]
 errors = {steps: fewer_flow_steps_error(tts, tokens, steps) for steps in (2, 5, 10)}

@@ -1,0 +1,392 @@
+"""Thin matmuls as Triton kernels, fused with the norm before them and what follows.
+
+A decode step multiplies two rows (the CFG pair) by every weight matrix. cuBLAS
+reads these tall, thin problems at well under the card's bandwidth, and each
+matmul comes with its own small kernels around it: an RMSNorm before, a SiLU
+gate or a residual add after. Here one kernel does all of it. A program owns a
+few output columns, streams their weight rows once, and:
+
+- `norm`: normalizes the input rows first (RMSNorm, recomputed by every program:
+  the input is two rows of 1,024 values, cheap next to the weights it multiplies);
+- `gated`: multiplies by gate and up rows together and writes SiLU(gate) * up, so
+  the MLP's activation never goes through memory;
+- `residual`: adds the residual stream to its result.
+
+A Llama layer becomes four of these kernels plus rotary, cache write and attention.
+Rounding follows transformers' Llama in the model's dtype: the normed input, the
+matmul output, the activation and the residual sum are each rounded to it, so the
+results differ from the unfused modules only by the order of the fp32 sums.
+
+`fused_matvec` runs the kernel on CUDA when Triton is there and the rows are few;
+otherwise `reference_matvec`, the same computation in PyTorch, with upstream's
+operations in upstream's order. On the CPU, Triton's interpreter runs the kernel
+itself (tests).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from chatterbox_lab.graphed_calls import capturing, warmup_stream
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU install: every call takes the reference path
+    triton = None
+
+# Run the kernel on CPU tensors through Triton's interpreter (slow; for tests and for stepping
+# through the kernel). Needs TRITON_INTERPRET=1 in the environment before Triton is imported.
+interpreter_on_cpu = False
+
+# Above this many rows (batches of utterances, the prefill) a matmul is no longer thin,
+# and cuBLAS's tiles do better than streaming rows.
+MAX_ROWS = 8
+
+
+@dataclass(frozen=True)
+class Norm:
+    """An RMSNorm's weight and epsilon (transformers' `LlamaRMSNorm`)."""
+    weight: torch.Tensor
+    eps: float
+
+    @classmethod
+    def of(cls, module) -> "Norm":
+        return cls(module.weight, module.variance_epsilon)
+
+
+def rms_normed(x: torch.Tensor, norm: Norm) -> torch.Tensor:
+    """transformers' LlamaRMSNorm, operation for operation."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.eps)
+    return norm.weight * x32.to(x.dtype)
+
+
+def reference_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                     norm: Norm | None = None, gated: bool = False,
+                     residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., K) @ weight.T (+ bias), with the optional norm before and gate / residual after.
+    `gated`: weight holds gate rows then up rows; the result is SiLU(gate) * up."""
+    if norm is not None:
+        x = rms_normed(x, norm)
+    y = F.linear(x, weight, bias)
+    if gated:
+        gate, up = y.chunk(2, dim=-1)
+        y = F.silu(gate) * up
+    return y if residual is None else residual + y
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_n: int   # output columns per program
+    block_k: int   # input values per loop iteration
+    warps: int
+
+
+def default_config(n: int, k: int, gated: bool = False) -> KernelConfig:
+    """What was fastest for the full model's calls on H100s: each program reads whole rows in one
+    load, a few of them, so that thousands of loads are in flight at once (`sweep`, recorded under
+    `matvec_sweep`); inside the step, gate/up with 8 columns a program, 512 programs that the SMs
+    hold in one wave, and 4 warps for every call (`chain_tuning`, under `chain_sweep`)."""
+    block_k = min(4096, triton.next_power_of_2(k))
+    return KernelConfig(block_n=8 if gated else 4 if n >= 2048 else 2, block_k=block_k, warps=4)
+
+
+# Per (rows, columns, inputs, gated) shape: a config found faster on the card by
+# `sweep` or `chain_tuning` (both run by the bench unless --no-sweep); anything else uses `default_config`.
+CONFIGS: dict[tuple[int, int, int, bool], KernelConfig] = {}
+
+
+def config_for(rows: int, n: int, k: int, gated: bool = False) -> KernelConfig:
+    """The config a launch of this shape takes: found on the card (CONFIGS), else the default."""
+    return CONFIGS.get((rows, n, k, gated)) or default_config(n, k, gated)
+
+
+if triton is not None:
+    try:  # programmatic dependent launch (Hopper and later; Triton with grid dependency control)
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+        PDL_AVAILABLE = True
+    except ImportError:
+        PDL_AVAILABLE = False
+
+    @triton.jit
+    def _normed(xs, gain, inv_rms, dtype: tl.constexpr, NORM: tl.constexpr):
+        """Raw inputs (BLOCK_M, BLOCK_K), normed as transformers norms them: (BLOCK_M, 1, BLOCK_K) fp32."""
+        if NORM:
+            normed = (xs.to(tl.float32) * inv_rms[:, None]).to(dtype)
+            xs = (gain[None, :].to(tl.float32) * normed.to(tl.float32)).to(dtype)
+        return xs.to(tl.float32)[:, None, :]
+
+    @triton.jit
+    def _matvec_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, res_ptr, norm_ptr, M, N, K, eps,
+                       stride_x, stride_w, stride_out, stride_res,
+                       BIAS: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+                       AHEAD: tl.constexpr):
+        if PDL and AHEAD:
+            # Nothing the next kernel does before its own wait depends on this one: let it launch as
+            # soon as every program here has started, so its weights stream in behind these.
+            gdc_launch_dependents()
+        matvec_columns(tl.program_id(0), x_ptr, w_ptr, bias_ptr, out_ptr, res_ptr, norm_ptr, M, N, K, eps,
+                       stride_x, stride_w, stride_out, stride_res, BIAS, NORM, GATED, RESIDUAL, BLOCK_M, BLOCK_N,
+                       BLOCK_K, PDL, AHEAD)
+
+    @triton.jit
+    def matvec_columns(program, x_ptr, w_ptr, bias_ptr, out_ptr, res_ptr, norm_ptr, M, N, K, eps,
+                       stride_x, stride_w, stride_out, stride_res,
+                       BIAS: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+                       AHEAD: tl.constexpr):
+        """Program `program`'s columns of the kernel's result (`head_handoff` calls it as well)."""
+        rows = tl.arange(0, BLOCK_M)
+        cols = program * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < M
+        col_ok = cols < N
+        out_mask = row_ok[:, None] & col_ok[None, :]
+        dtype = out_ptr.dtype.element_ty
+        # The first block's weights, the norm's gain and the bias are parameters, written by no
+        # kernel: under programmatic dependent launch they stream in while the kernel before this
+        # one is still finishing.
+        ks = tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        w_mask = col_ok[:, None] & k_ok[None, :]
+        w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :], mask=w_mask, other=0.0)
+        if GATED:
+            w_up = tl.load(w_ptr + (cols + N)[:, None] * stride_w + ks[None, :], mask=w_mask, other=0.0)
+        gain = tl.load(norm_ptr + ks, mask=k_ok & NORM, other=0.0)
+        if BIAS:
+            bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if PDL:
+            gdc_wait()  # everything below reads or writes what earlier kernels touch
+            if not AHEAD:
+                gdc_launch_dependents()
+        # After the wait, one round trip for everything earlier kernels wrote: the input's first
+        # block (also the norm's whole input when one block spans it) and the residual, whose
+        # latency would otherwise come after the sums.
+        xs = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if RESIDUAL:
+            res = tl.load(res_ptr + rows[:, None] * stride_res + cols[None, :], mask=out_mask, other=0.0)
+        inv_rms = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if NORM:
+            squares = tl.sum(xs.to(tl.float32) * xs.to(tl.float32), axis=1)
+            for k0 in range(BLOCK_K, K, BLOCK_K):
+                kk = k0 + tl.arange(0, BLOCK_K)
+                more = tl.load(x_ptr + rows[:, None] * stride_x + kk[None, :],
+                               mask=row_ok[:, None] & (kk < K)[None, :], other=0.0).to(tl.float32)
+                squares += tl.sum(more * more, axis=1)
+            # In fp32, as transformers' norm: a compiled graph passes a Python float as fp64, which
+            # would move the normed values by a rounding step against the eagerly launched kernel.
+            inv_rms = 1.0 / tl.sqrt(squares / K + tl.cast(eps, tl.float32))
+        normed = _normed(xs, gain, inv_rms, dtype, NORM)
+        acc = tl.sum(normed * w.to(tl.float32)[None, :, :], axis=2)
+        if GATED:
+            acc_up = tl.sum(normed * w_up.to(tl.float32)[None, :, :], axis=2)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            xs = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                         other=0.0)
+            gain = tl.load(norm_ptr + ks, mask=k_ok & NORM, other=0.0)
+            normed = _normed(xs, gain, inv_rms, dtype, NORM)
+            w_mask = col_ok[:, None] & k_ok[None, :]
+            w = tl.load(w_ptr + cols[:, None] * stride_w + ks[None, :], mask=w_mask, other=0.0)
+            acc += tl.sum(normed * w.to(tl.float32)[None, :, :], axis=2)
+            if GATED:
+                w_up = tl.load(w_ptr + (cols + N)[:, None] * stride_w + ks[None, :], mask=w_mask, other=0.0)
+                acc_up += tl.sum(normed * w_up.to(tl.float32)[None, :, :], axis=2)
+        if BIAS:
+            acc += bias[None, :]
+        y = finished(acc, acc_up if GATED else acc, res if RESIDUAL else acc, dtype, GATED, RESIDUAL)
+        tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], y, mask=out_mask)
+
+    @triton.jit
+    def finished(acc, acc_up, res, dtype: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr):
+        """The fp32 sums as transformers rounds them in the model's dtype: the matmul's output, then
+        SiLU(gate) * up, then the residual sum (`staged_matvec` finishes the same way)."""
+        y = acc.to(dtype).to(tl.float32)
+        if GATED:
+            silu = (y / (1.0 + tl.exp(-y))).to(dtype).to(tl.float32)
+            y = (silu * acc_up.to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+        if RESIDUAL:
+            y = res.to(tl.float32) + y
+        return y.to(dtype)
+
+
+def kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The Triton kernel serves this call: few rows, on CUDA (or `interpreter_on_cpu`)."""
+    if triton is None or x.numel() // x.size(-1) > MAX_ROWS or not weight.is_contiguous():
+        return False
+    return x.is_cuda or (x.device.type == "cpu" and interpreter_on_cpu)
+
+
+def dependent_launch_supported(device) -> bool:
+    """A Hopper or later GPU and a Triton that controls programmatic dependent launch."""
+    device = torch.device(device)
+    return (triton is not None and PDL_AVAILABLE and device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def check_dependent_launch(device) -> None:
+    if not dependent_launch_supported(device):
+        raise RuntimeError(f"programmatic dependent launch needs a Hopper or later GPU and a Triton with grid "
+                           f"dependency control (triton.language.extra.cuda.gdc_wait), not {device}: leave out "
+                           f"the dependent_launch step")
+
+
+def aligned_rows(m: int, n: int, **options) -> torch.Tensor:
+    """An empty (m, n) tensor whose rows start a multiple of 16 values apart, so that each starts
+    aligned for a kernel that reads them as vectors (the sampling kernel reads the speech head's CFG
+    rows, 8,194 wide); contiguous where n is a multiple of 16, as every other call's width is."""
+    return torch.empty(m, -(-n // 16) * 16, **options)[:, :n]
+
+
+def matvec_rows(x: torch.Tensor, weight: torch.Tensor, gated: bool, residual: torch.Tensor | None):
+    """A matvec kernel's rows: the input as (m, k) with unit stride along k, the output (m, n) and
+    the residual as (m, n) rows (the output itself when there is none)."""
+    k = x.size(-1)
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.size(0)
+    n = weight.size(0) // 2 if gated else weight.size(0)
+    out = aligned_rows(m, n, dtype=x.dtype, device=x.device)
+    return x2, out, residual.reshape(m, n).contiguous() if residual is not None else out
+
+
+@dataclass
+class MatvecLaunch:
+    """A matvec kernel's arguments for `matvec_columns`, its program count, warps and output."""
+    args: tuple
+    constexprs: dict
+    programs: int
+    warps: int
+    out: torch.Tensor
+
+
+def matvec_launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, norm: Norm | None = None,
+                  gated: bool = False, residual: torch.Tensor | None = None, config: KernelConfig | None = None,
+                  pdl: bool = False, ahead: bool = False) -> MatvecLaunch:
+    if gated and bias is not None:
+        raise ValueError("a gated matvec takes no bias (Llama's MLP has none)")
+    x2, out, res = matvec_rows(x, weight, gated, residual)
+    (m, k), n = x2.shape, out.size(1)
+    if config is None:
+        config = config_for(m, n, k, gated)
+    args = (x2, weight, bias if bias is not None else weight, out, res, norm.weight if norm is not None else weight,
+            m, n, k, norm.eps if norm is not None else 0.0,
+            x2.stride(0), weight.stride(0), out.stride(0), res.stride(0))
+    constexprs = dict(BIAS=bias is not None, NORM=norm is not None, GATED=gated, RESIDUAL=residual is not None,
+                      BLOCK_M=max(2, triton.next_power_of_2(m)), BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+                      PDL=pdl, AHEAD=ahead)
+    return MatvecLaunch(args, constexprs, triton.cdiv(n, config.block_n), config.warps, out)
+
+
+def triton_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  norm: Norm | None = None, gated: bool = False, residual: torch.Tensor | None = None,
+                  config: KernelConfig | None = None, pdl: bool = False, ahead: bool = False) -> torch.Tensor:
+    """`reference_matvec` as one Triton kernel (x has at most MAX_ROWS rows). `pdl`: launched as a
+    programmatic dependent of the kernel before it (CUDA, Hopper or later; eager launches only:
+    a graph captured from them keeps the dependency, Inductor's launcher does not pass it).
+    `ahead` (with `pdl`): the kernel after it may launch once all of its programs have started,
+    not once they have all passed their wait."""
+    from torch.library import wrap_triton
+
+    launch = matvec_launch(x, weight, bias, norm, gated, residual, config, pdl, ahead)
+    wrap_triton(_matvec_kernel)[(launch.programs,)](
+        *launch.args, **launch.constexprs, num_warps=launch.warps, **({"launch_pdl": True} if pdl else {}))
+    return launch.out.view(*x.shape[:-1], launch.out.size(-1))
+
+
+def fused_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 norm: Norm | None = None, gated: bool = False,
+                 residual: torch.Tensor | None = None, pdl: bool = False, ahead: bool = False) -> torch.Tensor:
+    """The Triton kernel where it applies (`kernel_applies`), else `reference_matvec`."""
+    if kernel_applies(x, weight):
+        return triton_matvec(x, weight, bias, norm=norm, gated=gated, residual=residual, pdl=pdl and x.is_cuda,
+                             ahead=ahead)
+    return reference_matvec(x, weight, bias, norm=norm, gated=gated, residual=residual)
+
+
+# What `sweep` tries per call: columns per program, input values per iteration, warps.
+SWEEP_CONFIGS = tuple(KernelConfig(n, k, w) for n in (1, 2, 4, 8) for k in (512, 1024, 2048, 4096) for w in (4, 8))
+
+
+def _name(config: KernelConfig) -> str:
+    return f"n{config.block_n}_k{config.block_k}_w{config.warps}"
+
+
+def step_calls(t3) -> dict[str, dict]:
+    """The five matvecs of a one-token step of `t3` (per layer four, then the head), as
+    shapes and options: {name: dict(n=output columns, k=inputs, options)}."""
+    cfg = t3.cfg
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    dim, heads, kv = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
+    return {
+        "qkv": dict(n=(heads + 2 * kv) * head_dim, k=dim, norm=True),
+        "o_proj": dict(n=dim, k=heads * head_dim, residual=True),
+        "gate_up": dict(n=cfg.intermediate_size, k=dim, norm=True, gated=True),
+        "down": dict(n=dim, k=cfg.intermediate_size, residual=True),
+        "head": dict(n=t3.speech_head.out_features, k=dim, norm=True, bias=t3.speech_head.bias is not None),
+    }
+
+
+def time_in_graph(calls: list, repeats: int = 5) -> float:
+    """Seconds per call of `calls` (zero-argument functions) replayed as one CUDA graph."""
+    stream = warmup_stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls:
+            call()  # compiles each kernel, and warms up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with capturing(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / len(calls))
+    return sorted(times)[len(times) // 2]
+
+
+def sweep(t3, dtype: torch.dtype = torch.bfloat16, rows: int = 2, configs=SWEEP_CONFIGS,
+          l2_bytes: int = 256 * 2**20) -> dict:
+    """Time every config on each of the step's calls against PyTorch's path, inside CUDA graphs,
+    and put the fastest in CONFIGS. Each call cycles through enough copies of its weights to
+    overflow L2, as a step over 30 layers does. Returns microseconds per call."""
+    device = t3.speech_head.weight.device
+    found = {}
+    for name, call in step_calls(t3).items():
+        n, k, gated = call["n"], call["k"], call.get("gated", False)
+        copies = max(2, l2_bytes // ((2 * n if gated else n) * k * dtype.itemsize))
+        weights = [torch.randn(2 * n if gated else n, k, device=device, dtype=dtype) / k ** 0.5
+                   for _ in range(copies)]
+        x = torch.randn(rows, 1, k, device=device, dtype=dtype)
+        kw = dict(gated=gated,
+                  norm=Norm(torch.ones(k, device=device, dtype=dtype), 1e-5) if call.get("norm") else None,
+                  residual=torch.randn(rows, 1, n, device=device, dtype=dtype) if call.get("residual") else None,
+                  bias=torch.zeros(n, device=device, dtype=dtype) if call.get("bias") else None)
+
+        def timed(fn, **extra):
+            return time_in_graph([lambda w=w: fn(x, w, **kw, **extra) for w in weights]) * 1e6
+
+        entry = dict(n=n, k=k, weight_mib=(2 * n if gated else n) * k * dtype.itemsize / 2**20,
+                     pytorch_us=timed(reference_matvec), configs={})
+        for config in configs:
+            if config.block_k > triton.next_power_of_2(k):
+                continue  # the same work as a smaller block, masked
+            entry["configs"][_name(config)] = \
+                timed(triton_matvec, config=config)
+        best = min(entry["configs"], key=entry["configs"].get)
+        entry["best"], entry["best_us"] = best, entry["configs"][best]
+        CONFIGS[(rows, n, k, gated)] = next(c for c in configs if _name(c) == best)
+        found[name] = entry
+        weights.clear()  # the copies go before the next call's are made
+    return found

@@ -1,0 +1,106 @@
+"""One call to a ready `ChatterboxTTS`: a local checkpoint, the hub, or the synthetic default."""
+from __future__ import annotations
+
+import pickle
+import warnings
+from pathlib import Path
+
+import torch
+
+from chatterbox_lab.loading.architecture import check_preset, upstream_constructors
+from chatterbox_lab.loading.checkpoint import check_checkpoint_dir, ensure_synthetic, read_marker
+
+DEVICES = ("cpu", "cuda", "mps")
+
+# Random weights sample the special speech tokens (6561 = start, 6562 = stop and
+# the unused ids above) as often as any other, and upstream cuts its output at the
+# first one. A synthetic model gets this logit bias on every id >= 6561 so that it
+# always produces exactly the number of valid tokens a benchmark asks for. It is
+# finite on purpose: -inf becomes NaN in the CFG combination cond + w*(cond - uncond).
+SPECIAL_TOKEN_BIAS = -1.0e4
+
+
+def resolve_device(device: str | None = None) -> str:
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind = device.split(":")[0]
+    if kind not in DEVICES:
+        raise ValueError(f"unknown device {device!r}: choose one of {', '.join(DEVICES)} (or cuda:N)")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for, but this torch sees no CUDA GPU: use device='cpu'")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' asked for, but it is not available here: use device='cpu'")
+    return device
+
+
+def default_preset(device: str) -> str:
+    return "full" if device.startswith("cuda") else "tiny"
+
+
+def guard_special_tokens(t3) -> None:
+    """Give T3's speech head a bias that keeps a synthetic model off the special tokens."""
+    head = t3.speech_head
+    if head.bias is not None:
+        raise ValueError("speech head already has a bias; refusing to guard it twice")
+    first_special = t3.hp.start_speech_token
+    guarded = torch.nn.Linear(head.in_features, head.out_features, bias=True,
+                              device=head.weight.device, dtype=head.weight.dtype)
+    with torch.no_grad():
+        guarded.weight.copy_(head.weight)
+        guarded.bias.zero_()
+        guarded.bias[first_special:] = SPECIAL_TOKEN_BIAS
+    t3.speech_head = guarded
+
+
+def is_guarded(t3) -> bool:
+    return t3.speech_head.bias is not None
+
+
+def load_tts(source: str | Path = "synthetic", *, preset: str | None = None, device: str | None = None):
+    """Return a ready `chatterbox.tts.ChatterboxTTS`.
+
+    source: "synthetic" (default; built once and cached, see `checkpoint.py`),
+            "hub" (downloads ResembleAI/chatterbox; needs network), or the path
+            of a checkpoint directory in the upstream layout.
+    preset: "full" or "tiny", synthetic only; defaults to full on a GPU, tiny on a CPU.
+    device: "cuda", "cpu", "mps" or "cuda:N"; defaults to the GPU when there is one.
+    """
+    from chatterbox.tts import ChatterboxTTS
+
+    device = resolve_device(device)
+    if source == "hub":
+        if preset not in (None, "full"):
+            raise ValueError("the hub checkpoint is the full model; preset applies to 'synthetic' only")
+        return ChatterboxTTS.from_pretrained(device)
+
+    if source == "synthetic":
+        preset = check_preset(preset or default_preset(device))
+        directory = ensure_synthetic(preset)
+    else:
+        directory = check_checkpoint_dir(Path(source))
+    marker = read_marker(directory)
+    if marker is None and preset not in (None, "full"):
+        raise ValueError(f"{directory} is a real checkpoint; it only comes in the 'full' size")
+    model_preset = marker["preset"] if marker else "full"
+
+    with warnings.catch_warnings():
+        # Upstream asks for output_attentions=True and newer transformers warn on every call.
+        warnings.filterwarnings("ignore", message=".*output_attentions.*")
+        with upstream_constructors(model_preset):
+            try:
+                tts = ChatterboxTTS.from_local(directory, device)
+            except RuntimeError as exc:
+                if "size mismatch" not in str(exc) and "Missing key" not in str(exc):
+                    raise
+                raise ValueError(f"the weights in {directory} do not fit the {model_preset} Chatterbox "
+                                 f"architecture (wrong-shape or missing tensors): "
+                                 f"{str(exc).splitlines()[0]}") from None
+            except pickle.UnpicklingError as exc:
+                raise ValueError(f"{directory / 'conds.pt'} is not a plain tensor file and was refused "
+                                 f"(loaded with weights_only=True): {str(exc).splitlines()[0]}") from None
+    tts.checkpoint_dir = Path(directory)
+    tts.preset = model_preset
+    tts.synthetic = marker is not None
+    if tts.synthetic:
+        guard_special_tokens(tts.t3)
+    return tts

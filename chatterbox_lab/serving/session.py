@@ -1,0 +1,184 @@
+"""A serving session: one model, one compiled decoder, a bounded cache of prepared voices.
+
+The decoder's captured step, its KV cache and upstream's `tts.conds` are shared,
+mutable state, so requests run one at a time: concurrent callers queue instead
+of corrupting each other's graphs or voices. They run on one dedicated worker
+thread, not merely under a lock, because torch.compile's CUDA-graph trees keep
+per-thread state: a step captured on one thread and replayed from a server's
+pool of threads is not supported (pytorch/pytorch#123177). Each result is a
+fresh host copy, never a view of a buffer the next request overwrites.
+"""
+from __future__ import annotations
+
+import io
+import os
+import secrets
+import threading
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from chatterbox_lab.decode.decoder import LADDER, T3Decoder
+from chatterbox_lab.loading.models import load_tts
+from chatterbox_lab.pipeline.synthesis import synthesize, synthesize_long
+from chatterbox_lab.sampling import SamplingParams
+from chatterbox_lab.validation import (MAX_LONG_TEXT_CHARS, MAX_TEXT_CHARS, check_output_path, check_text,
+                                       check_token_count, check_voice_id)
+from chatterbox_lab.pipeline.voices import VoiceCache, check_reference_audio, voice_path
+
+
+def own_cudagraph_state() -> None:
+    """Give the calling thread its own CUDA-graph-tree state (run once on the worker).
+
+    torch 2.11's trees find their state only on the thread that imported them
+    (or threads autograd spawned) and fail an assertion anywhere else, e.g. on a
+    worker started after another thread already compiled; torch 2.13 creates
+    the state per thread itself. This does the same on older versions.
+    """
+    from torch._inductor import cudagraph_trees as trees
+
+    if hasattr(trees.local, "tree_manager_containers") or torch._C._is_key_in_tls("tree_manager_containers"):
+        return
+    trees.local.tree_manager_containers = {}
+    trees.local.tree_manager_locks = defaultdict(threading.Lock)
+    torch._C._stash_obj_in_tls("tree_manager_containers", trees.local.tree_manager_containers)
+    torch._C._stash_obj_in_tls("tree_manager_locks", trees.local.tree_manager_locks)
+
+
+@dataclass
+class Speech:
+    wav: np.ndarray
+    sample_rate: int
+    seconds: dict
+
+    def wav_bytes(self) -> bytes:
+        """16-bit PCM WAV."""
+        import soundfile as sf
+
+        buffer = io.BytesIO()
+        sf.write(buffer, self.wav, self.sample_rate, format="WAV", subtype="PCM_16")
+        return buffer.getvalue()
+
+    def save(self, path, overwrite: bool = False) -> Path:
+        """Write `wav_bytes()` to `path` atomically: readers never see half a file, and a
+        failed write leaves nothing behind (nor touches a file it was to replace)."""
+        path = check_output_path(path, overwrite)
+        data = self.wav_bytes()
+        # Beside the destination, so the rename stays on one file system; "x" so a name
+        # clash never clobbers another file; not tempfile, whose files are private (0600).
+        temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        file = open(temp, "xb")
+        try:
+            with file:
+                file.write(data)
+                file.flush()
+                # On disk before the rename, so a crash cannot leave an empty file under `path`.
+                os.fsync(file.fileno())
+            os.replace(temp, path)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        return path
+
+
+class TTSSession:
+    """`steps`: T3's (`decoder.STEPS`). `s3gen_steps`: S3Gen's (`s3gen_steps.S3GEN_STEPS`), applied
+    to the session's model in place; none by default, since the recorded GPU soak ran without
+    them. With `flow_graphs`, the first request whose length falls in a new bucket captures its
+    graph (tens of milliseconds on a GPU), once."""
+
+    def __init__(self, source="synthetic", *, preset=None, device=None, steps=LADDER, s3gen_steps=(),
+                 max_new_tokens: int = 1000, voices: int = 8, tts=None):
+        from chatterbox_lab.s3gen.s3gen_steps import apply_s3gen_steps
+
+        self.tts = tts if tts is not None else load_tts(source, preset=preset, device=device)
+        apply_s3gen_steps(self.tts, s3gen_steps)
+        self.max_new_tokens = check_token_count(max_new_tokens)
+        self.decoder = T3Decoder(self.tts.t3, steps, max_new_tokens=max_new_tokens,
+                                 max_text_tokens=MAX_TEXT_CHARS)
+        self.voices = VoiceCache(self.tts, capacity=voices)
+        self._named: dict[str, Path] = {}
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatterbox_lab-model",
+                                          initializer=own_cudagraph_state)
+        self.warmup_s: float | None = None
+
+    def register_voice(self, voice_id: str, path) -> str:
+        """Name a reference recording, checked and prepared now (on the worker, between
+        requests), so that its conditioning cost is paid here and not by its first request."""
+        voice_id, path = check_voice_id(voice_id), check_reference_audio(path)
+        self._worker.submit(self.voices.use, path).result()
+        self._named[voice_id] = path
+        return voice_id
+
+    def voice_names(self) -> list[str]:
+        from chatterbox_lab.pipeline.voices import bundled_voices
+
+        return sorted({*bundled_voices(), *self._named})
+
+    def _resolve(self, voice) -> Path:
+        return self._named.get(voice) or voice_path(voice)
+
+    def warmup(self, voice="alto", progress: bool = True) -> float:
+        """Compile and capture the decode step now, not in the first request; returns seconds."""
+        from tqdm.auto import tqdm
+
+        from chatterbox_lab.records.results import compile_estimate_s
+
+        estimate = compile_estimate_s(self.tts.device) if self.decoder.compiled else None
+        what = "warm-up: compile and capture the decode step" if self.decoder.compiled else "warm-up"
+        start = time.perf_counter()
+        # One step that lasts the whole compile: the bar shows the time spent against the
+        # estimate (this GPU model's committed compile time), which is all there is to show.
+        with tqdm(total=1, desc=what + (f" (about {estimate:.0f} s on this GPU)" if estimate else ""),
+                  disable=not progress) as bar:
+            self.synthesize("Warming up the decoder.", voice=voice, max_new_tokens=32)
+            bar.update()
+        self.warmup_s = time.perf_counter() - start
+        return self.warmup_s
+
+    def synthesize(self, text, voice="alto", *, sampling: SamplingParams = SamplingParams(),
+                   max_new_tokens: int | None = None, exaggeration: float = 0.5, seed: int | None = None,
+                   chunk: bool = False) -> Speech:
+        """`chunk`: text of any length, spoken sentence chunk by sentence chunk
+        (`pipeline.synthesize_long`); `max_new_tokens` then bounds each chunk."""
+        text = check_text(text, max_chars=MAX_LONG_TEXT_CHARS if chunk else MAX_TEXT_CHARS)
+        n = check_token_count(max_new_tokens if max_new_tokens is not None else self.max_new_tokens)
+        if n > self.max_new_tokens:
+            raise ValueError(f"max_new_tokens {n} is over this session's limit of {self.max_new_tokens}: "
+                             f"create the session with a larger max_new_tokens")
+        path = self._resolve(voice)
+        return self._worker.submit(self._run, text, path, sampling, n, exaggeration, seed, chunk).result()
+
+    def synthesize_to_file(self, path, text, voice="alto", *, overwrite: bool = False, **options) -> Path:
+        """`synthesize` (same keywords) into a 16-bit WAV file; returns its path.
+
+        The destination is checked first, so a bad path costs no model time, and the
+        file is written only once the speech exists (see `Speech.save`).
+        """
+        check_output_path(path, overwrite)
+        return self.synthesize(text, voice, **options).save(path, overwrite)
+
+    def _run(self, text, path, sampling, n, exaggeration, seed, chunk) -> Speech:
+        """On the worker thread: every model call of the session happens here."""
+        try:
+            self.tts.conds = self.voices.use(path, exaggeration)
+            if seed is not None:
+                torch.manual_seed(seed)
+            run = synthesize_long if chunk else synthesize
+            result = run(self.tts, text, decoder=self.decoder, max_new_tokens=n, sampling=sampling)
+        except torch.cuda.OutOfMemoryError as exc:
+            torch.cuda.empty_cache()
+            raise MemoryError(
+                "the GPU ran out of memory for this request: use shorter text or fewer max_new_tokens, "
+                "a smaller max_new_tokens for the session (its KV cache is sized from it), or free "
+                f"memory held by other processes ({exc})") from None
+        return Speech(wav=np.array(result.wav, dtype=np.float32, copy=True), sample_rate=result.sample_rate,
+                      seconds=dict(result.seconds))
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=True)
