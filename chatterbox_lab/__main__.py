@@ -11,8 +11,9 @@ from pathlib import Path
 
 from chatterbox_lab.records import results
 from chatterbox_lab.loading.architecture import PRESETS
-from chatterbox_lab.measure.bench import RUNGS, BenchConfig, batch_table, ladder_rungs, run, summary_table
-from chatterbox_lab.s3gen.s3gen_steps import S3GEN_STEPS
+from chatterbox_lab.measure.bench import (EXPERIMENTAL_RUNGS, LADDER_RUNGS, RUNGS, BenchConfig, batch_table, run,
+                                          summary_table)
+from chatterbox_lab.registry import S3GEN_STEPS
 from chatterbox_lab.sampling import SamplingParams
 
 LOCAL_RESULTS = Path("bench-results")
@@ -30,7 +31,9 @@ def default_output(doc: dict) -> Path:
 
 def say(args) -> Path:
     """One utterance into a WAV file; every cheap check runs before the model loads."""
+    from chatterbox_lab.decode.plan import device_kind
     from chatterbox_lab.loading.models import load_tts
+    from chatterbox_lab.registry import preset
     from chatterbox_lab.serving.session import TTSSession
     from chatterbox_lab.validation import (MAX_LONG_TEXT_CHARS, MAX_TEXT_CHARS, check_output_path, check_text,
                                            check_token_count)
@@ -44,10 +47,11 @@ def say(args) -> Path:
     check_output_path(args.out, args.overwrite)
     voice = check_reference_audio(args.voice)
     tts = load_tts(args.checkpoint, preset=args.preset, device=args.device)
-    # No compiled step and no warm-up: compiling and capturing take longer than one
-    # utterance gains. bf16 on a GPU only, where it halves the weight reads.
-    steps = ("static_cache", "embed_cache") + (("bf16",) if str(tts.device).startswith("cuda") else ())
-    session = TTSSession(tts=tts, steps=steps, max_new_tokens=tokens)
+    # T3's recommended steps capture their graphs in seconds; S3Gen's steps that start with a
+    # torch.compile of their own take longer than one utterance gains, so they are left out.
+    kind = device_kind(tts.device)
+    session = TTSSession(tts=tts, steps="recommended", s3gen_steps=preset("recommended", kind, "s3gen", compiles=False),
+                         max_new_tokens=tokens)
     try:
         return session.synthesize_to_file(args.out, text, voice, overwrite=args.overwrite, sampling=sampling,
                                           max_new_tokens=tokens, seed=args.seed, chunk=args.chunk)
@@ -55,9 +59,9 @@ def say(args) -> Path:
         session.close()
 
 
-def _s3gen_steps(args) -> tuple:
-    """`--s3gen` alone means all of S3Gen's steps; without it, none."""
-    return () if args.s3gen is None else tuple(args.s3gen or S3GEN_STEPS)
+def _s3gen_steps(args, default="recommended"):
+    """`--s3gen STEP...` those steps; `--s3gen` alone all of S3Gen's steps; without it, `default`."""
+    return default if args.s3gen is None else tuple(args.s3gen or S3GEN_STEPS)
 
 
 def main(argv=None) -> int:
@@ -65,9 +69,11 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="measure rungs of the ladder; prints a table, writes one JSON file")
     b.add_argument("--ladder", action="store_true",
-                   help="every rung: " + ", ".join(RUNGS + S3GEN_STEPS) + " (S3Gen's as --s3gen; "
-                        "dependent_launch and launch_ahead only on a Hopper or later GPU)")
-    b.add_argument("--rungs", nargs="+", choices=RUNGS, help="rungs to run (default: upstream_fp32)")
+                   help="the ladder: " + ", ".join(LADDER_RUNGS) + ", then S3Gen's recommended steps as --s3gen")
+    b.add_argument("--experimental", action="store_true",
+                   help="also the experimental rungs, each the recommended set with one step measured slower: "
+                        + ", ".join(EXPERIMENTAL_RUNGS))
+    b.add_argument("--rungs", nargs="+", choices=RUNGS, help="rungs to run (default with neither --ladder nor --experimental: upstream_fp32)")
     b.add_argument("--preset", choices=PRESETS, help="synthetic model size (default: full on GPU, tiny on CPU)")
     b.add_argument("--checkpoint", default="synthetic", help="'synthetic', 'hub' or a checkpoint directory")
     b.add_argument("--device", help="cuda, cpu, mps or cuda:N (default: cuda when available)")
@@ -76,14 +82,13 @@ def main(argv=None) -> int:
     b.add_argument("--voice", default="alto", help="bundled voice name or audio path")
     b.add_argument("--checks", action="store_true", help="also check fp32 token identity and bf16 logits")
     b.add_argument("--no-profile", action="store_true", help="skip the per-token launch counts")
-    b.add_argument("--no-sweep", action="store_true",
-                   help="keep the Triton kernels' default block sizes: no sweep and no tuning in the step's "
-                        "chain, a few minutes less (and a cold start-up's compile_s: the sweeps would compile "
-                        "the kernels first)")
+    b.add_argument("--tune", action="store_true",
+                   help="tune the kernels on this card first (their sweeps, then the chain tuning inside the "
+                        "captured step: minutes); without it the rungs run with the picks shipped for this "
+                        "card model, else the kernels' defaults")
     b.add_argument("--tune-from", metavar="RECORD",
-                   help="start the tuning in the step's chain from the picks of this bench record (JSON) "
-                        "of the same card, instead of the kernels' defaults; with --no-sweep, run the rungs "
-                        "with those picks, untuned")
+                   help="run with the picks of this bench record (JSON) of the same card instead, and start "
+                        "--tune from them")
     b.add_argument("--trace-dir", help="write a short trace per rung under this directory")
     b.add_argument("--batch", type=int, nargs="+", default=(), metavar="N",
                    help="also decode N utterances at once with the last rung's steps (e.g. 1 8 32 64)")
@@ -107,7 +112,7 @@ def main(argv=None) -> int:
     s.add_argument("--checkpoint", default="synthetic")
     s.add_argument("--device")
     s.add_argument("--s3gen", nargs="*", choices=S3GEN_STEPS, metavar="STEP",
-                   help=f"S3Gen's steps (no STEP: all of {', '.join(S3GEN_STEPS)}); default none")
+                   help=f"S3Gen's steps (no STEP: all of {', '.join(S3GEN_STEPS)}); default: the recommended ones")
     k = sub.add_parser("soak", help="serve on 127.0.0.1 and soak it with concurrent clients; writes one JSON")
     k.add_argument("--requests", type=int, default=500)
     k.add_argument("--clients", type=int, default=4)
@@ -116,7 +121,8 @@ def main(argv=None) -> int:
     k.add_argument("--preset", choices=PRESETS)
     k.add_argument("--device")
     k.add_argument("--s3gen", nargs="*", choices=S3GEN_STEPS, metavar="STEP",
-                   help=f"S3Gen's steps for the session (no STEP: all of {', '.join(S3GEN_STEPS)}); default none")
+                   help=f"S3Gen's steps for the session (no STEP: all of {', '.join(S3GEN_STEPS)}); "
+                        "default: the recommended ones")
     k.add_argument("--out", type=Path, required=True)
     k.add_argument("--overwrite", action="store_true")
     y = sub.add_parser("say", help="speak TEXT into a 16-bit WAV file (no compile, no warm-up)")
@@ -168,15 +174,20 @@ def main(argv=None) -> int:
         print("README.md updated" if update_readme() else "README.md already up to date")
         return 0
 
-    rungs = ladder_rungs(args.device) if args.ladder else tuple(args.rungs or ("upstream_fp32",))
+    rungs = tuple(args.rungs or ()) + (LADDER_RUNGS if args.ladder else ()) + \
+        (EXPERIMENTAL_RUNGS if args.experimental else ())
     try:
+        from chatterbox_lab.decode.plan import device_kind
+        from chatterbox_lab.loading.models import resolve_device
+        from chatterbox_lab.registry import preset
+
+        recommended_s3gen = preset("recommended", device_kind(resolve_device(args.device)), "s3gen")
         config = BenchConfig(source=args.checkpoint, preset=args.preset, device=args.device, tokens=args.tokens,
                              repeats=args.repeats, rungs=rungs, voice=args.voice, checks=args.checks,
-                             profile=not args.no_profile, sweep=not args.no_sweep, trace_dir=args.trace_dir,
+                             profile=not args.no_profile, tune=args.tune, trace_dir=args.trace_dir,
                              batch_sizes=tuple(args.batch), stream=args.stream, many=args.many,
                              many_flow_steps=args.many_flow_steps, tune_from=args.tune_from,
-                             s3gen_steps=tuple(args.s3gen or S3GEN_STEPS) if args.s3gen is not None or args.ladder
-                             else ())
+                             s3gen_steps=_s3gen_steps(args, recommended_s3gen if args.ladder else ()))
         config.resolved()
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))

@@ -1,79 +1,9 @@
-"""T3 speech-token decoding with the optimization ladder's steps switched on one by one.
+"""T3 speech-token decoding with any set of the registry's T3 steps (`registry.T3_STEPS`).
 
 Same semantics as upstream `T3.inference` (CFG pair, repetition penalty,
 temperature, min-p, top-p, stop token, one `torch.multinomial` per token), so
-the tokens plug into upstream's S3Gen. Steps, each in its own module:
-
-- "bf16":         T3 weights in bfloat16 (`precision.py`)
-- "static_cache": fixed KV buffers and our attention (`kv_cache.py`, `t3_forward.py`)
-- "embed_cache":  the step's input embedding as two device lookups (`embed_cache.py`)
-- "compiled":     the one-token step under torch.compile with CUDA graphs (`compiled_step.py`)
-
-Past the guide (`BEYOND`):
-
-- "fused_projections": q/k/v and gate/up each as one matmul (`fused_projections.py`)
-- "sampling_in_graph": sampling and the token write inside the captured step, so a
-                       token costs one graph launch and nothing else on the host
-- "fused_matvec":   each matmul of the one-token step a Triton kernel that streams its
-                       weights and folds in the RMSNorm before it and the SiLU gate or
-                       residual add after it (`fused_matvec.py`); four kernels a layer
-                       around attention; prefill and large batches keep cuBLAS
-- "filled_cache_attention": each step's attention reads only the filled blocks of each
-                       row's cache (flex attention, `t3_forward.filled_cache_mask`), not the
-                       whole allocation; compiled only (flex attention's eager form is a
-                       reference that materializes every score)
-- "fused_attention": the one-token step's rotary, cache write and attention over the filled
-                       slots as one Triton kernel a layer (`decode_attention.py`); it takes
-                       the step's attention over from `filled_cache_attention`, which then
-                       serves nothing
-- "fused_sampling": the in-graph sampling (CFG mix, penalties, min-p, top-p without a sort,
-                       the exponential race) as one Triton kernel (`fused_sampling.py`),
-                       the random draw still PyTorch's
-- "captured_graph": with every kernel of the step hand-written, the step is captured as a
-                       CUDA graph directly instead of through torch.compile
-                       (`compiled_step.CapturedStep`): same kernels, a start-up of seconds
-- "dependent_launch": in the captured step, each of our kernels is a programmatic dependent
-                       of the one before (Hopper and later): it is launched while that one
-                       finishes, streams in its first weights, and waits only before it
-                       reads what earlier kernels wrote
-- "launch_ahead":   each of those kernels lets the next one launch as soon as all its own
-                       programs have started (not once they have passed their wait), so the
-                       weights of several kernels stream in at once, and the attention kernel
-                       loads its first block of earlier cache slots before its wait
-- "fused_bookkeeping": the captured step's bookkeeping (last token, repetition mask, input
-                       embedding, cache position, token write, step counter) in one prologue
-                       kernel and the sampling kernel, the random draw moved to the step's start,
-                       so our kernels' chain runs from the first kernel to the last
-                       (`fused_bookkeeping.py`)
-- "staged_weights": the gate/up kernel copies its weights into shared memory before its wait
-                       (asynchronous copies, a Gluon kernel) instead of registers, which every
-                       resident kernel shares; each program asks the SM for just the shared memory
-                       it needs (`staged_matvec.py`)
-- "multi_step_graph": the captured steps between two stop checks replayed as one graph
-                       (`compiled_step.CapturedStep.run`), so PyTorch's per-replay generator
-                       writes and the gap between launches come once per 16 steps
-- "staged_head":    the speech head's kernel stages its weights in shared memory too: after the
-                       last layer's down projection, whose programs hold little shared memory,
-                       its 16.8 MB load before its wait instead of after it (`staged_matvec.py`)
-- "draw_aside":     the step's random draw on a side branch of the captured graph, beside the
-                       layers instead of ahead of the prologue, so the sampling kernel of one
-                       step is followed by the next step's prologue directly
-- "folded_prologue": that prologue's work at the end of the sampling kernel, for the step after
-                       (the prologue runs once, after the prefill): a step's first layer
-                       kernel launches as a dependent of the step before's sampling kernel,
-                       early, and loads its weights while that kernel runs; one kernel and its
-                       launch fewer a token
-- "prefill_graph":  a lone utterance's prefill replayed from a CUDA graph per prompt-length
-                       bucket, its prompt padded at the end (`prefill_graph.py`); batched
-                       prefills stay eager (one pass serves many utterances already)
-- "head_handoff":   a layer's q/k/v matvec and attention as one kernel: each head group's
-                       attention programs start once that group's q/k/v columns are written,
-                       polling a counter instead of waiting for the whole q/k/v kernel
-                       (`head_handoff.py`); one kernel boundary fewer a layer
-- "persistent_layers": each layer of the one-token step as one persistent kernel, one
-                       program per SM walking the layer's five phases between grid barriers
-                       and loading the next phase's weights before each barrier
-                       (`persistent_layer.py`)
+the tokens plug into upstream's S3Gen. The steps are resolved once into a
+`DecodePlan` (`plan.py`), and everything here reads the plan's fields.
 
 Any number of utterances decode together (`streams`): each is a CFG pair of rows,
 with its own prompt, position, repetition mask and stop.
@@ -91,65 +21,13 @@ from chatterbox_lab.decode.embed_cache import SpeechEmbeddingCache, upstream_ste
 from chatterbox_lab.decode.kv_cache import CACHE_MULTIPLE, cache_len_for, check_fits
 from chatterbox_lab.decode.precision import t3_in_dtype
 from chatterbox_lab.sampling import DeviceSampling, SamplingParams, next_token_probs, race_noise, sample_token
-from chatterbox_lab.kernels.staged_matvec import STAGED_CALLS
+from chatterbox_lab.decode.plan import DecodePlan
+from chatterbox_lab.kernels.picks import KernelPicks
 from chatterbox_lab.decode.t3_forward import DynamicT3Forward, StaticT3Forward, filled_cache_mask
-
-LADDER = ("bf16", "static_cache", "embed_cache", "compiled")
-BEYOND = ("fused_projections", "sampling_in_graph", "fused_matvec", "filled_cache_attention", "fused_attention",
-          "fused_sampling", "captured_graph", "dependent_launch", "launch_ahead", "fused_bookkeeping", "staged_weights",
-          "multi_step_graph", "staged_head", "draw_aside", "folded_prologue", "prefill_graph", "head_handoff",
-          "persistent_layers")
-STEPS = LADDER + BEYOND
-REQUIRES = {"compiled": ("static_cache", "embed_cache"), "fused_projections": ("static_cache",),
-            "sampling_in_graph": ("compiled",), "fused_matvec": ("fused_projections",),
-            "filled_cache_attention": ("compiled",), "fused_attention": ("static_cache",),
-            "fused_sampling": ("sampling_in_graph",),
-            "captured_graph": ("fused_matvec", "fused_attention", "fused_sampling"),
-            "dependent_launch": ("captured_graph",), "launch_ahead": ("dependent_launch",),
-            "fused_bookkeeping": ("captured_graph",), "staged_weights": ("launch_ahead",),
-            "multi_step_graph": ("captured_graph",), "staged_head": ("staged_weights",),
-            "draw_aside": ("fused_bookkeeping",), "folded_prologue": ("fused_bookkeeping",),
-            "head_handoff": ("fused_matvec", "fused_attention"),
-            "prefill_graph": ("static_cache",),
-            "persistent_layers": ("fused_matvec", "fused_attention")}
-# Steps whose Triton kernels sum in their own order: checked against PyTorch by logits and by
-# tokens for the same random draws, not by fp32 identity with upstream.
-KERNEL_STEPS = ("fused_matvec", "fused_attention", "fused_sampling", "fused_bookkeeping", "staged_weights",
-                "staged_head", "folded_prologue", "head_handoff", "persistent_layers")
 
 # How often the host looks for the stop token: each look is a device sync that
 # stops the CPU from queueing further steps ahead of the GPU.
 STOP_CHECK_INTERVAL = 16
-
-
-def check_steps(steps) -> frozenset:
-    steps = frozenset(steps)
-    unknown = steps - set(STEPS)
-    if unknown:
-        raise ValueError(f"unknown steps {sorted(unknown)}: choose from {', '.join(STEPS)}")
-    for step, needs in REQUIRES.items():
-        missing = [n for n in needs if step in steps and n not in steps]
-        if missing:
-            raise ValueError(f"step {step!r} needs {', '.join(missing)} as well")
-    return steps
-
-
-def requirements(step: str) -> frozenset:
-    """Every step `step` needs, directly or through another."""
-    needs = set(REQUIRES.get(step, ()))
-    for need in tuple(needs):
-        needs |= requirements(need)
-    return frozenset(needs)
-
-
-def dependents(step: str) -> frozenset:
-    """Every step that needs `step`, directly or through another."""
-    return frozenset(other for other in STEPS if step in requirements(other))
-
-
-def ladder_prefix(rung: str) -> frozenset:
-    """The steps switched on at `rung`: it and every step before it."""
-    return frozenset(STEPS[: STEPS.index(rung) + 1])
 
 
 def text_tokens_for(tts, text: str) -> torch.Tensor:
@@ -212,18 +90,22 @@ class T3Decoder:
     """
 
     def __init__(self, t3, steps=(), *, max_cache_len: int | None = None, max_new_tokens: int = 1000,
-                 max_text_tokens: int = 300, streams: int = 1):
-        self.steps = check_steps(steps)
+                 max_text_tokens: int = 300, streams: int = 1, picks: KernelPicks | None = None):
+        """`steps`: T3 steps of the registry, resolved into `self.plan` for T3's device. `picks`: the
+        kernels' configurations (`kernels.picks`); none, their defaults."""
         if streams < 1:
             raise ValueError(f"streams must be >= 1, got {streams}")
-        if streams > 1 and not {"static_cache", "embed_cache"} <= self.steps:
+        device = t3.speech_head.weight.device
+        self.plan = plan = DecodePlan.resolve(steps, device)
+        self.steps = plan.steps
+        if streams > 1 and not (plan.cache == "static" and plan.embedding == "cached"):
             raise ValueError("decoding several streams needs static_cache and embed_cache")
         self.streams = streams
-        self.t3 = t3_in_dtype(t3, torch.bfloat16) if "bf16" in self.steps else t3
-        self.device = device = self.t3.speech_head.weight.device
+        self.t3 = t3_in_dtype(t3, torch.bfloat16) if plan.weights == "bf16" else t3
+        self.device = device
         self.dtype = self.t3.speech_head.weight.dtype
         self.sampling = DeviceSampling(device)
-        self.embedding = SpeechEmbeddingCache(self.t3) if "embed_cache" in self.steps else None
+        self.embedding = SpeechEmbeddingCache(self.t3) if plan.embedding == "cached" else None
         # Decode state lives on the device at fixed addresses, so a captured step reads
         # and advances it without any host data: per utterance the tokens sampled so far,
         # a mask of them for the repetition penalty, its prompt length and whether it has
@@ -242,62 +124,42 @@ class T3Decoder:
         self.check_flags = torch.zeros(2, dtype=torch.bool, pin_memory=on_gpu)
         self.check_done = torch.cuda.Event() if on_gpu else None
         self.forward = None
-        self.filled_only = "filled_cache_attention" in self.steps and "fused_attention" not in self.steps
-        # On the CPU (tests) the step changes nothing: there are no launches to chain.
-        self.pdl = "dependent_launch" in self.steps and torch.device(device).type == "cuda"
-        self.folded_prologue = "folded_prologue" in self.steps
-        # Folded, the sampling kernel lets the next step's first kernel (layer 0's q/k/v matvec,
-        # which loads only weights before its wait) launch at once, and that kernel holds its own
-        # dependents back until its wait, so the input the sampling kernel writes is in place
-        # before any kernel reads it. Not for the handoff or whole-layer kernels, which open the
-        # step otherwise.
-        self.early_first_layer = self.folded_prologue and self.pdl and "launch_ahead" in self.steps and \
-            not {"head_handoff", "persistent_layers"} & self.steps
-        if "static_cache" in self.steps:
+        if plan.cache == "static":
             if max_cache_len is None:
                 max_cache_len = cache_len_for(cond_len(self.t3) + max_text_tokens + 4, max_new_tokens)
-            if self.filled_only and max_cache_len % CACHE_MULTIPLE:
+            if plan.attention == "filled_blocks" and max_cache_len % CACHE_MULTIPLE:
                 raise ValueError(f"filled_cache_attention reads the cache in blocks of {CACHE_MULTIPLE} slots: "
                                  f"max_cache_len must be a multiple of it, got {max_cache_len}")
-            self.forward = StaticT3Forward(self.t3, max_cache_len, batch=2 * streams,
-                                           fused="fused_projections" in self.steps,
-                                           matvec="fused_matvec" in self.steps,
-                                           attention_kernel="fused_attention" in self.steps,
-                                           dependent_launch=self.pdl,
-                                           launch_ahead=self.pdl and "launch_ahead" in self.steps,
-                                           handoff="head_handoff" in self.steps,
-                                           whole_layers="persistent_layers" in self.steps,
-                                           staged=self._staged_calls(), opens_early=self.early_first_layer)
+            self.forward = StaticT3Forward(self.t3, max_cache_len, plan, batch=2 * streams, picks=picks)
         self._active_forward = self.forward
         self.prefill_graphs = None
-        if "prefill_graph" in self.steps and streams == 1:
+        if plan.prefill == "graph" and streams == 1:
             from chatterbox_lab.decode.prefill_graph import BucketedPrefill
 
             self.prefill_graphs = BucketedPrefill(self.forward)
-        self.compiled = "compiled" in self.steps
-        self.sample_in_graph = "sampling_in_graph" in self.steps
-        self.sampling_kernel = "fused_sampling" in self.steps
         self.step_inputs = None
-        if "fused_bookkeeping" in self.steps:
+        if plan.bookkeeping != "pytorch":
             buffers = fused_bookkeeping.StepBuffers(streams, self.t3.cfg.hidden_size,
                                                     self.t3.hp.speech_tokens_dict_size, self.dtype, device)
             self.step_inputs = fused_bookkeeping.InputSources(self.prompt_len_t, self.embedding.tokens,
                                                               self.embedding.positions, buffers)
         # Where the draw_aside step draws: a stream that forks from the step's and joins it before
-        # the sampling kernel (on the CPU there is no other stream: the step changes nothing).
-        self.draw_stream = torch.cuda.Stream(device) if "draw_aside" in self.steps and on_gpu else None
-        self.step_fn = self._step_and_sample if self.sample_in_graph else self._step
-        if self.compiled:
+        # the sampling kernel.
+        self.draw_stream = torch.cuda.Stream(device) if plan.draw == "aside" else None
+        self.step_fn = self._step_and_sample if plan.sampling != "host" else self._step
+        if plan.graph != "none":
             from chatterbox_lab.decode.compiled_step import CapturedStep, compile_step
 
-            self.step_fn = CapturedStep(self.step_fn, device, runs="multi_step_graph" in self.steps) \
-                if "captured_graph" in self.steps else \
-                compile_step(self.step_fn, random_in_graph=self.sample_in_graph)
+            self.step_fn = CapturedStep(self.step_fn, device, runs=plan.graph == "multi_step") if plan.captured \
+                else compile_step(self.step_fn, random_in_graph=plan.sampling != "host")
 
-    def _staged_calls(self) -> tuple:
-        if "staged_weights" not in self.steps:
-            return ()
-        return STAGED_CALLS + (("head",) if "staged_head" in self.steps else ())
+    @property
+    def picks(self) -> KernelPicks:
+        """The kernels' configurations this decoder's step is captured with."""
+        return self.forward.picks
+
+    def _sampling_warps(self) -> int:
+        return self.forward.picks.sampling_warps(self.t3.hp.speech_tokens_dict_size)
 
     @property
     def capacity(self) -> int | None:
@@ -327,7 +189,7 @@ class T3Decoder:
 
     def _forward_at(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         block_mask = filled_cache_mask(self.prompt_len_t, self.step_index, self.forward.n_heads, self.capacity) \
-            if self.filled_only else None
+            if self.plan.attention == "filled_blocks" else None
         return self.forward(embeds, positions, block_mask=block_mask)
 
     def _feed_last(self, step: int | None = None) -> torch.Tensor:
@@ -354,20 +216,20 @@ class T3Decoder:
                 self.draw_stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(self.draw_stream):
                     race_noise(self.seen, out=buffers.noise)
-            if not self.folded_prologue:  # else the step before's sampling kernel wrote the input
+            if self.plan.bookkeeping != "folded":  # else the step before's sampling kernel wrote the input
                 fused_bookkeeping.prologue(self.tokens, self.step_index, self.seen, self.step_inputs)
             logits = self._forward_at(buffers.embeds, buffers.positions)
             if self.draw_stream is not None:
                 torch.cuda.current_stream().wait_stream(self.draw_stream)
-            fused_sampling.triton_sample(logits, self.seen, self.sampling, buffers.noise, self.nonfinite, pdl=self.pdl,
+            fused_sampling.triton_sample(logits, self.seen, self.sampling, buffers.noise, self.nonfinite, pdl=self.plan.pdl,
                                          write_token=(self.tokens, self.step_index, buffers.arrivals),
-                                         next_input=self.step_inputs if self.folded_prologue else None,
-                                         early=self.early_first_layer)
+                                         next_input=self.step_inputs if self.plan.bookkeeping == "folded" else None,
+                                         early=self.plan.opens_early, warps=self._sampling_warps())
             return
         logits = self._feed_last()
-        if self.sampling_kernel and fused_sampling.kernel_applies(logits):
+        if self.plan.sampling == "kernel" and fused_sampling.kernel_applies(logits):
             token = fused_sampling.triton_sample(logits, self.seen, self.sampling, race_noise(self.seen),
-                                                 self.nonfinite, pdl=self.pdl)
+                                                 self.nonfinite, pdl=self.plan.pdl, warps=self._sampling_warps())
         else:
             token = sample_token(self._probs(logits))
         self.tokens.index_copy_(1, self.step_index, token)
@@ -493,7 +355,7 @@ class T3Decoder:
         probs = self._probs(logits)
         sync_device(self.device)
         sample_token(probs, out=self.tokens[:, :1])
-        if self.folded_prologue and fused_bookkeeping.kernel_applies(self.tokens):
+        if self.plan.bookkeeping == "folded" and fused_bookkeeping.kernel_applies(self.tokens):
             # The first step's input; each step's sampling kernel writes the next one's.
             fused_bookkeeping.prologue(self.tokens, self.step_index, self.seen, self.step_inputs)
 
@@ -510,7 +372,7 @@ class T3Decoder:
         checks = {*range(STOP_CHECK_INTERVAL, max_new_tokens, STOP_CHECK_INTERVAL), max_new_tokens}
         if also_check_at is not None and 1 <= also_check_at < max_new_tokens:
             checks.add(also_check_at)
-        ahead = "multi_step_graph" in self.steps and also_check_at is None
+        ahead = self.plan.graph == "multi_step" and also_check_at is None
         ordered = sorted(checks)
         self._advance(1, ordered[0] - 1)  # the first token comes from the prefill
         for check, following in zip(ordered, [*ordered[1:], None]):
@@ -532,12 +394,12 @@ class T3Decoder:
             self.step_fn.run(steps)
             return
         for i in range(first, first + steps):
-            if self.compiled:
+            if self.plan.graph == "inductor":
                 torch.compiler.cudagraph_mark_step_begin()
                 probs = self.step_fn()
             else:
                 probs = self.step_fn(None if self.embedding is not None else i - 1)
-            if not self.sample_in_graph:
+            if self.plan.sampling == "host":
                 sample_token(probs, out=self.tokens[:, i:i + 1])
 
     def _queue_check(self, steps_done: int, stop_on_eos: bool) -> None:

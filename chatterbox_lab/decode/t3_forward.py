@@ -11,10 +11,12 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from chatterbox_lab.kernels import decode_attention, staged_matvec
-from chatterbox_lab.kernels.experimental import head_handoff, persistent_layer
-from chatterbox_lab.kernels.fused_matvec import Norm, fused_matvec
 from chatterbox_lab.decode.kv_cache import CACHE_MULTIPLE, StaticKVCache
+from chatterbox_lab.decode.plan import DecodePlan
+from chatterbox_lab.kernels import decode_attention, fused_matvec, staged_matvec
+from chatterbox_lab.kernels.experimental import head_handoff, persistent_layer
+from chatterbox_lab.kernels.fused_matvec import Norm
+from chatterbox_lab.kernels.picks import DEFAULT as DEFAULT_PICKS, KernelPicks
 
 
 def rotary_tables(t3, capacity: int, dtype: torch.dtype):
@@ -76,43 +78,12 @@ def cached_attention(q, k, v, positions: torch.Tensor, rows: slice, rotary, cach
 class StaticT3Forward:
     """Rows of the batch are CFG pairs, one pair per utterance (cond, uncond, cond, ...)."""
 
-    def __init__(self, t3, capacity: int, batch: int = 2, fused: bool = False, matvec: bool = False,
-                 attention_kernel: bool = False, dependent_launch: bool = False, launch_ahead: bool = False,
-                 handoff: bool = False, whole_layers: bool = False, staged=(), opens_early: bool = False):
-        """`fused`: q/k/v and gate/up as one matrix each. `matvec` (needs `fused`): every
-        matmul with its norm, activation or residual as one kernel (`fused_matvec.py`).
-        `attention_kernel`: a one-token step's rotary, cache write and attention as one
-        kernel a layer (`decode_attention.py`). `dependent_launch`: those kernels launched as
-        programmatic dependents of the kernel before them (for a directly captured graph).
-        `launch_ahead` (needs `dependent_launch`): each of them lets the next launch as soon as all
-        its own programs have started, so several kernels' weights are in flight at once, and the
-        attention kernel loads earlier cache slots before its wait.
-        `handoff` (needs `matvec` and `attention_kernel`): a layer's q/k/v and attention as one kernel
-        whose attention programs start on a head group once its q/k/v columns are written
-        (`head_handoff.py`).
-        `whole_layers` (needs `matvec` and `attention_kernel`): each layer of a one-token step as
-        one persistent kernel (`persistent_layer.py`).
-        `staged` (needs `matvec`): the matvecs of a layer ("qkv", "o_proj", "gate_up", "down") and the
-        speech head ("head") whose weights are copied into shared memory before the wait (`staged_matvec.py`); read when a step
-        is captured, so a recaptured step may stage others.
-        `opens_early` (with `launch_ahead`): the kernel before a one-token step lets the step's first
-        kernel launch at once (`folded_prologue`), so that kernel lets its own dependents launch only
-        once past its wait."""
+    def __init__(self, t3, capacity: int, plan: DecodePlan, batch: int = 2, picks: KernelPicks | None = None):
+        """`plan`: the decode plan whose T3 forward this is (`plan.py`): its projections, matmuls,
+        staged calls, attention, layer kernels and launch mode. `picks`: the kernels' configurations
+        (`kernels.picks`), read when a step is captured, so a tuner that sets new picks and
+        recaptures the step runs them."""
         from chatterbox_lab.decode.fused_projections import FusedProjections
-
-        if matvec and not fused:
-            raise ValueError("matvec kernels multiply the fused q/k/v and gate/up matrices: pass fused=True")
-        if staged and not matvec:
-            raise ValueError("staged weights are the matvec kernels' weights: pass matvec=True")
-        unknown = set(staged) - set(staged_matvec.CALLS)
-        if unknown:
-            raise ValueError(f"unknown matvecs to stage {sorted(unknown)}: choose from {', '.join(staged_matvec.CALLS)}")
-        if handoff and not (matvec and attention_kernel):
-            raise ValueError("the handoff kernel is the q/k/v matvec and attention kernels in one: pass matvec=True "
-                             "and attention_kernel=True")
-        if whole_layers and not (matvec and attention_kernel):
-            raise ValueError("the whole-layer kernel is the matvec and attention kernels in one: pass matvec=True "
-                             "and attention_kernel=True")
 
         cfg = t3.cfg
         self.t3 = t3
@@ -120,34 +91,33 @@ class StaticT3Forward:
         self.n_heads = cfg.num_attention_heads
         self.n_kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.fused = FusedProjections(self.layers) if fused else None
-        self.matvec = matvec
-        self.staged = frozenset(staged)
+        self.plan = plan
+        self.picks = picks or DEFAULT_PICKS
+        self.fused = FusedProjections(self.layers) if plan.projections == "fused" else None
+        self.matvec = plan.matmuls == "matvec"
+        self.staged = frozenset(plan.staged)
         weight = t3.speech_head.weight
-        if staged:
+        if self.staged and weight.is_cuda:
             staged_matvec.check_supported(weight.device)
         self.cache = StaticKVCache(len(self.layers), batch, self.n_kv_heads, capacity, self.head_dim,
                                    weight.dtype, weight.device)
         self.cos, self.sin = rotary_tables(t3, capacity, weight.dtype)
         torch._dynamo.mark_static_address(self.cos)
         torch._dynamo.mark_static_address(self.sin)
-        self.attention_kernel = attention_kernel
-        if dependent_launch:
-            from chatterbox_lab.kernels.fused_matvec import check_dependent_launch
-
-            check_dependent_launch(weight.device)
-        if launch_ahead and not dependent_launch:
-            raise ValueError("launch_ahead changes when a dependent launch happens: pass dependent_launch=True")
-        self.launch = dict(pdl=dependent_launch, ahead=launch_ahead)
-        self.opens_early = opens_early
+        self.attention_kernel = plan.attention == "kernel"
+        if plan.pdl:
+            fused_matvec.check_dependent_launch(weight.device)
+        self.launch = dict(pdl=plan.pdl, ahead=plan.launch == "ahead")
+        self.opens_early = plan.opens_early
         # The kernel's per-(row, head) arrival counter: zero between calls, at a fixed address.
         self.arrivals = torch.zeros(batch * self.n_heads, dtype=torch.int32, device=weight.device)
         torch._dynamo.mark_static_address(self.arrivals)
+        handoff = plan.layer == "handoff"
         self.handoff = head_handoff.counters(len(self.layers), self.n_kv_heads, weight.device) if handoff else None
         if handoff:
             torch._dynamo.mark_static_address(self.handoff)
         self.layer_weights = [persistent_layer.LayerWeights.of(layer, self.fused.qkv[i], self.fused.gate_up[i])
-                              for i, layer in enumerate(self.layers)] if whole_layers else None
+                              for i, layer in enumerate(self.layers)] if plan.layer == "persistent" else None
         # The whole-layer kernel's grid barrier: arrivals and departures, zero between calls.
         self.sync = torch.zeros(2, dtype=torch.int32, device=weight.device)
         torch._dynamo.mark_static_address(self.sync)
@@ -175,8 +145,13 @@ class StaticT3Forward:
 
     def _matvec(self, name: str, x: torch.Tensor, weight: torch.Tensor, launch: dict | None = None,
                 **fusions) -> torch.Tensor:
-        matvec = staged_matvec.staged_matvec if name in self.staged else fused_matvec
-        return matvec(x, weight, **fusions, **(launch or self.launch))
+        rows, k = x.numel() // x.size(-1), x.size(-1)
+        n = weight.size(0) // 2 if fusions.get("gated") else weight.size(0)
+        if name in self.staged:
+            config = self.picks.staged(name, rows, n, k, fusions.get("gated", False))
+            return staged_matvec.staged_matvec(x, weight, **fusions, config=config, **(launch or self.launch))
+        config = self.picks.matvec(name, rows, n, k, fusions.get("gated", False))
+        return fused_matvec.fused_matvec(x, weight, **fusions, config=config, **(launch or self.launch))
 
     def _attention(self, i: int, layer, x: torch.Tensor, positions: torch.Tensor, rows: slice, rotary, mask):
         """Attention's output for layer i, before the output projection: (B, T, heads * head_dim).
@@ -185,7 +160,7 @@ class StaticT3Forward:
             out = head_handoff.handoff_attention(
                 x, self.fused.qkv[i], Norm.of(layer.input_layernorm), positions, self.cos, self.sin,
                 self.cache.keys[i], self.cache.values[i], self.arrivals, self.handoff[i],
-                decode_attention.config_for(self.capacity).splits, **self.launch,
+                self.picks.attention(self.capacity).splits, **self.launch,
                 refuse=False)
             if out is not None:
                 return out
@@ -193,7 +168,7 @@ class StaticT3Forward:
         if mask is None:
             return decode_attention.triton_decode_attention(
                 q, k, v, positions, self.cos, self.sin, self.cache.keys[i], self.cache.values[i],
-                self.arrivals, decode_attention.config_for(self.capacity), **self.launch)
+                self.arrivals, self.picks.attention(self.capacity), **self.launch)
         return cached_attention(q, k, v, positions, rows, rotary, self.cache, i, mask)
 
     def _layer(self, i: int, layer, x: torch.Tensor, positions: torch.Tensor, rows: slice, rotary, mask):
@@ -210,7 +185,7 @@ class StaticT3Forward:
     def whole_layer(self, i: int, x: torch.Tensor, positions: torch.Tensor, **options) -> torch.Tensor:
         """Layer i of a one-token step as one kernel (`persistent_layer.triton_layer`, `options` passed
         on). On the CPU the interpreter runs programs one by one: a launch a phase, no barriers."""
-        options = dict(dict(persistent=x.is_cuda, pdl=self.launch["pdl"]), **options)
+        options = dict(dict(persistent=x.is_cuda, pdl=self.launch["pdl"], config=self.picks.layer()), **options)
         return persistent_layer.triton_layer(x, self.layer_weights[i], positions, self.cos, self.sin, self.cache.keys[i],
                                              self.cache.values[i], self.arrivals, self.sync, **options)
 

@@ -63,12 +63,9 @@ def splits_for(capacity: int) -> int:
     return min(MAX_SPLITS, 1 << (blocks - 1).bit_length())
 
 
-# Per cache capacity: the layout found fastest on the card (`sweep`, `chain_tuning`).
-CONFIGS: dict[int, AttentionConfig] = {}
-
-
-def config_for(capacity: int) -> AttentionConfig:
-    return CONFIGS.get(capacity) or AttentionConfig(splits_for(capacity), 1, BLOCK_SLOTS, 4)
+def default_config(capacity: int) -> AttentionConfig:
+    """One block of slots per stretch, no value shares, 4 warps: what a card gets untuned."""
+    return AttentionConfig(splits_for(capacity), 1, BLOCK_SLOTS, 4)
 
 
 if triton is not None:
@@ -288,40 +285,3 @@ def triton_decode_attention(q, k, v, positions, cos, sin, keys, values, arrivals
     wrap_triton(_decode_attention_kernel)[(rows * heads, config.splits * config.parts)](
         *args, **constexprs, PDL=pdl, AHEAD=ahead, num_warps=config.warps, **({"launch_pdl": True} if pdl else {}))
     return out.view(rows, 1, q.size(-1))
-
-
-def sweep(t3, capacity: int, rows: int = 2, dtype: torch.dtype = torch.bfloat16, layers: int = 30) -> dict:
-    """Microseconds per call at the last position of a `capacity`-slot cache, inside a CUDA graph
-    over `layers` caches (as many as a step reads, so they are not all in L2): PyTorch's path,
-    then the kernel at each split count (one block of slots a load, 4 warps); the fastest goes
-    into CONFIGS."""
-    from chatterbox_lab.kernels.fused_matvec import time_in_graph
-    from chatterbox_lab.decode.kv_cache import StaticKVCache
-    from chatterbox_lab.decode.t3_forward import cached_attention, rotary_tables
-
-    cfg = t3.cfg
-    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    device = t3.speech_head.weight.device
-    cache = StaticKVCache(layers, rows, kv_heads, capacity, head_dim, dtype, device)
-    for buffer in (*cache.keys, *cache.values):
-        buffer.normal_()
-    cos, sin = rotary_tables(t3, capacity, dtype)
-    positions = torch.full((1,), capacity - 1, device=device)
-    rotary = (cos[positions][None], sin[positions][None])
-    q = torch.randn(rows, 1, heads * head_dim, device=device, dtype=dtype)
-    k, v = (torch.randn(rows, 1, kv_heads * head_dim, device=device, dtype=dtype) for _ in range(2))
-    arrivals = torch.zeros(rows * heads, dtype=torch.int32, device=device)
-    mask = cache.mask(positions)
-    found = dict(capacity=capacity, pytorch_us=time_in_graph(
-        [lambda i=i: cached_attention(q, k, v, positions, slice(None), rotary, cache, i, mask)
-         for i in range(layers)]) * 1e6, splits={})
-    for splits in (1 << e for e in range(MAX_SPLITS.bit_length())):
-        config = AttentionConfig(splits, 1, BLOCK_SLOTS, 4)
-        found["splits"][str(splits)] = time_in_graph(
-            [lambda i=i: triton_decode_attention(q, k, v, positions, cos, sin, cache.keys[i], cache.values[i],
-                                                 arrivals, config) for i in range(layers)]) * 1e6
-    best = min(found["splits"], key=found["splits"].get)
-    found["best"], found["best_us"] = int(best), found["splits"][best]
-    CONFIGS[capacity] = AttentionConfig(int(best), 1, BLOCK_SLOTS, 4)
-    return found

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from chatterbox_lab.graphed_calls import capturing, warmup_stream
 
 try:
     import triton
@@ -92,16 +91,6 @@ def default_config(n: int, k: int, gated: bool = False) -> KernelConfig:
     hold in one wave, and 4 warps for every call (`chain_tuning`, under `chain_sweep`)."""
     block_k = min(4096, triton.next_power_of_2(k))
     return KernelConfig(block_n=8 if gated else 4 if n >= 2048 else 2, block_k=block_k, warps=4)
-
-
-# Per (rows, columns, inputs, gated) shape: a config found faster on the card by
-# `sweep` or `chain_tuning` (both run by the bench unless --no-sweep); anything else uses `default_config`.
-CONFIGS: dict[tuple[int, int, int, bool], KernelConfig] = {}
-
-
-def config_for(rows: int, n: int, k: int, gated: bool = False) -> KernelConfig:
-    """The config a launch of this shape takes: found on the card (CONFIGS), else the default."""
-    return CONFIGS.get((rows, n, k, gated)) or default_config(n, k, gated)
 
 
 if triton is not None:
@@ -273,7 +262,7 @@ def matvec_launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     x2, out, res = matvec_rows(x, weight, gated, residual)
     (m, k), n = x2.shape, out.size(1)
     if config is None:
-        config = config_for(m, n, k, gated)
+        config = default_config(n, k, gated)
     args = (x2, weight, bias if bias is not None else weight, out, res, norm.weight if norm is not None else weight,
             m, n, k, norm.eps if norm is not None else 0.0,
             x2.stride(0), weight.stride(0), out.stride(0), res.stride(0))
@@ -300,21 +289,14 @@ def triton_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 def fused_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                 norm: Norm | None = None, gated: bool = False,
-                 residual: torch.Tensor | None = None, pdl: bool = False, ahead: bool = False) -> torch.Tensor:
-    """The Triton kernel where it applies (`kernel_applies`), else `reference_matvec`."""
+                 norm: Norm | None = None, gated: bool = False, residual: torch.Tensor | None = None,
+                 config: KernelConfig | None = None, pdl: bool = False, ahead: bool = False) -> torch.Tensor:
+    """The Triton kernel where it applies (`kernel_applies`), in `config` (None: `default_config`),
+    else `reference_matvec`."""
     if kernel_applies(x, weight):
-        return triton_matvec(x, weight, bias, norm=norm, gated=gated, residual=residual, pdl=pdl and x.is_cuda,
-                             ahead=ahead)
+        return triton_matvec(x, weight, bias, norm=norm, gated=gated, residual=residual, config=config,
+                             pdl=pdl and x.is_cuda, ahead=ahead)
     return reference_matvec(x, weight, bias, norm=norm, gated=gated, residual=residual)
-
-
-# What `sweep` tries per call: columns per program, input values per iteration, warps.
-SWEEP_CONFIGS = tuple(KernelConfig(n, k, w) for n in (1, 2, 4, 8) for k in (512, 1024, 2048, 4096) for w in (4, 8))
-
-
-def _name(config: KernelConfig) -> str:
-    return f"n{config.block_n}_k{config.block_k}_w{config.warps}"
 
 
 def step_calls(t3) -> dict[str, dict]:
@@ -330,63 +312,3 @@ def step_calls(t3) -> dict[str, dict]:
         "down": dict(n=dim, k=cfg.intermediate_size, residual=True),
         "head": dict(n=t3.speech_head.out_features, k=dim, norm=True, bias=t3.speech_head.bias is not None),
     }
-
-
-def time_in_graph(calls: list, repeats: int = 5) -> float:
-    """Seconds per call of `calls` (zero-argument functions) replayed as one CUDA graph."""
-    stream = warmup_stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for call in calls:
-            call()  # compiles each kernel, and warms up outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with capturing(graph):
-        for call in calls:
-            call()
-    graph.replay()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / len(calls))
-    return sorted(times)[len(times) // 2]
-
-
-def sweep(t3, dtype: torch.dtype = torch.bfloat16, rows: int = 2, configs=SWEEP_CONFIGS,
-          l2_bytes: int = 256 * 2**20) -> dict:
-    """Time every config on each of the step's calls against PyTorch's path, inside CUDA graphs,
-    and put the fastest in CONFIGS. Each call cycles through enough copies of its weights to
-    overflow L2, as a step over 30 layers does. Returns microseconds per call."""
-    device = t3.speech_head.weight.device
-    found = {}
-    for name, call in step_calls(t3).items():
-        n, k, gated = call["n"], call["k"], call.get("gated", False)
-        copies = max(2, l2_bytes // ((2 * n if gated else n) * k * dtype.itemsize))
-        weights = [torch.randn(2 * n if gated else n, k, device=device, dtype=dtype) / k ** 0.5
-                   for _ in range(copies)]
-        x = torch.randn(rows, 1, k, device=device, dtype=dtype)
-        kw = dict(gated=gated,
-                  norm=Norm(torch.ones(k, device=device, dtype=dtype), 1e-5) if call.get("norm") else None,
-                  residual=torch.randn(rows, 1, n, device=device, dtype=dtype) if call.get("residual") else None,
-                  bias=torch.zeros(n, device=device, dtype=dtype) if call.get("bias") else None)
-
-        def timed(fn, **extra):
-            return time_in_graph([lambda w=w: fn(x, w, **kw, **extra) for w in weights]) * 1e6
-
-        entry = dict(n=n, k=k, weight_mib=(2 * n if gated else n) * k * dtype.itemsize / 2**20,
-                     pytorch_us=timed(reference_matvec), configs={})
-        for config in configs:
-            if config.block_k > triton.next_power_of_2(k):
-                continue  # the same work as a smaller block, masked
-            entry["configs"][_name(config)] = \
-                timed(triton_matvec, config=config)
-        best = min(entry["configs"], key=entry["configs"].get)
-        entry["best"], entry["best_us"] = best, entry["configs"][best]
-        CONFIGS[(rows, n, k, gated)] = next(c for c in configs if _name(c) == best)
-        found[name] = entry
-        weights.clear()  # the copies go before the next call's are made
-    return found

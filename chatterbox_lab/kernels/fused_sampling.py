@@ -31,10 +31,12 @@ PyTorch's path for the same noise, not bit for bit in general.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from chatterbox_lab.kernels import fused_bookkeeping, fused_matvec
-from chatterbox_lab.sampling import DeviceSampling, SamplingParams
+from chatterbox_lab.sampling import DeviceSampling
 
 triton = fused_matvec.triton
 if triton is not None:
@@ -217,7 +219,8 @@ def kernel_applies(logits: torch.Tensor) -> bool:
 
 def triton_sample(logits: torch.Tensor, seen: torch.Tensor, sampling: DeviceSampling, noise: torch.Tensor,
                   nonfinite: torch.Tensor, pdl: bool = False, write_token=None,
-                  next_input: fused_bookkeeping.InputSources | None = None, early: bool = False) -> torch.Tensor | None:
+                  next_input: fused_bookkeeping.InputSources | None = None, early: bool = False,
+                  warps: int | None = None) -> torch.Tensor | None:
     """logits (2n, V), CFG rows alternating, `noise` (n, V) ~ Exp(1) -> tokens (n, 1): the token
     `sample_token(next_token_probs(...))` picks with that noise. Sets `nonfinite` on NaN or inf.
     `pdl`: launched as a programmatic dependent of the kernel before it.
@@ -226,7 +229,7 @@ def triton_sample(logits: torch.Tensor, seen: torch.Tensor, sampling: DeviceSamp
     int32 counter, zero, kept zero between calls. `next_input` (with `write_token`): then do what
     `fused_bookkeeping.prologue` does for the step after, from these sources. `early` (with `pdl`):
     let the kernel after this one launch at once; only for one that loads nothing but weights
-    before its wait and lets no kernel launch behind it before then."""
+    before its wait and lets no kernel launch behind it before then. `warps`: None, `default_warps`."""
     n, vocab = seen.shape
     if logits.shape != (2 * n, vocab) or noise.shape != (n, vocab):
         raise ValueError(f"expected logits (2n, V) and noise (n, V) for seen (n, V) = {tuple(seen.shape)}, got "
@@ -250,7 +253,7 @@ def triton_sample(logits: torch.Tensor, seen: torch.Tensor, sampling: DeviceSamp
         *(sampling[name] for name in DeviceSampling.NAMES),  # the kernel's parameters are in this order
         tokens if out is None else out, nonfinite, tokens, tokens.stride(0), step_index, arrivals, *sources, vocab,
         BLOCK=block, TAIL=tail, PDL=pdl, WRITE_TOKEN=write_token is not None, NEXT_INPUT=next_input is not None,
-        MASKED=block > vocab, EARLY=early, LONE=n == 1, **constants, num_warps=WARPS.get(block, default_warps(block)),
+        MASKED=block > vocab, EARLY=early, LONE=n == 1, **constants, num_warps=warps or default_warps(block),
         **({"launch_pdl": True} if pdl else {}))
     return out
 
@@ -270,29 +273,6 @@ def default_warps(block: int) -> int:
     return 16 if block >= 8192 else 4
 
 
-# Per vocabulary block: the warp count `sweep` found fastest on the card.
-WARPS: dict[int, int] = {}
-
-
-def sweep(vocab: int, device, utterances: int = 1, warps=(4, 8, 16, 32)) -> dict:
-    """Microseconds per call of the kernel over a `vocab`-wide row pair at each warp count, inside a
-    CUDA graph over 64 calls; the fastest goes into WARPS."""
-    from chatterbox_lab.kernels.fused_matvec import time_in_graph
-
-    sampling = DeviceSampling(device)
-    sampling.set(SamplingParams())
-    logits = [fused_matvec.aligned_rows(2 * utterances, vocab, device=device, dtype=torch.bfloat16).normal_(0, 3)
-              for _ in range(64)]  # as the speech head writes them
-    seen = torch.rand(utterances, vocab, device=device) < 0.05
-    noise = torch.empty(utterances, vocab, device=device).exponential_(1)
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    block = blocks(vocab)[0]
-    found = dict(vocab=vocab, block=block, warps={})
-    for count in warps:
-        WARPS[block] = count
-        found["warps"][str(count)] = time_in_graph(
-            [lambda i=i: triton_sample(logits[i], seen, sampling, noise, nonfinite) for i in range(len(logits))]) * 1e6
-    best = min(found["warps"], key=found["warps"].get)
-    found["best"], found["best_us"] = int(best), found["warps"][best]
-    WARPS[block] = int(best)
-    return found
+@dataclass(frozen=True)
+class SamplingConfig:
+    warps: int

@@ -115,7 +115,8 @@ def check_supported(device) -> None:
                            f"leave out the staged_weights step")
 
 
-def kernel_applies(x: torch.Tensor, weight: torch.Tensor, gated: bool = False, bias=None) -> bool:
+def kernel_applies(x: torch.Tensor, weight: torch.Tensor, gated: bool = False, bias=None,
+                   config: StagedConfig | None = None) -> bool:
     """The staged kernel serves this call: on a Hopper-or-later GPU with Gluon, few rows, a bias only
     without a gate (as `fused_matvec`), a config whose threads divide the shape, and a program's
     weights within an SM's shared memory."""
@@ -123,18 +124,10 @@ def kernel_applies(x: torch.Tensor, weight: torch.Tensor, gated: bool = False, b
         return False
     rows, k = x.numel() // x.size(-1), x.size(-1)
     n = weight.size(0) // 2 if gated else weight.size(0)
-    config = config_for(rows, n, k, gated)
+    config = config or default_config(n, k, gated)
     properties = torch.cuda.get_device_properties(x.device)
     return (rows <= fused_matvec.MAX_ROWS and config.fits(n, k) and properties.major >= 9
             and shared_bytes(rows, k, config, gated, x.element_size()) <= properties.shared_memory_per_block_optin)
-
-
-CONFIGS: dict[tuple[int, int, int, bool], StagedConfig] = {}
-
-
-def config_for(rows: int, n: int, k: int, gated: bool = False) -> StagedConfig:
-    """Found on the card by `chain_tuning` (CONFIGS), else `default_config`."""
-    return CONFIGS.get((rows, n, k, gated)) or default_config(n, k, gated)
 
 
 def carveout_percent(programs: int, shared: int, properties) -> int:
@@ -254,7 +247,7 @@ def gluon_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     """`fused_matvec.reference_matvec` as the staged kernel; the caller checks `kernel_applies`."""
     x2, out, res = fused_matvec.matvec_rows(x, weight, gated, residual)
     (m, k), n = x2.shape, out.size(1)
-    config = config or config_for(m, n, k, gated)
+    config = config or default_config(n, k, gated)
     programs = -(-n // config.block_n)
     kernel = _staged_kernel[(programs,)](
         x2, weight, bias if bias is not None else weight, out, res, norm.weight if norm is not None else weight, m, n,
@@ -268,9 +261,10 @@ def gluon_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 def staged_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, norm: Norm | None = None,
-                  gated: bool = False, residual: torch.Tensor | None = None, pdl: bool = False,
-                  ahead: bool = False) -> torch.Tensor:
-    """The staged kernel where it applies, else `fused_matvec.fused_matvec` (Triton kernel or PyTorch)."""
-    if kernel_applies(x, weight, gated, bias):
-        return gluon_matvec(x, weight, bias, norm, gated, residual, pdl=pdl, ahead=ahead)
+                  gated: bool = False, residual: torch.Tensor | None = None, config: StagedConfig | None = None,
+                  pdl: bool = False, ahead: bool = False) -> torch.Tensor:
+    """The staged kernel in `config` where it applies, else `fused_matvec.fused_matvec` (Triton kernel in
+    its default configuration, or PyTorch)."""
+    if kernel_applies(x, weight, gated, bias, config):
+        return gluon_matvec(x, weight, bias, norm, gated, residual, config, pdl=pdl, ahead=ahead)
     return fused_matvec.fused_matvec(x, weight, bias, norm=norm, gated=gated, residual=residual, pdl=pdl, ahead=ahead)

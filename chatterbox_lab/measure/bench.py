@@ -24,14 +24,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from chatterbox_lab.tuning import chain_tuning
-from chatterbox_lab.kernels import decode_attention, fused_matvec, fused_sampling, staged_matvec
-from chatterbox_lab.measure import equivalence, flops, memory, profiling, roofline
-from chatterbox_lab.kernels.experimental import persistent_layer
+from chatterbox_lab import registry
 from chatterbox_lab.decode import precision
+from chatterbox_lab.decode.decoder import T3Decoder, prompt_len_for, text_tokens_for
+from chatterbox_lab.decode.plan import device_kind, unsupported_steps
+from chatterbox_lab.kernels.picks import DEFAULT as DEFAULT_PICKS, KernelPicks, shipped_for
+from chatterbox_lab.measure import equivalence, flops, memory, profiling, roofline
 from chatterbox_lab.records import report, results
-from chatterbox_lab.decode.decoder import (KERNEL_STEPS, STEPS, T3Decoder, dependents, ladder_prefix, prompt_len_for,
-                                           requirements, text_tokens_for)
+from chatterbox_lab.tuning import chain_tuning, sweeps
 from chatterbox_lab.decode.kv_cache import cache_len_for
 from chatterbox_lab.loading.models import load_tts, resolve_device
 from chatterbox_lab.pipeline.synthesis import TOKENS_PER_SECOND, Synthesis, synthesize, upstream_t3
@@ -41,32 +41,34 @@ from chatterbox_lab.s3gen.s3gen_steps import (HALF_FLOW_TOLERANCE, S3GEN_STEPS, 
 from chatterbox_lab.sampling import SamplingParams
 from chatterbox_lab.pipeline.voices import prepare_voice, voice_path
 
-RUNGS = ("upstream_fp32", *STEPS)
-# Programmatic dependent launch and what builds on it: Hopper or later GPUs only.
-PDL_STEPS = frozenset({"dependent_launch"}) | dependents("dependent_launch")
-
-
-def unsupported_steps(device: str | None = None) -> frozenset:
-    """Steps this device cannot run: the dependent-launch steps without a Hopper or later GPU and a
-    Triton that controls the launch, staged_weights without Triton's Gluon either (elsewhere they
-    would measure the rung before them again under other names)."""
-    device = resolve_device(device)
-    missing = frozenset() if fused_matvec.dependent_launch_supported(device) else PDL_STEPS
-    return missing if staged_matvec.supported(device) else missing | {"staged_weights"} | dependents("staged_weights")
-
-
-def ladder_rungs(device: str | None = None) -> tuple:
-    """Every rung this device can run."""
-    missing = unsupported_steps(device)
-    return tuple(r for r in RUNGS if r not in missing)
+# A rung is a named set of T3 steps. `upstream_fp32` is upstream's own loop; a step's name is that
+# step and every non-experimental step before it in ladder order; an experimental step's name is
+# `recommended` with that step added; `recommended` is the registry's preset for the device. Timed in
+# this order: the fp32 rungs first (bf16 casts T3 in place), `recommended` last, so the batches,
+# the stream, the many utterances and S3Gen's rungs decode with it.
+_SUPPORTED = tuple(n for n in registry.T3_STEPS if registry.STEPS[n].status != "experimental")
+EXPERIMENTAL_RUNGS = tuple(n for n in registry.T3_STEPS if registry.STEPS[n].status == "experimental")
+RUNGS = ("upstream_fp32", *_SUPPORTED, *EXPERIMENTAL_RUNGS, "recommended")
+# What `--ladder` (so `make bench`) runs: upstream, the guide's four rungs and the recommended set.
+LADDER_RUNGS = ("upstream_fp32", *registry.GUIDE, "recommended")
+# Steps whose Triton kernels sum in their own order: checked by logits and by tokens for the same
+# random draws, not by fp32 identity with upstream.
+KERNEL_STEPS = tuple(n for n in registry.T3_STEPS if not registry.STEPS[n].exact)
 
 
 def rung_steps(rung: str, device: str | None = None) -> frozenset:
-    """The steps a rung switches on: every step up to it, less those this device cannot run (so the
-    rungs after them still run there)."""
+    """The T3 steps of `rung` on `device`, less those it cannot run (so later rungs still run there)."""
+    device = resolve_device(device)
     if rung == "upstream_fp32":
         return frozenset()
-    return ladder_prefix(rung) - unsupported_steps(device)
+    recommended = frozenset(registry.preset("recommended", device_kind(device)))
+    if rung == "recommended":
+        return recommended
+    if rung in EXPERIMENTAL_RUNGS:
+        steps = recommended | {rung} | registry.requirements(rung)
+    else:
+        steps = frozenset(_SUPPORTED[: _SUPPORTED.index(rung) + 1])
+    return steps - unsupported_steps(device)
 
 
 # Token counts of the two profiled T3 runs whose difference gives per-token counts.
@@ -87,9 +89,10 @@ class BenchConfig:
     voice: str = "alto"
     seed: int = 0
     profile: bool = True
-    # Sweep the Triton kernels' block sizes and split counts on the card before the rungs. Off for
-    # a cold start-up figure: the sweep compiles the kernels that a rung's compile_s should include.
-    sweep: bool = True
+    # Tune the kernels on the card before the rungs: each kernel's sweep, then the chain tuning inside
+    # the captured step. Off, the rungs run with `picks` (by default the ones shipped for this card
+    # model, else the kernels' defaults), as a user's session does.
+    tune: bool = False
     checks: bool = False
     trace_dir: str | None = None
     batch_sizes: tuple = ()        # utterances decoded together, measured with the last rung's steps
@@ -98,10 +101,10 @@ class BenchConfig:
     many_flow_steps: int | None = None  # and again with this many Euler steps of the flow (not 10)
     stream_chunk_tokens: int = 32
     s3gen_steps: tuple = ()        # S3Gen rungs after the T3 rungs, with the last T3 rung's decoder
-    # A record of this card whose chain-tuned picks the tuning starts from; without `sweep`, the
-    # picks the rungs run with, untuned.
+    # A record of this card whose chain-tuned picks the rungs run with (and the tuning starts from).
     tune_from: str | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    picks: KernelPicks | None = None  # resolved: from tune_from, else shipped for the card
 
     def resolved(self) -> "BenchConfig":
         device = resolve_device(self.device)
@@ -119,7 +122,7 @@ class BenchConfig:
         if any(n < 1 for n in self.batch_sizes):
             raise ValueError(f"batch sizes must be >= 1, got {list(self.batch_sizes)}")
         last = ordered[-1] if ordered else "upstream_fp32"
-        if (self.batch_sizes or self.many) and (last == "upstream_fp32" or "embed_cache" not in ladder_prefix(last)):
+        if (self.batch_sizes or self.many) and "embed_cache" not in rung_steps(last, device):
             raise ValueError("batching needs a last rung at or past embed_cache (e.g. --ladder)")
         if self.stream and last == "upstream_fp32":
             raise ValueError("streaming needs a decoder rung as the last one (e.g. --ladder)")
@@ -130,13 +133,12 @@ class BenchConfig:
         if self.many_flow_steps is not None and not self.many:
             raise ValueError("--many-flow-steps compares against --many N: give both")
         if self.tune_from is not None:
-            if not any("captured_graph" in rung_steps(rung, device) for rung in ordered):
-                raise ValueError("--tune-from sets the configurations of the captured step: give a rung at or "
-                                 "past captured_graph")
-            chain_tuning.picks_from(results.load(Path(self.tune_from)), _gpu_name(device))
+            picks = chain_tuning.picks_from(results.load(Path(self.tune_from)), _gpu_name(device))
+        else:
+            picks = self.picks or shipped_for(_gpu_name(device))
         return BenchConfig(**{**asdict(self), "device": device, "tokens": tokens, "repeats": repeats,
                               "rungs": ordered, "s3gen_steps": s3gen_steps,
-                              "sampling": self.sampling})
+                              "sampling": self.sampling, "picks": picks})
 
 
 def _gpu_name(device: str) -> str | None:
@@ -172,7 +174,8 @@ def _capacity(tts, cfg: BenchConfig) -> int:
 
 
 def _t3_steps(cfg: BenchConfig) -> frozenset:
-    """The last T3 rung's steps: what batches, streams and S3Gen rungs decode with."""
+    """The last T3 rung's steps (`recommended`, where it runs): what batches, streams and S3Gen rungs
+    decode with."""
     return rung_steps(cfg.rungs[-1], cfg.device)
 
 
@@ -202,7 +205,7 @@ def measure_steps(tts, steps, cfg: BenchConfig, voice: Path, bar=None, bandwidth
     prompt_len = prompt_len_for(tts.t3, text_tokens)
     build_start = time.perf_counter()
     if steps and decoder is None:
-        decoder = T3Decoder(tts.t3, steps, max_cache_len=_capacity(tts, cfg))
+        decoder = T3Decoder(tts.t3, steps, max_cache_len=_capacity(tts, cfg), picks=cfg.picks)
     build_s = time.perf_counter() - build_start
 
     def run(n_tokens=cfg.tokens, seed=cfg.seed, voice=voice):
@@ -275,7 +278,7 @@ def profile_steps(tts, steps, cfg: BenchConfig, trace: Path | None = None, decod
     `trace`: where to write the shorter one's trace."""
     text_tokens = text_tokens_for(tts, cfg.text)
     if steps and decoder is None:
-        decoder = T3Decoder(tts.t3, steps, max_cache_len=_capacity(tts, cfg))
+        decoder = T3Decoder(tts.t3, steps, max_cache_len=_capacity(tts, cfg), picks=cfg.picks)
 
     def t3_only(n):
         torch.manual_seed(cfg.seed)
@@ -321,7 +324,7 @@ def measure_batch(tts, cfg: BenchConfig, streams: int) -> dict:
     text_tokens = text_tokens_for(tts, cfg.text)
     capacity = _capacity(tts, cfg)
     build_start = time.perf_counter()
-    decoder = T3Decoder(tts.t3, _t3_steps(cfg), max_cache_len=capacity, streams=streams)
+    decoder = T3Decoder(tts.t3, _t3_steps(cfg), max_cache_len=capacity, streams=streams, picks=cfg.picks)
     build_s = time.perf_counter() - build_start
 
     def run(seed):
@@ -354,7 +357,7 @@ def measure_stream(tts, cfg: BenchConfig, voice: Path) -> dict:
     from chatterbox_lab.pipeline.streaming import FIRST_CHUNK_TOKENS, playback_waits, seam_error, stream_speech
 
     prepare_voice(tts, voice)
-    decoder = T3Decoder(tts.t3, _t3_steps(cfg), max_cache_len=_capacity(tts, cfg))
+    decoder = T3Decoder(tts.t3, _t3_steps(cfg), max_cache_len=_capacity(tts, cfg), picks=cfg.picks)
 
     def run(seed, watermark=True):
         torch.manual_seed(seed)
@@ -396,7 +399,8 @@ def measure_many(tts, cfg: BenchConfig, voice: Path, flow_steps: int | None = No
 
     others = [v for v in bundled_voices() if v != voice.stem] or [voice]
     voices = [voice if i % 2 == 0 else voice_path(others[0]) for i in range(cfg.many)]
-    decoder = T3Decoder(tts.t3, _t3_steps(cfg), streams=cfg.many, max_cache_len=_capacity(tts, cfg))
+    decoder = T3Decoder(tts.t3, _t3_steps(cfg), streams=cfg.many, max_cache_len=_capacity(tts, cfg),
+                        picks=cfg.picks)
 
     def run(seed):
         torch.manual_seed(seed)
@@ -428,7 +432,8 @@ def run_checks(tts, cfg: BenchConfig, progress: bool = False) -> dict:
                  ("static_cache", "embed_cache", "compiled"), ("static_cache", "embed_cache", "fused_projections"),
                  ("static_cache", "embed_cache", "compiled", "fused_projections", "sampling_in_graph"),
                  # Every step whose math is upstream's: not bf16, no kernel step nor one that needs it.
-                 tuple(step for step in STEPS if step != "bf16" and not ({step} | requirements(step)) & set(KERNEL_STEPS))]
+                 tuple(step for step in registry.T3_STEPS
+                       if step != "bf16" and not ({step} | registry.requirements(step)) & set(KERNEL_STEPS))]
     forced = equivalence.seeded_tokens(tts, text_tokens, n, cfg.seed)
     identity = equivalence.token_identity(tts, text_tokens, step_sets, n, seed=cfg.seed, reference=forced,
                                           progress=progress)
@@ -453,40 +458,32 @@ def bf16_logit_error(tts, text_tokens, forced, reference, steps=LOGIT_CHECKS["bf
 
 
 def _chain_steps(cfg: BenchConfig) -> frozenset:
-    """The steps whose captured chain `configure_chain` tunes: the last rung's, less those whose kernels
-    replace the matvec and attention kernels of every other captured rung, and those that only
-    change how the step is replayed."""
-    return _t3_steps(cfg) - chain_tuning.REPLACING_STEPS - chain_tuning.REPLAY_STEPS
+    """The steps whose captured chain `configure_chain` tunes: the last rung's, less those the chain
+    tuning runs without (`chain_tuning.tuned_steps`)."""
+    return chain_tuning.tuned_steps(_t3_steps(cfg))
 
 
-def configure_chain(tts, cfg: BenchConfig, voice: Path) -> tuple[str, dict]:
+def configure_chain(tts, cfg: BenchConfig, voice: Path) -> tuple[dict, KernelPicks]:
     """`chain_tuning.tune` on a decoder with `_chain_steps` decoding the benchmark's text, every token
-    (no stop): the configurations it finds serve every rung measured after it. Without `cfg.sweep`,
-    the picks of `cfg.tune_from` are set as they are. Returns the record's section and its content:
-    "chain_sweep" (what the tuning tried) or "chain_picks"."""
-    decoder = T3Decoder(tts.t3, _chain_steps(cfg), max_cache_len=_capacity(tts, cfg))
-    start_from = chain_tuning.picks_from(results.load(Path(cfg.tune_from)), _gpu_name(cfg.device)) \
-        if cfg.tune_from else None
-    if cfg.sweep:
-        prepare_voice(tts, voice)
-        text_tokens = text_tokens_for(tts, cfg.text)
+    (no stop), starting from `cfg.picks`. Returns the record's "chain_sweep" section (what the tuning
+    tried) and the tuned picks, which every rung measured after it runs with."""
+    decoder = T3Decoder(tts.t3, _chain_steps(cfg), max_cache_len=_capacity(tts, cfg), picks=cfg.picks)
+    prepare_voice(tts, voice)
+    text_tokens = text_tokens_for(tts, cfg.text)
 
-        def decode():
-            torch.manual_seed(cfg.seed)
-            return decoder.generate(tts.conds.t3, text_tokens, cfg.tokens, cfg.sampling,
-                                    stop_on_eos=False).decode_tok_s
+    def decode():
+        torch.manual_seed(cfg.seed)
+        return decoder.generate(tts.conds.t3, text_tokens, cfg.tokens, cfg.sampling,
+                                stop_on_eos=False).decode_tok_s
 
-        section, found = "chain_sweep", chain_tuning.tune(decoder, decode, start_from=start_from)
-    else:
-        chain_tuning.apply_picks(decoder, start_from)
-        section, found = "chain_picks", dict(calls=start_from)
+    found = chain_tuning.tune(decoder, decode)
     found["steps"] = sorted(_chain_steps(cfg))
-    if cfg.tune_from:
-        found["started_from"] = cfg.tune_from
+    found["started_from"] = cfg.picks.source
+    picks = replace(decoder.picks, source="chain tuning in this run", gpu=_gpu_name(cfg.device))
     del decoder
     gc.collect()
     torch.cuda.empty_cache()
-    return section, found
+    return found, picks
 
 
 def run(config: BenchConfig, progress: bool = True, tts=None, partial: Path | None = None) -> dict:
@@ -519,15 +516,23 @@ def run(config: BenchConfig, progress: bool = True, tts=None, partial: Path | No
         if cfg.many_flow_steps is not None:
             doc["flops"]["s3gen_flow_with_many_flow_steps"] = flops.flow_flops(tts, cfg.tokens, cfg.many_flow_steps)
 
-    if cfg.sweep and "fused_matvec" in _t3_steps(cfg) and cfg.device.startswith("cuda"):
-        # The kernels' block sizes for this card, tuned before any rung is timed; recorded.
-        doc["matvec_sweep"] = fused_matvec.sweep(tts.t3)
-    if cfg.sweep and "fused_attention" in _t3_steps(cfg) and cfg.device.startswith("cuda"):
-        doc["attention_sweep"] = decode_attention.sweep(tts.t3, _capacity(tts, cfg))
-    if cfg.sweep and "fused_sampling" in _t3_steps(cfg) and cfg.device.startswith("cuda"):
-        doc["sampling_sweep"] = fused_sampling.sweep(tts.t3.hp.speech_tokens_dict_size, cfg.device)
-    if cfg.sweep and "persistent_layers" in _t3_steps(cfg) and cfg.device.startswith("cuda"):
-        doc["layer_sweep"] = persistent_layer.sweep(tts.t3, _capacity(tts, cfg))
+    every_step = set().union(*(rung_steps(rung, cfg.device) for rung in cfg.rungs))
+    if cfg.tune and cfg.device.startswith("cuda"):
+        # Each kernel on its own first, before any rung is timed; recorded. A sweep's pick replaces
+        # the starting one only where the chain tuning (after it) does not tune that knob.
+        picks = cfg.picks
+        if "fused_matvec" in every_step:
+            doc["matvec_sweep"], swept = sweeps.matvec_sweep(tts.t3, picks)
+            picks = picks if cfg.tune_from else swept  # a record's picks start the chain tuning instead
+        if "fused_attention" in every_step:
+            doc["attention_sweep"], swept = sweeps.attention_sweep(tts.t3, _capacity(tts, cfg), picks)
+            picks = picks if cfg.tune_from else swept
+        if "fused_sampling" in every_step:
+            doc["sampling_sweep"], picks = sweeps.sampling_sweep(tts.t3.hp.speech_tokens_dict_size, cfg.device,
+                                                                 picks)
+        if "persistent_layers" in every_step:
+            doc["layer_sweep"], picks = sweeps.layer_sweep(tts.t3, _capacity(tts, cfg), picks)
+        cfg = replace(cfg, picks=picks)
 
     checks = None
     if cfg.checks:
@@ -544,7 +549,8 @@ def run(config: BenchConfig, progress: bool = True, tts=None, partial: Path | No
     kept = precision.weights_restored(tts.t3) if cfg.profile and "upstream_fp32" in cfg.rungs and casts \
         else contextlib.nullcontext()
     with kept:
-        _time_everything(tts, cfg, voice, doc, checks, bandwidth, flop_rate, progress, partial)
+        cfg = _time_everything(tts, cfg, voice, doc, checks, bandwidth, flop_rate, progress, partial)
+    doc["picks"] = cfg.picks.to_json()
     if cfg.profile:
         prepare_voice(tts, voice)
         for rung in tqdm(cfg.rungs, desc="profile", disable=not progress):
@@ -558,22 +564,23 @@ def run(config: BenchConfig, progress: bool = True, tts=None, partial: Path | No
 
 
 def _time_everything(tts, cfg: BenchConfig, voice: Path, doc: dict, checks: dict | None,
-                     bandwidth: float | None, flop_rate: float | None, progress: bool, partial: Path | None) -> None:
+                     bandwidth: float | None, flop_rate: float | None, progress: bool,
+                     partial: Path | None) -> BenchConfig:
     """Every rung, then the S3Gen rungs, the batch sizes, the stream and the many utterances, timed
-    into `doc` (with the checks that need the bf16 model, after the fp32 rungs)."""
+    into `doc` (with the checks that need the bf16 model, after the fp32 rungs). Returns `cfg` with
+    the picks the rungs ran with (tuned, with `cfg.tune`)."""
     total = (len(cfg.rungs) + len(cfg.s3gen_steps)) * (cfg.repeats + 1)
     decoder = None
     # Tuned in the chain (or set to a record's picks) just before the first captured rung: after the
     # fp32 rungs, since the last rung's decoder casts T3 to bf16 in place.
     chain_rung = next((r for r in cfg.rungs if "captured_graph" in rung_steps(r, cfg.device)), None) \
-        if (cfg.sweep or cfg.tune_from) and cfg.device.startswith("cuda") and "captured_graph" in _chain_steps(cfg) \
-        else None
+        if cfg.tune and cfg.device.startswith("cuda") and "captured_graph" in _chain_steps(cfg) else None
     with tqdm(total=total, desc="bench", disable=not progress) as bar:
         for rung in cfg.rungs:
             bar.set_postfix_str(rung)
             if rung == chain_rung:
-                section, found = configure_chain(tts, cfg, voice)
-                doc[section] = found
+                doc["chain_sweep"], picks = configure_chain(tts, cfg, voice)
+                cfg = replace(cfg, picks=picks)
             if rung != "upstream_fp32" and checks is not None and "bf16_logit_rel_error" not in doc["checks"]:
                 text_tokens = text_tokens_for(tts, cfg.text)
                 for name, steps in LOGIT_CHECKS.items():
@@ -583,7 +590,8 @@ def _time_everything(tts, cfg: BenchConfig, voice: Path, doc: dict, checks: dict
                 doc["checks"]["bf16_logit_tolerance"] = equivalence.BF16_LOGIT_TOLERANCE
             # The S3Gen rungs decode with the last T3 rung's decoder, compiled once for both.
             if cfg.s3gen_steps and rung == cfg.rungs[-1] and rung != "upstream_fp32":
-                decoder = T3Decoder(tts.t3, rung_steps(rung, cfg.device), max_cache_len=_capacity(tts, cfg))
+                decoder = T3Decoder(tts.t3, rung_steps(rung, cfg.device), max_cache_len=_capacity(tts, cfg),
+                                    picks=cfg.picks)
             doc["rungs"][rung] = measure_rung(tts, rung, cfg, voice, bar, bandwidth, decoder)
             if partial:
                 results.write(doc, partial, overwrite=True)
@@ -619,6 +627,7 @@ def _time_everything(tts, cfg: BenchConfig, voice: Path, doc: dict, checks: dict
                                                                          flop_rate)
             if partial:
                 results.write(doc, partial, overwrite=True)
+    return cfg
 
 
 def summary_table(doc: dict) -> str:

@@ -20,7 +20,7 @@ from IPython.display import HTML, Audio, Image
 from chatterbox_lab.measure import bench, profiling
 from chatterbox_lab.decode import precision
 from chatterbox_lab.records import results
-from chatterbox_lab.decode.decoder import BEYOND, LADDER, STEPS, check_steps, dependents, requirements
+from chatterbox_lab import registry
 from chatterbox_lab.pipeline.synthesis import Synthesis
 from chatterbox_lab.sampling import SamplingParams
 from chatterbox_lab.validation import MAX_NEW_TOKENS, check_text, check_token_count
@@ -43,7 +43,7 @@ COUNT_FIGURES = ("gpu_kernels_per_token", "host_launches_per_token", "cpu_ops_pe
 
 @dataclass
 class Measurement:
-    steps: tuple          # in decoder.STEPS order; () is upstream's own loop
+    steps: tuple          # in registry.T3_STEPS order; () is upstream's own loop
     figures: dict         # the benchmark's figures for these steps (see bench.measure_steps)
     synthesis: Synthesis  # the first timed run: wav, sample_rate, speech_tokens
 
@@ -54,7 +54,7 @@ class Measurement:
 
 def measure(tts, voice, text: str, steps, tokens: int, *, repeats: int | None = None, seed: int = 0,
             sampling: SamplingParams = SamplingParams(), progress=None, trace_dir=None) -> Measurement:
-    """Measure one configuration: `steps` (names from decoder.STEPS; empty: upstream's loop)
+    """Measure one configuration: `steps` (names from registry.T3_STEPS; empty: upstream's loop)
     decoding `tokens` speech tokens of `text` in `voice` (a bundled voice's name or an audio
     path). `repeats` timed runs, 2 on a CPU and 3 on a GPU by default. `progress`: anything
     with tqdm's `update()`. T3 is left as it was, even with the bf16 step (which casts it).
@@ -69,7 +69,7 @@ def measure(tts, voice, text: str, steps, tokens: int, *, repeats: int | None = 
     profiler plugin (`tensorboard --logdir runs`; torch-tb-profiler is deprecated upstream)."""
     if isinstance(steps, str):
         raise TypeError(f"steps must be a collection of step names, e.g. ({steps!r},), not a string")
-    steps = tuple(step for step in STEPS if step in check_steps(steps))
+    steps = tuple(step for step in registry.T3_STEPS if step in registry.check(steps, model="t3"))
     cfg = bench.BenchConfig(device=tts.device, text=check_text(text), tokens=check_token_count(tokens),
                             repeats=repeats, seed=seed, sampling=sampling).resolved()
     path = voice_path(voice)
@@ -125,10 +125,10 @@ class StepPicker(widgets.VBox):
     one off switches off what needs it: the selection is always a step set the decoder takes."""
 
     def __init__(self, title: str, steps=()):
-        chosen = check_steps(steps)
+        chosen = registry.check(steps, model="t3")
         self.boxes = {step: widgets.Checkbox(value=step in chosen, description=step, indent=False,
                                              layout=widgets.Layout(width="auto"))
-                      for step in STEPS}
+                      for step in registry.T3_STEPS}
         for step, box in self.boxes.items():
             box.observe(functools.partial(self._keep_valid, step), names="value")
 
@@ -136,15 +136,17 @@ class StepPicker(widgets.VBox):
             # Wrapped, so a row of many steps stays visible instead of scrolling sideways.
             return widgets.HBox([widgets.Label(caption, layout=widgets.Layout(width="9em")),
                                  *(self.boxes[s] for s in steps)], layout=widgets.Layout(flex_flow="row wrap"))
-        super().__init__([widgets.HTML(f"<b>{html.escape(title)}</b>"), row("ladder", LADDER),
-                          row("beyond the guide", BEYOND)])
+        by_status = {status: [s for s in registry.T3_STEPS if registry.STEPS[s].status == status]
+                     for status in registry.STATUSES}
+        super().__init__([widgets.HTML(f"<b>{html.escape(title)}</b>"),
+                          *(row(status, steps) for status, steps in by_status.items())])
 
     @property
     def steps(self) -> tuple:
         return tuple(step for step, box in self.boxes.items() if box.value)
 
     def _keep_valid(self, step: str, change) -> None:
-        for linked in requirements(step) if change["new"] else dependents(step):
+        for linked in registry.requirements(step) if change["new"] else registry.dependents(step):
             self.boxes[linked].value = change["new"]
 
 
@@ -209,7 +211,7 @@ class LabBench(widgets.VBox):
         self.repeats = widgets.BoundedIntText(value=defaults.repeats, min=1, max=20, description="repeats")
         self.trace = widgets.Checkbox(value=False, description="write a trace to runs/", indent=False)
         self.single = _Panel({"this run": StepPicker("steps")}, self._measure, "Run")
-        self.compare = _Panel({"A": StepPicker("A"), "B": StepPicker("B", LADDER)}, self._measure, "Run A and B")
+        self.compare = _Panel({"A": StepPicker("A"), "B": StepPicker("B", registry.GUIDE)}, self._measure, "Run A and B")
         tabs = widgets.Tab([self.single, self.compare], titles=("Measure", "Compare A / B"))
         super().__init__([self.voice, self.text, widgets.HBox([self.tokens, self.repeats, self.trace]), tabs])
         self.add_class("cblab-lab-bench")

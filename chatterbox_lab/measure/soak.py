@@ -122,12 +122,13 @@ def run_soak(url: str, voices: list[str], requests: int = 500, clients: int = 4,
 
 
 def soak_document(requests: int = 500, clients: int = 4, preset=None, device=None, time_limit_s: float = 600,
-                  s3gen_steps=()) -> dict:
+                  s3gen_steps="recommended") -> dict:
     """Warm a session (with `s3gen_steps`, see `TTSSession`), serve it on loopback, soak it;
     returns a results document."""
     import torch
 
     from chatterbox_lab.records import results
+    from chatterbox_lab.s3gen.s3gen_steps import s3gen_steps_of
     from chatterbox_lab.serving.server import create_app
     from chatterbox_lab.serving.session import TTSSession
 
@@ -150,5 +151,7 @@ def soak_document(requests: int = 500, clients: int = 4, preset=None, device=Non
     doc = dict(schema=results.SCHEMA, rungs={"soak": report}, checks={},
                provenance=results.provenance(device=str(session.tts.device), preset=session.tts.preset,
                                              text="soak.TEXTS", tokens=list(TOKENS), requests=requests,
-                                             clients=clients, s3gen_steps=sorted(s3gen_steps)))
+                                             clients=clients, s3gen_steps=sorted(s3gen_steps_of(session.tts)),
+                                             t3_steps=sorted(session.decoder.steps),
+                                             picks=session.decoder.picks.to_json()))
     return results.validate(doc)

@@ -165,16 +165,6 @@ def cold_starts(folder: str = "beyond") -> dict[tuple[str, str], tuple[Path, dic
     return found
 
 
-def compile_estimate_s(device) -> float | None:
-    """The compiled rung's compile and capture time in the latest committed run on this GPU
-    model, as a warm-up's time estimate; None on a CPU or a GPU with no committed run."""
-    if not str(device).startswith("cuda") or not torch.cuda.is_available():
-        return None
-    gpu = torch.cuda.get_device_name(torch.device(device))
-    same_gpu = [d for _, d in committed(gpu_only=True) if d["provenance"]["gpu"] == gpu and "compiled" in d["rungs"]]
-    return same_gpu[-1]["rungs"]["compiled"]["compile_s"] if same_gpu else None
-
-
 def latest_gpu_result() -> dict | None:
     docs = committed(gpu_only=True)
     return docs[-1][1] if docs else None

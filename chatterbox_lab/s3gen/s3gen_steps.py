@@ -61,12 +61,10 @@ import math
 
 import torch
 
+from chatterbox_lab import registry
 from chatterbox_lab.graphed_calls import GraphedCalls
+from chatterbox_lab.registry import S3GEN_STEPS
 
-S3GEN_STEPS = ("flow_graphs", "flow_half", "watermark_on_device", "encoder_graphs", "voice_encoders_on_host",
-               "hifigan_compiled", "flow_fused_projections", "flow_compiled")
-# Steps that only act through another.
-S3GEN_REQUIRES = {"flow_compiled": "flow_graphs"}
 FLOW_HALF_DTYPE = torch.float16
 # Mel frames per length bucket: one graph serves every length up to its bucket.
 # 64 frames (1.28 s of audio) keeps the padding, at most 63 frames, small next to a
@@ -80,17 +78,12 @@ HALF_FLOW_TOLERANCE = 5e-2
 
 
 def check_s3gen_steps(steps) -> frozenset:
+    """`steps` as S3Gen steps of the registry (unknown names refused; needs checked when applied)."""
     steps = frozenset(steps)
-    unknown = steps - set(S3GEN_STEPS)
+    unknown = sorted(steps - set(S3GEN_STEPS))
     if unknown:
-        raise ValueError(f"unknown S3Gen steps {sorted(unknown)}: choose from {', '.join(S3GEN_STEPS)}")
+        raise ValueError(f"unknown S3Gen steps {unknown}: choose from {', '.join(S3GEN_STEPS)}")
     return steps
-
-
-def _check_required(steps: frozenset) -> None:
-    for step, required in S3GEN_REQUIRES.items():
-        if step in steps and required not in steps:
-            raise ValueError(f"S3Gen step {step} needs {required}: switch on both")
 
 
 def s3gen_steps_of(tts) -> frozenset:
@@ -102,7 +95,7 @@ def apply_s3gen_steps(tts, steps) -> frozenset:
     """Switch on `steps` (any not yet on) for `tts`'s S3Gen and watermarker; returns all on now."""
     steps = check_s3gen_steps(steps)
     done = s3gen_steps_of(tts)
-    _check_required(done | steps)
+    registry.check(done | steps, model="s3gen")
     flow = tts.s3gen.flow
     if {"flow_half", "flow_graphs", "flow_compiled"} & (steps - done):
         estimator = _unwrapped(flow.decoder.estimator)

@@ -23,7 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from chatterbox_lab.decode.decoder import LADDER, T3Decoder
+from chatterbox_lab import registry
+from chatterbox_lab.decode.decoder import T3Decoder
+from chatterbox_lab.decode.plan import device_kind
+from chatterbox_lab.kernels.picks import KernelPicks, shipped_for
 from chatterbox_lab.loading.models import load_tts
 from chatterbox_lab.pipeline.synthesis import synthesize, synthesize_long
 from chatterbox_lab.sampling import SamplingParams
@@ -87,20 +90,30 @@ class Speech:
 
 
 class TTSSession:
-    """`steps`: T3's (`decoder.STEPS`). `s3gen_steps`: S3Gen's (`s3gen_steps.S3GEN_STEPS`), applied
-    to the session's model in place; none by default, since the recorded GPU soak ran without
-    them. With `flow_graphs`, the first request whose length falls in a new bucket captures its
-    graph (tens of milliseconds on a GPU), once."""
+    """`steps`: T3's steps (`registry.T3_STEPS`), or a preset's name (`registry.PRESETS`).
+    `s3gen_steps`: S3Gen's (`registry.S3GEN_STEPS`) or a preset's name, applied to the session's
+    model in place. Both default to `recommended`: the fastest set measured for this kind of device.
+    `picks`: the kernels' configurations; by default those shipped for this card model
+    (`kernels.picks.shipped_for`), else the kernels' defaults. With `flow_graphs`, the first request
+    whose length falls in a new bucket captures its graph (tens of milliseconds on a GPU), once."""
 
-    def __init__(self, source="synthetic", *, preset=None, device=None, steps=LADDER, s3gen_steps=(),
-                 max_new_tokens: int = 1000, voices: int = 8, tts=None):
+    def __init__(self, source="synthetic", *, preset=None, device=None, steps="recommended",
+                 s3gen_steps="recommended", picks: KernelPicks | None = None, max_new_tokens: int = 1000,
+                 voices: int = 8, tts=None):
         from chatterbox_lab.s3gen.s3gen_steps import apply_s3gen_steps
 
         self.tts = tts if tts is not None else load_tts(source, preset=preset, device=device)
+        kind = device_kind(self.tts.device)
+        if isinstance(steps, str):
+            steps = registry.preset(steps, kind)
+        if isinstance(s3gen_steps, str):
+            s3gen_steps = registry.preset(s3gen_steps, kind, model="s3gen")
         apply_s3gen_steps(self.tts, s3gen_steps)
         self.max_new_tokens = check_token_count(max_new_tokens)
+        if picks is None and kind != "cpu":
+            picks = shipped_for(torch.cuda.get_device_name(self.tts.device))
         self.decoder = T3Decoder(self.tts.t3, steps, max_new_tokens=max_new_tokens,
-                                 max_text_tokens=MAX_TEXT_CHARS)
+                                 max_text_tokens=MAX_TEXT_CHARS, picks=picks)
         self.voices = VoiceCache(self.tts, capacity=voices)
         self._named: dict[str, Path] = {}
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatterbox_lab-model",
@@ -127,15 +140,11 @@ class TTSSession:
         """Compile and capture the decode step now, not in the first request; returns seconds."""
         from tqdm.auto import tqdm
 
-        from chatterbox_lab.records.results import compile_estimate_s
-
-        estimate = compile_estimate_s(self.tts.device) if self.decoder.compiled else None
-        what = "warm-up: compile and capture the decode step" if self.decoder.compiled else "warm-up"
+        compiled = self.decoder.plan.graph != "none"
+        what = "warm-up: compile and capture the decode step" if compiled else "warm-up"
         start = time.perf_counter()
-        # One step that lasts the whole compile: the bar shows the time spent against the
-        # estimate (this GPU model's committed compile time), which is all there is to show.
-        with tqdm(total=1, desc=what + (f" (about {estimate:.0f} s on this GPU)" if estimate else ""),
-                  disable=not progress) as bar:
+        # One step that lasts the whole compile: the bar shows the time spent, which is all there is to show.
+        with tqdm(total=1, desc=what, disable=not progress) as bar:
             self.synthesize("Warming up the decoder.", voice=voice, max_new_tokens=32)
             bar.update()
         self.warmup_s = time.perf_counter() - start

@@ -21,14 +21,14 @@ reports is measured like any A/B in this workbook.
 """
 from __future__ import annotations
 
-import re
 import statistics
 from typing import Callable
 
-from chatterbox_lab.kernels import decode_attention, fused_matvec, staged_matvec
+from chatterbox_lab import registry
+from chatterbox_lab.kernels import fused_matvec, staged_matvec
 from chatterbox_lab.kernels.decode_attention import AttentionConfig
 from chatterbox_lab.kernels.fused_matvec import KernelConfig
-from chatterbox_lab.kernels.staged_matvec import StagedConfig
+from chatterbox_lab.kernels.picks import KernelPicks, name_of
 
 # Per thread, at most this many weights (or cached keys and values) loaded before the wait:
 # beyond it the kernel spills them.
@@ -49,13 +49,6 @@ CONTENDING = 0.03
 FINALISTS = 4
 # Largest weights first: the calls whose grids run the most waves.
 ORDER = ("gate_up", "down", "head", "qkv", "o_proj")
-# Steps whose kernels take the place of the ones tuned here: a decoder with them is not tuned.
-REPLACING_STEPS = frozenset({"head_handoff", "persistent_layers"})
-# Steps that change how the captured step is replayed, not its kernels: tuned without them, since
-# every candidate recaptures, and a graph of 16 steps takes about 16 times as long to capture.
-REPLAY_STEPS = frozenset({"multi_step_graph"})
-
-
 def candidates(n: int, k: int, gated: bool = False) -> list[KernelConfig]:
     """Grids for one matvec: a few output columns per program, the whole input row per load (or
     half of it, for long rows), 1 to 8 warps; none that would hold more than
@@ -90,31 +83,14 @@ def _power_of_two_from(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def name_of(config) -> str:
-    if isinstance(config, AttentionConfig):
-        return f"s{config.splits}_p{config.parts}_b{config.block}_w{config.warps}"
-    if isinstance(config, StagedConfig):
-        return f"staged_n{config.block_n}_c{config.chunk_k}_l{config.lanes_n}_wn{config.warps_n}_w{config.warps}"
-    return f"n{config.block_n}_k{config.block_k}_w{config.warps}"
+def tuned_steps(steps) -> frozenset:
+    """The steps of a decoder the chain tuning tunes for: `steps` less those it runs without
+    (`registry.Step.tuned_without`)."""
+    return frozenset(name for name in steps if not registry.step(name).tuned_without)
 
 
-# `name_of`'s forms, read back: a record's picks as configurations.
-_NAMED = ((re.compile(r"s(\d+)_p(\d+)_b(\d+)_w(\d+)"), AttentionConfig),
-          (re.compile(r"staged_n(\d+)_c(\d+)_l(\d+)_wn(\d+)_w(\d+)"), StagedConfig),
-          (re.compile(r"n(\d+)_k(\d+)_w(\d+)"), KernelConfig))
-
-
-def config_named(name: str):
-    """The configuration `name_of` calls `name`."""
-    for pattern, kind in _NAMED:
-        match = pattern.fullmatch(name)
-        if match:
-            return kind(*map(int, match.groups()))
-    raise ValueError(f"{name!r} names no kernel configuration (as chain_tuning.name_of writes them)")
-
-
-def picks_from(record: dict, gpu: str | None) -> dict[str, str]:
-    """A bench record's tuned configurations by knob, to start a tuning from on the same card."""
+def picks_from(record: dict, gpu: str | None) -> KernelPicks:
+    """A bench record's tuned configurations, to start a tuning from (or run with) on the same card."""
     calls = record.get("chain_sweep", {}).get("calls")
     if not calls:
         raise ValueError("the record has no chain tuning (`chain_sweep`): start from a record of a bench run "
@@ -122,7 +98,8 @@ def picks_from(record: dict, gpu: str | None) -> dict[str, str]:
     if record["provenance"].get("gpu") != gpu:
         raise ValueError(f"the record was tuned on {record['provenance'].get('gpu') or 'a CPU'}, this is "
                          f"{gpu or 'a CPU'}: its picks are a start only for the card they were measured on")
-    return {name: call["best"] for name, call in calls.items()}
+    return KernelPicks.from_names({name: call["best"] for name, call in calls.items()},
+                                  source=record["provenance"].get("command") or "a record", gpu=gpu)
 
 
 def descend(knobs: dict[str, tuple], apply: Callable, rate: Callable[[], float], rounds: int = 3,
@@ -174,18 +151,14 @@ def _best(rates: dict):
     return max(rates, key=lambda value: statistics.median(rates[value]))
 
 
-def tune(decoder, decode: Callable[[], float], repeats: int = 3, ab_rounds: int = 3, final_rounds: int = 3,
-         start_from: dict[str, str] | None = None) -> dict:
-    """Tune `decoder`'s step (a captured one, with `fused_matvec` and `fused_attention`) in place:
-    `decode()` runs one decode and returns its tokens per second. Leaves the fastest configurations
-    in `fused_matvec.CONFIGS`, `staged_matvec.CONFIGS` (for the calls the step stages) and
-    `decode_attention.CONFIGS`, which decoders read when they capture their step. `start_from`:
-    configurations by knob, named as `name_of` names them (`picks_from` a record), to start from
-    instead of the current ones. Returns what was tried and the A/B of the starting against the
-    tuned configurations."""
+def tune(decoder, decode: Callable[[], float], repeats: int = 3, ab_rounds: int = 3,
+         final_rounds: int = 3) -> dict:
+    """Tune `decoder`'s step (a captured one, with `fused_matvec` and `fused_attention`), starting from
+    the picks it was built with: `decode()` runs one decode and returns its tokens per second. Leaves
+    the fastest in `decoder.picks`, which a step reads when it is captured. Returns what was tried
+    and the A/B of the starting against the tuned configurations."""
     if not hasattr(decoder.step_fn, "recapture"):
         raise ValueError("tuning recaptures the step: build the decoder with captured_graph")
-    apply_picks(decoder, start_from or {})
     staged, keys, current, apply = _knobs(decoder)
 
     def rate():
@@ -228,52 +201,23 @@ def tune(decoder, decode: Callable[[], float], repeats: int = 3, ab_rounds: int 
         start_tok_s=statistics.median(ab["start"]), tuned_tok_s=statistics.median(ab["tuned"]), raw=ab)
 
 
-def apply_picks(decoder, picks: dict[str, str]) -> None:
-    """Set the configurations that `decoder`'s step reads when it captures to `picks` (by knob, named
-    as `name_of` names them: `picks_from` a record), untimed: where `tune` would start from them."""
-    staged, _, _, apply = _knobs(decoder)
-    for name, value in picks.items():
-        apply(name, _start_config(name, value, staged))
-
-
 def _knobs(decoder):
-    """For `decoder`'s step: the calls it stages, each matvec's configuration key, and `current(knob)`
-    and `apply(knob, config)` over the tables the kernels read."""
-    rows, capacity = 2 * decoder.streams, decoder.capacity
-    staged = decoder.forward.staged  # these calls' knob is the staged kernel's config
-    keys = {}
-    for name, call in fused_matvec.step_calls(decoder.t3).items():
-        keys[name] = (rows, call["n"], call["k"], call.get("gated", False))
-    for name in staged:
-        # Rungs without the staged kernel run the Triton kernel for these calls, which the tuning
-        # leaves untouched: they get its default, measured in the chain, not `fused_matvec.sweep`'s
-        # pick from timing it alone.
-        fused_matvec.CONFIGS.pop(keys[name], None)
+    """For `decoder`'s step: the calls it stages, each matvec's shape, and `current(knob)` and
+    `apply(knob, config)` over the picks its forward captures with."""
+    rows, capacity, forward = 2 * decoder.streams, decoder.capacity, decoder.forward
+    staged = forward.staged  # these calls' knob is the staged kernel's config
+    keys = {name: (rows, call["n"], call["k"], call.get("gated", False))
+            for name, call in fused_matvec.step_calls(decoder.t3).items()}
 
     def current(name):
         if name == "attention":
-            return decode_attention.config_for(capacity)
-        return (staged_matvec if name in staged else fused_matvec).config_for(*keys[name])
+            return forward.picks.attention(capacity)
+        return (forward.picks.staged if name in staged else forward.picks.matvec)(name, *keys[name])
 
     def apply(name, value):
-        if name == "attention":
-            decode_attention.CONFIGS[capacity] = value
-        else:
-            (staged_matvec if name in staged else fused_matvec).CONFIGS[keys[name]] = value
+        forward.picks = forward.picks.with_pick(name, value)
 
     return staged, keys, current, apply
-
-
-def _start_config(knob: str, name: str, staged: set):
-    """`name`'s configuration, checked to be one `knob` takes in this decoder."""
-    if knob != "attention" and knob not in ORDER:
-        raise ValueError(f"no knob {knob!r} to start from: the knobs are attention, {', '.join(ORDER)}")
-    config = config_named(name)
-    kind = AttentionConfig if knob == "attention" else StagedConfig if knob in staged else KernelConfig
-    if not isinstance(config, kind):
-        raise ValueError(f"{knob} starts from {name!r}, a {type(config).__name__}, but this decoder's {knob} "
-                         f"takes a {kind.__name__}: start from a record of the same steps")
-    return config
 
 
 def markdown_table(found: dict) -> str:

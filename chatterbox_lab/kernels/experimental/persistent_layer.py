@@ -55,9 +55,9 @@ class LayerConfig:
     programs_per_sm: int   # all must be resident at once: checked against the compiled kernel
 
 
-# What the kernel launches with: the fastest of `sweep` on an H100 and on an H200 (`layer_sweep`
-# in the bench's records); the bench sweeps again on its card and puts the fastest here.
-CONFIG = LayerConfig(tile_bytes=16 * 2**10, warps=4, programs_per_sm=2)
+# What the kernel launches with untuned: the fastest of the layer sweep on an H100 and on an H200
+# (`layer_sweep` in the bench's records); a card's own sweep result travels as the "layer" pick.
+DEFAULT_CONFIG = LayerConfig(tile_bytes=16 * 2**10, warps=4, programs_per_sm=2)
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class LayerWeights:
 
 def tile_columns(k: int, itemsize: int, gated: bool = False, tile_bytes: int | None = None) -> int:
     """Output columns per tile: `tile_bytes` of weight rows (gate and up rows counted together)."""
-    return max(1, (tile_bytes or CONFIG.tile_bytes) // (k * itemsize * (2 if gated else 1)))
+    return max(1, (tile_bytes or DEFAULT_CONFIG.tile_bytes) // (k * itemsize * (2 if gated else 1)))
 
 
 def attention_splits(rows: int, heads: int, programs: int) -> int:
@@ -93,7 +93,7 @@ def programs_for(device, config: LayerConfig | None = None) -> int:
     """`programs_per_sm` per SM on CUDA; on the CPU (interpreter) a few, so the tiles' striding is exercised."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count * (config or CONFIG).programs_per_sm
+        return torch.cuda.get_device_properties(device).multi_processor_count * (config or DEFAULT_CONFIG).programs_per_sm
     return 3
 
 
@@ -312,7 +312,7 @@ def triton_layer(x: torch.Tensor, weights: LayerWeights, positions: torch.Tensor
     if sync.numel() < 2 or sync.dtype != torch.int32 or arrivals.dtype != torch.int32 \
             or arrivals.numel() < rows * heads:
         raise ValueError(f"sync must be 2 int32 zeros and arrivals at least {rows * heads} int32 zeros")
-    config = config or CONFIG
+    config = config or DEFAULT_CONFIG
     programs = programs or programs_for(x.device, config)
     splits = attention_splits(rows, heads, programs)
     h = x.reshape(rows, dim).contiguous()
@@ -340,55 +340,3 @@ def triton_layer(x: torch.Tensor, weights: LayerWeights, positions: torch.Tensor
         for phase in range(len(PHASES)):
             kernel(*args, **shape, PHASE=phase, PDL=False, num_warps=config.warps)
     return out.view(rows, 1, dim)
-
-
-# What `sweep` tries: tile sizes, warps and programs per SM around the default.
-SWEEP_CONFIGS = tuple(LayerConfig(tile * 2**10, warps, per_sm)
-                      for tile in (8, 16, 32) for warps in (4, 8, 16) for per_sm in (1, 2))
-
-
-def _name(config: LayerConfig) -> str:
-    return f"t{config.tile_bytes // 2**10}k_w{config.warps}_p{config.programs_per_sm}"
-
-
-def sweep(t3, capacity: int, rows: int = 2, dtype: torch.dtype = torch.bfloat16, configs=SWEEP_CONFIGS) -> dict:
-    """Microseconds per layer at the last slot of a `capacity`-slot cache, inside a CUDA graph over
-    every layer of a `dtype` copy of `t3` (as many weights as a step reads, so L2 holds none of
-    them): the five kernels of the `dependent_launch` step, this kernel with one launch per phase,
-    then persistent in each config the SMs can hold at once; the fastest becomes CONFIG."""
-    global CONFIG
-    import copy
-
-    from chatterbox_lab.kernels.fused_matvec import time_in_graph
-    from chatterbox_lab.decode.precision import t3_in_dtype
-    from chatterbox_lab.decode.t3_forward import StaticT3Forward
-
-    device = t3.speech_head.weight.device
-    pdl = fused_matvec.dependent_launch_supported(device)
-    model = t3_in_dtype(copy.deepcopy(t3), dtype)  # a copy: the caller's model stays as it was
-    forward = StaticT3Forward(model, capacity, batch=rows, fused=True, matvec=True, attention_kernel=True,
-                              dependent_launch=pdl, whole_layers=True)
-    for buffer in (*forward.cache.keys, *forward.cache.values):
-        buffer.normal_()
-    positions = torch.full((1,), capacity - 1, device=device)
-    x = torch.randn(rows, 1, model.cfg.hidden_size, device=device, dtype=dtype)
-
-    def timed(layer):
-        return time_in_graph([lambda i=i: layer(i) for i in range(len(forward.layers))]) * 1e6
-
-    found = dict(capacity=capacity,
-                 kernel_per_call_us=timed(lambda i: forward._layer(i, forward.layers[i], x, positions, slice(None),
-                                                                  None, None)),
-                 kernel_per_call_dependent_launch=pdl,
-                 phase_launches_us=timed(lambda i: forward.whole_layer(i, x, positions, persistent=False)),
-                 configs={}, refused={})
-    for config in configs:
-        name = _name(config)
-        try:
-            found["configs"][name] = timed(lambda i: forward.whole_layer(i, x, positions, config=config))
-        except RuntimeError as refused:  # more programs than the SMs hold: never launched
-            found["refused"][name] = str(refused)
-    best = min(found["configs"], key=found["configs"].get)
-    found["best"], found["best_us"] = best, found["configs"][best]
-    CONFIG = next(c for c in configs if _name(c) == best)
-    return found
