@@ -43,7 +43,8 @@ from IPython.display import Audio, Markdown, display
 from chatterbox_lab.measure import bench, equivalence, profiling
 from chatterbox_lab.records import results
 from chatterbox_lab.decode.compiled_step import compile_counters
-from chatterbox_lab.decode.decoder import T3Decoder, ladder_prefix, text_tokens_for
+from chatterbox_lab.decode.decoder import T3Decoder, text_tokens_for
+from chatterbox_lab.registry import ladder_prefix
 from chatterbox_lab.loading.models import load_tts
 from chatterbox_lab.pipeline.synthesis import synthesize
 from chatterbox_lab.sampling import SamplingParams

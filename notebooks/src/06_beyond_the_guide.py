@@ -3,7 +3,8 @@
 #
 # The guide stops at a compiled step: one CUDA graph per token, about a fifth of
 # what the card's memory bandwidth allows. This notebook follows the steps past
-# it, each a flag of the same decoder (`decoder.BEYOND`):
+# it, each a flag of the same decoder (the T3 steps of `chatterbox_lab/registry.py` past the
+# guide, tabled below):
 #
 # - `fused_projections`: q, k, v as one matmul and gate, up as another. At two
 #   rows (the CFG pair) a matmul costs its weight bytes plus a fixed launch and
@@ -55,7 +56,8 @@ from IPython.display import Markdown, display
 from chatterbox_lab.tuning import chain_tuning
 from chatterbox_lab.measure import equivalence
 from chatterbox_lab.records import results
-from chatterbox_lab.decode.decoder import BEYOND, T3Decoder, text_tokens_for
+from chatterbox_lab import registry
+from chatterbox_lab.decode.decoder import T3Decoder, text_tokens_for
 from chatterbox_lab.loading.models import load_tts
 from chatterbox_lab.sampling import SamplingParams
 from chatterbox_lab.pipeline.voices import VoiceCache
@@ -64,7 +66,8 @@ tts = load_tts(preset="tiny", device="cpu")
 voices = VoiceCache(tts)
 tts.conds = voices.use("alto")
 text_tokens = text_tokens_for(tts, "Every step is measured and checked against upstream.")
-print("steps past the guide:", BEYOND)
+print("steps past the guide:", tuple(name for name in registry.T3_STEPS if registry.STEPS[name].status != "guide"))
+display(Markdown(registry.markdown_table("t3")))
 
 # %% [markdown]
 # ## Same tokens as upstream
