@@ -42,6 +42,16 @@ def cache_root() -> Path:
     return Path(base) / "chatterbox_lab"
 
 
+def use_compile_caches() -> Path:
+    """Keep PyTorch's Inductor cache and Triton's kernel cache under the project's cache directory
+    (unless the user set them), so a second process starts warm and `make clean` never drops them.
+    Must run before the first compile; returns the folder."""
+    folder = cache_root() / "compile"
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(folder / "inductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(folder / "triton"))
+    return folder
+
+
 def synthetic_dir(preset: str, seed: int = DEFAULT_SEED) -> Path:
     return cache_root() / f"synthetic-{check_preset(preset)}-seed{seed}-v{FORMAT_VERSION}"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from chatterbox_lab.loading.architecture import check_preset, upstream_constructors
-from chatterbox_lab.loading.checkpoint import check_checkpoint_dir, ensure_synthetic, read_marker
+from chatterbox_lab.loading.checkpoint import check_checkpoint_dir, ensure_synthetic, read_marker, use_compile_caches
 
 DEVICES = ("cpu", "cuda", "mps")
 
@@ -65,6 +65,7 @@ def load_tts(source: str | Path = "synthetic", *, preset: str | None = None, dev
     preset: "full" or "tiny", synthetic only; defaults to full on a GPU, tiny on a CPU.
     device: "cuda", "cpu", "mps" or "cuda:N"; defaults to the GPU when there is one.
     """
+    use_compile_caches()
     from chatterbox.tts import ChatterboxTTS
 
     device = resolve_device(device)
