@@ -765,8 +765,8 @@ assert all(doc["chain_sweep"]["tuned_tok_s"] > doc["chain_sweep"]["start_tok_s"]
 # tuned yet, and the records above show how far from the best that can leave a pass.
 #
 # The tuning compiles and times every candidate: minutes of a bench run. A process needs none of
-# it once a record of its card holds the picks. With `--no-sweep`, `--tune-from` sets a record's
-# picks as they are and tunes nothing (`chain_tuning.apply_picks`); from a fresh process with empty
+# it once a record of its card holds the picks. Without `--tune`, `--tune-from` runs with a record's
+# picks as they are and tunes nothing (`chain_tuning.picks_from`, a `KernelPicks` the decoder takes); from a fresh process with empty
 # Inductor and Triton caches, the step's kernels compile and it is captured within the 15
 # s start-up, and it decodes at the tuned rate:
 

@@ -30,8 +30,9 @@ from IPython.display import Audio, Markdown, display
 from chatterbox_lab.records import report, results
 from chatterbox_lab.loading.models import load_tts
 from chatterbox_lab.pipeline.synthesis import synthesize
-from chatterbox_lab.s3gen.s3gen_steps import (FRAME_BUCKET, HALF_FLOW_TOLERANCE, S3GEN_STEPS, BucketedEstimator,
-                                              apply_s3gen_steps, half_flow_error)
+from chatterbox_lab.registry import S3GEN_STEPS
+from chatterbox_lab.s3gen.s3gen_steps import (FRAME_BUCKET, HALF_FLOW_TOLERANCE, BucketedEstimator, apply_s3gen_steps,
+                                              half_flow_error)
 from chatterbox_lab.pipeline.voices import voice_path
 
 # %% [markdown]
