@@ -1,9 +1,10 @@
 """GPU behaviour, full preset: run with `pytest -m gpu` on a CUDA machine."""
 import pytest
 
+from chatterbox_lab import registry
 from chatterbox_lab.measure import profiling
 from chatterbox_lab.decode.compiled_step import compile_counters
-from chatterbox_lab.decode.decoder import LADDER, STOP_CHECK_INTERVAL, T3Decoder, text_tokens_for
+from chatterbox_lab.decode.decoder import STOP_CHECK_INTERVAL, T3Decoder, text_tokens_for
 from chatterbox_lab.sampling import SamplingParams
 
 pytestmark = pytest.mark.gpu
@@ -20,7 +21,7 @@ def full_tts():
 
 @pytest.fixture(scope="module")
 def compiled(full_tts):
-    decoder = T3Decoder(full_tts.t3, LADDER, max_cache_len=512)
+    decoder = T3Decoder(full_tts.t3, registry.GUIDE, max_cache_len=512)
     decoder.generate(full_tts.conds.t3, text_tokens_for(full_tts, "Warm up the compiled step."), 16)
     return decoder
 
@@ -269,7 +270,7 @@ def test_staged_weights_replay_one_graph_and_keep_bf16_logits(full_tts, rung):
 
     from chatterbox_lab.measure import equivalence
     from chatterbox_lab.kernels import staged_matvec
-    from chatterbox_lab.decode.decoder import ladder_prefix
+    from chatterbox_lab.registry import ladder_prefix
 
     text_tokens = text_tokens_for(full_tts, "The weights wait in shared memory.")
     staged = T3Decoder(full_tts.t3, ladder_prefix(rung) - {"multi_step_graph"}, max_cache_len=512)
@@ -295,7 +296,7 @@ def test_staged_weights_replay_one_graph_and_keep_bf16_logits(full_tts, rung):
                                      ("fused_matvec", "fused_attention", "persistent_layers")])
 def test_kernel_steps_replay_one_graph_and_keep_bf16_logits(full_tts, kernels):
     from chatterbox_lab.measure import equivalence
-    from chatterbox_lab.decode.decoder import ladder_prefix
+    from chatterbox_lab.registry import ladder_prefix
 
     text_tokens = text_tokens_for(full_tts, "The fused kernels read the weights once.")
     compiled = T3Decoder(full_tts.t3, ladder_prefix(kernels[-1]), max_cache_len=512)
@@ -322,7 +323,7 @@ def test_decode_attention_kernel_matches_pytorch_at_every_stretch(full_tts, capa
     (two of them at 1,024 slots); two stretches in two value shares."""
     import torch
 
-    from chatterbox_lab.kernels.decode_attention import AttentionConfig, config_for, triton_decode_attention
+    from chatterbox_lab.kernels.decode_attention import AttentionConfig, default_config, triton_decode_attention
     from chatterbox_lab.decode.kv_cache import StaticKVCache
     from chatterbox_lab.decode.t3_forward import cached_attention, rotary_tables
 
@@ -332,7 +333,7 @@ def test_decode_attention_kernel_matches_pytorch_at_every_stretch(full_tts, capa
     new = dict(device="cuda", dtype=torch.bfloat16)
     cos, sin = rotary_tables(full_tts.t3, capacity, torch.bfloat16)
     arrivals = torch.zeros(4 * heads, dtype=torch.int32, device="cuda")
-    config = {"default": config_for(capacity), "value_shares": AttentionConfig(1, 4, 512, 16),
+    config = {"default": default_config(capacity), "value_shares": AttentionConfig(1, 4, 512, 16),
               "both": AttentionConfig(2, 2, 256, 8)}[layout]
     torch.manual_seed(capacity)
     for positions in (torch.tensor([0, 1, 63, 64]), torch.tensor([capacity // 2, capacity - 65, capacity - 2, capacity - 1])):
@@ -366,7 +367,7 @@ def test_handoff_kernel_gives_the_two_kernels_output_bit_for_bit(full_tts, capac
     import torch
 
     from chatterbox_lab.kernels.experimental import head_handoff
-    from chatterbox_lab.kernels.decode_attention import config_for, triton_decode_attention
+    from chatterbox_lab.kernels.decode_attention import default_config, triton_decode_attention
     from chatterbox_lab.kernels.fused_matvec import Norm, dependent_launch_supported, triton_matvec
     from chatterbox_lab.decode.kv_cache import StaticKVCache
     from chatterbox_lab.decode.t3_forward import rotary_tables
@@ -391,12 +392,12 @@ def test_handoff_kernel_gives_the_two_kernels_output_bit_for_bit(full_tts, capac
     q, k, v = triton_matvec(x, weight, norm=norm).split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim],
                                                          dim=-1)
     want = triton_decode_attention(q, k, v, positions, cos, sin, caches[1].keys[0], caches[1].values[0], arrivals,
-                                   config_for(capacity))
+                                   default_config(capacity))
     pdl = dependent_launch_supported("cuda")
     for launch in (dict(pdl=pdl, ahead=pdl), dict()):
         for _ in range(3):
             got = head_handoff.handoff_attention(x, weight, norm, positions, cos, sin, caches[0].keys[0],
-                                                 caches[0].values[0], arrivals, ready[0], config_for(capacity).splits,
+                                                 caches[0].values[0], arrivals, ready[0], default_config(capacity).splits,
                                                  **launch)
             torch.cuda.synchronize()
             assert torch.equal(got, want), launch
@@ -417,7 +418,7 @@ def test_fused_sampling_and_the_captured_step_draw_pytorchs_tokens_without_recom
 
     import torch
 
-    from chatterbox_lab.decode.decoder import ladder_prefix
+    from chatterbox_lab.registry import ladder_prefix
 
     text_tokens = text_tokens_for(full_tts, "Sampling runs as one kernel.")
     kernels = ladder_prefix("fused_sampling")
@@ -430,7 +431,7 @@ def test_fused_sampling_and_the_captured_step_draw_pytorchs_tokens_without_recom
                  "handoff": ladder_prefix("head_handoff") - {"staged_weights", "staged_head", "multi_step_graph",
                                                              "draw_aside", "folded_prologue"}}
     decoders = {name: T3Decoder(full_tts.t3, steps, max_cache_len=512) for name, steps in step_sets.items()}
-    assert decoders["folded"].early_first_layer and not decoders["aside"].early_first_layer
+    assert decoders["folded"].plan.opens_early and not decoders["aside"].plan.opens_early
     for name, decoder in decoders.items():
         start = time.perf_counter()
         decoder.generate(full_tts.conds.t3, text_tokens, 16)
@@ -511,8 +512,9 @@ def test_prefill_graph_gives_the_eager_prefills_logits(full_tts):
     from chatterbox_lab.decode.decoder import prompt_len_for
 
     texts = ["The prefill, replayed from a graph.", "The prefill, replayed from a graph, again."]
-    eager, graphed = (T3Decoder(full_tts.t3, rung_steps(rung, "cuda"), max_cache_len=512)
-                      for rung in ("dependent_launch", "prefill_graph"))
+    steps = rung_steps("prefill_graph", "cuda")
+    eager, graphed = (T3Decoder(full_tts.t3, chosen, max_cache_len=512)
+                      for chosen in (steps - {"prefill_graph"}, steps))
     lengths = []
     for text in texts:
         text_tokens = text_tokens_for(full_tts, text)
