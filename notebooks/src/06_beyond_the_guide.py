@@ -464,7 +464,7 @@ assert kept > 1 and b["rungs"]["fused_bookkeeping"]["gpu_kernels_per_token"] < \
 # %% [markdown]
 # ## Tuning the grids inside the step, and attention without a combine
 #
-# `fused_matvec.sweep` times each matmul on its own, call after call: there, many small
+# `tuning.sweeps.matvec_sweep` times each matmul on its own, call after call: there, many small
 # programs win, since while some wait for their weights others compute. Inside the step
 # the game is different. Under `launch_ahead` a kernel's programs load their weights before
 # their wait, and the next kernel launches once all of them have started; a grid larger
