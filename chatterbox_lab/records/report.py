@@ -5,13 +5,15 @@ import json
 import re
 from pathlib import Path
 
+from chatterbox_lab import registry
 from chatterbox_lab.records import results
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 CATALOG = ROOT / "notebooks" / "catalog.json"
 BLOCKS = {"results": lambda: results_section(), "notebooks": lambda: notebook_section(),
-          "soak": lambda: soak_section(), "e2e": lambda: end_to_end_section()}
+          "soak": lambda: soak_section(), "e2e": lambda: end_to_end_section(),
+          "steps": lambda: registry.markdown_table("t3"), "s3gen_steps": lambda: registry.markdown_table("s3gen")}
 README_FIGURES = ("t3_decode_tok_s", "t3_speedup_vs_upstream", "fraction_of_floor", "t3_prefill_s", "e2e_s", "rtf",
                   "peak_vram_mib", "compile_s", "gpu_kernels_per_token", "host_launches_per_token")
 
