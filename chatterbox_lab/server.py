@@ -74,9 +74,10 @@ def create_app(session: TTSSession) -> FastAPI:
         sampling_fields = ("temperature", "cfg_weight", "repetition_penalty", "min_p", "top_p")
         try:
             sampling = SamplingParams(**{k: getattr(req, k) for k in sampling_fields})
-            speech = session.synthesize(req.text, req.voice, sampling=sampling,
+            # A name only: a path would let a caller read files of the server, or probe for them.
+            speech = session.synthesize(req.text, session.named_voice(req.voice), sampling=sampling,
                                         max_new_tokens=req.max_new_tokens, seed=req.seed)
-        except FileNotFoundError as exc:
+        except LookupError as exc:
             raise HTTPException(404, str(exc)) from None
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None

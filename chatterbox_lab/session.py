@@ -110,7 +110,8 @@ class TTSSession:
     def register_voice(self, voice_id: str, path) -> str:
         """Name a reference recording, checked and prepared now (on the worker, between
         requests), so that its conditioning cost is paid here and not by its first request."""
-        voice_id, path = check_voice_id(voice_id), check_reference_audio(path)
+        voice_id = check_voice_id(voice_id)
+        path = check_reference_audio(path, label=f"the recording for voice {voice_id!r}")
         self._worker.submit(self.voices.use, path).result()
         self._named[voice_id] = path
         return voice_id
@@ -122,6 +123,17 @@ class TTSSession:
 
     def _resolve(self, voice) -> Path:
         return self._named.get(voice) or voice_path(voice)
+
+    def named_voice(self, name) -> Path:
+        """A registered or bundled voice by name, never a file path: what a remote caller may ask for.
+        The error names the voices there are and nothing of the file system."""
+        from .voices import bundled_voices
+
+        found = (self._named.get(name) or bundled_voices().get(name)) if isinstance(name, str) else None
+        if found is None:
+            raise LookupError(f"voice {str(name)[:64]!r} not found; voices: {', '.join(self.voice_names())} "
+                              f"(register one with PUT /voices/{{id}})")
+        return found
 
     def warmup(self, voice="alto", progress: bool = True) -> float:
         """Compile and capture the decode step now, not in the first request; returns seconds."""

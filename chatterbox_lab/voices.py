@@ -30,23 +30,25 @@ def voice_path(name_or_path) -> Path:
     return path
 
 
-def check_reference_audio(path) -> Path:
-    """Refuse audio that upstream would turn into garbage conditioning without a word."""
+def check_reference_audio(path, label: str | None = None) -> Path:
+    """Refuse audio that upstream would turn into garbage conditioning without a word. `label`
+    names the audio in messages instead of its path (a server keeps its paths to itself)."""
     import soundfile as sf
 
     path = voice_path(path)
+    label = label or f"reference audio {path}"
     try:
         wav, sr = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as exc:  # soundfile raises several types for bad files
-        raise ValueError(f"cannot read {path} as audio ({exc}); give a WAV, FLAC or OGG file") from exc
+        raise ValueError(f"cannot read {label} as audio ({getattr(exc, 'error_string', type(exc).__name__)}); give a WAV, FLAC or OGG file") from exc
     seconds = len(wav) / sr if sr else 0.0
     if seconds < MIN_SECONDS:
-        raise ValueError(f"reference audio {path} is {seconds:.2f} s long; it must be at least "
+        raise ValueError(f"{label} is {seconds:.2f} s long; it must be at least "
                          f"{MIN_SECONDS:.0f} s of speech (6-10 s works best)")
     if not np.isfinite(wav).all() or float(np.abs(wav).max()) < SILENCE_PEAK:
-        raise ValueError(f"reference audio {path} is silent (or holds NaN); give a recording of speech")
+        raise ValueError(f"{label} is silent (or holds NaN); give a recording of speech")
     if seconds > USED_SECONDS:
-        warnings.warn(f"reference audio {path} is {seconds:.1f} s long; only its first {USED_SECONDS:.0f} s "
+        warnings.warn(f"{label} is {seconds:.1f} s long; only its first {USED_SECONDS:.0f} s "
                       f"are used", stacklevel=2)
     return path
 

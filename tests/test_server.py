@@ -63,6 +63,20 @@ def test_bad_requests(server, body, status, detail):
     assert detail in str(response.json()["detail"])
 
 
+@pytest.mark.parametrize("voice", ["/etc/passwd", "/etc/no-such-file", "../data/voices/alto.wav",
+                                   "data/voices/alto.wav", "~/.bashrc", "alto.wav"])
+def test_a_voice_is_a_name_never_a_server_path(server, voice):
+    """Existing and missing files get the same answer, which holds no path of the server."""
+    from chatterbox_lab.voices import VOICES_DIR
+
+    response = httpx.post(f"{server.url}/synthesize", json={"text": "Hi.", "voice": voice, "max_new_tokens": 4},
+                          timeout=60)
+    assert response.status_code == 404
+    detail = response.json()["detail"]
+    assert detail.startswith(f"voice {voice!r} not found; voices: alto, ")
+    assert str(VOICES_DIR.parent) not in detail and "/tmp" not in detail
+
+
 def test_nan_is_rejected(server):
     response = httpx.post(f"{server.url}/synthesize", content=b'{"text": "Hi.", "temperature": NaN}',
                           headers={"content-type": "application/json"}, timeout=60)
