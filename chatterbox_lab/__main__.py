@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as dt
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -28,20 +30,32 @@ def default_output(doc: dict) -> Path:
     return LOCAL_RESULTS / f"cpu-{prov['preset']}-{stamp}.json"
 
 
+def check_checkpoint_tokenizer(checkpoint) -> None:
+    """A checkpoint directory's tokenizer.json, checked before the model loads (upstream
+    would stop there with a traceback); the synthetic and hub checkpoints are our own."""
+    from .validation import check_tokenizer_file
+
+    if checkpoint not in ("synthetic", "hub") and (Path(checkpoint) / "tokenizer.json").is_file():
+        check_tokenizer_file(Path(checkpoint) / "tokenizer.json")
+
+
 def say(args) -> Path:
     """One utterance into a WAV file; every cheap check runs before the model loads."""
     from .models import load_tts
     from .session import TTSSession
-    from .validation import MAX_LONG_TEXT_CHARS, MAX_TEXT_CHARS, check_output_path, check_text, check_token_count
-    from .voices import check_reference_audio
+    from .validation import (MAX_LONG_TEXT_CHARS, MAX_TEXT_CHARS, check_number, check_output_path, check_seed,
+                             check_text, check_token_count)
+    from .voices import read_reference
 
     # Arguments that are not UTF-8 reach Python as surrogate escapes; encoding them back
     # gives check_text the original bytes to refuse.
     text = check_text(os.fsencode(args.text), max_chars=MAX_LONG_TEXT_CHARS if args.chunk else MAX_TEXT_CHARS)
     sampling = SamplingParams(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingParams)})
     tokens = check_token_count(args.max_new_tokens)
+    exaggeration, seed = check_number("exaggeration", args.exaggeration), check_seed(args.seed)
     check_output_path(args.out, args.overwrite)
-    voice = check_reference_audio(args.voice)
+    voice = read_reference(args.voice)
+    check_checkpoint_tokenizer(args.checkpoint)
     tts = load_tts(args.checkpoint, preset=args.preset, device=args.device)
     # No compiled step and no warm-up: compiling and capturing take longer than one
     # utterance gains. bf16 on a GPU only, where it halves the weight reads.
@@ -49,9 +63,23 @@ def say(args) -> Path:
     session = TTSSession(tts=tts, steps=steps, max_new_tokens=tokens)
     try:
         return session.synthesize_to_file(args.out, text, voice, overwrite=args.overwrite, sampling=sampling,
-                                          max_new_tokens=tokens, seed=args.seed, chunk=args.chunk)
+                                          max_new_tokens=tokens, exaggeration=exaggeration, seed=seed,
+                                          chunk=args.chunk)
     finally:
         session.close()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """A kill (SIGTERM) ends the block as Ctrl-C does, through its clean-up: no temporary file is left."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _s3gen_steps(args) -> tuple:
@@ -99,7 +127,8 @@ def main(argv=None) -> int:
     b.add_argument("--out", type=Path, help="results JSON path (default: data/results/ on a GPU)")
     b.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     sub.add_parser("readme", help="regenerate README.md's results section from data/results/")
-    s = sub.add_parser("serve", help="HTTP example: POST /synthesize, PUT /voices/{id}, GET /health")
+    s = sub.add_parser("serve", help="HTTP example: POST /synthesize, POST /v1/audio/speech (OpenAI's), "
+                                     "PUT and DELETE /voices/{id}, GET /health; limits in docs/serving.md")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--preset", choices=PRESETS)
@@ -128,6 +157,7 @@ def main(argv=None) -> int:
     y.add_argument("--max-new-tokens", type=int, default=1000, help="speech tokens at most, 25 per second")
     for f in dataclasses.fields(SamplingParams):
         y.add_argument(f"--{f.name.replace('_', '-')}", type=float, default=f.default, help="default: %(default)s")
+    y.add_argument("--exaggeration", type=float, default=0.5, help="emotion intensity, 0 to 2; default: %(default)s")
     y.add_argument("--seed", type=int)
     y.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     y.add_argument("--chunk", action="store_true",
@@ -135,9 +165,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command == "say":
         try:
-            out = say(args)
+            with sigterm_as_interrupt():
+                out = say(args)
         except (ValueError, OSError) as exc:
             y.error(str(exc))
+        except KeyboardInterrupt:
+            print("interrupted: stopped at the next stop check; nothing was written", file=sys.stderr)
+            return 130
         print(f"wrote {out}")
         return 0
     if args.command == "soak":
@@ -153,9 +187,16 @@ def main(argv=None) -> int:
     if args.command == "serve":
         import uvicorn
 
-        from .server import create_app
+        from .server import API_KEY_VARIABLE, create_app, unprotected_exposure
         from .session import TTSSession
 
+        try:
+            check_checkpoint_tokenizer(args.checkpoint)
+        except ValueError as exc:
+            s.error(str(exc))
+        warning = unprotected_exposure(args.host, os.environ.get(API_KEY_VARIABLE))
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
         session = TTSSession(args.checkpoint, preset=args.preset, device=args.device,
                              s3gen_steps=_s3gen_steps(args))
         print(f"warm-up (compile and capture): {session.warmup():.1f} s")
