@@ -30,6 +30,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .pipeline import Cancelled
 from .sampling import SamplingParams
@@ -112,6 +113,18 @@ def encode(speech: Speech, response_format: str) -> bytes:
     return buffer.getvalue()
 
 
+def error_response(path: str, status: int, message, headers=None) -> JSONResponse:
+    """An error in the shape its caller reads: OpenAI's under /v1 (its clients show that
+    message), FastAPI's `detail` elsewhere."""
+    if path.startswith("/v1/"):
+        text = message if isinstance(message, str) else "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in message)
+        body = {"error": {"message": text, "type": "invalid_request_error", "code": status}}
+    else:
+        body = {"detail": message}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
 def http_error(exc: Exception) -> HTTPException:
     for kind, status in STATUS_OF_ERROR:
         if isinstance(exc, kind):
@@ -135,16 +148,16 @@ class Guard:
         headers = dict(scope["headers"])
         if self.api_key and not hmac.compare_digest(headers.get(b"authorization", b""),
                                                     f"Bearer {self.api_key}".encode()):
-            response = JSONResponse({"detail": "missing or wrong API key: send the header 'Authorization: "
-                                               "Bearer <key>'"}, status_code=401,
-                                    headers={"WWW-Authenticate": "Bearer"})
+            response = error_response(scope["path"], 401, "missing or wrong API key: send the header "
+                                                          "'Authorization: Bearer <key>'",
+                                      headers={"WWW-Authenticate": "Bearer"})
             return await response(scope, receive, send)
         limit = MAX_VOICE_BYTES if scope["path"].startswith("/voices/") else MAX_REQUEST_BYTES
         message = (f"request body over the limit of {limit >> 10} KB" if limit < 1 << 20 else
                    f"reference audio over the limit of {limit >> 20} MB: send 6-10 s of speech")
         declared = headers.get(b"content-length", b"0")
         if not declared.isdigit() or int(declared) > limit:
-            return await JSONResponse({"detail": message}, status_code=413)(scope, receive, send)
+            return await error_response(scope["path"], 413, message)(scope, receive, send)
         received = 0
 
         async def counted_receive():
@@ -180,7 +193,11 @@ def create_app(session: TTSSession, api_key: str | None = None) -> FastAPI:
     async def invalid_request(request, exc: RequestValidationError):
         # FastAPI's default echoes the offending input, and a NaN cannot be written as JSON.
         detail = [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]
-        return JSONResponse({"detail": detail}, status_code=422)
+        return error_response(request.url.path, 422, detail)
+
+    @app.exception_handler(StarletteHTTPException)  # FastAPI's and Starlette's own (404 of a route)
+    async def refused(request, exc: StarletteHTTPException):
+        return error_response(request.url.path, exc.status_code, exc.detail, exc.headers)
 
     async def watch(request: Request, gone: threading.Event) -> None:
         while not await request.is_disconnected():
