@@ -331,3 +331,42 @@ def test_say_writes_speech(tmp_path, capsys):
                  f"--max-new-tokens={TOKENS}", "--seed=1"]) == 0
     assert capsys.readouterr().out.endswith(f"wrote {out}\n")  # after upstream's loading messages
     assert_speech(out)
+
+
+def test_a_bad_seed_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    from chatterbox_lab import models
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(models, "load_tts", no_loading)
+    with pytest.raises(SystemExit) as raised:
+        main(["say", "Hi.", "--out", str(tmp_path / "speech.wav"), "--seed", str(2**64), "--device", "cpu"])
+    assert raised.value.code == 2 and "seed must be an integer from 0 to 2**64 - 1" in capsys.readouterr().err
+
+
+def test_ctrl_c_stops_a_chunked_say_promptly_and_cleanly(tmp_path):
+    """SIGINT, then SIGTERM, in the middle of `say --chunk`: a short message, no traceback,
+    no file and no temporary file left, within a few seconds of the signal."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    text = " ".join(["A sentence of its own, long enough to make a chunk of its own here."] * 40)
+    for sent in (signal.SIGINT, signal.SIGTERM):
+        out = tmp_path / f"{sent.name}.wav"
+        process = subprocess.Popen([sys.executable, "-m", "chatterbox_lab", "say", text, "--chunk", "--out", str(out),
+                                    "--preset", "tiny", "--device", "cpu", "--max-new-tokens=64"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # Loading the tiny model takes seconds; the sentence chunks then take far longer.
+        time.sleep(12)
+        assert process.poll() is None, process.communicate()
+        signalled = time.monotonic()
+        process.send_signal(sent)
+        _, stderr = process.communicate(timeout=60)
+        assert time.monotonic() - signalled < 10
+        assert process.returncode == 130, stderr
+        assert "interrupted: stopped at the next stop check; nothing was written" in stderr
+        assert "Traceback" not in stderr
+        assert [p.name for p in tmp_path.iterdir()] == []

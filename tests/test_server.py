@@ -413,3 +413,58 @@ def test_a_warning_when_exposed_without_a_key(host, key, warned):
     assert (warning is not None) == warned
     if warned:
         assert "CHATTERBOX_LAB_API_KEY" in warning
+
+
+# Hostile requests that must each be refused with a 4xx, never a 500 or a crash.
+HOSTILE = [
+    ("post", "/synthesize", dict(json={"text": "Hi.", "voice": "/etc/passwd"})),
+    ("post", "/synthesize", dict(json={"text": "Hi.", "temperature": 1e-300})),
+    ("post", "/synthesize", dict(json={"text": "Hi.", "exaggeration": 1e300})),
+    ("post", "/synthesize", dict(json={"text": "Hi.", "seed": 2**70})),
+    ("post", "/synthesize", dict(json={"text": "🙂" * 5})),
+    ("post", "/synthesize", dict(json={"text": "x" * 5000})),
+    ("post", "/synthesize", dict(content=b'{"text": "Hi.", "top_p": NaN}', headers={"content-type": "application/json"})),
+    ("post", "/synthesize", dict(content=b"{not json", headers={"content-type": "application/json"})),
+    ("post", "/synthesize", dict(content=b"x" * 100_000)),
+    ("post", "/v1/audio/speech", dict(json={"model": "tts-1", "input": "Hi.", "voice": "alto", "response_format": "aac"})),
+    ("post", "/v1/audio/speech", dict(json={"model": "tts-1", "input": "Hi.", "voice": "../alto"})),
+    ("put", "/voices/alto", dict(content=b"junk")),
+    ("put", "/voices/" + "x" * 300, dict(content=b"junk")),
+    ("put", "/voices/soaked", dict(content=b"RIFF....WAVEfmt ")),
+    ("delete", "/voices/never-registered", {}),
+]
+SOAK_REQUESTS, SOAK_TIME_LIMIT_S = 120, 240
+SOAK_RSS_BOUND_MIB = 150
+
+
+def test_hostile_soak(server):
+    """Hostile and valid requests mixed, from 4 clients on loopback: no crash, no 500, every
+    valid request a WAV of its length, and memory within its bound."""
+    import random
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from chatterbox_lab.soak import rss_mib
+
+    rng = random.Random(5)
+    jobs = [rng.choice(HOSTILE) if i % 2 else ("valid", rng.randint(2, 8)) for i in range(SOAK_REQUESTS)]
+    deadline = time.monotonic() + SOAK_TIME_LIMIT_S
+    start_rss = rss_mib()
+
+    def run(job):
+        if time.monotonic() > deadline:
+            return "not started"
+        if job[0] == "valid":
+            response = speak(server, tokens=job[1], seed=job[1])
+            wav, sr = sf.read(io.BytesIO(response.content)) if response.status_code == 200 else ((), 0)
+            return "ok" if sr == 24000 and len(wav) == job[1] * SAMPLES_PER_TOKEN else f"bad: {response.status_code}"
+        method, path, options = job
+        response = httpx.request(method, f"{server.url}{path}", timeout=120, **options)
+        return "refused" if 400 <= response.status_code < 500 else f"{path}: {response.status_code}"
+
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = list(pool.map(run, jobs))
+    assert set(outcomes) <= {"ok", "refused"}, [o for o in outcomes if o not in ("ok", "refused")][:5]
+    assert outcomes.count("ok") == SOAK_REQUESTS // 2
+    assert rss_mib() - start_rss < SOAK_RSS_BOUND_MIB
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
