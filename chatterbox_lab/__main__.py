@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as dt
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -29,23 +31,34 @@ def default_output(doc: dict) -> Path:
     return LOCAL_RESULTS / f"cpu-{prov['preset']}-{stamp}.json"
 
 
+def check_checkpoint_tokenizer(checkpoint) -> None:
+    """A checkpoint directory's tokenizer.json, checked before the model loads (upstream
+    would stop there with a traceback); the synthetic and hub checkpoints are our own."""
+    from chatterbox_lab.validation import check_tokenizer_file
+
+    if checkpoint not in ("synthetic", "hub") and (Path(checkpoint) / "tokenizer.json").is_file():
+        check_tokenizer_file(Path(checkpoint) / "tokenizer.json")
+
+
 def say(args) -> Path:
     """One utterance into a WAV file; every cheap check runs before the model loads."""
     from chatterbox_lab.decode.plan import device_kind
     from chatterbox_lab.loading.models import load_tts
+    from chatterbox_lab.pipeline.voices import read_reference
     from chatterbox_lab.registry import preset
     from chatterbox_lab.serving.session import TTSSession
-    from chatterbox_lab.validation import (MAX_LONG_TEXT_CHARS, MAX_TEXT_CHARS, check_output_path, check_text,
-                                           check_token_count)
-    from chatterbox_lab.pipeline.voices import check_reference_audio
+    from chatterbox_lab.validation import (MAX_LONG_TEXT_CHARS, MAX_TEXT_CHARS, check_number, check_output_path,
+                                           check_seed, check_text, check_token_count)
 
     # Arguments that are not UTF-8 reach Python as surrogate escapes; encoding them back
     # gives check_text the original bytes to refuse.
     text = check_text(os.fsencode(args.text), max_chars=MAX_LONG_TEXT_CHARS if args.chunk else MAX_TEXT_CHARS)
     sampling = SamplingParams(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingParams)})
     tokens = check_token_count(args.max_new_tokens)
+    exaggeration, seed = check_number("exaggeration", args.exaggeration), check_seed(args.seed)
     check_output_path(args.out, args.overwrite)
-    voice = check_reference_audio(args.voice)
+    voice = read_reference(args.voice)
+    check_checkpoint_tokenizer(args.checkpoint)
     tts = load_tts(args.checkpoint, preset=args.preset, device=args.device)
     # T3's recommended steps capture their graphs in seconds; S3Gen's steps that start with a
     # torch.compile of their own take longer than one utterance gains, so they are left out.
@@ -54,9 +67,23 @@ def say(args) -> Path:
                          max_new_tokens=tokens)
     try:
         return session.synthesize_to_file(args.out, text, voice, overwrite=args.overwrite, sampling=sampling,
-                                          max_new_tokens=tokens, seed=args.seed, chunk=args.chunk)
+                                          max_new_tokens=tokens, exaggeration=exaggeration, seed=seed,
+                                          chunk=args.chunk)
     finally:
         session.close()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """A kill (SIGTERM) ends the block as Ctrl-C does, through its clean-up: no temporary file is left."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _s3gen_steps(args, default="recommended"):
@@ -105,7 +132,8 @@ def main(argv=None) -> int:
     b.add_argument("--out", type=Path, help="results JSON path (default: data/results/ on a GPU)")
     b.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     sub.add_parser("readme", help="regenerate README.md's results section from data/results/")
-    s = sub.add_parser("serve", help="HTTP example: POST /synthesize, PUT /voices/{id}, GET /health")
+    s = sub.add_parser("serve", help="HTTP example: POST /synthesize, POST /v1/audio/speech (OpenAI's), "
+                                     "PUT and DELETE /voices/{id}, GET /health; limits in docs/serving.md")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--preset", choices=PRESETS)
@@ -135,6 +163,7 @@ def main(argv=None) -> int:
     y.add_argument("--max-new-tokens", type=int, default=1000, help="speech tokens at most, 25 per second")
     for f in dataclasses.fields(SamplingParams):
         y.add_argument(f"--{f.name.replace('_', '-')}", type=float, default=f.default, help="default: %(default)s")
+    y.add_argument("--exaggeration", type=float, default=0.5, help="emotion intensity, 0 to 2; default: %(default)s")
     y.add_argument("--seed", type=int)
     y.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     y.add_argument("--chunk", action="store_true",
@@ -142,9 +171,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command == "say":
         try:
-            out = say(args)
+            with sigterm_as_interrupt():
+                out = say(args)
         except (ValueError, OSError) as exc:
             y.error(str(exc))
+        except KeyboardInterrupt:
+            print("interrupted: stopped at the next stop check; nothing was written", file=sys.stderr)
+            return 130
         print(f"wrote {out}")
         return 0
     if args.command == "soak":
@@ -160,9 +193,16 @@ def main(argv=None) -> int:
     if args.command == "serve":
         import uvicorn
 
-        from chatterbox_lab.serving.server import create_app
+        from chatterbox_lab.serving.server import API_KEY_VARIABLE, create_app, unprotected_exposure
         from chatterbox_lab.serving.session import TTSSession
 
+        try:
+            check_checkpoint_tokenizer(args.checkpoint)
+        except ValueError as exc:
+            s.error(str(exc))
+        warning = unprotected_exposure(args.host, os.environ.get(API_KEY_VARIABLE))
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
         session = TTSSession(args.checkpoint, preset=args.preset, device=args.device,
                              s3gen_steps=_s3gen_steps(args))
         print(f"warm-up (compile and capture): {session.warmup():.1f} s")

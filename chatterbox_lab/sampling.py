@@ -28,10 +28,11 @@ mix and the penalties to bf16 (1.2 becomes 1.203125), which this does not copy.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 
 import torch
+
+from chatterbox_lab.validation import check_number
 
 
 @dataclass(frozen=True)
@@ -45,19 +46,7 @@ class SamplingParams:
 
     def __post_init__(self):
         for f in fields(self):
-            value = getattr(self, f.name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{f.name} must be a finite number, got {value!r}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.cfg_weight < 0:
-            raise ValueError(f"cfg_weight must be >= 0, got {self.cfg_weight}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            check_number(f.name, getattr(self, f.name))
 
 
 class DeviceSampling:

@@ -1,6 +1,14 @@
-"""Input checks that turn upstream's silent surprises into clear errors."""
+"""Input checks that turn upstream's silent surprises into clear errors.
+
+The one place a request's fields are checked: the CLI, the session and the
+server all call these, so a value refused by one is refused by all, with the
+same message.
+"""
 from __future__ import annotations
 
+import math
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 # T3's learned text positions end at 2048 tokens (one per character with the
@@ -12,6 +20,92 @@ MAX_LONG_TEXT_CHARS = 100_000
 # T3 has learned positions for this many speech tokens (upstream T3Config.max_speech_tokens);
 # the static cache is sized from the count, so a huge one would allocate before failing.
 MAX_NEW_TOKENS = 4096
+
+
+# Uploaded voice ids name in-memory voices and appear in URLs and messages; this is plenty.
+MAX_VOICE_ID_CHARS = 64
+
+
+@dataclass(frozen=True)
+class Range:
+    low: float
+    high: float
+    low_open: bool = False  # the low end itself is excluded
+
+    def __contains__(self, value) -> bool:
+        return (self.low < value if self.low_open else self.low <= value) and value <= self.high
+
+    def __str__(self) -> str:
+        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+
+
+# Wide enough for any sensible request, narrow enough that the float32 sampling arithmetic
+# stays finite: logits (up to about 1e4 in size) are divided by the temperature, scaled by
+# the CFG weight and multiplied or divided by the repetition penalty, and a value near
+# 0 or 1e300 overflows there into NaN probabilities. Exaggeration scales an input of
+# T3's conditioning; upstream's own demo offers 0.25 to 2. Speed is OpenAI's range.
+RANGES = {
+    "temperature": Range(0.01, 10.0),
+    "cfg_weight": Range(0.0, 10.0),
+    "repetition_penalty": Range(0.1, 10.0),
+    "min_p": Range(0.0, 1.0),
+    "top_p": Range(0.0, 1.0, low_open=True),
+    "exaggeration": Range(0.0, 2.0),
+    "speed": Range(0.25, 4.0),
+}
+
+
+def check_number(name: str, value) -> float:
+    """`value` for the field `name` of RANGES, refused unless it is a number in its range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if value not in RANGES[name]:
+        raise ValueError(f"{name} must be in {RANGES[name]}, got {value!r}")
+    return value
+
+
+def check_seed(seed) -> int | None:
+    # torch.manual_seed takes 64 bits; checked here so a bad seed costs no model load.
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an integer from 0 to 2**64 - 1, got {str(seed)[:40]}")
+    return seed
+
+
+def check_representable(text: str, tokenizer) -> str:
+    """Refuse characters the English tokenizer has no token for: upstream would map each
+    to its unknown token and speak something else without a word."""
+    from chatterbox.tts import punc_norm
+
+    normalized = punc_norm(text).replace(" ", "[SPACE]")
+    encoding = tokenizer.tokenizer.encode(normalized)
+    unknown = tokenizer.tokenizer.token_to_id("[UNK]")
+    missing = sorted({normalized[a:b] for token, (a, b) in zip(encoding.ids, encoding.offsets) if token == unknown})
+    if missing:
+        shown = ", ".join(f"{c!r} (U+{ord(c[0]):04X})" for c in missing[:8])
+        raise ValueError(f"text holds {len(missing)} character(s) the English model cannot represent: {shown}"
+                         f"{', ...' if len(missing) > 8 else ''}; remove them, or use Chatterbox's multilingual "
+                         f"model for text in other scripts")
+    return text
+
+
+def check_tokenizer_file(path) -> Path:
+    """A checkpoint's tokenizer.json, refused unless the tokenizers library can load it
+    and it holds upstream's start and stop tokens (upstream asserts that, with no message)."""
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    try:
+        vocab = Tokenizer.from_file(str(path)).get_vocab()
+    except Exception as exc:  # the Rust library raises a bare Exception for bad JSON
+        raise ValueError(f"{path} is not a readable tokenizer file ({str(exc).splitlines()[0][:120]}): "
+                         f"restore it from the checkpoint's source") from None
+    missing = [t for t in ("[START]", "[STOP]") if t not in vocab]
+    if missing:
+        raise ValueError(f"{path} lacks the token(s) {', '.join(missing)}: it is not Chatterbox's English "
+                         f"tokenizer; restore it from the checkpoint's source")
+    return path
 
 
 def check_text(text, max_chars: int = MAX_TEXT_CHARS) -> str:
@@ -36,9 +130,11 @@ def check_text(text, max_chars: int = MAX_TEXT_CHARS) -> str:
 
 
 def check_voice_id(voice_id) -> str:
-    # Ids name files of uploaded voices, so they may hold no path characters.
-    if not isinstance(voice_id, str) or not voice_id.replace("-", "").replace("_", "").isalnum():
-        raise ValueError(f"voice id {voice_id!r} must be letters, digits, '-' or '_'")
+    # Ids appear in URLs and messages, so they hold no path or control characters.
+    if not isinstance(voice_id, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", voice_id):
+        raise ValueError(f"voice id {str(voice_id)[:MAX_VOICE_ID_CHARS]!r} must be ASCII letters, digits, '-' or '_'")
+    if len(voice_id) > MAX_VOICE_ID_CHARS:
+        raise ValueError(f"voice id is {len(voice_id)} characters, over the limit of {MAX_VOICE_ID_CHARS}")
     return voice_id
 
 

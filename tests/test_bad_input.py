@@ -99,6 +99,14 @@ def conds_with_a_pickled_class(source):
     return buffer.getvalue()
 
 
+def unreadable_tokenizer(source):
+    return b'{"model": {"vocab": '
+
+
+def tokenizer_without_stop(source):
+    return (source / "tokenizer.json").read_bytes().replace(b'"[STOP]"', b'"[NOTSTOP]"')
+
+
 def new_file(directory):
     return directory / "speech.wav"
 
@@ -117,14 +125,16 @@ def a_directory(directory):
     return directory / "speech.wav"
 
 
-def by_session(session, out, *, text, voice, sampling, max_new_tokens, checkpoint):
+def by_session(session, out, *, text, voice, sampling, max_new_tokens, checkpoint, exaggeration, seed):
     assert checkpoint == "synthetic", "checkpoint rows go through the command line"
-    session.synthesize_to_file(out, text, voice, sampling=SamplingParams(**sampling), max_new_tokens=max_new_tokens)
+    session.synthesize_to_file(out, text, voice, sampling=SamplingParams(**sampling), max_new_tokens=max_new_tokens,
+                               exaggeration=exaggeration, seed=seed)
 
 
-def by_cli(session, out, *, text, voice, sampling, max_new_tokens, checkpoint):
+def by_cli(session, out, *, text, voice, sampling, max_new_tokens, checkpoint, exaggeration, seed):
     main(["say", text, "--out", str(out), "--voice", str(voice), "--checkpoint", str(checkpoint),
-          "--device", "cpu", f"--max-new-tokens={max_new_tokens}",
+          "--device", "cpu", f"--max-new-tokens={max_new_tokens}", f"--exaggeration={exaggeration}",
+          *([f"--seed={seed}"] if seed is not None else []),
           *(f"--{name.replace('_', '-')}={value}" for name, value in sampling.items())])
 
 
@@ -149,19 +159,61 @@ BAD_INPUTS = [
     row(by_session, ValueError, "is 0.50 s long; it must be at least 1 s", "voice under 1 s",
         voice=audio(SPEECHY[:SR // 2])),
     row(by_session, FileNotFoundError, "not found; bundled voices: alto, tenor", "unknown voice", voice="nobody"),
+    row(by_session, ValueError, "is 301 s long, over the limit of 300 s", "voice over the length limit",
+        voice=audio(np.tile(SPEECHY, 101)[:301 * SR])),
     row(by_cli, SystemExit, "is silent", "silent voice file", voice=audio(np.zeros(3 * SR, np.float32))),
 
-    row(by_session, ValueError, "temperature must be > 0", "temperature 0", sampling=dict(temperature=0.0)),
-    row(by_session, ValueError, "temperature must be > 0", "negative temperature", sampling=dict(temperature=-1.0)),
+    row(by_session, ValueError, "temperature must be in [0.01, 10], got 0.0", "temperature 0",
+        sampling=dict(temperature=0.0)),
+    row(by_session, ValueError, "temperature must be in [0.01, 10]", "negative temperature",
+        sampling=dict(temperature=-1.0)),
+    # Finite but extreme: each would overflow the sampling arithmetic into NaN probabilities.
+    row(by_session, ValueError, "temperature must be in [0.01, 10], got 1e-300", "tiny temperature",
+        sampling=dict(temperature=1e-300)),
+    row(by_session, ValueError, "temperature must be in [0.01, 10]", "huge temperature",
+        sampling=dict(temperature=1e300)),
+    row(by_session, ValueError, "cfg_weight must be in [0, 10], got 1e+300", "huge cfg_weight",
+        sampling=dict(cfg_weight=1e300)),
+    row(by_session, ValueError, "repetition_penalty must be in [0.1, 10]", "huge repetition_penalty",
+        sampling=dict(repetition_penalty=1e300)),
+    row(by_session, ValueError, "repetition_penalty must be in [0.1, 10]", "tiny repetition_penalty",
+        sampling=dict(repetition_penalty=1e-300)),
+    row(by_session, ValueError, "top_p must be in (0, 1]", "top_p below 0", sampling=dict(top_p=-1e-300)),
+    row(by_cli, SystemExit, "cfg_weight must be in [0, 10]", "huge cfg_weight argument",
+        sampling=dict(cfg_weight=1e300)),
+
+    row(by_session, ValueError, "exaggeration must be a finite number, got nan", "NaN exaggeration",
+        exaggeration=NAN),
+    row(by_session, ValueError, "exaggeration must be a finite number, got inf", "infinite exaggeration",
+        exaggeration=INF),
+    row(by_session, ValueError, "exaggeration must be in [0, 2], got -1", "negative exaggeration", exaggeration=-1),
+    row(by_session, ValueError, "exaggeration must be in [0, 2], got 1e+300", "huge exaggeration",
+        exaggeration=1e300),
+    row(by_cli, SystemExit, "exaggeration must be a finite number", "NaN exaggeration argument", exaggeration=NAN),
+
+    row(by_session, ValueError, "seed must be an integer from 0 to 2**64 - 1, got -1", "negative seed", seed=-1),
+    row(by_session, ValueError, "seed must be an integer from 0 to 2**64 - 1, got 18446744073709551616",
+        "seed over 64 bits", seed=2**64),
+    row(by_session, ValueError, "seed must be an integer", "fractional seed", seed=1.5),
+    row(by_cli, SystemExit, "seed must be an integer from 0 to 2**64 - 1", "seed over 64 bits argument",
+        seed=10**30),
+
+    row(by_session, ValueError, "the English model cannot represent: '你' (U+4F60), '好' (U+597D)", "Chinese text",
+        text="你好"),
+    row(by_session, ValueError, "cannot represent: 'ا' (U+0627)", "Arabic text", text="مرحبا"),
+    row(by_session, ValueError, "use Chatterbox's multilingual model", "Hebrew text", text="שלום עולם"),
+    row(by_session, ValueError, "cannot represent: '😀' (U+1F600)", "emoji", text="Hello 😀"),
+    row(by_session, ValueError, "cannot represent: '\\x07' (U+0007)", "control character", text="Bell\x07 here."),
+    row(by_cli, SystemExit, "use Chatterbox's multilingual model", "Chinese text argument", text="你好"),
     row(by_session, ValueError, "temperature must be a finite number", "NaN temperature",
         sampling=dict(temperature=NAN)),
     row(by_session, ValueError, "top_p must be a finite number", "infinite top_p", sampling=dict(top_p=INF)),
     row(by_session, ValueError, "top_p must be in (0, 1]", "top_p 0", sampling=dict(top_p=0.0)),
     row(by_session, ValueError, "top_p must be in (0, 1]", "top_p over 1", sampling=dict(top_p=1.5)),
-    row(by_session, ValueError, "cfg_weight must be >= 0", "negative cfg_weight", sampling=dict(cfg_weight=-0.5)),
+    row(by_session, ValueError, "cfg_weight must be in [0, 10]", "negative cfg_weight", sampling=dict(cfg_weight=-0.5)),
     row(by_session, ValueError, "min_p must be in [0, 1]", "negative min_p", sampling=dict(min_p=-0.1)),
     row(by_session, ValueError, "min_p must be in [0, 1]", "min_p over 1", sampling=dict(min_p=1.5)),
-    row(by_session, ValueError, "repetition_penalty must be > 0", "repetition_penalty 0",
+    row(by_session, ValueError, "repetition_penalty must be in [0.1, 10]", "repetition_penalty 0",
         sampling=dict(repetition_penalty=0.0)),
     row(by_cli, SystemExit, "temperature must be a finite number", "NaN temperature argument",
         sampling=dict(temperature=NAN)),
@@ -195,6 +247,10 @@ BAD_INPUTS = [
         checkpoint=replacing("t3_cfg.safetensors", half_width_text_embedding)),
     row(by_cli, SystemExit, "conds.pt is not a plain tensor file", "conds.pt not plain tensors",
         checkpoint=replacing("conds.pt", conds_with_a_pickled_class)),
+    row(by_cli, SystemExit, "tokenizer.json is not a readable tokenizer file", "tokenizer.json corrupt",
+        checkpoint=replacing("tokenizer.json", unreadable_tokenizer)),
+    row(by_cli, SystemExit, "tokenizer.json lacks the token(s) [STOP]", "tokenizer.json without the stop token",
+        checkpoint=replacing("tokenizer.json", tokenizer_without_stop)),
 ]
 
 
@@ -210,7 +266,7 @@ def test_bad_input_is_refused_and_nothing_is_written(drive, request_, error, mes
     inputs.mkdir()
     out_dir.mkdir()
     request = dict(text="Hello there.", voice="alto", sampling={}, max_new_tokens=TOKENS, checkpoint="synthetic",
-                   out=new_file) | request_
+                   exaggeration=0.5, seed=None, out=new_file) | request_
     out = request.pop("out")(out_dir)
     if callable(request["voice"]):
         request["voice"] = request["voice"](inputs)
@@ -275,3 +331,42 @@ def test_say_writes_speech(tmp_path, capsys):
                  f"--max-new-tokens={TOKENS}", "--seed=1"]) == 0
     assert capsys.readouterr().out.endswith(f"wrote {out}\n")  # after upstream's loading messages
     assert_speech(out)
+
+
+def test_a_bad_seed_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    from chatterbox_lab.loading import models
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(models, "load_tts", no_loading)
+    with pytest.raises(SystemExit) as raised:
+        main(["say", "Hi.", "--out", str(tmp_path / "speech.wav"), "--seed", str(2**64), "--device", "cpu"])
+    assert raised.value.code == 2 and "seed must be an integer from 0 to 2**64 - 1" in capsys.readouterr().err
+
+
+def test_ctrl_c_stops_a_chunked_say_promptly_and_cleanly(tmp_path):
+    """SIGINT, then SIGTERM, in the middle of `say --chunk`: a short message, no traceback,
+    no file and no temporary file left, within a few seconds of the signal."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    text = " ".join(["A sentence of its own, long enough to make a chunk of its own here."] * 40)
+    for sent in (signal.SIGINT, signal.SIGTERM):
+        out = tmp_path / f"{sent.name}.wav"
+        process = subprocess.Popen([sys.executable, "-m", "chatterbox_lab", "say", text, "--chunk", "--out", str(out),
+                                    "--preset", "tiny", "--device", "cpu", "--max-new-tokens=64"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # Loading the tiny model takes seconds; the sentence chunks then take far longer.
+        time.sleep(12)
+        assert process.poll() is None, process.communicate()
+        signalled = time.monotonic()
+        process.send_signal(sent)
+        _, stderr = process.communicate(timeout=60)
+        assert time.monotonic() - signalled < 10
+        assert process.returncode == 130, stderr
+        assert "interrupted: stopped at the next stop check; nothing was written" in stderr
+        assert "Traceback" not in stderr
+        assert [p.name for p in tmp_path.iterdir()] == []

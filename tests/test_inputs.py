@@ -2,14 +2,14 @@
 import pytest
 
 from chatterbox_lab.pipeline.synthesis import synthesize
-from chatterbox_lab.pipeline.voices import bundled_voices, check_reference_audio
+from chatterbox_lab.pipeline.voices import bundled_voices, read_reference
 
 
 def test_bundled_voices_are_valid():
     voices = bundled_voices()
     assert {"alto", "tenor"} <= set(voices)
     for path in voices.values():
-        check_reference_audio(path)
+        read_reference(path)
 
 
 def test_empty_text_through_pipeline(tiny_tts):

@@ -105,3 +105,61 @@ def test_a_session_with_s3gen_steps_gives_the_same_length_and_close_audio():
     finally:
         fast.close()
         plain.close()
+
+
+def test_no_failed_request_poisons_the_session(session, monkeypatch):
+    """A request refused at its checks, or one that fails inside the model, leaves the
+    session giving exactly what it gave before."""
+    from chatterbox_lab.pipeline import synthesis as pipeline
+
+    expected = session.synthesize("The same words.", "alto", max_new_tokens=TOKENS, seed=9).wav
+    for bad in [dict(exaggeration=float("nan")), dict(exaggeration=float("inf")), dict(exaggeration=1e300),
+                dict(seed=2**64), dict(max_new_tokens=0)]:
+        with pytest.raises(ValueError):
+            session.synthesize("The same words.", "alto", **{"max_new_tokens": TOKENS, **bad})
+        np.testing.assert_array_equal(session.synthesize("The same words.", "alto", max_new_tokens=TOKENS,
+                                                         seed=9).wav, expected)
+
+    def vocoder_fails(*args, **kwargs):
+        raise RuntimeError("injected failure after T3")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(pipeline, "tokens_to_speech", vocoder_fails)
+        with pytest.raises(RuntimeError, match="injected"):
+            session.synthesize("The same words.", "tenor", max_new_tokens=TOKENS, exaggeration=1.5, seed=1)
+    np.testing.assert_array_equal(session.synthesize("The same words.", "alto", max_new_tokens=TOKENS, seed=9).wav,
+                                  expected)
+
+
+def test_a_cancelled_request_stops_at_the_next_stop_check(session):
+    from chatterbox_lab.pipeline.synthesis import Cancelled
+
+    with pytest.raises(Cancelled, match="before the request started"):
+        session.synthesize("Never spoken.", max_new_tokens=TOKENS, cancelled=lambda: True)
+    asked = []
+
+    def after_two_chunks():
+        asked.append(1)
+        return len(asked) > 2
+
+    long_text = " ".join(["A sentence of its own, long enough to make a chunk of its own here."] * 12)
+    with pytest.raises(Cancelled, match="stopped after 1 of"):
+        session.synthesize(long_text, chunk=True, max_new_tokens=TOKENS, cancelled=after_two_chunks)
+    assert len(session.synthesize("Then the next.", max_new_tokens=TOKENS).wav) == TOKENS * SAMPLES_PER_TOKEN
+
+
+def test_registered_voices_are_kept_in_memory(session, tmp_path):
+    import soundfile as sf
+
+    from chatterbox_lab.pipeline.voices import voice_path
+
+    wav, rate = sf.read(voice_path("alto"))
+    sf.write(tmp_path / "gone.wav", 0.7 * wav, rate)
+    session.register_voice("gone", tmp_path / "gone.wav")
+    (tmp_path / "gone.wav").unlink()
+    try:
+        assert len(session.synthesize("Still here.", "gone", max_new_tokens=TOKENS).wav) == TOKENS * SAMPLES_PER_TOKEN
+    finally:
+        session.delete_voice("gone")
+    with pytest.raises(FileNotFoundError):
+        session.synthesize("Now gone.", "gone", max_new_tokens=TOKENS)

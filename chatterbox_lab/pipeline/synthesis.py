@@ -29,6 +29,11 @@ SAMPLES_PER_TOKEN = 24_000 // TOKENS_PER_SECOND  # of S3Gen's 24 kHz output
 MAX_CHUNK_CHARS = 300
 
 
+class Cancelled(Exception):
+    """The caller gave up on this synthesis (a client that went away, Ctrl-C): it stopped
+    at a stop check and returned nothing."""
+
+
 @dataclass
 class Synthesis:
     wav: np.ndarray
@@ -164,11 +169,12 @@ def tokens_to_speeches(tts, all_tokens: list, gen_conds: dict, clock, watermark:
 
 
 def synthesize_long(tts, text: str, *, max_chars: int = MAX_CHUNK_CHARS, voice=None, progress: bool = False,
-                    **options) -> Synthesis:
+                    cancelled=None, **options) -> Synthesis:
     """Text of any length: `synthesize` (same keywords) on each sentence chunk of at most
     `max_chars` characters (`long_text.split_text`), in order, with the voice prepared
     once; the audio joined with faded edges and short pauses (`long_text.join_speech`).
-    Stage times, T3 figures and speech tokens are the chunks' totals."""
+    Stage times, T3 figures and speech tokens are the chunks' totals. `cancelled`: a
+    callable asked before each chunk; when it answers True, `Cancelled` is raised."""
     from tqdm.auto import tqdm
 
     from chatterbox_lab.pipeline.long_text import join_speech, split_text
@@ -176,6 +182,8 @@ def synthesize_long(tts, text: str, *, max_chars: int = MAX_CHUNK_CHARS, voice=N
     chunks = split_text(check_text(text, max_chars=MAX_LONG_TEXT_CHARS), max_chars)
     parts = []
     for i, chunk in enumerate(tqdm(chunks, desc="sentences", unit="chunk", disable=not progress)):
+        if cancelled is not None and cancelled():
+            raise Cancelled(f"stopped after {i} of {len(chunks)} sentence chunks")
         parts.append(synthesize(tts, chunk, voice=voice if i == 0 else None, **options))
     seconds = {stage: sum(p.seconds.get(stage, 0.0) for p in parts) for stage in parts[0].seconds}
     return Synthesis(wav=join_speech([p.wav for p in parts], parts[0].sample_rate),

@@ -2,17 +2,28 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import warnings
 from collections import OrderedDict
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
+from chatterbox_lab.validation import check_number
+
 VOICES_DIR = Path(__file__).resolve().parents[2] / "data" / "voices"
 MIN_SECONDS = 1.0
-# Upstream conditions S3Gen on the first 10 s of the reference and T3 on the first 6 s.
+# Upstream conditions S3Gen on the first 10 s of the reference and T3 on the first 6 s;
+# only these seconds are read from the file.
 USED_SECONDS = 10.0
+# Past this a recording is no reference but a mistake (a whole interview, a film track):
+# refused at once from its header, before any sample is read.
+MAX_REFERENCE_SECONDS = 300.0
 SILENCE_PEAK = 1e-4  # about -80 dBFS
+# S3Gen's rate: upstream resamples every reference to it first.
+REFERENCE_RATE = 24_000
 
 
 def bundled_voices() -> dict[str, Path]:
@@ -30,34 +41,73 @@ def voice_path(name_or_path) -> Path:
     return path
 
 
-def check_reference_audio(path) -> Path:
-    """Refuse audio that upstream would turn into garbage conditioning without a word."""
+@dataclass(frozen=True, eq=False)
+class Reference:
+    """The used part of a reference recording: at most USED_SECONDS of mono float32 at
+    REFERENCE_RATE, held in memory, so that nothing depends on the file afterwards."""
+    samples: np.ndarray
+    label: str
+
+    @cached_property
+    def key(self) -> str:
+        """Same samples, same key: one recording under two names is prepared once."""
+        return hashlib.sha256(self.samples.tobytes()).hexdigest()
+
+    def wav_file(self) -> io.BytesIO:
+        """The samples as an in-memory float32 WAV, the form upstream's preparation reads."""
+        import soundfile as sf
+
+        buffer = io.BytesIO()
+        sf.write(buffer, self.samples, REFERENCE_RATE, format="WAV", subtype="FLOAT")
+        buffer.seek(0)
+        return buffer
+
+
+def read_reference(voice, label: str | None = None) -> Reference:
+    """Read and check the used seconds of `voice` (a bundled name, a path or a Reference);
+    refuse audio that upstream would turn into garbage conditioning without a word.
+    `label` names the audio in messages instead of its path (a server keeps its paths to itself)."""
+    import librosa
     import soundfile as sf
 
-    path = voice_path(path)
+    if isinstance(voice, Reference):
+        return voice
+    path = voice_path(voice)
+    label = label or f"reference audio {path}"
     try:
-        wav, sr = sf.read(str(path), dtype="float32", always_2d=True)
-    except Exception as exc:  # soundfile raises several types for bad files
-        raise ValueError(f"cannot read {path} as audio ({exc}); give a WAV, FLAC or OGG file") from exc
-    seconds = len(wav) / sr if sr else 0.0
+        with sf.SoundFile(str(path)) as file:
+            rate, frames = file.samplerate, file.frames
+            wav = file.read(frames=min(frames, int(USED_SECONDS * rate)), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as exc:  # soundfile's several kinds of refusal
+        raise ValueError(f"cannot read {label} as audio ({getattr(exc, 'error_string', type(exc).__name__)}); "
+                         f"give a WAV, FLAC or OGG file") from None
+    seconds = frames / rate if rate else 0.0
     if seconds < MIN_SECONDS:
-        raise ValueError(f"reference audio {path} is {seconds:.2f} s long; it must be at least "
+        raise ValueError(f"{label} is {seconds:.2f} s long; it must be at least "
                          f"{MIN_SECONDS:.0f} s of speech (6-10 s works best)")
-    if not np.isfinite(wav).all() or float(np.abs(wav).max()) < SILENCE_PEAK:
-        raise ValueError(f"reference audio {path} is silent (or holds NaN); give a recording of speech")
+    if seconds > MAX_REFERENCE_SECONDS:
+        raise ValueError(f"{label} is {seconds:.0f} s long, over the limit of {MAX_REFERENCE_SECONDS:.0f} s; "
+                         f"give 6-10 s of speech (only the first {USED_SECONDS:.0f} s are used)")
+    mono = wav.mean(axis=1)
+    if not np.isfinite(mono).all() or float(np.abs(mono).max()) < SILENCE_PEAK:
+        raise ValueError(f"{label} is silent (or holds NaN); give a recording of speech")
     if seconds > USED_SECONDS:
-        warnings.warn(f"reference audio {path} is {seconds:.1f} s long; only its first {USED_SECONDS:.0f} s "
+        warnings.warn(f"{label} is {seconds:.1f} s long; only its first {USED_SECONDS:.0f} s "
                       f"are used", stacklevel=2)
-    return path
+    if rate != REFERENCE_RATE:
+        # What upstream's librosa.load(sr=24000) does, on the used seconds only.
+        mono = librosa.resample(mono, orig_sr=rate, target_sr=REFERENCE_RATE, res_type="soxr_hq")
+    return Reference(samples=np.ascontiguousarray(mono, dtype=np.float32), label=label)
 
 
 def prepare_voice(tts, voice, exaggeration: float = 0.5):
     """Check `voice` and prepare upstream's conditionals from it; returns them."""
     from chatterbox_lab.s3gen.s3gen_steps import voice_encoders_on_device
 
-    path = check_reference_audio(voice)
+    exaggeration = check_number("exaggeration", exaggeration)
+    reference = read_reference(voice)
     with voice_encoders_on_device(tts):
-        tts.prepare_conditionals(str(path), exaggeration=exaggeration)
+        tts.prepare_conditionals(reference.wav_file(), exaggeration=exaggeration)
     return tts.conds
 
 
@@ -79,15 +129,15 @@ class VoiceCache:
         self.prepared_count = 0
 
     def use(self, voice, exaggeration: float = 0.5):
-        path = voice_path(voice)
-        # Keyed by content: the same recording under two names is prepared once, and a
-        # file rewritten in place is prepared again.
-        key = (hashlib.sha256(path.read_bytes()).hexdigest(), float(exaggeration))
+        """`voice`: a bundled name, a path or a Reference. Keyed by content: a file rewritten
+        in place is prepared again."""
+        reference = read_reference(voice)
+        key = (reference.key, float(check_number("exaggeration", exaggeration)))
         if key in self._prepared:
             self._prepared.move_to_end(key)
             self.tts.conds = self._prepared[key]
         else:
-            self._prepared[key] = prepare_voice(self.tts, path, exaggeration)
+            self._prepared[key] = prepare_voice(self.tts, reference, exaggeration)
             self.prepared_count += 1
             if len(self._prepared) > self.capacity:
                 self._prepared.popitem(last=False)

@@ -16,7 +16,7 @@ import secrets
 import threading
 import time
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,11 +28,19 @@ from chatterbox_lab.decode.decoder import T3Decoder
 from chatterbox_lab.decode.plan import device_kind
 from chatterbox_lab.kernels.picks import KernelPicks, shipped_for
 from chatterbox_lab.loading.models import load_tts
-from chatterbox_lab.pipeline.synthesis import synthesize, synthesize_long
+from chatterbox_lab.pipeline.synthesis import Cancelled, synthesize, synthesize_long
+from chatterbox_lab.pipeline.voices import Reference, VoiceCache, bundled_voices, read_reference, voice_path
 from chatterbox_lab.sampling import SamplingParams
-from chatterbox_lab.validation import (MAX_LONG_TEXT_CHARS, MAX_TEXT_CHARS, check_output_path, check_text,
-                                       check_token_count, check_voice_id)
-from chatterbox_lab.pipeline.voices import VoiceCache, check_reference_audio, voice_path
+from chatterbox_lab.validation import (MAX_LONG_TEXT_CHARS, MAX_TEXT_CHARS, check_number, check_output_path,
+                                       check_representable, check_seed, check_text, check_token_count,
+                                       check_voice_id)
+
+# Registered voices live in memory (the used seconds: under 1 MB each); this bounds them.
+MAX_REGISTERED_VOICES = 32
+
+
+class VoiceLimitReached(Exception):
+    """Registering one more voice would pass the session's bound."""
 
 
 def own_cudagraph_state() -> None:
@@ -99,7 +107,7 @@ class TTSSession:
 
     def __init__(self, source="synthetic", *, preset=None, device=None, steps="recommended",
                  s3gen_steps="recommended", picks: KernelPicks | None = None, max_new_tokens: int = 1000,
-                 voices: int = 8, tts=None):
+                 voices: int = 8, max_registered_voices: int = MAX_REGISTERED_VOICES, tts=None):
         from chatterbox_lab.s3gen.s3gen_steps import apply_s3gen_steps
 
         self.tts = tts if tts is not None else load_tts(source, preset=preset, device=device)
@@ -115,26 +123,62 @@ class TTSSession:
         self.decoder = T3Decoder(self.tts.t3, steps, max_new_tokens=max_new_tokens,
                                  max_text_tokens=MAX_TEXT_CHARS, picks=picks)
         self.voices = VoiceCache(self.tts, capacity=voices)
-        self._named: dict[str, Path] = {}
+        self.max_registered_voices = max_registered_voices
+        self._named: dict[str, Reference] = {}
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatterbox_lab-model",
                                           initializer=own_cudagraph_state)
         self.warmup_s: float | None = None
 
-    def register_voice(self, voice_id: str, path) -> str:
-        """Name a reference recording, checked and prepared now (on the worker, between
-        requests), so that its conditioning cost is paid here and not by its first request."""
-        voice_id, path = check_voice_id(voice_id), check_reference_audio(path)
-        self._worker.submit(self.voices.use, path).result()
-        self._named[voice_id] = path
+    def register_voice(self, voice_id: str, audio) -> str:
+        """Name a reference recording (a path, a bundled name or a `Reference`), checked and
+        prepared now, so that its conditioning cost is paid here and not by its first request.
+
+        Its used seconds are kept in memory, so the file may go afterwards. All or nothing: a
+        recording that fails its checks leaves the voice already under `voice_id`, if any, as
+        it was. The swap happens on the worker, so registrations, deletions and requests
+        never interleave. Bundled names are read-only."""
+        voice_id = self.check_writable_voice_id(voice_id)
+        reference = read_reference(audio, label=f"the recording for voice {voice_id!r}")
+        return self._worker.submit(self._register, voice_id, reference).result()
+
+    def _register(self, voice_id: str, reference: Reference) -> str:
+        if voice_id not in self._named and len(self._named) >= self.max_registered_voices:
+            raise VoiceLimitReached(f"{len(self._named)} voices are registered, the limit: delete one first "
+                                    f"(DELETE /voices/{{id}}) or reuse an id")
+        self.voices.use(reference)
+        self._named[voice_id] = reference
+        return voice_id
+
+    def delete_voice(self, voice_id: str) -> None:
+        """Forget a registered voice; requests already queued with it still get it."""
+        voice_id = self.check_writable_voice_id(voice_id)
+        if self._worker.submit(self._named.pop, voice_id, None).result() is None:
+            raise LookupError(f"voice {voice_id!r} is not registered")
+
+    @staticmethod
+    def check_writable_voice_id(voice_id) -> str:
+        """`voice_id`, refused unless it may name a registered voice."""
+        voice_id = check_voice_id(voice_id)
+        if voice_id in bundled_voices():
+            raise PermissionError(f"voice {voice_id!r} is bundled and read-only: choose another id")
         return voice_id
 
     def voice_names(self) -> list[str]:
-        from chatterbox_lab.pipeline.voices import bundled_voices
-
         return sorted({*bundled_voices(), *self._named})
 
-    def _resolve(self, voice) -> Path:
+    def _resolve(self, voice) -> Reference | Path:
+        if isinstance(voice, Reference):
+            return voice
         return self._named.get(voice) or voice_path(voice)
+
+    def named_voice(self, name) -> Reference | Path:
+        """A registered or bundled voice by name, never a file path: what a remote caller may ask for.
+        The error names the voices there are and nothing of the file system."""
+        found = (self._named.get(name) or bundled_voices().get(name)) if isinstance(name, str) else None
+        if found is None:
+            raise LookupError(f"voice {str(name)[:64]!r} not found; voices: {', '.join(self.voice_names())} "
+                              f"(register one with PUT /voices/{{id}})")
+        return found
 
     def warmup(self, voice="alto", progress: bool = True) -> float:
         """Compile and capture the decode step now, not in the first request; returns seconds."""
@@ -150,18 +194,39 @@ class TTSSession:
         self.warmup_s = time.perf_counter() - start
         return self.warmup_s
 
-    def synthesize(self, text, voice="alto", *, sampling: SamplingParams = SamplingParams(),
-                   max_new_tokens: int | None = None, exaggeration: float = 0.5, seed: int | None = None,
-                   chunk: bool = False) -> Speech:
-        """`chunk`: text of any length, spoken sentence chunk by sentence chunk
-        (`pipeline.synthesize_long`); `max_new_tokens` then bounds each chunk."""
+    def submit(self, text, voice="alto", *, sampling: SamplingParams = SamplingParams(),
+               max_new_tokens: int | None = None, exaggeration: float = 0.5, seed: int | None = None,
+               chunk: bool = False, cancelled=None) -> Future:
+        """Check a request here, in the caller's thread, then queue it on the worker; the
+        future's result is its `Speech`. `chunk`: text of any length, spoken sentence chunk
+        by sentence chunk (`pipeline.synthesize_long`); `max_new_tokens` then bounds each
+        chunk. `cancelled`: a callable asked at each stop check (when the request reaches the
+        worker, and between sentence chunks); once it answers True the request stops there
+        with `pipeline.Cancelled`, freeing the worker for the next."""
         text = check_text(text, max_chars=MAX_LONG_TEXT_CHARS if chunk else MAX_TEXT_CHARS)
+        check_representable(text, self.tts.tokenizer)
         n = check_token_count(max_new_tokens if max_new_tokens is not None else self.max_new_tokens)
         if n > self.max_new_tokens:
             raise ValueError(f"max_new_tokens {n} is over this session's limit of {self.max_new_tokens}: "
                              f"create the session with a larger max_new_tokens")
-        path = self._resolve(voice)
-        return self._worker.submit(self._run, text, path, sampling, n, exaggeration, seed, chunk).result()
+        if not isinstance(sampling, SamplingParams):
+            raise TypeError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+        exaggeration, seed = check_number("exaggeration", exaggeration), check_seed(seed)
+        voice = self._resolve(voice)
+        return self._worker.submit(self._run, text, voice, sampling, n, exaggeration, seed, chunk, cancelled)
+
+    def synthesize(self, text, voice="alto", **options) -> Speech:
+        """`submit` (same keywords) and wait for the speech. An interrupted wait (Ctrl-C)
+        cancels the request, which stops at its next stop check."""
+        interrupted = threading.Event()
+        asked = options.pop("cancelled", None)
+        future = self.submit(text, voice, cancelled=lambda: interrupted.is_set() or bool(asked and asked()),
+                             **options)
+        try:
+            return future.result()
+        except BaseException:
+            interrupted.set()
+            raise
 
     def synthesize_to_file(self, path, text, voice="alto", *, overwrite: bool = False, **options) -> Path:
         """`synthesize` (same keywords) into a 16-bit WAV file; returns its path.
@@ -172,14 +237,17 @@ class TTSSession:
         check_output_path(path, overwrite)
         return self.synthesize(text, voice, **options).save(path, overwrite)
 
-    def _run(self, text, path, sampling, n, exaggeration, seed, chunk) -> Speech:
+    def _run(self, text, voice, sampling, n, exaggeration, seed, chunk, cancelled) -> Speech:
         """On the worker thread: every model call of the session happens here."""
+        if cancelled is not None and cancelled():
+            raise Cancelled("the caller gave up before the request started")
         try:
-            self.tts.conds = self.voices.use(path, exaggeration)
+            self.tts.conds = self.voices.use(voice, exaggeration)
             if seed is not None:
                 torch.manual_seed(seed)
-            run = synthesize_long if chunk else synthesize
-            result = run(self.tts, text, decoder=self.decoder, max_new_tokens=n, sampling=sampling)
+            options = dict(decoder=self.decoder, max_new_tokens=n, sampling=sampling)
+            result = (synthesize_long(self.tts, text, cancelled=cancelled, **options) if chunk
+                      else synthesize(self.tts, text, **options))
         except torch.cuda.OutOfMemoryError as exc:
             torch.cuda.empty_cache()
             raise MemoryError(
