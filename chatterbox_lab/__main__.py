@@ -144,6 +144,10 @@ def main(argv=None) -> int:
     k = sub.add_parser("soak", help="serve on 127.0.0.1 and soak it with concurrent clients; writes one JSON")
     k.add_argument("--requests", type=int, default=500)
     k.add_argument("--clients", type=int, default=4)
+    k.add_argument("--tokens", type=int, nargs=2, default=(4, 12), metavar=("LOW", "HIGH"),
+                   help="speech tokens per request, drawn from LOW..HIGH (256: about 10 s of audio)")
+    k.add_argument("--lone", type=int, default=0, metavar="N",
+                   help="first N requests from one client at HIGH tokens with a cached voice: the lone latency")
     k.add_argument("--time-limit", type=float, default=600,
                    help="seconds; requests not started by then are counted as not_started")
     k.add_argument("--preset", choices=PRESETS)
@@ -183,7 +187,8 @@ def main(argv=None) -> int:
     if args.command == "soak":
         from chatterbox_lab.measure.soak import soak_document
 
-        doc = soak_document(requests=args.requests, clients=args.clients, preset=args.preset, device=args.device,
+        doc = soak_document(requests=args.requests, clients=args.clients, tokens=tuple(args.tokens),
+                            lone_requests=args.lone, preset=args.preset, device=args.device,
                             time_limit_s=args.time_limit, s3gen_steps=_s3gen_steps(args))
         out = results.write(doc, args.out, overwrite=args.overwrite)
         print({k: v for k, v in doc["rungs"]["soak"].items() if k != "rss_every_50"})

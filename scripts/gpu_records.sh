@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The GPU records of the step registry's product: `bench --ladder` in one fresh process (its wall
-# time recorded), `say` against upstream's `generate` for one utterance, and the HTTP soak with
-# the default (recommended) steps. Writes under $OUT (or ./gpu-out), prints a short table last.
-# Wheels for packages the machine lacks may sit in .whl/ (installed into /tmp/site first).
+# The GPU records of the product's default path, in one call per part:
+#   bash scripts/gpu_records.sh ladder   `bench --ladder` in one fresh process (wall time recorded),
+#                                        then `say` against upstream's loop, each a fresh process
+#   bash scripts/gpu_records.sh soak     the HTTP soak with the default (recommended) steps, started
+#                                        from empty compile caches, then again with warm ones
+# Writes under $OUT (or ./gpu-out) and prints a short summary last. Wheels for packages the machine
+# lacks may sit in .whl/ (installed into /tmp/site first).
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -11,13 +14,29 @@ if ls .whl/*.whl >/dev/null 2>&1; then
         || exit 1
     export PYTHONPATH=/tmp/site:$PWD
 fi
-export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=5 CHATTERBOX_LAB_CACHE=/tmp/cblab
+export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=10 CHATTERBOX_LAB_CACHE=${CHATTERBOX_LAB_CACHE:-/tmp/cblab}
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 - <<'PY' > "$OUT/build.log" 2>&1
 from chatterbox_lab.loading.models import load_tts
 load_tts(device="cuda")  # builds the synthetic checkpoint once, outside the timed runs
 PY
-start=$(date +%s.%N)
-python3 -m chatterbox_lab bench --ladder --out "$OUT/ladder.json" > "$OUT/ladder.log" 2>&1
-echo "bench --ladder: exit $?, wall $(python3 -c "print(round($(date +%s.%N) - $start, 1))") s" | tee "$OUT/ladder_wall.txt"
-tail -25 "$OUT/ladder.log"
+wall() { python3 -c "import sys; print(round(float(sys.argv[2]) - float(sys.argv[1]), 1))" "$1" "$(date +%s.%N)"; }
+case "${1:-ladder}" in
+ladder)
+    start=$(date +%s.%N)
+    python3 -m chatterbox_lab bench --ladder --out "$OUT/ladder.json" > "$OUT/ladder.log" 2>&1
+    echo "bench --ladder: exit $?, wall $(wall "$start") s" | tee "$OUT/ladder_wall.txt"
+    python3 scripts/say_vs_upstream.py "$OUT/say.json" > "$OUT/say.log" 2>&1
+    echo "say vs upstream: exit $?"; tail -2 "$OUT/say.log"
+    grep -v "^\(bench\|profile\|Sampling\|USDT\)" "$OUT/ladder.log" | tail -30
+    ;;
+soak)
+    rm -rf "$CHATTERBOX_LAB_CACHE/compile"
+    python3 -m chatterbox_lab soak --requests 1000 --clients 4 --tokens 256 256 --lone 40 --time-limit 420 \
+        --out "$OUT/soak.json" > "$OUT/soak.log" 2>&1
+    echo "soak (cold caches): exit $?"; tail -3 "$OUT/soak.log"
+    python3 -m chatterbox_lab soak --requests 20 --clients 4 --tokens 256 256 --time-limit 120 \
+        --out "$OUT/soak_warm.json" > "$OUT/soak_warm.log" 2>&1
+    echo "soak (warm caches): exit $?"; tail -2 "$OUT/soak_warm.log"
+    ;;
+esac

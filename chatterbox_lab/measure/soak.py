@@ -121,10 +121,13 @@ def run_soak(url: str, voices: list[str], requests: int = 500, clients: int = 4,
                 rss_start_mib=rss_start, rss_end_mib=rss_mib(), rss_every_50=rss_trace)
 
 
-def soak_document(requests: int = 500, clients: int = 4, preset=None, device=None, time_limit_s: float = 600,
-                  s3gen_steps="recommended") -> dict:
-    """Warm a session (with `s3gen_steps`, see `TTSSession`), serve it on loopback, soak it;
-    returns a results document."""
+def soak_document(requests: int = 500, clients: int = 4, tokens=TOKENS, lone_requests: int = 0, preset=None,
+                  device=None, time_limit_s: float = 600, s3gen_steps="recommended") -> dict:
+    """Start a session (default steps, or `s3gen_steps`, see `TTSSession`), serve it on loopback and
+    soak it: first `lone_requests` from one client at the longest of `tokens` with the voice the
+    warm-up cached (the lone latency), then `requests` from `clients` clients, texts and both bundled
+    voices mixed. Returns a results document; `startup_s` is the time from creating the session to
+    the end of its warm-up, when the first request can be served."""
     import torch
 
     from chatterbox_lab.records import results
@@ -132,25 +135,34 @@ def soak_document(requests: int = 500, clients: int = 4, preset=None, device=Non
     from chatterbox_lab.serving.server import create_app
     from chatterbox_lab.serving.session import TTSSession
 
-    session = TTSSession(preset=preset, device=device, max_new_tokens=64, s3gen_steps=s3gen_steps)
+    start = time.perf_counter()
+    session = TTSSession(preset=preset, device=device, max_new_tokens=max(tokens), s3gen_steps=s3gen_steps)
+    lone = None
     try:
         warmup_s = session.warmup()
+        startup_s = time.perf_counter() - start
         on_gpu = str(session.tts.device).startswith("cuda")
         if on_gpu:
             torch.cuda.synchronize()
             gpu_start = torch.cuda.memory_allocated() / 2**20
         with LoopbackServer(create_app(session)) as server:
-            report = run_soak(server.url, ["alto", "tenor"], requests=requests, clients=clients,
+            if lone_requests:
+                longest = max(tokens)
+                lone = run_soak(server.url, ["alto"], requests=lone_requests, clients=1, tokens=(longest, longest),
+                                time_limit_s=time_limit_s)
+            report = run_soak(server.url, ["alto", "tenor"], requests=requests, clients=clients, tokens=tokens,
                               time_limit_s=time_limit_s)
     finally:
         session.close()  # its worker thread, not left to the interpreter's exit
-    report["warmup_s"] = warmup_s
+    report.update(warmup_s=warmup_s, startup_s=startup_s)
+    if lone is not None:
+        report["lone_client"] = {k: v for k, v in lone.items() if k != "rss_every_50"}
     if on_gpu:
         report.update(gpu_allocated_start_mib=gpu_start, gpu_allocated_end_mib=torch.cuda.memory_allocated() / 2**20,
                       peak_vram_mib=torch.cuda.max_memory_allocated() / 2**20)
     doc = dict(schema=results.SCHEMA, rungs={"soak": report}, checks={},
                provenance=results.provenance(device=str(session.tts.device), preset=session.tts.preset,
-                                             text="soak.TEXTS", tokens=list(TOKENS), requests=requests,
+                                             text="soak.TEXTS", tokens=list(tokens), requests=requests,
                                              clients=clients, s3gen_steps=sorted(s3gen_steps_of(session.tts)),
                                              t3_steps=sorted(session.decoder.steps),
                                              picks=session.decoder.picks.to_json()))
