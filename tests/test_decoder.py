@@ -3,16 +3,17 @@ import copy
 import pytest
 import torch
 
+from chatterbox_lab import registry
 from chatterbox_lab.measure import equivalence
 from chatterbox_lab.decode.compiled_step import compile_counters
-from chatterbox_lab.decode.decoder import (LADDER, STEPS, T3Decoder, check_steps, dependents, ladder_prefix,
-                                           text_tokens_for)
+from chatterbox_lab.decode.decoder import T3Decoder, text_tokens_for
 from chatterbox_lab.decode.kv_cache import CacheOverflowError
 from chatterbox_lab.sampling import SamplingParams
 
 # Every step but bf16 (whose tokens are not upstream's fp32 ones) and captured_graph (which
 # replaces the compiled step; tested on its own) with the steps built on it.
-TOP = tuple(step for step in STEPS if step not in {"bf16", "captured_graph"} | dependents("captured_graph"))
+TOP = tuple(step for step in registry.T3_STEPS
+            if step not in {"bf16", "captured_graph"} | registry.dependents("captured_graph"))
 STEP_SETS = [(), ("static_cache",), ("embed_cache",), ("static_cache", "embed_cache"), ("static_cache", "prefill_graph"),
              ("static_cache", "embed_cache", "compiled"), ("static_cache", "embed_cache", "fused_projections"),
              ("static_cache", "embed_cache", "compiled", "fused_projections", "sampling_in_graph"), TOP]
@@ -59,21 +60,23 @@ def test_token_count_limits(tiny_tts, text_tokens):
 
 
 def test_step_rules():
-    assert ladder_prefix("embed_cache") == {"bf16", "static_cache", "embed_cache"}
-    assert ladder_prefix(STEPS[-1]) == set(STEPS)
-    assert "filled_cache_attention" not in ladder_prefix("sampling_in_graph")
-    assert check_steps(LADDER) == set(LADDER)
+    assert registry.ladder_prefix("embed_cache") == {"bf16", "static_cache", "embed_cache"}
+    assert registry.ladder_prefix(registry.T3_STEPS[-1]) == set(registry.T3_STEPS)
+    assert "filled_cache_attention" not in registry.ladder_prefix("sampling_in_graph")
+    assert registry.check(registry.GUIDE, model="t3") == set(registry.GUIDE)
     with pytest.raises(ValueError, match="needs static_cache, embed_cache"):
-        check_steps(["compiled"])
+        registry.check(["compiled"], model="t3")
     with pytest.raises(ValueError, match="'sampling_in_graph' needs compiled"):
-        check_steps(["static_cache", "embed_cache", "sampling_in_graph"])
-    with pytest.raises(ValueError, match="unknown steps"):
-        check_steps(["fp8"])
+        registry.check(["static_cache", "embed_cache", "sampling_in_graph"], model="t3")
+    with pytest.raises(ValueError, match="unknown t3 steps"):
+        registry.check(["fp8"], model="t3")
+    with pytest.raises(ValueError, match="unknown t3 steps"):
+        registry.check(["flow_graphs"], model="t3")
 
 
 def test_filled_cache_attention_needs_whole_blocks(tiny_tts):
     with pytest.raises(ValueError, match="blocks of 64 slots: max_cache_len must be a multiple of it, got 100"):
-        T3Decoder(tiny_tts.t3, ladder_prefix("filled_cache_attention") - {"bf16"}, max_cache_len=100)
+        T3Decoder(tiny_tts.t3, registry.ladder_prefix("filled_cache_attention") - {"bf16"}, max_cache_len=100)
 
 
 def test_filled_cache_mask_reads_only_filled_blocks_and_matches_masked_attention():
@@ -227,7 +230,7 @@ def test_fused_bookkeeping_gives_the_same_tokens(tiny_tts, text_tokens, interpre
 
     monkeypatch.setattr(fused_matvec, "kernel_applies", lambda x, weight: False)
     monkeypatch.setattr(decode_attention, "kernel_applies", lambda q: False)
-    steps = ladder_prefix("fused_bookkeeping") - {"bf16", "dependent_launch", "launch_ahead"}
+    steps = registry.ladder_prefix("fused_bookkeeping") - {"bf16", "dependent_launch", "launch_ahead"}
     pytorch = T3Decoder(tiny_tts.t3, steps - {"fused_bookkeeping"})
     kernels = T3Decoder(tiny_tts.t3, steps | set(fold))
     want = equivalence.seeded_tokens(tiny_tts, text_tokens, 12, 5, pytorch)
@@ -250,20 +253,26 @@ def test_fused_bookkeeping_keeps_each_utterance_of_a_batch_apart(tiny_tts, three
     monkeypatch.setattr(fused_matvec, "kernel_applies", lambda x, weight: False)
     monkeypatch.setattr(decode_attention, "kernel_applies", lambda q: False)
     conds, texts = three_utterances
-    steps = ladder_prefix("fused_bookkeeping") - {"bf16", "dependent_launch", "launch_ahead"}
+    steps = registry.ladder_prefix("fused_bookkeeping") - {"bf16", "dependent_launch", "launch_ahead"}
     want, got = (T3Decoder(tiny_tts.t3, s, streams=3, max_new_tokens=10).generate_batch(
         conds, texts, 10, GREEDY, stop_on_eos=False).all_tokens for s in (steps - {"fused_bookkeeping"}, steps | set(fold)))
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
-def test_dependent_launch_is_left_out_of_the_ladder_where_it_cannot_run(tiny_tts):
-    from chatterbox_lab.measure.bench import RUNGS, ladder_rungs, rung_steps
+def test_hopper_steps_are_left_out_of_the_rungs_where_they_cannot_run(tiny_tts):
+    from chatterbox_lab.decode.plan import unsupported_steps
+    from chatterbox_lab.measure.bench import RUNGS, rung_steps
 
     gpu_only = {"dependent_launch", "launch_ahead", "staged_weights", "staged_head"}
-    assert ladder_rungs("cpu") == tuple(r for r in RUNGS if r not in gpu_only)
+    assert unsupported_steps("cpu") == gpu_only
+    for rung in RUNGS:
+        steps = rung_steps(rung, "cpu")
+        assert not steps & gpu_only, rung
+        registry.check(steps, model="t3")
     # The rungs after them still run there, without them.
-    assert rung_steps("persistent_layers", "cpu") == ladder_prefix("persistent_layers") - gpu_only
-    check_steps(rung_steps("persistent_layers", "cpu"))
+    experimental = {step for step in registry.T3_STEPS if registry.STEPS[step].status == "experimental"}
+    assert rung_steps("prefill_graph", "cpu") == registry.ladder_prefix("prefill_graph") - gpu_only - experimental
+    assert "persistent_layers" in rung_steps("persistent_layers", "cpu")
     with pytest.raises(RuntimeError, match="Hopper or later GPU"):
         from chatterbox_lab.kernels.fused_matvec import check_dependent_launch
 

@@ -5,13 +5,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from chatterbox_lab import registry
 from chatterbox_lab.tuning import chain_tuning
 from chatterbox_lab.kernels import decode_attention, fused_matvec, staged_matvec
 from chatterbox_lab.measure import equivalence
-from chatterbox_lab.decode.decoder import T3Decoder, ladder_prefix, text_tokens_for
+from chatterbox_lab.decode.decoder import T3Decoder, text_tokens_for
+from chatterbox_lab.decode.plan import DecodePlan
 from chatterbox_lab.kernels.fused_matvec import Norm, step_calls
+from chatterbox_lab.kernels.picks import KernelPicks, name_of
 from chatterbox_lab.kernels.staged_matvec import StagedConfig
-from chatterbox_lab.decode.t3_forward import StaticT3Forward
 
 # The full model's layer calls and speech head: (n, k, gated).
 FULL_CALLS = {"qkv": (3072, 1024, False), "o_proj": (1024, 1024, False), "gate_up": (4096, 1024, True),
@@ -65,16 +67,18 @@ def test_off_the_gpu_the_staged_call_is_fused_matvecs():
     assert torch.equal(got, fused_matvec.reference_matvec(x, weight, norm=norm, gated=True))
 
 
-def test_the_forward_checks_what_it_is_asked_to_stage(tiny_tts):
-    with pytest.raises(ValueError, match="matvec=True"):
-        StaticT3Forward(tiny_tts.t3, 64, fused=True, staged=("gate_up",))
-    with pytest.raises(ValueError, match="unknown matvecs to stage"):
-        StaticT3Forward(tiny_tts.t3, 64, fused=True, matvec=True, staged=("lm_head",))
+def test_the_plan_stages_only_known_matvecs_and_only_with_the_matvec_kernels():
+    with pytest.raises(ValueError, match="'staged_weights' needs launch_ahead"):
+        DecodePlan.resolve({"static_cache", "fused_projections", "staged_weights"})
+    for last in ("staged_weights", "staged_head"):
+        plan = DecodePlan.resolve(registry.ladder_prefix(last) - {"bf16"})
+        assert plan.matmuls == "matvec" and set(plan.staged) <= set(staged_matvec.CALLS)
+    assert DecodePlan.resolve(registry.ladder_prefix("staged_head")).staged == ("gate_up", "head")
 
 
 def test_the_step_stages_gate_up_and_gives_the_same_tokens_off_the_gpu(tiny_tts):
     text_tokens = text_tokens_for(tiny_tts, "Staged or not, the same tokens.")
-    steps = ladder_prefix("staged_weights") - {"bf16"}
+    steps = registry.ladder_prefix("staged_weights") - {"bf16"}
     staged, plain = T3Decoder(tiny_tts.t3, steps), T3Decoder(tiny_tts.t3, steps - {"staged_weights"})
     assert staged.forward.staged == {"gate_up"} and plain.forward.staged == frozenset()
     want = equivalence.seeded_tokens(tiny_tts, text_tokens, 12, 3, plain)
@@ -83,7 +87,7 @@ def test_the_step_stages_gate_up_and_gives_the_same_tokens_off_the_gpu(tiny_tts)
 
 def test_the_staged_head_step_stages_the_head_as_well_and_the_draw_aside_changes_nothing_off_the_gpu(tiny_tts):
     text_tokens = text_tokens_for(tiny_tts, "The head waits in shared memory too.")
-    steps = ladder_prefix("draw_aside") - {"bf16"}
+    steps = registry.ladder_prefix("draw_aside") - {"bf16"}
     both, plain = T3Decoder(tiny_tts.t3, steps), T3Decoder(tiny_tts.t3, steps - {"staged_head", "draw_aside"})
     assert both.forward.staged == {"gate_up", "head"} and both.draw_stream is None
     want = equivalence.seeded_tokens(tiny_tts, text_tokens, 12, 3, plain)
@@ -91,31 +95,40 @@ def test_the_staged_head_step_stages_the_head_as_well_and_the_draw_aside_changes
 
 
 def test_the_tuner_tunes_a_staged_calls_config_and_leaves_the_triton_kernel_its_default(tiny_tts, monkeypatch):
-    monkeypatch.setattr(staged_matvec, "CONFIGS", {})
-    monkeypatch.setattr(fused_matvec, "CONFIGS", {})
-    decoder = T3Decoder(tiny_tts.t3, ladder_prefix("staged_weights") - {"bf16"}, max_new_tokens=4)
+    decoder = T3Decoder(tiny_tts.t3, registry.ladder_prefix("staged_weights") - {"bf16"}, max_new_tokens=4,
+                        max_cache_len=256)
     calls = step_calls(decoder.t3)
     gate_up = (2, calls["gate_up"]["n"], calls["gate_up"]["k"], True)
     best = staged_matvec.candidates(*gate_up[1:])[-1]
-    fused_matvec.CONFIGS[gate_up] = fused_matvec.KernelConfig(1, 128, 4)  # as `fused_matvec.sweep` may leave it
+    # A plain kernel's pick for gate/up, as a sweep may leave it: the staged call runs its own default.
+    decoder.forward.picks = KernelPicks().with_pick("gate_up", fused_matvec.KernelConfig(1, 128, 4))
+    assert decoder.picks.staged("gate_up", *gate_up) == staged_matvec.default_config(*gate_up[1:])
     monkeypatch.setattr(chain_tuning, "ORDER", ("gate_up",))
-    attention = decode_attention.config_for(decoder.capacity)
+    attention = decode_attention.default_config(decoder.capacity)
     monkeypatch.setattr(chain_tuning, "attention_candidates", lambda capacity, head_dim: [attention])
 
     def decode():
-        return 100.0 + (staged_matvec.CONFIGS.get(gate_up) == best)
+        return 100.0 + (decoder.picks.staged("gate_up", *gate_up) == best)
 
     found = chain_tuning.tune(decoder, decode, repeats=1, ab_rounds=1, final_rounds=1)
-    assert found["calls"]["gate_up"]["best"] == chain_tuning.name_of(best)
-    assert staged_matvec.CONFIGS[gate_up] == best and gate_up not in fused_matvec.CONFIGS
+    assert found["calls"]["gate_up"]["best"] == name_of(best)
+    assert decoder.picks.staged("gate_up", *gate_up) == best
+    assert decoder.picks.matvec("gate_up", *gate_up) == fused_matvec.default_config(*gate_up[1:])
 
 
-def test_the_ladder_leaves_the_step_out_where_gluon_is_missing(monkeypatch):
+def test_the_rungs_leave_the_step_out_where_gluon_is_missing(monkeypatch):
+    """A CUDA device (only named here: the support checks are stood in for) with dependent launch
+    but without Gluon's shared-memory copies."""
+    from chatterbox_lab.decode import plan
     from chatterbox_lab.measure import bench
 
     monkeypatch.setattr(fused_matvec, "dependent_launch_supported", lambda device: True)
     monkeypatch.setattr(staged_matvec, "supported", lambda device: False)
-    assert bench.unsupported_steps("cpu") == {"staged_weights", "staged_head"}
-    assert "staged_weights" not in bench.ladder_rungs("cpu") and "launch_ahead" in bench.ladder_rungs("cpu")
+    monkeypatch.setattr(bench, "resolve_device", lambda device: device)
     staged = {"staged_weights", "staged_head"}
-    assert bench.rung_steps("prefill_graph", "cpu") == ladder_prefix("prefill_graph") - staged
+    assert plan.device_kind("cuda") == "cuda"
+    assert plan.unsupported_steps("cuda") == staged
+    assert not bench.rung_steps("staged_head", "cuda") & staged
+    assert "launch_ahead" in bench.rung_steps("staged_head", "cuda")
+    experimental = {step for step in registry.T3_STEPS if registry.STEPS[step].status == "experimental"}
+    assert bench.rung_steps("prefill_graph", "cuda") == registry.ladder_prefix("prefill_graph") - staged - experimental
