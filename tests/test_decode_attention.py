@@ -2,10 +2,11 @@
 import pytest
 import torch
 
+from chatterbox_lab import registry
 from chatterbox_lab.kernels import decode_attention
 from chatterbox_lab.measure import equivalence
 from chatterbox_lab.kernels.decode_attention import AttentionConfig
-from chatterbox_lab.decode.decoder import T3Decoder, check_steps, text_tokens_for
+from chatterbox_lab.decode.decoder import T3Decoder, text_tokens_for
 from chatterbox_lab.decode.kv_cache import StaticKVCache
 from chatterbox_lab.decode.t3_forward import cached_attention
 
@@ -55,7 +56,7 @@ def test_kernel_matches_pytorch_attention_under_the_interpreter(interpreted, spl
                                              (AttentionConfig(1, 64, 64, 4), "cannot be more than the head's 32")])
 def test_splits_are_powers_of_two_that_grow_with_the_cache(config, message):
     assert [decode_attention.splits_for(c) for c in (64, 128, 384, 448, 1024, 4096)] == [1, 2, 8, 8, 16, 16]
-    assert decode_attention.config_for(448) == AttentionConfig(8, 1, decode_attention.BLOCK_SLOTS, 4)
+    assert decode_attention.default_config(448) == AttentionConfig(8, 1, decode_attention.BLOCK_SLOTS, 4)
     one = torch.zeros(1, 1, 32)
     with pytest.raises(ValueError, match=message):
         decode_attention.triton_decode_attention(one, one, one, torch.zeros(1, dtype=torch.long),
@@ -70,8 +71,8 @@ def test_the_kernel_serves_one_token_steps_only(interpreted):
 
 def test_fused_attention_takes_over_from_filled_cache_attention(tiny_tts):
     steps = ("static_cache", "embed_cache", "compiled", "filled_cache_attention", "fused_attention")
-    decoder = T3Decoder(tiny_tts.t3, check_steps(steps))
-    assert decoder.forward.attention_kernel and not decoder.filled_only
+    decoder = T3Decoder(tiny_tts.t3, registry.check(steps, model="t3"))
+    assert decoder.plan.attention == "kernel" and decoder.forward.attention_kernel
 
 
 @pytest.mark.parametrize("matvec", [False, True])
@@ -83,7 +84,7 @@ def test_decode_steps_through_the_kernel_give_upstreams_logits(interpreted, tiny
     steps = ("static_cache", "embed_cache", "fused_attention") + (("fused_projections", "fused_matvec") if matvec else ())
     decoder = T3Decoder(tiny_tts.t3, steps)
     # The default cache is long: stretches are combined.
-    assert decode_attention.config_for(decoder.capacity).splits > 1
+    assert decoder.picks.attention(decoder.capacity).splits > 1
     got = equivalence.forced_logits(decoder, tiny_tts.conds.t3, text_tokens, forced)
     assert equivalence.relative_error(got, reference) < 1e-5
 

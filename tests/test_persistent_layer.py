@@ -5,6 +5,7 @@ import torch
 from chatterbox_lab.measure import equivalence
 from chatterbox_lab.kernels.experimental import persistent_layer
 from chatterbox_lab.decode.decoder import T3Decoder, text_tokens_for
+from chatterbox_lab.decode.plan import DecodePlan
 from chatterbox_lab.decode.t3_forward import StaticT3Forward
 
 LAYER_STEPS = ("static_cache", "embed_cache", "fused_projections", "fused_matvec", "fused_attention",
@@ -15,8 +16,8 @@ def _layer_pair(t3, capacity: int, device: str, seed: int):
     """A whole-layer forward and PyTorch's over the same cache of random history, and a step's
     inputs: positions at the start, at a block edge, inside a block and the last slot."""
     torch.manual_seed(seed)
-    kernel = StaticT3Forward(t3, capacity, batch=4, fused=True, matvec=True, attention_kernel=True, whole_layers=True)
-    reference = StaticT3Forward(t3, capacity, batch=4, fused=True)
+    kernel = StaticT3Forward(t3, capacity, DecodePlan.resolve(set(LAYER_STEPS) - {"embed_cache"}, device), batch=4)
+    reference = StaticT3Forward(t3, capacity, DecodePlan.resolve({"static_cache", "fused_projections"}, device), batch=4)
     for buffer in ("keys", "values"):
         history = torch.randn_like(getattr(kernel.cache, buffer)[0])
         getattr(kernel.cache, buffer)[0].copy_(history)
@@ -98,6 +99,8 @@ def test_tiles_and_splits_fill_the_grid():
     assert persistent_layer.attention_splits(1, 1, 10**6) == 16  # capped like the attention kernel's
 
 
-def test_whole_layers_need_the_matvec_and_attention_kernels(tiny_tts):
-    with pytest.raises(ValueError, match="matvec=True"):
-        StaticT3Forward(tiny_tts.t3, 64, fused=True, matvec=True, whole_layers=True)
+def test_whole_layers_need_the_matvec_and_attention_kernels():
+    with pytest.raises(ValueError, match="'persistent_layers' needs fused_attention"):
+        DecodePlan.resolve({"static_cache", "fused_projections", "fused_matvec", "persistent_layers"})
+    with pytest.raises(ValueError, match="'persistent_layers' needs fused_matvec"):
+        DecodePlan.resolve({"static_cache", "fused_attention", "persistent_layers"})
