@@ -1,6 +1,5 @@
 """chain_tuning: candidates within the register budget, coordinate descent, and the wiring of `tune`."""
 import pytest
-import torch
 
 from chatterbox_lab import registry
 from chatterbox_lab.tuning import chain_tuning
