@@ -54,13 +54,16 @@ def test_forward_takes_the_handoff_for_one_token_steps(tiny_tts, interpreted, mo
     """The wiring in `StaticT3Forward`: a layer's attention with the handoff kernel is the two
     kernels' (the decoder's tokens with it are checked on the GPU, where the interpreter's
     thousands of head programs are not in the way)."""
+    from chatterbox_lab.decode.plan import DecodePlan
     from chatterbox_lab.decode.t3_forward import StaticT3Forward
 
     calls = []
     launch = head_handoff.handoff_attention
     monkeypatch.setattr(head_handoff, "handoff_attention", lambda *a, **kw: calls.append(1) or launch(*a, **kw))
-    plain, handoff = (StaticT3Forward(tiny_tts.t3, 64, fused=True, matvec=True, attention_kernel=True, handoff=on)
-                      for on in (False, True))
+    kernels = {"static_cache", "fused_projections", "fused_matvec", "fused_attention"}
+    plain, handoff = (StaticT3Forward(tiny_tts.t3, 64, DecodePlan.resolve(steps))
+                      for steps in (kernels, kernels | {"head_handoff"}))
+    assert (plain.handoff, handoff.plan.layer) == (None, "handoff")
     x = torch.randn(2, 1, tiny_tts.t3.cfg.hidden_size)
     positions = torch.tensor([10])
     layer = tiny_tts.t3.tfmr.layers[0]
