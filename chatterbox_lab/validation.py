@@ -158,3 +158,9 @@ def check_output_path(path, overwrite: bool = False) -> Path:
         raise FileNotFoundError(f"{path.parent} is not an existing directory: create it first "
                                 f"or choose another path")
     return path
+
+
+def check_flow_steps(flow_steps: int | None) -> None:
+    """None (upstream's count) or a whole number of Euler steps, at least 1."""
+    if flow_steps is not None and (isinstance(flow_steps, bool) or not isinstance(flow_steps, int) or flow_steps < 1):
+        raise ValueError(f"flow_steps must be a whole number >= 1 (upstream uses 10) or None, got {flow_steps!r}")

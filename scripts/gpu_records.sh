@@ -32,11 +32,10 @@ ladder)
     ;;
 soak)
     rm -rf "$CHATTERBOX_LAB_CACHE/compile"
-    python3 -m chatterbox_lab soak --requests 1000 --clients 4 --tokens 256 256 --lone 40 --time-limit 420 \
+    python3 -m chatterbox_lab soak --requests 1000 --clients 4 --tokens 256 256 --lone 40 --time-limit 330 \
         --out "$OUT/soak.json" > "$OUT/soak.log" 2>&1
-    echo "soak (cold caches): exit $?"; tail -3 "$OUT/soak.log"
-    python3 -m chatterbox_lab soak --requests 20 --clients 4 --tokens 256 256 --time-limit 120 \
-        --out "$OUT/soak_warm.json" > "$OUT/soak_warm.log" 2>&1
-    echo "soak (warm caches): exit $?"; tail -2 "$OUT/soak_warm.log"
+    echo "soak (cold caches): exit $?"; tail -2 "$OUT/soak.log" | cut -c1-1500
+    python3 scripts/say_vs_upstream.py "$OUT/say.json" 1 > "$OUT/say.log" 2>&1
+    echo "say vs upstream: exit $?"; tail -2 "$OUT/say.log"
     ;;
 esac

@@ -3,7 +3,7 @@
 Each side runs as its own process, as a user would start it, and is timed from start to exit:
 model load, voice conditioning, compile or capture, and the synthesis itself. `say` runs first
 once untimed, so the timed runs find the compile caches warm; upstream's loop has no caches to
-warm. Writes one results document: python scripts/say_vs_upstream.py OUT.json
+warm. Writes one results document: python scripts/say_vs_upstream.py OUT.json [REPEATS]
 """
 from __future__ import annotations
 
@@ -59,4 +59,4 @@ def main(out: Path, repeats: int = 3) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), *(int(n) for n in sys.argv[2:3]))

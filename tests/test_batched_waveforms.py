@@ -50,7 +50,8 @@ def test_another_watermarker_is_applied_one_by_one():
 
 def test_fewer_flow_steps_is_explicit_and_its_difference_measured(tiny_tts, monkeypatch):
     from chatterbox_lab.pipeline.synthesis import synthesize
-    from chatterbox_lab.s3gen.s3gen_steps import check_flow_steps, fewer_flow_steps_error
+    from chatterbox_lab.s3gen.s3gen_steps import fewer_flow_steps_error
+    from chatterbox_lab.validation import check_flow_steps
 
     tokens = torch.randint(0, 6561, (1, 12), generator=torch.Generator().manual_seed(1))
     assert fewer_flow_steps_error(tiny_tts, tokens, 10) == 0.0  # upstream's own count

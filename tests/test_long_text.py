@@ -117,7 +117,7 @@ def test_one_flow_run_for_utterances_of_different_lengths_gives_each_ones_own_me
     import torch
 
     from chatterbox_lab.pipeline.synthesis import tokens_to_speeches
-    from chatterbox_lab.s3gen.s3gen_steps import padding_zeroed
+    from chatterbox_lab.pipeline.padding import padding_zeroed
 
     monkeypatch.setattr(torch, "randn_like", torch.zeros_like)
     s3gen, ref = tiny_tts.s3gen, tiny_tts.conds.gen

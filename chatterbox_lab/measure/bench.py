@@ -35,10 +35,11 @@ from chatterbox_lab.tuning import chain_tuning, sweeps
 from chatterbox_lab.decode.kv_cache import cache_len_for
 from chatterbox_lab.loading.models import load_tts, resolve_device
 from chatterbox_lab.pipeline.synthesis import TOKENS_PER_SECOND, Synthesis, synthesize, upstream_t3
-from chatterbox_lab.s3gen.s3gen_steps import (HALF_FLOW_TOLERANCE, S3GEN_STEPS, apply_s3gen_steps, check_flow_steps,
+from chatterbox_lab.s3gen.s3gen_steps import (HALF_FLOW_TOLERANCE, S3GEN_STEPS, apply_s3gen_steps,
                                               check_s3gen_steps, fewer_flow_steps_error, half_flow_error,
                                               s3gen_steps_of)
 from chatterbox_lab.sampling import SamplingParams
+from chatterbox_lab.validation import check_flow_steps
 from chatterbox_lab.pipeline.voices import prepare_voice, voice_path
 
 # A rung is a named set of T3 steps. `upstream_fp32` is upstream's own loop; a step's name is that
@@ -551,6 +552,7 @@ def run(config: BenchConfig, progress: bool = True, tts=None, partial: Path | No
     with kept:
         cfg = _time_everything(tts, cfg, voice, doc, checks, bandwidth, flop_rate, progress, partial)
     doc["picks"] = cfg.picks.to_json()
+    doc["provenance"]["run_s"] = time.perf_counter() - start  # the whole run, the model's load included
     if cfg.profile:
         prepare_voice(tts, voice)
         for rung in tqdm(cfg.rungs, desc="profile", disable=not progress):

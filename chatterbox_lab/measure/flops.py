@@ -52,7 +52,7 @@ def flow_flops(tts, tokens: int, flow_steps: int | None = None) -> int:
     tokens, not their values. Upstream's modules only, as `utterance_flops`."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from chatterbox_lab.s3gen.s3gen_steps import check_flow_steps
+    from chatterbox_lab.validation import check_flow_steps
 
     check_flow_steps(flow_steps)
     _check_upstream(tts)

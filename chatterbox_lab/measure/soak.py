@@ -8,6 +8,7 @@ per-shape caches (sampled every 50 requests).
 from __future__ import annotations
 
 import io
+import math
 import os
 import random
 import statistics
@@ -115,7 +116,8 @@ def run_soak(url: str, voices: list[str], requests: int = 500, clients: int = 4,
                 errors=len(errors), first_errors=errors[:3],
                 bad_lengths=len(bad_lengths), wall_s=wall, requests_per_s=completed / wall,
                 p50_s=statistics.median(latencies) if latencies else None,
-                p99_s=latencies[int(0.99 * (len(latencies) - 1))] if latencies else None,
+                # The nearest rank: the smallest latency that 99% of requests do not exceed.
+                p99_s=latencies[math.ceil(0.99 * len(latencies)) - 1] if latencies else None,
                 recompiles=after["recompiles"] - before["recompiles"],
                 new_frames=after["frames_compiled"] - before["frames_compiled"],
                 rss_start_mib=rss_start, rss_end_mib=rss_mib(), rss_every_50=rss_trace)

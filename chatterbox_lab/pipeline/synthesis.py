@@ -18,9 +18,9 @@ from transformers.utils import logging as hf_logging
 
 from chatterbox_lab.pipeline.batched_waveforms import vocode_all, watermark_all
 from chatterbox_lab.decode.decoder import T3Decoder, sync_device, text_tokens_for
-from chatterbox_lab.s3gen.s3gen_steps import check_flow_steps, padding_zeroed
+from chatterbox_lab.pipeline.padding import padding_zeroed
 from chatterbox_lab.sampling import SamplingParams
-from chatterbox_lab.validation import MAX_LONG_TEXT_CHARS, check_text
+from chatterbox_lab.validation import MAX_LONG_TEXT_CHARS, check_flow_steps, check_text
 
 TOKENS_PER_SECOND = 25  # S3 speech tokens: 640 samples at 16 kHz each
 SAMPLES_PER_TOKEN = 24_000 // TOKENS_PER_SECOND  # of S3Gen's 24 kHz output

@@ -1,6 +1,7 @@
 """Reference voices: the bundled ones, checks on user audio, and a cache of prepared voices."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import warnings
@@ -100,13 +101,16 @@ def read_reference(voice, label: str | None = None) -> Reference:
     return Reference(samples=np.ascontiguousarray(mono, dtype=np.float32), label=label)
 
 
+# Where an S3Gen step puts a context manager (taking the model) that every voice preparation runs
+# inside: `voice_encoders_on_host` brings its encoders to the GPU there.
+VOICE_PREPARATION = "_chatterbox_lab_voice_preparation"
+
+
 def prepare_voice(tts, voice, exaggeration: float = 0.5):
     """Check `voice` and prepare upstream's conditionals from it; returns them."""
-    from chatterbox_lab.s3gen.s3gen_steps import voice_encoders_on_device
-
     exaggeration = check_number("exaggeration", exaggeration)
     reference = read_reference(voice)
-    with voice_encoders_on_device(tts):
+    with getattr(tts, VOICE_PREPARATION, lambda _: contextlib.nullcontext())(tts):
         tts.prepare_conditionals(reference.wav_file(), exaggeration=exaggeration)
     return tts.conds
 

@@ -63,7 +63,10 @@ import torch
 
 from chatterbox_lab import registry
 from chatterbox_lab.graphed_calls import GraphedCalls
+from chatterbox_lab.pipeline.padding import padding_zeroed
+from chatterbox_lab.pipeline.voices import VOICE_PREPARATION
 from chatterbox_lab.registry import S3GEN_STEPS
+from chatterbox_lab.validation import check_flow_steps
 
 FLOW_HALF_DTYPE = torch.float16
 # Mel frames per length bucket: one graph serves every length up to its bucket.
@@ -110,6 +113,7 @@ def apply_s3gen_steps(tts, steps) -> frozenset:
     if "encoder_graphs" in steps - done:
         flow.encoder = BucketedEncoder(flow.encoder)
     if "voice_encoders_on_host" in steps - done:
+        setattr(tts, VOICE_PREPARATION, voice_encoders_on_device)
         tts.s3gen.__class__ = _device_read_from_flow(type(tts.s3gen))
         for encoder in _voice_encoders(tts):
             encoder.to("cpu")
@@ -153,11 +157,8 @@ def _voice_encoders(tts) -> tuple:
 
 @contextlib.contextmanager
 def voice_encoders_on_device(tts):
-    """With `voice_encoders_on_host` on, S3Gen's tokenizer and speaker encoder on `tts.device` for
-    the duration (preparing a voice), back in host memory after; otherwise nothing moves."""
-    if "voice_encoders_on_host" not in s3gen_steps_of(tts):
-        yield
-        return
+    """S3Gen's tokenizer and speaker encoder on `tts.device` for the duration (preparing a voice),
+    back in host memory after: `voice_encoders_on_host` installs it as the voice preparation."""
     for encoder in _voice_encoders(tts):
         encoder.to(tts.device)
     try:
@@ -239,6 +240,7 @@ class BucketedEncoder(GraphedCalls):
     zeroed past each row's length, and on CUDA replayed from a graph per bucket and batch
     size; its output trimmed back. Called as upstream's flow calls it, `(xs, xs_lens)`;
     a chunked (streaming-mode) call runs eagerly."""
+    zeroes_own_padding = True  # `padding_zeroed` leaves it as it is
 
     def __init__(self, encoder: torch.nn.Module, token_bucket: int = TOKEN_BUCKET):
         super().__init__()
@@ -264,29 +266,6 @@ class BucketedEncoder(GraphedCalls):
     def _zeroed(self, xs, xs_lens):
         with padding_zeroed(self.encoder):
             return self.encoder(xs, xs_lens)
-
-
-@contextlib.contextmanager
-def padding_zeroed(encoder):
-    """Upstream's flow encoder with its embedding's output zeroed past each row's length.
-    Its look-ahead convolution reads the frames after a row's last token: zeros when the row
-    runs alone (the convolution's own padding), embedded padding when the row is padded (in
-    a batch, or to a bucket), which then reaches every frame through attention. Zeroed, a
-    padded row's output is the lone row's; a row without padding is unchanged. `encoder`
-    may be a `BucketedEncoder`, which zeroes its own padding on every call already."""
-    if isinstance(encoder, BucketedEncoder):
-        yield
-        return
-
-    def zero_padding(module, args, output):
-        xs, pos_emb, masks = output
-        return xs * masks.transpose(1, 2).to(xs.dtype), pos_emb, masks
-
-    handle = encoder.embed.register_forward_hook(zero_padding)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def _padded_inputs(x, mask, mu, t, spks, cond, frames: int) -> dict:
@@ -321,12 +300,6 @@ def _full_context_mask(xs, masks, use_dynamic_chunk, use_dynamic_left_chunk, dec
     if use_dynamic_chunk or static_chunk_size > 0:
         raise ValueError("S3Gen's graphs support full-context attention only")
     return masks | (masks.sum(dim=-1, keepdim=True) == 0)
-
-
-def check_flow_steps(flow_steps: int | None) -> None:
-    """None (upstream's count) or a whole number of Euler steps, at least 1."""
-    if flow_steps is not None and (isinstance(flow_steps, bool) or not isinstance(flow_steps, int) or flow_steps < 1):
-        raise ValueError(f"flow_steps must be a whole number >= 1 (upstream uses 10) or None, got {flow_steps!r}")
 
 
 def _flow_mels(tts, speech_tokens: torch.Tensor, seed: int, flow_steps: int | None = None) -> torch.Tensor:

@@ -189,7 +189,7 @@ class TTSSession:
         start = time.perf_counter()
         # One step that lasts the whole compile: the bar shows the time spent, which is all there is to show.
         with tqdm(total=1, desc=what, disable=not progress) as bar:
-            self.synthesize("Warming up the decoder.", voice=voice, max_new_tokens=32)
+            self.synthesize("Warming up the decoder.", voice=voice, max_new_tokens=min(32, self.max_new_tokens))
             bar.update()
         self.warmup_s = time.perf_counter() - start
         return self.warmup_s
