@@ -24,10 +24,6 @@ RULES = (
 KNOWN_VIOLATIONS = {
     "chatterbox_lab/records/report.py": "report.py:275 imports chatterbox_lab.measure.profiling (plot_counts) and "
                                         "report.py:326 imports chatterbox_lab.measure.bench (summary_table)",
-    "chatterbox_lab/pipeline/synthesis.py": "synthesis.py:21 imports chatterbox_lab.s3gen.s3gen_steps "
-                                            "(check_flow_steps, padding_zeroed)",
-    "chatterbox_lab/pipeline/voices.py": "voices.py:105 imports chatterbox_lab.s3gen.s3gen_steps "
-                                         "(voice_encoders_on_device)",
 }
 
 
