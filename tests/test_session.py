@@ -4,6 +4,7 @@ import threading
 import numpy as np
 import pytest
 
+from chatterbox_lab.kernels.picks import KernelPicks
 from chatterbox_lab.pipeline.synthesis import SAMPLES_PER_TOKEN
 from chatterbox_lab.serving.session import TTSSession
 from chatterbox_lab.validation import check_text
@@ -13,11 +14,20 @@ TOKENS = 8
 
 @pytest.fixture(scope="module")
 def session():
-    # Its own model: the ladder's bf16 step casts T3 in place.
+    # Its own model: the steps a session applies change its model in place.
     s = TTSSession(preset="tiny", device="cpu", max_new_tokens=64)
     s.warmup()
     yield s
     s.close()
+
+
+def test_a_session_defaults_to_the_recommended_steps_of_its_device(session):
+    from chatterbox_lab import registry
+    from chatterbox_lab.s3gen.s3gen_steps import s3gen_steps_of
+
+    assert session.decoder.steps == {"static_cache", "embed_cache"} == set(registry.preset("recommended", "cpu"))
+    assert not s3gen_steps_of(session.tts)
+    assert session.decoder.picks == KernelPicks()  # no card, so no shipped picks
 
 
 def test_synthesis_has_the_expected_length(session):
