@@ -52,6 +52,11 @@ def prompt_len_for(t3, text_tokens: torch.Tensor) -> int:
     return cond_len(t3) + text_tokens.size(-1) + 2
 
 
+class Cancelled(Exception):
+    """The caller gave up on this synthesis (a client that went away, Ctrl-C): it stopped
+    at a stop check and returned nothing."""
+
+
 @dataclass
 class DecodeResult:
     all_tokens: list      # (1, n_i) per utterance, as upstream returns them, stop token included
@@ -297,18 +302,22 @@ class T3Decoder:
 
     @torch.inference_mode()
     def generate(self, t3_cond, text_tokens: torch.Tensor, max_new_tokens: int,
-                 sampling: SamplingParams = SamplingParams(), stop_on_eos: bool = True) -> DecodeResult:
-        return self.generate_batch([t3_cond], [text_tokens], max_new_tokens, sampling, stop_on_eos)
+                 sampling: SamplingParams = SamplingParams(), stop_on_eos: bool = True,
+                 cancelled=None) -> DecodeResult:
+        return self.generate_batch([t3_cond], [text_tokens], max_new_tokens, sampling, stop_on_eos, cancelled)
 
     @torch.inference_mode()
     def generate_batch(self, t3_conds: list, text_tokens: list, max_new_tokens: int,
-                       sampling: SamplingParams = SamplingParams(), stop_on_eos: bool = True) -> DecodeResult:
-        """One utterance per stream (voices and texts may differ); each stops at its own stop token."""
+                       sampling: SamplingParams = SamplingParams(), stop_on_eos: bool = True,
+                       cancelled=None) -> DecodeResult:
+        """One utterance per stream (voices and texts may differ); each stops at its own stop token.
+        `cancelled`: a callable asked at each stop check; when it answers True, `Cancelled` is
+        raised there, and the decoder is ready for the next request."""
         sync_device(self.device)
         start = time.perf_counter()
         self._begin(t3_conds, text_tokens, max_new_tokens, sampling)
         prefill_end = time.perf_counter()
-        steps = max(done for done, _ in self._decode(max_new_tokens, stop_on_eos))
+        steps = max(done for done, _ in self._decode(max_new_tokens, stop_on_eos, cancelled=cancelled))
         tokens = self.tokens[:, :steps].clone()
         sync_device(self.device)
         end = time.perf_counter()
@@ -359,7 +368,7 @@ class T3Decoder:
             # The first step's input; each step's sampling kernel writes the next one's.
             fused_bookkeeping.prologue(self.tokens, self.step_index, self.seen, self.step_inputs)
 
-    def _decode(self, max_new_tokens: int, stop_on_eos: bool, also_check_at: int | None = None):
+    def _decode(self, max_new_tokens: int, stop_on_eos: bool, also_check_at: int | None = None, cancelled=None):
         """The decode loop after `_begin`: yields (tokens decoded so far, whether that is all) at
         every stop check, the only points where the host knows how far the device has got; a check
         every STOP_CHECK_INTERVAL tokens, and one at step `also_check_at`.
@@ -381,6 +390,9 @@ class T3Decoder:
                 self._advance(check, following - check)
             # upstream runs one more forward after its last token and never uses its output
             last = self._stop_flags(check) or following is None
+            if cancelled is not None and not last and cancelled():
+                sync_device(self.device)  # a run queued ahead finishes before the next request's
+                raise Cancelled(f"stopped after {check} of at most {max_new_tokens} tokens")
             yield check, last
             if last:
                 return

@@ -17,7 +17,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from chatterbox_lab.pipeline.batched_waveforms import vocode_all, watermark_all
-from chatterbox_lab.decode.decoder import T3Decoder, sync_device, text_tokens_for
+from chatterbox_lab.decode.decoder import Cancelled, T3Decoder, sync_device, text_tokens_for
 from chatterbox_lab.pipeline.padding import padding_zeroed
 from chatterbox_lab.sampling import SamplingParams
 from chatterbox_lab.validation import MAX_LONG_TEXT_CHARS, check_flow_steps, check_text
@@ -27,11 +27,6 @@ SAMPLES_PER_TOKEN = 24_000 // TOKENS_PER_SECOND  # of S3Gen's 24 kHz output
 # Sentence chunks of long text: short enough that T3 keeps to the text (a long prompt
 # is where it starts to skip or repeat) and well inside one utterance's text limit.
 MAX_CHUNK_CHARS = 300
-
-
-class Cancelled(Exception):
-    """The caller gave up on this synthesis (a client that went away, Ctrl-C): it stopped
-    at a stop check and returned nothing."""
 
 
 @dataclass
@@ -95,11 +90,14 @@ def upstream_t3(tts, text_tokens, max_new_tokens, sampling: SamplingParams, stop
 
 def synthesize(tts, text: str, *, voice=None, decoder: T3Decoder | None = None, max_new_tokens: int = 1000,
                sampling: SamplingParams = SamplingParams(), exaggeration: float = 0.5,
-               stop_on_eos: bool = True, watermark: bool = True, flow_steps: int | None = None) -> Synthesis:
+               stop_on_eos: bool = True, watermark: bool = True, flow_steps: int | None = None,
+               cancelled=None) -> Synthesis:
     """One utterance. `voice`: a reference audio path (conditioning is then timed), or
     None to use the voice prepared last. `decoder=None` runs upstream's T3 loop.
     `flow_steps`: Euler steps of S3Gen's flow, None for upstream's (10); fewer is faster
-    and changes the audio (`s3gen_steps.fewer_flow_steps_error` measures by how much)."""
+    and changes the audio (`s3gen_steps.fewer_flow_steps_error` measures by how much).
+    `cancelled`: a callable the decoder asks at each stop check; when it answers True,
+    `Cancelled` is raised there (upstream's loop cannot be stopped)."""
     from chatterbox.models.s3gen.const import S3GEN_SR
 
     from chatterbox_lab.pipeline.voices import voice_or_prepared
@@ -118,7 +116,8 @@ def synthesize(tts, text: str, *, voice=None, decoder: T3Decoder | None = None, 
             if decoder is None:
                 tokens, prefill_s, decode_s, steps = upstream_t3(tts, text_tokens, max_new_tokens, sampling, stop_on_eos)
             else:
-                result = decoder.generate(tts.conds.t3, text_tokens, max_new_tokens, sampling, stop_on_eos)
+                result = decoder.generate(tts.conds.t3, text_tokens, max_new_tokens, sampling, stop_on_eos,
+                                          cancelled=cancelled)
                 tokens, prefill_s, decode_s, steps = result.tokens, result.prefill_s, result.decode_s, result.steps_run
         speech_tokens, wav = tokens_to_speech(tts, tokens, tts.conds.gen, clock, watermark, flow_steps)
     return Synthesis(wav=wav, sample_rate=S3GEN_SR, speech_tokens=speech_tokens, seconds=seconds,
@@ -184,7 +183,7 @@ def synthesize_long(tts, text: str, *, max_chars: int = MAX_CHUNK_CHARS, voice=N
     for i, chunk in enumerate(tqdm(chunks, desc="sentences", unit="chunk", disable=not progress)):
         if cancelled is not None and cancelled():
             raise Cancelled(f"stopped after {i} of {len(chunks)} sentence chunks")
-        parts.append(synthesize(tts, chunk, voice=voice if i == 0 else None, **options))
+        parts.append(synthesize(tts, chunk, voice=voice if i == 0 else None, cancelled=cancelled, **options))
     seconds = {stage: sum(p.seconds.get(stage, 0.0) for p in parts) for stage in parts[0].seconds}
     return Synthesis(wav=join_speech([p.wav for p in parts], parts[0].sample_rate),
                      sample_rate=parts[0].sample_rate,

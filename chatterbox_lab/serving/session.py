@@ -247,7 +247,7 @@ class TTSSession:
                 torch.manual_seed(seed)
             options = dict(decoder=self.decoder, max_new_tokens=n, sampling=sampling)
             result = (synthesize_long(self.tts, text, cancelled=cancelled, **options) if chunk
-                      else synthesize(self.tts, text, **options))
+                      else synthesize(self.tts, text, cancelled=cancelled, **options))
         except torch.cuda.OutOfMemoryError as exc:
             torch.cuda.empty_cache()
             raise MemoryError(
