@@ -31,6 +31,7 @@ from chatterbox_lab.decode.plan import device_kind, unsupported_steps
 from chatterbox_lab.kernels.picks import DEFAULT as DEFAULT_PICKS, KernelPicks, shipped_for
 from chatterbox_lab.measure import equivalence, flops, memory, profiling, roofline
 from chatterbox_lab.records import report, results
+from chatterbox_lab.records.report import batch_table, summary_table  # noqa: F401 (the bench's tables)
 from chatterbox_lab.tuning import chain_tuning, sweeps
 from chatterbox_lab.decode.kv_cache import cache_len_for
 from chatterbox_lab.loading.models import load_tts, resolve_device
@@ -630,20 +631,3 @@ def _time_everything(tts, cfg: BenchConfig, voice: Path, doc: dict, checks: dict
             if partial:
                 results.write(doc, partial, overwrite=True)
     return cfg
-
-
-def summary_table(doc: dict) -> str:
-    cols = ("t3_decode_tok_s", "fraction_of_floor", "t3_prefill_s", "e2e_s", "rtf", "peak_vram_mib",
-            "compile_s", "s3gen_warmup_s", "gpu_kernels_per_token", "host_launches_per_token", "cpu_ops_per_token")
-    prov = doc["provenance"]
-    where = prov.get("gpu") or f"CPU ({prov.get('cpu')})"
-    title = f"{where}, preset {prov['preset']}, {prov['tokens']} tokens, median of {prov.get('repeats')}"
-    return title + "\n" + results.markdown_table(doc, cols)
-
-
-def batch_table(doc: dict) -> str:
-    cols = ("aggregate_tok_s", "per_stream_tok_s", "ms_per_step", "peak_vram_mib", "kv_cache_mib", "compile_s")
-    batch = doc["batch"]
-    head = "| utterances | " + " | ".join(cols) + " |"
-    rows = [f"| {n} | " + " | ".join(results.fmt(r.get(c)) for c in cols) + " |" for n, r in batch["streams"].items()]
-    return "\n".join([f"batched decode, steps: {', '.join(batch['steps'])}", head, "|---|" + "---|" * len(cols), *rows])

@@ -26,6 +26,8 @@ from typing import Callable
 
 import torch
 from torch.autograd import DeviceType
+
+from chatterbox_lab.records.report import plot_counts  # noqa: F401 (drawn with the reports, used with the profiles)
 from torch.profiler import ProfilerActivity, profile
 
 RUNTIME_LAUNCHES = {"cudaLaunchKernel", "cudaLaunchKernelExC", "cudaLaunchCooperativeKernel"}
@@ -257,25 +259,4 @@ def plot_timeline(trace: dict, ax=None, title: str = "", window: tuple[float, fl
     ax.set_yticks([0, 1], ["host ops", "GPU kernels"])
     ax.set_xlabel("ms")
     ax.set_title(title)
-    return ax
-
-
-def plot_counts(rungs: dict, keys=("gpu_kernels_per_token", "host_launches_per_token"), ax=None):
-    """Bar chart of per-token counts for each rung of a results document."""
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    if ax is None:
-        _, ax = plt.subplots(figsize=(7, 3))
-    names = list(rungs)
-    x = np.arange(len(names))
-    width = 0.8 / len(keys)
-    for i, key in enumerate(keys):
-        values = [rungs[n].get(key) or 0 for n in names]
-        ax.bar(x + i * width, values, width, label=key.replace("_", " "))
-    ax.set_xticks(x + width * (len(keys) - 1) / 2, names, rotation=20)
-    ax.set_yscale("symlog")
-    tallest = max([rungs[n].get(k) or 0 for n in names for k in keys] + [1])
-    ax.set_ylim(0, tallest * 30)  # room above the bars for the legend on the log scale
-    ax.legend(loc="upper right")
     return ax

@@ -272,8 +272,6 @@ def plot_rungs(doc: dict, title: str | None = None):
     """T3 decode rate per rung against the bandwidth floor, and launches per token."""
     import matplotlib.pyplot as plt
 
-    from chatterbox_lab.measure.profiling import plot_counts
-
     rungs = doc["rungs"]
     names = list(rungs)
     fig, (rate, counts) = plt.subplots(1, 2, figsize=(12, 3.6))
@@ -323,8 +321,6 @@ def plot_batch(doc: dict):
 
 def write_companions(doc: dict, json_path: Path) -> list[Path]:
     """The run's Markdown table and PNG plot, next to its JSON."""
-    from chatterbox_lab.measure.bench import summary_table
-
     json_path = Path(json_path)
     md, png = json_path.with_suffix(".md"), json_path.with_suffix(".png")
     lines = [summary_table(doc)]
@@ -338,3 +334,41 @@ def write_companions(doc: dict, json_path: Path) -> list[Path]:
 
     plt.close(fig)
     return [md, png]
+
+
+def summary_table(doc: dict) -> str:
+    cols = ("t3_decode_tok_s", "fraction_of_floor", "t3_prefill_s", "e2e_s", "rtf", "peak_vram_mib",
+            "compile_s", "s3gen_warmup_s", "gpu_kernels_per_token", "host_launches_per_token", "cpu_ops_per_token")
+    prov = doc["provenance"]
+    where = prov.get("gpu") or f"CPU ({prov.get('cpu')})"
+    title = f"{where}, preset {prov['preset']}, {prov['tokens']} tokens, median of {prov.get('repeats')}"
+    return title + "\n" + results.markdown_table(doc, cols)
+
+
+def batch_table(doc: dict) -> str:
+    cols = ("aggregate_tok_s", "per_stream_tok_s", "ms_per_step", "peak_vram_mib", "kv_cache_mib", "compile_s")
+    batch = doc["batch"]
+    head = "| utterances | " + " | ".join(cols) + " |"
+    rows = [f"| {n} | " + " | ".join(results.fmt(r.get(c)) for c in cols) + " |" for n, r in batch["streams"].items()]
+    return "\n".join([f"batched decode, steps: {', '.join(batch['steps'])}", head, "|---|" + "---|" * len(cols), *rows])
+
+
+def plot_counts(rungs: dict, keys=("gpu_kernels_per_token", "host_launches_per_token"), ax=None):
+    """Bar chart of per-token counts for each rung of a results document."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 3))
+    names = list(rungs)
+    x = np.arange(len(names))
+    width = 0.8 / len(keys)
+    for i, key in enumerate(keys):
+        values = [rungs[n].get(key) or 0 for n in names]
+        ax.bar(x + i * width, values, width, label=key.replace("_", " "))
+    ax.set_xticks(x + width * (len(keys) - 1) / 2, names, rotation=20)
+    ax.set_yscale("symlog")
+    tallest = max([rungs[n].get(k) or 0 for n in names for k in keys] + [1])
+    ax.set_ylim(0, tallest * 30)  # room above the bars for the legend on the log scale
+    ax.legend(loc="upper right")
+    return ax
