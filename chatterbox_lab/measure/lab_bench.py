@@ -21,6 +21,7 @@ from chatterbox_lab.measure import bench, profiling
 from chatterbox_lab.decode import precision
 from chatterbox_lab.records import results
 from chatterbox_lab import registry
+from chatterbox_lab.decode.plan import device_kind
 from chatterbox_lab.pipeline.synthesis import Synthesis
 from chatterbox_lab.sampling import SamplingParams
 from chatterbox_lab.validation import MAX_NEW_TOKENS, check_text, check_token_count
@@ -210,8 +211,11 @@ class LabBench(widgets.VBox):
                                              description="tokens")
         self.repeats = widgets.BoundedIntText(value=defaults.repeats, min=1, max=20, description="repeats")
         self.trace = widgets.Checkbox(value=False, description="write a trace to runs/", indent=False)
-        self.single = _Panel({"this run": StepPicker("steps")}, self._measure, "Run")
-        self.compare = _Panel({"A": StepPicker("A"), "B": StepPicker("B", registry.GUIDE)}, self._measure, "Run A and B")
+        # As the session does: the recommended steps for this device, against the guide's four.
+        recommended = registry.preset("recommended", device_kind(tts.device))
+        self.single = _Panel({"this run": StepPicker("steps", recommended)}, self._measure, "Run")
+        self.compare = _Panel({"A": StepPicker("A", registry.GUIDE), "B": StepPicker("B", recommended)},
+                              self._measure, "Run A and B")
         tabs = widgets.Tab([self.single, self.compare], titles=("Measure", "Compare A / B"))
         super().__init__([self.voice, self.text, widgets.HBox([self.tokens, self.repeats, self.trace]), tabs])
         self.add_class("cblab-lab-bench")
