@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from chatterbox_lab.decode.decoder import STEPS, dependents, requirements
+from chatterbox_lab import registry
 from chatterbox_lab.measure.lab_bench import LabBench, StepPicker, measure
 
 TEXT = "Measure me."
@@ -35,7 +35,7 @@ def test_measure_writes_a_short_trace_of_any_configuration(tiny_tts, tmp_path):
 @pytest.mark.parametrize("steps,tokens,voice,error,message", [
     (("compiled",), 8, "alto", ValueError, "'compiled' needs static_cache, embed_cache"),
     (("static_cache", "embed_cache", "sampling_in_graph"), 8, "alto", ValueError, "'sampling_in_graph' needs compiled"),
-    (("fp8",), 8, "alto", ValueError, "unknown steps"),
+    (("fp8",), 8, "alto", ValueError, "unknown t3 steps"),
     ("bf16", 8, "alto", TypeError, r"collection of step names, e.g. \('bf16',\)"),
     ((), 0, "alto", ValueError, "max_new_tokens must be a positive integer"),
     ((), 8, "nobody", FileNotFoundError, "bundled voices: alto, tenor"),
@@ -46,8 +46,8 @@ def test_measure_refuses_bad_input_before_any_work(tiny_tts, steps, tokens, voic
 
 
 def test_step_rules_follow_requirements_both_ways():
-    assert requirements("sampling_in_graph") == {"compiled", "static_cache", "embed_cache"}
-    assert dependents("static_cache") == {"compiled", "fused_projections", "sampling_in_graph", "fused_matvec",
+    assert registry.requirements("sampling_in_graph") == {"compiled", "static_cache", "embed_cache"}
+    assert registry.dependents("static_cache") == {"compiled", "fused_projections", "sampling_in_graph", "fused_matvec",
                                           "filled_cache_attention", "fused_attention", "fused_sampling",
                                           "captured_graph", "dependent_launch", "launch_ahead", "fused_bookkeeping",
                                           "staged_weights", "multi_step_graph", "staged_head", "draw_aside",
@@ -66,7 +66,7 @@ def test_step_rules_follow_requirements_both_ways():
 def lab(tiny_tts):
     lab = LabBench(tiny_tts, text=TEXT)
     lab.tokens.value, lab.repeats.value = 8, 1
-    assert "cblab-lab-bench" in lab._dom_classes and set(lab.single.pickers["this run"].boxes) == set(STEPS)
+    assert "cblab-lab-bench" in lab._dom_classes and set(lab.single.pickers["this run"].boxes) == set(registry.T3_STEPS)
     return lab
 
 
