@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The GPU records of the product's default path, in one call per part:
-#   bash scripts/gpu_records.sh ladder   `bench --ladder` in one fresh process (wall time recorded),
-#                                        then `say` against upstream's loop, each a fresh process
+#   bash scripts/gpu_records.sh ladder   `bench --ladder` in one fresh process (wall time recorded)
 #   bash scripts/gpu_records.sh soak     the HTTP soak with the default (recommended) steps, started
-#                                        from empty compile caches, then again with warm ones
+#                                        from empty compile caches
+#   bash scripts/gpu_records.sh say      `say` against upstream's loop, each a fresh process
 # Writes under $OUT (or ./gpu-out) and prints a short summary last. Wheels for packages the machine
 # lacks may sit in .whl/ (installed into /tmp/site first).
 set -uo pipefail
@@ -26,16 +26,16 @@ ladder)
     start=$(date +%s.%N)
     python3 -m chatterbox_lab bench --ladder --out "$OUT/ladder.json" > "$OUT/ladder.log" 2>&1
     echo "bench --ladder: exit $?, wall $(wall "$start") s" | tee "$OUT/ladder_wall.txt"
-    python3 scripts/say_vs_upstream.py "$OUT/say.json" > "$OUT/say.log" 2>&1
-    echo "say vs upstream: exit $?"; tail -2 "$OUT/say.log"
     grep -v "^\(bench\|profile\|Sampling\|USDT\)" "$OUT/ladder.log" | tail -30
     ;;
 soak)
     rm -rf "$CHATTERBOX_LAB_CACHE/compile"
-    python3 -m chatterbox_lab soak --requests 1000 --clients 4 --tokens 256 256 --lone 40 --time-limit 330 \
-        --out "$OUT/soak.json" > "$OUT/soak.log" 2>&1
+    python3 -m chatterbox_lab soak --requests 1000 --clients 4 --tokens 256 256 --lone 30 \
+        --time-limit "${SOAK_TIME_LIMIT:-330}" --out "$OUT/soak.json" > "$OUT/soak.log" 2>&1
     echo "soak (cold caches): exit $?"; tail -2 "$OUT/soak.log" | cut -c1-1500
-    python3 scripts/say_vs_upstream.py "$OUT/say.json" 1 > "$OUT/say.log" 2>&1
+    ;;
+say)
+    python3 scripts/say_vs_upstream.py "$OUT/say.json" "${SAY_REPEATS:-3}" > "$OUT/say.log" 2>&1
     echo "say vs upstream: exit $?"; tail -2 "$OUT/say.log"
     ;;
 esac
