@@ -171,8 +171,9 @@ def latest_gpu_result() -> dict | None:
 
 
 def latest_gpu_checks(folder: str = "") -> dict | None:
-    """The equivalence checks of the latest committed GPU run (of `folder`) made with --checks."""
-    checked = [d for _, d in committed(gpu_only=True, folder=folder) if d.get("checks")]
+    """The equivalence checks of the latest committed GPU run (of `folder`) made with --checks: the
+    one with fp32 token identity (other runs record only their own checks, such as the half flow's)."""
+    checked = [d for _, d in committed(gpu_only=True, folder=folder) if "fp32_token_identity" in d.get("checks", {})]
     return checked[-1]["checks"] if checked else None
 
 
