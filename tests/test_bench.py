@@ -208,8 +208,11 @@ def test_tuning_starts_only_from_a_tuned_record_of_the_same_card(tmp_path, capsy
     results.write(record, path)
     with pytest.raises(ValueError, match=f"tuned on {gpu}, this is a CPU"):
         BenchConfig(rungs=("captured_graph",), device="cpu", tune_from=str(path)).resolved()
-    with pytest.raises(ValueError, match="give a rung at or past captured_graph"):
-        BenchConfig(rungs=("embed_cache",), device="cpu", tune_from=str(path)).resolved()
+    # A record of this machine's card (none: a CPU) sets the picks of every rung, whatever its steps.
+    this_card = tmp_path / "this_card.json"
+    results.write({**record, "provenance": {**record["provenance"], "gpu": None}}, this_card)
+    picks = BenchConfig(rungs=("embed_cache",), device="cpu", tune_from=str(this_card)).resolved().picks
+    assert picks.names() == {name: call["best"] for name, call in record["chain_sweep"]["calls"].items()}
     untuned = tmp_path / "untuned.json"
     results.write({**record, "chain_sweep": {}}, untuned)
     with pytest.raises(ValueError, match="the record has no chain tuning"):
@@ -217,6 +220,49 @@ def test_tuning_starts_only_from_a_tuned_record_of_the_same_card(tmp_path, capsy
     with pytest.raises(SystemExit):
         main(["bench", "--device", "cpu", "--rungs", "captured_graph", "--tune-from", str(tmp_path / "missing.json")])
     assert "missing.json" in capsys.readouterr().err
+
+
+def test_cli_bench_tunes_only_when_asked_and_runs_the_ladder_or_the_experimental_rungs(monkeypatch, capsys):
+    import chatterbox_lab.__main__ as cli
+    from chatterbox_lab.measure.bench import EXPERIMENTAL_RUNGS, LADDER_RUNGS
+
+    class Started(Exception):
+        pass
+
+    configs = []
+
+    def started(config, partial=None):
+        configs.append(config)
+        raise Started
+
+    monkeypatch.setattr(cli, "run", started)
+    for args in (["--rungs", "static_cache"], ["--ladder", "--tune"], ["--experimental"]):
+        with pytest.raises(Started):
+            main(["bench", "--device", "cpu", *args])
+    plain, ladder, experimental = configs
+    assert not plain.tune and plain.rungs == ("static_cache",)
+    assert ladder.tune and ladder.rungs == LADDER_RUNGS == ("upstream_fp32", "bf16", "static_cache", "embed_cache",
+                                                             "compiled", "recommended")
+    assert not experimental.tune and experimental.rungs == EXPERIMENTAL_RUNGS
+    assert set(EXPERIMENTAL_RUNGS) == {"filled_cache_attention", "head_handoff", "persistent_layers"}
+    with pytest.raises(SystemExit):
+        main(["bench", "--device", "cpu", "--no-sweep"])
+    assert "unrecognized arguments: --no-sweep" in capsys.readouterr().err
+
+
+def test_rungs_name_the_ladder_prefix_the_recommended_set_or_it_with_one_experimental_step():
+    from chatterbox_lab import registry
+    from chatterbox_lab.measure.bench import EXPERIMENTAL_RUNGS, rung_steps
+
+    assert RUNGS[0] == "upstream_fp32" and RUNGS[-1] == "recommended" and rung_steps("upstream_fp32", "cpu") == set()
+    assert rung_steps("recommended", "cpu") == set(registry.preset("recommended", "cpu"))
+    assert rung_steps("compiled", "cpu") == set(registry.GUIDE)
+    assert rung_steps("fused_matvec", "cpu") == registry.ladder_prefix("fused_matvec")  # no experimental step before it
+    assert "filled_cache_attention" not in rung_steps("fused_attention", "cpu")
+    for rung in EXPERIMENTAL_RUNGS:
+        steps = rung_steps(rung, "cpu")
+        assert steps == set(registry.preset("recommended", "cpu")) | {rung} | registry.requirements(rung)
+        assert [s for s in steps if registry.STEPS[s].status == "experimental"] == [rung]
 
 
 def test_s3gen_rungs_follow_the_t3_rungs_with_the_half_flow_check(tmp_path, capsys):
