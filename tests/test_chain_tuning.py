@@ -9,11 +9,6 @@ from chatterbox_lab.kernels.fused_matvec import KernelConfig
 from chatterbox_lab.kernels.picks import KernelPicks, config_named, name_of
 from chatterbox_lab.sampling import SamplingParams
 
-# `attention_candidates` reads `decode_attention.BLOCK_SLOTS`, but chain_tuning does not import
-# decode_attention: every call raises NameError.
-ATTENTION_CANDIDATES_BROKEN = pytest.mark.xfail(
-    strict=True, raises=NameError,
-    reason="chain_tuning.py:74 uses decode_attention.BLOCK_SLOTS without importing decode_attention")
 CAPTURED = registry.ladder_prefix("captured_graph") - {"bf16"}
 
 
@@ -83,7 +78,6 @@ def test_descent_keeps_the_best_median_of_the_rounds_not_the_screens_fluke():
     assert found["x"]["best"] == 1 == state["x"] and found["x"]["tried"][2] == 103.0
 
 
-@ATTENTION_CANDIDATES_BROKEN
 def test_tune_recaptures_for_every_candidate_and_leaves_the_fastest(tiny_tts, monkeypatch):
     """The decode here is real but its rate is made up (favouring 4 columns a program for gate/up
     and two value shares of attention): what is under test is that every knob is tried on a recaptured step and
@@ -116,7 +110,6 @@ def test_tune_recaptures_for_every_candidate_and_leaves_the_fastest(tiny_tts, mo
     assert found["tuned_tok_s"] == 102.0 and found["start_tok_s"] < 102.0
 
 
-@ATTENTION_CANDIDATES_BROKEN
 def test_every_candidates_name_reads_back_as_its_configuration():
     from chatterbox_lab.kernels import staged_matvec
 
@@ -185,7 +178,6 @@ def test_a_decoders_picks_are_the_ones_its_next_capture_reads(tiny_tts):
     assert T3Decoder(tiny_tts.t3, CAPTURED, max_new_tokens=4).picks == KernelPicks()
 
 
-@ATTENTION_CANDIDATES_BROKEN
 @pytest.mark.parametrize("capacity", [128, 448, 1024])
 def test_attention_candidates_hold_one_stretch_in_a_block_within_the_registers(capacity):
     found = chain_tuning.attention_candidates(capacity, 64)

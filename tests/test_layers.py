@@ -20,13 +20,6 @@ RULES = (
     ("pipeline", ("tuning", "measure", "records", "serving", "s3gen")),
 )
 
-# Modules that break a rule today, to be moved: path -> what it imports that it must not.
-KNOWN_VIOLATIONS = {
-    "chatterbox_lab/records/report.py": "report.py:275 imports chatterbox_lab.measure.profiling (plot_counts) and "
-                                        "report.py:326 imports chatterbox_lab.measure.bench (summary_table)",
-}
-
-
 def _imports(source: str, module: str, is_package: bool = False):
     """(line, dotted name) of every module the source of `module` imports, relative imports resolved."""
     package = module.split(".") if is_package else module.split(".")[:-1]
@@ -68,7 +61,6 @@ def test_every_layer_a_rule_names_exists_and_has_modules():
     for layer, forbidden in RULES:
         assert _modules_of(layer), layer
         assert set(forbidden) <= set(SUBPACKAGES), forbidden
-    assert set(KNOWN_VIOLATIONS) <= {str(path.relative_to(PACKAGE.parent)) for path in PACKAGE.rglob("*.py")}
 
 
 def test_the_import_reader_sees_every_kind_of_import():
@@ -87,8 +79,7 @@ def _rule_cases() -> list:
     for layer, forbidden in RULES:
         for path in _modules_of(layer):
             where = str(path.relative_to(PACKAGE.parent))
-            marks = [pytest.mark.xfail(strict=True, reason=KNOWN_VIOLATIONS[where])] if where in KNOWN_VIOLATIONS else []
-            cases.append(pytest.param(path, forbidden, id=where, marks=marks))
+            cases.append(pytest.param(path, forbidden, id=where))
     return cases
 
 

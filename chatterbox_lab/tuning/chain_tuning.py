@@ -25,7 +25,7 @@ import statistics
 from typing import Callable
 
 from chatterbox_lab import registry
-from chatterbox_lab.kernels import fused_matvec, staged_matvec
+from chatterbox_lab.kernels import decode_attention, fused_matvec, staged_matvec
 from chatterbox_lab.kernels.decode_attention import AttentionConfig
 from chatterbox_lab.kernels.fused_matvec import KernelConfig
 from chatterbox_lab.kernels.picks import KernelPicks, name_of
