@@ -91,7 +91,7 @@ def test_many_texts_in_batches_match_one_at_a_time(tiny_tts):
     from chatterbox_lab.decode.decoder import T3Decoder
     from chatterbox_lab.pipeline.synthesis import synthesize, synthesize_many
     from chatterbox_lab.sampling import SamplingParams
-    from chatterbox_lab.pipeline.voices import voice_path
+    from chatterbox_lab.pipeline.voices import VoiceCache, voice_path
 
     greedy = SamplingParams(top_p=1e-6)  # no randomness left: batch and alone must agree
     texts = ["First of five.", "The second one, somewhat longer.", "Third.", "Fourth here.", "Fifth and last."]
@@ -101,9 +101,10 @@ def test_many_texts_in_batches_match_one_at_a_time(tiny_tts):
                            max_new_tokens=6, sampling=greedy, watermark=False)
     assert len(many.speeches) == 5 and many.x_realtime > 0
     alone = T3Decoder(tiny_tts.t3, steps)
+    prepared = VoiceCache(tiny_tts, capacity=2)  # each voice prepared once, not once per text
     for text, voice, speech in zip(texts, voices, many.speeches):
-        single = synthesize(tiny_tts, text, voice=voice_path(voice), decoder=alone, max_new_tokens=6,
-                            sampling=greedy, watermark=False)
+        prepared.use(voice_path(voice))
+        single = synthesize(tiny_tts, text, decoder=alone, max_new_tokens=6, sampling=greedy, watermark=False)
         assert torch.equal(single.speech_tokens, speech.speech_tokens)
         assert len(single.wav) == len(speech.wav) == 6 * SAMPLES_PER_TOKEN
     with pytest.raises(ValueError, match="one voice for all texts or one per text"):

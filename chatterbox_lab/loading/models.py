@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from chatterbox_lab.loading.architecture import check_preset, upstream_constructors
+from chatterbox_lab.validation import check_tokenizer_file
 from chatterbox_lab.loading.checkpoint import check_checkpoint_dir, ensure_synthetic, read_marker, use_compile_caches
 
 DEVICES = ("cpu", "cuda", "mps")
@@ -79,6 +80,8 @@ def load_tts(source: str | Path = "synthetic", *, preset: str | None = None, dev
         directory = ensure_synthetic(preset)
     else:
         directory = check_checkpoint_dir(Path(source))
+        if (directory / "tokenizer.json").is_file():  # upstream would stop at a bad one with a traceback
+            check_tokenizer_file(directory / "tokenizer.json")
     marker = read_marker(directory)
     if marker is None and preset not in (None, "full"):
         raise ValueError(f"{directory} is a real checkpoint; it only comes in the 'full' size")
