@@ -229,3 +229,14 @@ def test_the_picks_shipped_for_a_tuned_card_and_the_defaults_elsewhere():
     assert h100.source.startswith("data/results/") and (ROOT / h100.source).is_file()
     assert shipped_for("unknown card") == DEFAULT and shipped_for("unknown card").calls == ()
     assert shipped_for(None) == DEFAULT
+
+
+def test_an_experimental_rung_is_labelled_in_the_record_and_its_table():
+    from chatterbox_lab.measure.bench import EXPERIMENTAL_RUNGS, LADDER_RUNGS, rung_status
+    from chatterbox_lab.records.results import markdown_table
+
+    assert [rung_status(r) for r in LADDER_RUNGS] == ["upstream", "guide", "guide", "guide", "guide", "recommended"]
+    assert {rung_status(r) for r in EXPERIMENTAL_RUNGS} == {"experimental"}
+    doc = {"rungs": {"recommended": {"status": "recommended"}, "head_handoff": {"status": "experimental"}}}
+    assert markdown_table(doc, ("t3_decode_tok_s",)).splitlines()[2:] == [
+        "| recommended | - |", "| head_handoff (experimental) | - |"]

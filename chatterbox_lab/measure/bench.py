@@ -58,6 +58,13 @@ LADDER_RUNGS = ("upstream_fp32", *registry.GUIDE, "recommended")
 KERNEL_STEPS = tuple(n for n in registry.T3_STEPS if not registry.STEPS[n].exact)
 
 
+def rung_status(rung: str) -> str:
+    """"upstream", or the status of the rung's step in the registry (`recommended` for that rung)."""
+    if rung == "upstream_fp32":
+        return "upstream"
+    return "recommended" if rung == "recommended" else registry.STEPS[rung].status
+
+
 def rung_steps(rung: str, device: str | None = None) -> frozenset:
     """The T3 steps of `rung` on `device`, less those it cannot run (so later rungs still run there)."""
     device = resolve_device(device)
@@ -596,6 +603,7 @@ def _time_everything(tts, cfg: BenchConfig, voice: Path, doc: dict, checks: dict
                 decoder = T3Decoder(tts.t3, rung_steps(rung, cfg.device), max_cache_len=_capacity(tts, cfg),
                                     picks=cfg.picks)
             doc["rungs"][rung] = measure_rung(tts, rung, cfg, voice, bar, bandwidth, decoder)
+            doc["rungs"][rung]["status"] = rung_status(rung)
             if partial:
                 results.write(doc, partial, overwrite=True)
         if cfg.s3gen_steps:

@@ -188,7 +188,9 @@ def fmt(value, digits=3) -> str:
 def markdown_table(doc: dict, figures=RUNG_FIGURES) -> str:
     head = "| rung | " + " | ".join(figures) + " |"
     rule = "|---|" + "---|" * len(figures)
-    rows = [f"| {name} | " + " | ".join(fmt(r.get(f)) for f in figures) + " |"
+    # An experimental rung says so: it is measured, not recommended.
+    rows = [f"| {name}{' (experimental)' if r.get('status') == 'experimental' else ''} | "
+            + " | ".join(fmt(r.get(f)) for f in figures) + " |"
             for name, r in doc["rungs"].items()]
     return "\n".join([head, rule, *rows])
 
