@@ -22,7 +22,7 @@ from chatterbox_lab.decode.kv_cache import CACHE_MULTIPLE, cache_len_for, check_
 from chatterbox_lab.decode.precision import t3_in_dtype
 from chatterbox_lab.sampling import DeviceSampling, SamplingParams, next_token_probs, race_noise, sample_token
 from chatterbox_lab.decode.plan import DecodePlan
-from chatterbox_lab.kernels.picks import KernelPicks
+from chatterbox_lab.kernels.picks import DEFAULT as DEFAULT_PICKS, KernelPicks
 from chatterbox_lab.decode.t3_forward import DynamicT3Forward, StaticT3Forward, filled_cache_mask
 
 # How often the host looks for the stop token: each look is a device sync that
@@ -160,8 +160,9 @@ class T3Decoder:
 
     @property
     def picks(self) -> KernelPicks:
-        """The kernels' configurations this decoder's step is captured with."""
-        return self.forward.picks
+        """The kernels' configurations this decoder's step is captured with (upstream's growing
+        cache runs none of our kernels: the defaults)."""
+        return self.forward.picks if self.forward is not None else DEFAULT_PICKS
 
     def _sampling_warps(self) -> int:
         return self.forward.picks.sampling_warps(self.t3.hp.speech_tokens_dict_size)
