@@ -80,7 +80,7 @@ def test_fused_projections_give_the_same_mels_with_one_copy_of_each_weight(fresh
 
 
 def test_flow_compiled_needs_the_graphs(fresh_tts):
-    with pytest.raises(ValueError, match="flow_compiled needs flow_graphs"):
+    with pytest.raises(ValueError, match="'flow_compiled' needs flow_graphs"):
         apply_s3gen_steps(fresh_tts, ["flow_compiled"])
     assert s3gen_steps_of(fresh_tts) == frozenset()
 

@@ -96,8 +96,8 @@ def synthesize(tts, text: str, *, voice=None, decoder: T3Decoder | None = None, 
     None to use the voice prepared last. `decoder=None` runs upstream's T3 loop.
     `flow_steps`: Euler steps of S3Gen's flow, None for upstream's (10); fewer is faster
     and changes the audio (`s3gen_steps.fewer_flow_steps_error` measures by how much).
-    `cancelled`: a callable the decoder asks at each stop check; when it answers True,
-    `Cancelled` is raised there (upstream's loop cannot be stopped)."""
+    `cancelled`: a callable asked at each of the decoder's stop checks and before S3Gen; when it
+    answers True, `Cancelled` is raised there (upstream's loop cannot be stopped)."""
     from chatterbox.models.s3gen.const import S3GEN_SR
 
     from chatterbox_lab.pipeline.voices import voice_or_prepared
@@ -119,6 +119,8 @@ def synthesize(tts, text: str, *, voice=None, decoder: T3Decoder | None = None, 
                 result = decoder.generate(tts.conds.t3, text_tokens, max_new_tokens, sampling, stop_on_eos,
                                           cancelled=cancelled)
                 tokens, prefill_s, decode_s, steps = result.tokens, result.prefill_s, result.decode_s, result.steps_run
+        if cancelled is not None and cancelled():  # asked once more before S3Gen, the longest stage left
+            raise Cancelled("stopped after T3, before S3Gen")
         speech_tokens, wav = tokens_to_speech(tts, tokens, tts.conds.gen, clock, watermark, flow_steps)
     return Synthesis(wav=wav, sample_rate=S3GEN_SR, speech_tokens=speech_tokens, seconds=seconds,
                      t3_prefill_s=prefill_s, t3_decode_s=decode_s, t3_steps=steps)

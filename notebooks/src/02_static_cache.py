@@ -87,8 +87,8 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
-# **What the H100 shows.** Eagerly, the static cache is no faster than bf16
-# alone: the committed runs put it level or behind, within the run-to-run
+# **What the H100 shows.** Eagerly, the static cache is no real gain over bf16
+# alone: the committed runs put it on either side, within the run-to-run
 # spread of a host-bound loop. The profile says why: more kernels per token
 # (in each of the 30 layers, two cache writes and two gathers from the rotary
 # tables; once per step, the mask) and hundreds more ATen operators on the
@@ -101,8 +101,9 @@ plt.show()
 
 # %%
 # NBVAL_CHECK_OUTPUT
-bf16, static = shown["bf16"], shown["static_cache"]
-print("static cache alone slower than bf16 eager on the H100:", static["t3_decode_tok_s"] < bf16["t3_decode_tok_s"])
+bf16, static, compiled = shown["bf16"], shown["static_cache"], h100["rungs"]["compiled"]
+print("static cache alone still launch-bound on the H100 (under a quarter of the compiled rate):",
+      static["t3_decode_tok_s"] < compiled["t3_decode_tok_s"] / 4)
 print("more kernels per token than bf16 eager:", static["gpu_kernels_per_token"] > bf16["gpu_kernels_per_token"])
 print("fp32 token identity on the H100:", results.latest_gpu_checks()["fp32_token_identity"]["static_cache"])
 
