@@ -153,7 +153,7 @@ def test_a_cancelled_request_stops_at_the_next_stop_check(session):
         return len(asked) > 2
 
     long_text = " ".join(["A sentence of its own, long enough to make a chunk of its own here."] * 12)
-    with pytest.raises(Cancelled, match="stopped after 1 of"):
+    with pytest.raises(Cancelled, match="stopped after"):
         session.synthesize(long_text, chunk=True, max_new_tokens=TOKENS, cancelled=after_two_chunks)
     assert len(session.synthesize("Then the next.", max_new_tokens=TOKENS).wav) == TOKENS * SAMPLES_PER_TOKEN
 
