@@ -132,6 +132,9 @@ def main(argv=None) -> int:
     b.add_argument("--out", type=Path, help="results JSON path (default: data/results/ on a GPU)")
     b.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     sub.add_parser("readme", help="regenerate README.md's results section from data/results/")
+    p = sub.add_parser("ship-picks", help="ship a bench record's tuned kernel picks for its card model "
+                                          "(chatterbox_lab/kernels/shipped/), so a fresh process starts with them")
+    p.add_argument("record", type=Path, help="a bench record (JSON) made with --tune")
     s = sub.add_parser("serve", help="HTTP example: POST /synthesize, POST /v1/audio/speech (OpenAI's), "
                                      "PUT and DELETE /voices/{id}, GET /health; limits in docs/serving.md")
     s.add_argument("--host", default="127.0.0.1")
@@ -212,6 +215,19 @@ def main(argv=None) -> int:
                              s3gen_steps=_s3gen_steps(args))
         print(f"warm-up (compile and capture): {session.warmup():.1f} s")
         uvicorn.run(create_app(session), host=args.host, port=args.port)
+        return 0
+    if args.command == "ship-picks":
+        from dataclasses import replace
+
+        from chatterbox_lab.kernels.picks import ship
+        from chatterbox_lab.tuning.chain_tuning import picks_from
+
+        try:
+            doc = results.load(args.record)
+            picks = picks_from(doc, doc["provenance"].get("gpu"))
+        except (ValueError, OSError, KeyError) as exc:
+            p.error(str(exc))
+        print(f"wrote {ship(replace(picks, source=str(args.record)))}")
         return 0
     if args.command == "readme":
         from chatterbox_lab.records.report import update_readme

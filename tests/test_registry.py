@@ -1,5 +1,6 @@
 """The step registry, the decode plan it resolves into, and the kernel picks: the one list of steps
 must stay consistent with the code and records it names."""
+import json
 from pathlib import Path
 
 import pytest
@@ -240,3 +241,17 @@ def test_an_experimental_rung_is_labelled_in_the_record_and_its_table():
     doc = {"rungs": {"recommended": {"status": "recommended"}, "head_handoff": {"status": "experimental"}}}
     assert markdown_table(doc, ("t3_decode_tok_s",)).splitlines()[2:] == [
         "| recommended | - |", "| head_handoff (experimental) | - |"]
+
+
+def test_ship_picks_writes_a_records_picks_as_the_package_ships_them(tmp_path, monkeypatch, capsys):
+    from chatterbox_lab.__main__ import main
+    from chatterbox_lab.kernels import picks
+
+    shipped = picks.SHIPPED_DIR / "nvidia-h100-80gb-hbm3.json"
+    record = json.loads(shipped.read_text())["source"]
+    monkeypatch.setattr(picks, "SHIPPED_DIR", tmp_path)
+    assert main(["ship-picks", record]) == 0
+    assert (tmp_path / shipped.name).read_text() == shipped.read_text()
+    with pytest.raises(SystemExit) as refused:
+        main(["ship-picks", str(tmp_path / "missing.json")])
+    assert refused.value.code == 2 and "missing.json" in capsys.readouterr().err

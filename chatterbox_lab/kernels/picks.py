@@ -7,8 +7,9 @@ experimental whole-`layer` kernel. The chain tuning finds them
 (`T3Decoder(picks=...)`), so a rung's speed never depends on what ran before it in the process.
 Calls without a pick run their kernel's default.
 
-The picks of committed records ship with the package (`shipped/`, one file per card model), so a
-fresh process on such a card starts at the tuned rate without tuning (`shipped_for`).
+The picks of committed records ship with the package (`shipped/`, one file per card model, written by
+`python -m chatterbox_lab ship-picks RECORD`), so a fresh process on such a card starts at the tuned
+rate without tuning (`shipped_for`).
 """
 from __future__ import annotations
 
