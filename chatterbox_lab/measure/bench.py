@@ -28,7 +28,7 @@ from chatterbox_lab import registry
 from chatterbox_lab.decode import precision
 from chatterbox_lab.decode.decoder import T3Decoder, prompt_len_for, text_tokens_for
 from chatterbox_lab.decode.plan import device_kind, unsupported_steps
-from chatterbox_lab.kernels.picks import DEFAULT as DEFAULT_PICKS, KernelPicks, shipped_for
+from chatterbox_lab.kernels.picks import KernelPicks, shipped_for
 from chatterbox_lab.measure import equivalence, flops, memory, profiling, roofline
 from chatterbox_lab.records import report, results
 from chatterbox_lab.records.report import batch_table, summary_table  # noqa: F401 (the bench's tables)
