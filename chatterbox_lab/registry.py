@@ -218,5 +218,6 @@ def markdown_table(model: str = "t3") -> str:
         s = STEPS[name]
         status = s.status + (f" (`{s.evidence}`)" if s.evidence else "")
         runs = {"cpu": "CPU or GPU", "cuda": "CUDA GPU", "hopper": "Hopper or later"}[s.runs_on]
-        rows.append(f"| `{name}` | {status} | {runs} | `{s.module}` | {s.summary} |")
+        over = "".join(f"; `{other}` then changes nothing" for other in s.takes_over)
+        rows.append(f"| `{name}` | {status} | {runs} | `{s.module}` | {s.summary}{over} |")
     return "\n".join(rows)
