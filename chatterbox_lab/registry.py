@@ -99,7 +99,7 @@ _T3 = (
          evidence="beyond/nvidia-h100-80gb-hbm3-full-20261126T1408Z.json"),
     Step("persistent_layers", "t3", "experimental", "cuda", "kernels/experimental/persistent_layer.py",
          "each layer as one persistent kernel with grid-wide barriers between its phases",
-         needs=("fused_matvec", "fused_attention"), exact=False, tuned_without=True,
+         needs=("fused_matvec", "fused_attention"), takes_over=("head_handoff",), exact=False, tuned_without=True,
          evidence="beyond/nvidia-h100-80gb-hbm3-full-20261126T0429Z.json"),
 )
 
