@@ -255,3 +255,13 @@ def test_ship_picks_writes_a_records_picks_as_the_package_ships_them(tmp_path, m
     with pytest.raises(SystemExit) as refused:
         main(["ship-picks", str(tmp_path / "missing.json")])
     assert refused.value.code == 2 and "missing.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", [n for n in registry.T3_STEPS if registry.STEPS[n].takes_over])
+def test_a_step_that_takes_over_leaves_the_other_nothing_to_change(name):
+    from dataclasses import replace
+
+    for other in registry.STEPS[name].takes_over:
+        without = registry.requirements(name) | {name} | registry.requirements(other)
+        with_other = DecodePlan.resolve(without | {other}, "cpu")
+        assert replace(with_other, steps=frozenset()) == replace(DecodePlan.resolve(without, "cpu"), steps=frozenset())
