@@ -365,7 +365,10 @@ def test_ctrl_c_stops_a_chunked_say_promptly_and_cleanly(tmp_path):
         signalled = time.monotonic()
         process.send_signal(sent)
         _, stderr = process.communicate(timeout=60)
-        assert time.monotonic() - signalled < 10
+        # The longest stretch with no stop check is one voice preparation (upstream's speech tokenizer)
+        # or one S3Gen pass: seconds, up to about ten on a loaded 2-core machine. Before stop checks
+        # reached the decoder, the same signal took over a minute.
+        assert time.monotonic() - signalled < 20
         assert process.returncode == 130, stderr
         assert "interrupted: stopped at the next stop check; nothing was written" in stderr
         assert "Traceback" not in stderr
