@@ -353,7 +353,8 @@ def test_ctrl_c_stops_a_chunked_say_promptly_and_cleanly(tmp_path):
     import sys
     import time
 
-    text = " ".join(["A sentence of its own, long enough to make a chunk of its own here."] * 40)
+    # Many chunks: the signal must land while they are spoken, well before the last one.
+    text = " ".join(["A sentence of its own, long enough to make a chunk of its own here."] * 160)
     for sent in (signal.SIGINT, signal.SIGTERM):
         out = tmp_path / f"{sent.name}.wav"
         process = subprocess.Popen([sys.executable, "-m", "chatterbox_lab", "say", text, "--chunk", "--out", str(out),
