@@ -7,7 +7,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "chatterbox_lab"
 SUBPACKAGES = tuple(sorted(p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()))
-FOUNDATION = ("registry", "sampling", "validation", "graphed_calls")
+FOUNDATION = ("registry", "sampling", "validation", "graphed_calls", "source")
 
 # (layer, what it must not import): a layer is a subpackage path (`kernels` holds `kernels/experimental`)
 # or a top-level module's name; what it must not import are subpackages.
