@@ -1,0 +1,69 @@
+"""The 8-bit formats: round trips within the bounds the formats give, and the many-row matmul."""
+import pytest
+import torch
+
+from chatterbox_lab.kernels import quantized
+from chatterbox_lab.kernels.quantized import quantize, quantize_rows, dequantize_rows, round_trip_bound
+
+
+def _rows():
+    torch.manual_seed(0)
+    # Rows of very different ranges, one of zeros, and values far below a row's largest (fp8's
+    # subnormals).
+    x = torch.randn(6, 96) * torch.tensor([1e-3, 1.0, 30.0, 0.0, 1.0, 5.0])[:, None]
+    x[4, :8] = torch.tensor([1e-6, -2e-5, 3e-4, 1e-3, -1e-2, 0.1, 2.0, -3.5])
+    return x
+
+
+@pytest.mark.parametrize("format", quantized.FORMATS)
+def test_a_round_trip_errs_by_at_most_what_the_format_allows(format):
+    x = _rows()
+    codes, scale = quantize_rows(x, format)
+    assert codes.dtype == quantized.STORAGE[format] and scale.shape == (6,)
+    back = dequantize_rows(codes, scale)
+    assert torch.isfinite(back).all()
+    assert ((back - x).abs() <= round_trip_bound(x, scale, format) * (1 + 1e-6)).all()
+    # The row's largest magnitude lands on the format's largest code.
+    assert torch.equal(codes.float().abs().amax(dim=1)[scale != 1], torch.full((5,), quantized.LARGEST[format]))
+    assert not codes[3].float().any() and scale[3] == 1  # zeros, no division by zero
+
+
+def test_int8_rounds_ties_to_even_as_torch_round_does():
+    ties = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, 126.5, 3.3, -3.7])
+    assert torch.equal(quantized.rounded(ties), torch.round(ties))
+
+
+def test_a_quantized_weight_is_per_output_row_and_dequantizes_to_the_models_dtype():
+    weight = torch.randn(8, 32, dtype=torch.bfloat16)
+    q = quantize(weight, "int8")
+    assert q.shape == (8, 32) and q.scale.shape == (8,) and q.nbytes() == 8 * 32 + 8 * 4
+    assert q.dequantized().dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="choose from int8, fp8"):
+        quantize(weight, "int4")
+    with pytest.raises(ValueError, match="weight matrix"):
+        quantize(weight[0], "int8")
+
+
+@pytest.mark.parametrize("format", quantized.FORMATS)
+def test_the_many_row_matmul_is_pytorchs_on_the_dequantized_weight(format):
+    torch.manual_seed(1)
+    weight, bias = torch.randn(24, 64), torch.randn(24)
+    x = torch.randn(3, 20, 64)
+    q = quantize(weight, format)
+    got = quantized.quantized_linear(x, q, bias)
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, q.dequantized(), bias))
+
+
+@pytest.mark.gpu
+def test_cublas_fp8_matmul_is_near_the_dequantized_one():
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("fp8 matmuls need a Hopper or later GPU")
+    torch.manual_seed(2)
+    weight = torch.randn(256, 1024, device="cuda", dtype=torch.bfloat16) / 32
+    x = torch.randn(64, 1024, device="cuda", dtype=torch.bfloat16)
+    q = quantize(weight, "fp8")
+    assert quantized.scaled_mm_applies(x, q)
+    want = torch.nn.functional.linear(x.float(), q.dequantized().float())
+    got = quantized.quantized_linear(x, q).float()
+    # The input rows are rounded to fp8 too: about 2^-4 of each value, averaged down over 1,024 sums.
+    assert ((got - want).norm() / want.norm()) < 2e-2
