@@ -19,6 +19,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import os
 import statistics
 import socket
 from pathlib import Path
@@ -29,6 +30,11 @@ from torch.autograd import DeviceType
 
 from chatterbox_lab.records.report import plot_counts  # noqa: F401 (drawn with the reports, used with the profiles)
 from torch.profiler import ProfilerActivity, profile
+
+# Kineto writes "USDT ... profiler_start" and "profiler_stop" to stderr around every profiled run,
+# which fill notebook outputs and logs. It reads this level when a profile starts; its markers have
+# the highest level, so only a level above them hides them. A failed profile still raises.
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
 RUNTIME_LAUNCHES = {"cudaLaunchKernel", "cudaLaunchKernelExC", "cudaLaunchCooperativeKernel"}
 DRIVER_LAUNCHES = {"cuLaunchKernel", "cuLaunchKernelEx"}
