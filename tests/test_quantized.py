@@ -67,3 +67,47 @@ def test_cublas_fp8_matmul_is_near_the_dequantized_one():
     got = quantized.quantized_linear(x, q).float()
     # The input rows are rounded to fp8 too: about 2^-4 of each value, averaged down over 1,024 sums.
     assert ((got - want).norm() / want.norm()) < 2e-2
+
+
+@pytest.mark.parametrize("format", quantized.FORMATS)
+@pytest.mark.parametrize("options", ["bias", "norm_gated", "residual"])
+def test_the_matvec_kernel_on_8_bit_rows_is_pytorch_on_the_dequantized_rows(interpreted, format, options):
+    """Under Triton's interpreter: the kernel widens the codes and scales the sums; PyTorch multiplies
+    the dequantized weight. In fp32 they differ only by the order of the sums."""
+    torch.manual_seed(3)
+    rows, k, n = 2, 80, 24  # neither a multiple of the blocks: the masks are exercised
+    gated = options == "norm_gated"
+    q = quantize(torch.randn(2 * n if gated else n, k) / k ** 0.5, format)
+    x = torch.randn(rows, 1, k)
+    kw = dict(gated=gated)
+    if options == "bias":
+        kw["bias"] = torch.randn(n)
+    if gated:
+        kw["norm"] = interpreted.Norm(torch.rand(k) + 0.5, 1e-5)
+    if options == "residual":
+        kw["residual"] = torch.randn(rows, 1, n)
+    config = interpreted.KernelConfig(block_n=8, block_k=32, warps=4)
+    got = interpreted.fused_matvec(x, q, config=config, **kw)
+    torch.testing.assert_close(got, interpreted.reference_matvec(x, q.dequantized(), **kw), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("format", quantized.FORMATS)
+@pytest.mark.parametrize("gated", [False, True])
+def test_the_matvec_kernel_on_8_bit_rows_on_the_gpu(format, gated):
+    """The full model's gate/up and down shapes in bf16, against PyTorch on the dequantized rows."""
+    from chatterbox_lab.kernels import fused_matvec
+
+    if format == "fp8" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("fp8 weights need a Hopper or later GPU")
+    torch.manual_seed(4)
+    k, n = (1024, 4096) if gated else (4096, 1024)
+    q = quantize(torch.randn(2 * n if gated else n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5, format)
+    x = torch.randn(2, 1, k, device="cuda", dtype=torch.bfloat16)
+    kw = dict(gated=True, norm=fused_matvec.Norm(torch.ones(k, device="cuda", dtype=torch.bfloat16), 1e-5)) \
+        if gated else dict(residual=torch.randn(2, 1, n, device="cuda", dtype=torch.bfloat16))
+    got = fused_matvec.triton_matvec(x, q, **kw).float()
+    want = fused_matvec.reference_matvec(x.float(), q.dequantized().float(),
+                                         **{key: (v.float() if torch.is_tensor(v) else v) for key, v in kw.items()})
+    # bf16 output rounding (2^-9 relative) on both sides; the kernel never rounds a dequantized weight.
+    assert ((got - want).norm() / want.norm()) < 1e-2

@@ -12,6 +12,10 @@ few output columns, streams their weight rows once, and:
   the MLP's activation never goes through memory;
 - `residual`: adds the residual stream to its result.
 
+The weights may be 8-bit (`kernels/quantized.py`): the kernel loads one byte a weight, widens it
+in registers and applies the row's scale to the row's sums, where it factors out of the sum over
+the inputs (one multiply per column, not per weight).
+
 A Llama layer becomes four of these kernels plus rotary, cache write and attention.
 Rounding follows transformers' Llama in the model's dtype: the normed input, the
 matmul output, the activation and the residual sum are each rounded to it, so the
@@ -24,10 +28,12 @@ itself (tests).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from chatterbox_lab.kernels.quantized import QuantizedWeight, quantized_linear
 
 
 try:
@@ -67,10 +73,11 @@ def reference_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
                      norm: Norm | None = None, gated: bool = False,
                      residual: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) @ weight.T (+ bias), with the optional norm before and gate / residual after.
-    `gated`: weight holds gate rows then up rows; the result is SiLU(gate) * up."""
+    `gated`: weight holds gate rows then up rows; the result is SiLU(gate) * up. An 8-bit weight
+    (`QuantizedWeight`) is multiplied as `quantized.quantized_linear` does."""
     if norm is not None:
         x = rms_normed(x, norm)
-    y = F.linear(x, weight, bias)
+    y = quantized_linear(x, weight, bias) if isinstance(weight, QuantizedWeight) else F.linear(x, weight, bias)
     if gated:
         gate, up = y.chunk(2, dim=-1)
         y = F.silu(gate) * up
@@ -113,22 +120,23 @@ if triton is not None:
                        stride_x, stride_w, stride_out, stride_res,
                        BIAS: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                       AHEAD: tl.constexpr):
+                       AHEAD: tl.constexpr, scale_ptr=None, SCALED: tl.constexpr = False):
         if PDL and AHEAD:
             # Nothing the next kernel does before its own wait depends on this one: let it launch as
             # soon as every program here has started, so its weights stream in behind these.
             gdc_launch_dependents()
         matvec_columns(tl.program_id(0), x_ptr, w_ptr, bias_ptr, out_ptr, res_ptr, norm_ptr, M, N, K, eps,
                        stride_x, stride_w, stride_out, stride_res, BIAS, NORM, GATED, RESIDUAL, BLOCK_M, BLOCK_N,
-                       BLOCK_K, PDL, AHEAD)
+                       BLOCK_K, PDL, AHEAD, scale_ptr, SCALED)
 
     @triton.jit
     def matvec_columns(program, x_ptr, w_ptr, bias_ptr, out_ptr, res_ptr, norm_ptr, M, N, K, eps,
                        stride_x, stride_w, stride_out, stride_res,
                        BIAS: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                       AHEAD: tl.constexpr):
-        """Program `program`'s columns of the kernel's result (`head_handoff` calls it as well)."""
+                       AHEAD: tl.constexpr, scale_ptr=None, SCALED: tl.constexpr = False):
+        """Program `program`'s columns of the kernel's result (`head_handoff` calls it as well).
+        `SCALED`: the weights are 8-bit codes, row r standing for its codes times `scale_ptr[r]`."""
         rows = tl.arange(0, BLOCK_M)
         cols = program * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < M
@@ -147,6 +155,10 @@ if triton is not None:
         gain = tl.load(norm_ptr + ks, mask=k_ok & NORM, other=0.0)
         if BIAS:
             bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if SCALED:
+            scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
+            if GATED:
+                scale_up = tl.load(scale_ptr + cols + N, mask=col_ok, other=0.0)
         if PDL:
             gdc_wait()  # everything below reads or writes what earlier kernels touch
             if not AHEAD:
@@ -185,6 +197,10 @@ if triton is not None:
             if GATED:
                 w_up = tl.load(w_ptr + (cols + N)[:, None] * stride_w + ks[None, :], mask=w_mask, other=0.0)
                 acc_up += tl.sum(normed * w_up.to(tl.float32)[None, :, :], axis=2)
+        if SCALED:
+            acc *= scale[None, :]
+            if GATED:
+                acc_up *= scale_up[None, :]
         if BIAS:
             acc += bias[None, :]
         y = finished(acc, acc_up if GATED else acc, res if RESIDUAL else acc, dtype, GATED, RESIDUAL)
@@ -203,9 +219,17 @@ if triton is not None:
         return y.to(dtype)
 
 
-def kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def stored(weight: torch.Tensor | QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What the kernel reads of a weight: its rows (8-bit codes, or the model's dtype) and the rows'
+    scales (None for a weight in the model's dtype)."""
+    if isinstance(weight, QuantizedWeight):
+        return weight.codes, weight.scale
+    return weight, None
+
+
+def kernel_applies(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight) -> bool:
     """The Triton kernel serves this call: few rows, on CUDA (or `interpreter_on_cpu`)."""
-    if triton is None or x.numel() // x.size(-1) > MAX_ROWS or not weight.is_contiguous():
+    if triton is None or x.numel() // x.size(-1) > MAX_ROWS or not stored(weight)[0].is_contiguous():
         return False
     return x.is_cuda or (x.device.type == "cpu" and interpreter_on_cpu)
 
@@ -246,15 +270,17 @@ def matvec_rows(x: torch.Tensor, weight: torch.Tensor, gated: bool, residual: to
 
 @dataclass
 class MatvecLaunch:
-    """A matvec kernel's arguments for `matvec_columns`, its program count, warps and output."""
+    """A matvec kernel's arguments for `matvec_columns`, its program count, warps and output;
+    `scales`: the 8-bit weight's row scales, as keyword arguments (empty for the model's dtype)."""
     args: tuple
     constexprs: dict
     programs: int
     warps: int
     out: torch.Tensor
+    scales: dict = field(default_factory=dict)
 
 
-def matvec_launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, norm: Norm | None = None,
+def matvec_launch(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None, norm: Norm | None = None,
                   gated: bool = False, residual: torch.Tensor | None = None, config: KernelConfig | None = None,
                   pdl: bool = False, ahead: bool = False) -> MatvecLaunch:
     if gated and bias is not None:
@@ -263,16 +289,18 @@ def matvec_launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     (m, k), n = x2.shape, out.size(1)
     if config is None:
         config = default_config(n, k, gated)
-    args = (x2, weight, bias if bias is not None else weight, out, res, norm.weight if norm is not None else weight,
+    rows, scale = stored(weight)
+    args = (x2, rows, bias if bias is not None else out, out, res, norm.weight if norm is not None else out,
             m, n, k, norm.eps if norm is not None else 0.0,
-            x2.stride(0), weight.stride(0), out.stride(0), res.stride(0))
+            x2.stride(0), rows.stride(0), out.stride(0), res.stride(0))
     constexprs = dict(BIAS=bias is not None, NORM=norm is not None, GATED=gated, RESIDUAL=residual is not None,
                       BLOCK_M=max(2, triton.next_power_of_2(m)), BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                       PDL=pdl, AHEAD=ahead)
-    return MatvecLaunch(args, constexprs, triton.cdiv(n, config.block_n), config.warps, out)
+    scales = dict(scale_ptr=scale, SCALED=True) if scale is not None else {}
+    return MatvecLaunch(args, constexprs, triton.cdiv(n, config.block_n), config.warps, out, scales)
 
 
-def triton_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+def triton_matvec(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None,
                   norm: Norm | None = None, gated: bool = False, residual: torch.Tensor | None = None,
                   config: KernelConfig | None = None, pdl: bool = False, ahead: bool = False) -> torch.Tensor:
     """`reference_matvec` as one Triton kernel (x has at most MAX_ROWS rows). `pdl`: launched as a
@@ -284,11 +312,11 @@ def triton_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
     launch = matvec_launch(x, weight, bias, norm, gated, residual, config, pdl, ahead)
     wrap_triton(_matvec_kernel)[(launch.programs,)](
-        *launch.args, **launch.constexprs, num_warps=launch.warps, **({"launch_pdl": True} if pdl else {}))
+        *launch.args, **launch.constexprs, **launch.scales, num_warps=launch.warps, **({"launch_pdl": True} if pdl else {}))
     return launch.out.view(*x.shape[:-1], launch.out.size(-1))
 
 
-def fused_matvec(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+def fused_matvec(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None,
                  norm: Norm | None = None, gated: bool = False, residual: torch.Tensor | None = None,
                  config: KernelConfig | None = None, pdl: bool = False, ahead: bool = False) -> torch.Tensor:
     """The Triton kernel where it applies (`kernel_applies`), in `config` (None: `default_config`),

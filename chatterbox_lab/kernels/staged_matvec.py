@@ -119,8 +119,9 @@ def kernel_applies(x: torch.Tensor, weight: torch.Tensor, gated: bool = False, b
                    config: StagedConfig | None = None) -> bool:
     """The staged kernel serves this call: on a Hopper-or-later GPU with Gluon, few rows, a bias only
     without a gate (as `fused_matvec`), a config whose threads divide the shape, and a program's
-    weights within an SM's shared memory."""
-    if not (GLUON_AVAILABLE and x.is_cuda and not (gated and bias is not None) and weight.is_contiguous()):
+    weights within an SM's shared memory. Not for 8-bit weights, which it does not read."""
+    if not (GLUON_AVAILABLE and x.is_cuda and not (gated and bias is not None) and isinstance(weight, torch.Tensor)
+            and weight.is_contiguous()):
         return False
     rows, k = x.numel() // x.size(-1), x.size(-1)
     n = weight.size(0) // 2 if gated else weight.size(0)
