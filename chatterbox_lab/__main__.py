@@ -131,7 +131,8 @@ def main(argv=None) -> int:
                         f"(no STEP: all of {', '.join(S3GEN_STEPS)})")
     b.add_argument("--out", type=Path, help="results JSON path (default: data/results/ on a GPU)")
     b.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    sub.add_parser("readme", help="regenerate README.md's results section from data/results/")
+    sub.add_parser("readme", help="regenerate the generated tables of README.md and docs/ from data/results/ "
+                                  "and the step registry")
     p = sub.add_parser("ship-picks", help="ship a bench record's tuned kernel picks for its card model "
                                           "(chatterbox_lab/kernels/shipped/), so a fresh process starts with them")
     p.add_argument("record", type=Path, help="a bench record (JSON) made with --tune")
@@ -230,9 +231,10 @@ def main(argv=None) -> int:
         print(f"wrote {ship(replace(picks, source=str(args.record)))}")
         return 0
     if args.command == "readme":
-        from chatterbox_lab.records.report import update_readme
+        from chatterbox_lab.records.report import ROOT, update_pages
 
-        print("README.md updated" if update_readme() else "README.md already up to date")
+        changed = update_pages()
+        print("updated: " + ", ".join(str(p.relative_to(ROOT)) for p in changed) if changed else "already up to date")
         return 0
 
     rungs = tuple(args.rungs or ()) + (LADDER_RUNGS if args.ladder else ()) + \

@@ -2,20 +2,64 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
 from chatterbox_lab import registry
-from chatterbox_lab.records import results
+from chatterbox_lab.records import results, spread
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
+DOCS = ROOT / "docs"
 CATALOG = ROOT / "notebooks" / "catalog.json"
-BLOCKS = {"results": lambda: results_section(), "notebooks": lambda: notebook_section(),
-          "soak": lambda: soak_section(), "e2e": lambda: end_to_end_section(),
+BLOCKS = {"headline": lambda: headline_section(), "results": lambda: results_section(),
+          "notebooks": lambda: notebook_section(), "soak": lambda: soak_section(), "e2e": lambda: end_to_end_section(),
           "steps": lambda: registry.markdown_table("t3"), "s3gen_steps": lambda: registry.markdown_table("s3gen")}
+# Which generated blocks each page holds: the README's first screen, the reference pages in docs/.
+PAGES = {README: ("headline", "notebooks"), DOCS / "steps.md": ("steps", "s3gen_steps"),
+         DOCS / "records.md": ("results", "e2e"), DOCS / "serving.md": ("soak",)}
+# The card of the headline: the one with the most committed records.
+HEADLINE_GPU = "NVIDIA H100 80GB HBM3"
 README_FIGURES = ("t3_decode_tok_s", "t3_speedup_vs_upstream", "fraction_of_floor", "t3_prefill_s", "e2e_s", "rtf",
                   "peak_vram_mib", "compile_s", "gpu_kernels_per_token", "host_launches_per_token")
+
+
+def headline_rungs() -> tuple[tuple[str, str], ...]:
+    """(rung, what it runs) of the headline: upstream, the guide's rungs, the recommended T3 steps,
+    and those with S3Gen's recommended steps too (the bench's last S3Gen rung)."""
+    t3 = registry.preset("recommended")
+    s3gen = registry.preset("recommended", model="s3gen")
+    return (("upstream_fp32", "upstream's own loop"),
+            *((name, f"the guide: {registry.STEPS[name].summary}") for name in registry.GUIDE),
+            ("recommended", f"the {len(t3)} recommended T3 steps"),
+            (s3gen[-1], f"the recommended T3 steps and S3Gen's {len(s3gen)}"))
+
+
+def headline_section(gpu: str = HEADLINE_GPU) -> str:
+    """T3 decode rate, its ratio to upstream's, its share of the memory floor and the real-time factor
+    of each headline rung: the median of the committed records that count for it, with their range."""
+    rows = ["| rung | what runs | records | T3 tok/s | x upstream | of the floor | RTF |",
+            "|---|---|---|---|---|---|---|"]
+    for rung, what in headline_rungs():
+        found = spread.records_of(rung, gpu)
+        if not found:
+            raise LookupError(f"no committed record of {gpu} counts for the headline rung {rung!r}: "
+                              f"run `python -m chatterbox_lab bench --ladder` on that card and commit its record")
+        rate, rtf = (spread.of(doc["rungs"][rung][key] for _, doc in found) for key in ("t3_decode_tok_s", "rtf"))
+        floor = spread.of(100 * doc["rungs"][rung]["fraction_of_floor"] for _, doc in found
+                          if doc["rungs"][rung].get("fraction_of_floor"))
+        speedup = "1x" if rung == spread.UPSTREAM else spread.speedup_spread(rung, gpu).text(suffix="x")
+        rows.append(f"| `{rung}` | {what} | {len(found)} | {rate.text()} | {speedup} | "
+                    f"{floor.text(digits=2, suffix='%')} | {rtf.text()} |")
+    return "\n".join([
+        *rows, "",
+        f"Measured on an **{gpu}**, preset `{spread.PRESET}`, {spread.TOKENS} speech tokens "
+        f"({spread.TOKENS / 25:.2f} s of audio). Each cell is the median over the committed records, with "
+        "the lowest and highest in brackets; each record is the median of its runs in one process. A guide "
+        "rung counts every record of it; the recommended rungs count only records of today's step set "
+        "([docs/records.md](docs/records.md)). RTF is wall time over audio time: below 1 is faster than "
+        "real time."])
 
 
 def results_section() -> str:
@@ -96,13 +140,13 @@ def s3gen_warmup_s(rung: dict) -> float:
     return max(0.0, sum(first[stage] - median[stage] for stage in S3GEN_STAGES))
 
 
-# Issue 6's goals for one card, full preset: one 10-second utterance with a cached voice, and
+# The end-to-end goals for one card, full preset: one 10-second utterance with a cached voice, and
 # many utterances at once.
 END_TO_END_GOALS = dict(rtf=0.03, first_audio_s=0.08, peak_vram_mib=2.0e9 / 2**20, x_realtime=2000)
 
 
 def end_to_end_rows(rungs_doc: dict, e2e_doc: dict) -> list[dict]:
-    """Issue 6's goals next to what was measured: the last S3Gen rung of `rungs_doc` and the
+    """The end-to-end goals next to what was measured: the last S3Gen rung of `rungs_doc` and the
     stream and many-utterance figures of `e2e_doc`. The goals are for a voice already prepared:
     the real-time factor and peak memory of the rung's requests timed with the voice cached where
     the record has them (`cached_voice`), else its requests less their conditioning time."""
@@ -160,7 +204,7 @@ def end_to_end_section() -> str:
         f"{', '.join(last['t3_steps'])}. Seconds per stage:",
         "", *rows, "",
         f"`flow_half`'s mel difference from the fp32 flow: {checks['half_flow_mel_rel_error']:.2%} "
-        f"(tolerance {checks['half_flow_tolerance']:.0%}). Issue 6's goals on each card's latest complete "
+        f"(tolerance {checks['half_flow_tolerance']:.0%}). The end-to-end goals on each card's latest complete "
         f"record ({records}), for a voice already prepared (`rtf` and `peak_vram_mib` of requests with the "
         "voice cached, `first_audio_s` from a streamed request, `x_realtime` of many utterances at once, below):",
         "", *goals, "", *card_lines])
@@ -249,23 +293,38 @@ def notebook_section() -> str:
     return "\n".join(rows)
 
 
-def render_readme(text: str) -> str:
-    for name, make in BLOCKS.items():
+def render_page(path: Path, text: str | None = None) -> str:
+    """`path`'s text (or `text`) with each of its generated blocks made anew."""
+    text = path.read_text() if text is None else text
+    for name in PAGES[path]:
         start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
         pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
         if not pattern.search(text):
-            raise ValueError(f"README has no {start} ... {end} block")
-        text = pattern.sub(lambda _: f"{start}\n{make()}\n{end}", text)
+            raise ValueError(f"{path.relative_to(ROOT)} has no {start} ... {end} block")
+        made = _links_from(path.parent, BLOCKS[name]())
+        text = pattern.sub(lambda _: f"{start}\n{made}\n{end}", text)
     return text
 
 
-def update_readme(path: Path = README) -> bool:
-    """Rewrite the results block; returns whether anything changed."""
-    old = path.read_text()
-    new = render_readme(old)
-    if new != old:
-        path.write_text(new)
-    return new != old
+def _links_from(folder: Path, markdown: str) -> str:
+    """The blocks link files relative to the repository's root; a page in docs/ needs them relative
+    to its own folder."""
+    def relative(match: re.Match) -> str:
+        return f"]({os.path.relpath(ROOT / match.group(1), folder)})"
+
+    return re.sub(r"\]\((?!https?:|#)([^)]+)\)", relative, markdown)
+
+
+def update_pages() -> list[Path]:
+    """Rewrite the generated blocks of the README and docs/ pages; returns the pages that changed."""
+    changed = []
+    for path in PAGES:
+        old = path.read_text()
+        new = render_page(path, old)
+        if new != old:
+            path.write_text(new)
+            changed.append(path)
+    return changed
 
 
 def plot_rungs(doc: dict, title: str | None = None):
