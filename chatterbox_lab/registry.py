@@ -7,7 +7,8 @@ one `Step` record. Its `status` says where it stands:
 - `guide`: one of the optimization guide's four steps;
 - `recommended`: past the guide, part of the fastest set measured on a GPU;
 - `experimental`: runnable and tested, but measured slower than the recommended set (`evidence` names
-  the record that shows it), so no preset but `all` switches it on.
+  the record that shows it), or not yet timed on a GPU (`unmeasured`), so no preset but `all`
+  switches it on.
 
 Its `runs_on` says where it can run: `cpu` (anywhere), `cuda` (a CUDA GPU; on a CPU the same
 computation runs in PyTorch or Triton's interpreter, for tests) or `hopper` (Hopper or later GPUs
@@ -36,6 +37,7 @@ class Step:
     takes_over: tuple = ()     # steps it supersedes: with it on, they change nothing
     exact: bool = True         # keeps PyTorch's arithmetic: fp32 tokens identical to upstream's
     evidence: str | None = None  # for an experimental step: the record that measured it slower
+    unmeasured: bool = False    # an experimental step no GPU record has timed yet (so no evidence)
     helps_on_cpu: bool = False  # part of the `recommended` preset on a CPU
     # The chain tuning runs without it: its kernels replace the tuned ones, or it changes only how
     # the captured step is replayed (every candidate recaptures, and a multi-step graph takes about
@@ -45,6 +47,9 @@ class Step:
     # many requests, not one (`say` leaves it out).
     compiles: bool = False
 
+
+# What 8-bit weights take over from: kernels that read weights in the model's dtype only.
+_WHOLE_LAYER_AND_STAGED = ("staged_weights", "staged_head", "head_handoff", "persistent_layers")
 
 _T3 = (
     Step("bf16", "t3", "guide", "cpu", "decode/precision.py", "T3 weights in bfloat16"),
@@ -101,6 +106,18 @@ _T3 = (
          "each layer as one persistent kernel with grid-wide barriers between its phases",
          needs=("fused_matvec", "fused_attention"), takes_over=("head_handoff",), exact=False, tuned_without=True,
          evidence="beyond/nvidia-h100-80gb-hbm3-full-20261126T0429Z.json"),
+    # 8-bit formats (`kernels/quantized.py`): the whole-layer kernels read weights and cache in the
+    # model's dtype only, and the staged kernels weights, so an 8-bit format takes over from them.
+    Step("int8_weights", "t3", "experimental", "cuda", "kernels/quantized.py",
+         "T3's layer and head weights as int8 with a scale per output row, widened in the matvec kernels",
+         needs=("bf16", "fused_matvec"), takes_over=_WHOLE_LAYER_AND_STAGED, exact=False, unmeasured=True),
+    Step("fp8_weights", "t3", "experimental", "hopper", "kernels/quantized.py",
+         "the same weights as fp8 e4m3; a prefill multiplies them with cuBLAS's fp8 matmul",
+         needs=("bf16", "fused_matvec"), takes_over=("int8_weights",) + _WHOLE_LAYER_AND_STAGED,
+         exact=False, unmeasured=True),
+    Step("int8_kv_cache", "t3", "experimental", "cuda", "decode/kv_cache.py",
+         "the KV cache as int8 with a scale per slot and head, widened as attention reads it",
+         needs=("static_cache",), takes_over=("head_handoff", "persistent_layers"), exact=False, unmeasured=True),
 )
 
 _S3GEN = (
@@ -216,7 +233,8 @@ def markdown_table(model: str = "t3") -> str:
     rows = ["| step | status | runs on | module | what changes |", "|---|---|---|---|---|"]
     for name in (T3_STEPS if model == "t3" else S3GEN_STEPS):
         s = STEPS[name]
-        status = s.status + (f" (`{s.evidence}`)" if s.evidence else "")
+        status = s.status + (f" (`{s.evidence}`)" if s.evidence else " (not yet timed on a GPU)" if s.unmeasured
+                             else "")
         runs = {"cpu": "CPU or GPU", "cuda": "CUDA GPU", "hopper": "Hopper or later"}[s.runs_on]
         over = "".join(f"; `{other}` then changes nothing" for other in s.takes_over)
         rows.append(f"| `{name}` | {status} | {runs} | `{s.module}` | {s.summary}{over} |")

@@ -111,3 +111,102 @@ def test_the_matvec_kernel_on_8_bit_rows_on_the_gpu(format, gated):
                                          **{key: (v.float() if torch.is_tensor(v) else v) for key, v in kw.items()})
     # bf16 output rounding (2^-9 relative) on both sides; the kernel never rounds a dequantized weight.
     assert ((got - want).norm() / want.norm()) < 1e-2
+
+
+def test_an_int8_cache_stores_codes_and_reads_back_within_half_a_step():
+    from chatterbox_lab.decode.kv_cache import StaticKVCache
+
+    torch.manual_seed(5)
+    cache = StaticKVCache(1, 2, 2, 16, 8, torch.float32, "cpu", format="int8")
+    k, v = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    keys, values = cache.update(0, torch.arange(5), k, v)
+    assert cache.keys[0].dtype == torch.int8 and keys.dtype == torch.float32
+    for new, read, scales in ((k, keys, cache.key_scales[0]), (v, values, cache.value_scales[0])):
+        assert ((read[:, :, :5] - new).abs() <= quantized.INT8_HALF_STEP * scales[:, :, :5, None] * (1 + 1e-6)).all()
+    one = torch.randn(2, 2, 1, 8)
+    keys, _ = cache.update(0, torch.tensor([[7], [9]]), one, one)  # one step, a position per row
+    assert (keys[0, :, 7] - one[0, :, 0]).abs().max() <= cache.key_scales[0][0, :, 7].max()
+    # Half the bytes, and a scale per slot and head.
+    assert cache.nbytes() == 2 * (2 * 2 * 16 * 8 + 4 * 2 * 2 * 16)
+    with pytest.raises(ValueError, match="choose from model, int8"):
+        StaticKVCache(1, 2, 2, 16, 8, torch.float32, "cpu", format="fp4")
+
+
+def _int8_caches(rows, kv_heads, capacity, head_dim):
+    """Two identical int8 caches, filled with random history written through `update`."""
+    from chatterbox_lab.decode.kv_cache import StaticKVCache
+
+    caches = [StaticKVCache(1, rows, kv_heads, capacity, head_dim, torch.float32, "cpu", format="int8")
+              for _ in range(2)]
+    history = [torch.randn(rows, kv_heads, capacity, head_dim) * 3 for _ in range(2)]
+    for cache in caches:
+        cache.update(0, torch.arange(capacity), *history)
+    return caches
+
+
+@pytest.mark.parametrize("splits, parts", [(1, 1), (2, 2)])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_the_attention_kernel_reads_and_writes_an_int8_cache_as_pytorch_does(interpreted, splits, parts, per_row):
+    """Under the interpreter: the kernel widens the codes as it reads them and writes the new slot's
+    codes and scales exactly as `StaticKVCache.update` does; attention matches SDPA over the
+    dequantized cache."""
+    from chatterbox_lab.decode.t3_forward import cached_attention
+    from chatterbox_lab.kernels import decode_attention
+    from chatterbox_lab.kernels.decode_attention import AttentionConfig
+
+    torch.manual_seed(6 + splits + per_row)
+    rows, heads, kv_heads, head_dim, capacity = 2, 4, 2, 32, 128
+    cos, sin = (torch.randn(capacity, head_dim // 2).repeat(1, 2) for _ in range(2))
+    positions = torch.tensor([[3], [100]]) if per_row else torch.tensor([70])
+    q = torch.randn(rows, 1, heads * head_dim)
+    k, v = (torch.randn(rows, 1, kv_heads * head_dim) for _ in range(2))
+    kernel_cache, reference_cache = _int8_caches(rows, kv_heads, capacity, head_dim)
+    rotary = (cos[positions], sin[positions]) if per_row else (cos[positions][None], sin[positions][None])
+    arrivals = torch.zeros(rows * heads, dtype=torch.int32)
+
+    got = decode_attention.triton_decode_attention(q, k, v, positions, cos, sin, kernel_cache.keys[0],
+                                                   kernel_cache.values[0], arrivals,
+                                                   AttentionConfig(splits, parts, 64, 4), scales=kernel_cache.scales(0))
+    want = cached_attention(q, k, v, positions, slice(None), rotary, reference_cache, 0,
+                            reference_cache.mask(positions))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name in ("keys", "values", "key_scales", "value_scales"):
+        assert torch.equal(getattr(kernel_cache, name)[0], getattr(reference_cache, name)[0]), name
+    assert not arrivals.any()
+
+
+def test_an_int8_cache_refuses_scales_of_the_wrong_shape(interpreted):
+    from chatterbox_lab.kernels import decode_attention
+    from chatterbox_lab.kernels.decode_attention import AttentionConfig
+
+    one = torch.zeros(1, 1, 32)
+    codes = torch.zeros(1, 1, 8, 32, dtype=torch.int8)
+    with pytest.raises(ValueError, match="fp32 scale per"):
+        decode_attention.triton_decode_attention(
+            one, one, one, torch.zeros(1, dtype=torch.long), torch.zeros(8, 32), torch.zeros(8, 32), codes, codes,
+            torch.zeros(1, dtype=torch.int32), AttentionConfig(1, 1, 64, 4), scales=(torch.ones(1, 1, 4),) * 2)
+
+
+def test_8_bit_formats_resolve_into_the_plans_weights_and_cache_fields():
+    from chatterbox_lab import registry
+    from chatterbox_lab.decode.plan import DecodePlan
+
+    hopper = registry.preset("recommended", "hopper")
+    int8 = DecodePlan.resolve(set(hopper) | {"int8_weights"})
+    assert int8.weights == "int8" and int8.staged == () and int8.layer == "separate" and int8.cache_format == "model"
+    assert DecodePlan.resolve(set(hopper) | {"int8_weights", "fp8_weights"}).weights == "fp8"
+    cache = DecodePlan.resolve(set(hopper) | {"int8_kv_cache", "persistent_layers"})
+    assert cache.cache_format == "int8" and cache.layer == "separate" and cache.weights == "bf16"
+    assert DecodePlan.resolve(hopper).staged == ("gate_up", "head")
+
+
+def test_matvec_picks_are_kept_per_weight_format():
+    from chatterbox_lab.kernels.fused_matvec import KernelConfig, default_config
+    from chatterbox_lab.kernels.picks import KernelPicks
+
+    picks = KernelPicks().with_pick("gate_up", KernelConfig(8, 1024, 4)).with_pick("gate_up_int8",
+                                                                                   KernelConfig(16, 1024, 8))
+    assert picks.matvec("gate_up", 2, 4096, 1024, True) == KernelConfig(8, 1024, 4)
+    assert picks.matvec("gate_up", 2, 4096, 1024, True, format="int8") == KernelConfig(16, 1024, 8)
+    assert picks.matvec("gate_up", 2, 4096, 1024, True, format="fp8") == default_config(4096, 1024, True)
+    assert KernelPicks.from_json(picks.to_json()) == picks

@@ -47,7 +47,7 @@ def test_every_step_needs_known_earlier_steps_of_its_own_model(name):
 @pytest.mark.parametrize("name", [n for n, s in registry.STEPS.items() if s.status == "experimental"])
 def test_every_experimental_step_names_the_record_that_measured_it_slower(name):
     evidence = registry.STEPS[name].evidence
-    assert evidence and (RESULTS / evidence).is_file(), evidence
+    assert (evidence and (RESULTS / evidence).is_file()) or (registry.STEPS[name].unmeasured and not evidence), name
 
 
 def test_only_experimental_steps_name_evidence():

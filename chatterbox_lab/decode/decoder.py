@@ -106,7 +106,8 @@ class T3Decoder:
         if streams > 1 and not (plan.cache == "static" and plan.embedding == "cached"):
             raise ValueError("decoding several streams needs static_cache and embed_cache")
         self.streams = streams
-        self.t3 = t3_in_dtype(t3, torch.bfloat16) if plan.weights == "bf16" else t3
+        # 8-bit weights are codes for the matvecs of a bf16 model: everything else runs in bf16.
+        self.t3 = t3_in_dtype(t3, torch.bfloat16) if plan.weights != "fp32" else t3
         self.device = device
         self.dtype = self.t3.speech_head.weight.dtype
         self.sampling = DeviceSampling(device)

@@ -43,8 +43,9 @@ def unsupported_steps(device) -> frozenset:
 @dataclass(frozen=True)
 class DecodePlan:
     steps: frozenset
-    weights: str          # "fp32" | "bf16"
+    weights: str          # "fp32" | "bf16" | "int8" | "fp8": 8-bit codes for the matvecs of a bf16 model
     cache: str            # "dynamic": upstream's growing cache | "static": fixed buffers
+    cache_format: str     # "model": the model's dtype | "int8": codes with a scale per slot and head
     embedding: str        # "upstream" | "cached": two device lookups
     graph: str            # "none" | "inductor" | "captured" | "multi_step"
     projections: str      # "separate" | "fused": q/k/v and gate/up one matrix each
@@ -73,21 +74,26 @@ class DecodePlan:
         launch = "plain"
         if has("dependent_launch") and on_gpu:
             launch = "ahead" if has("launch_ahead") else "dependent"
+        eight_bit = "fp8" if has("fp8_weights") else "int8" if has("int8_weights") else None
         graph = "none"
         if has("compiled"):
             graph = ("multi_step" if has("multi_step_graph") else "captured") if has("captured_graph") else "inductor"
         return cls(
             steps=steps,
-            weights="bf16" if has("bf16") else "fp32",
+            weights=eight_bit or ("bf16" if has("bf16") else "fp32"),
             cache="static" if has("static_cache") else "dynamic",
+            cache_format="int8" if has("int8_kv_cache") else "model",
             embedding="cached" if has("embed_cache") else "upstream",
             graph=graph,
             projections="fused" if has("fused_projections") else "separate",
             matmuls="matvec" if has("fused_matvec") else "pytorch",
-            staged=(("gate_up",) + (("head",) if has("staged_head") else ())) if has("staged_weights") else (),
+            # The staged kernels read weights in the model's dtype only.
+            staged=(("gate_up",) + (("head",) if has("staged_head") else ())) if has("staged_weights")
+            and not eight_bit else (),
             attention="kernel" if has("fused_attention") else "filled_blocks" if has("filled_cache_attention")
             else "sdpa",
-            layer="persistent" if has("persistent_layers") else "handoff" if has("head_handoff") else "separate",
+            layer="separate" if eight_bit or has("int8_kv_cache") else "persistent" if has("persistent_layers")
+            else "handoff" if has("head_handoff") else "separate",
             sampling="kernel" if has("fused_sampling") else "graph" if has("sampling_in_graph") else "host",
             bookkeeping=("folded" if has("folded_prologue") else "prologue") if has("fused_bookkeeping")
             else "pytorch",

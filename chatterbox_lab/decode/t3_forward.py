@@ -13,7 +13,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from chatterbox_lab.decode.kv_cache import CACHE_MULTIPLE, StaticKVCache
 from chatterbox_lab.decode.plan import DecodePlan
-from chatterbox_lab.kernels import decode_attention, fused_matvec, staged_matvec
+from chatterbox_lab.kernels import decode_attention, fused_matvec, quantized, staged_matvec
 from chatterbox_lab.kernels.experimental import head_handoff, persistent_layer
 from chatterbox_lab.kernels.fused_matvec import Norm
 from chatterbox_lab.kernels.picks import DEFAULT as DEFAULT_PICKS, KernelPicks
@@ -100,7 +100,9 @@ class StaticT3Forward:
         if self.staged and weight.is_cuda:
             staged_matvec.check_supported(weight.device)
         self.cache = StaticKVCache(len(self.layers), batch, self.n_kv_heads, capacity, self.head_dim,
-                                   weight.dtype, weight.device)
+                                   weight.dtype, weight.device, format=plan.cache_format)
+        self.eight_bit = plan.weights if plan.weights in quantized.FORMATS else None
+        self.quantized = self._eight_bit_weights(self.eight_bit) if self.eight_bit else None
         self.cos, self.sin = rotary_tables(t3, capacity, weight.dtype)
         torch._dynamo.mark_static_address(self.cos)
         torch._dynamo.mark_static_address(self.sin)
@@ -126,6 +128,24 @@ class StaticT3Forward:
     def capacity(self) -> int:
         return self.cache.capacity
 
+    def _eight_bit_weights(self, format: str) -> dict[str, list]:
+        """Every matvec's weight in `format`, per call name, a list over the layers (the head's of
+        one). The model keeps its bf16 weights: upstream's modules and the reference checks read them."""
+        def of(weights):
+            found = [quantized.quantize(w, format) for w in weights]
+            for q in found:
+                torch._dynamo.mark_static_address(q.codes)
+                torch._dynamo.mark_static_address(q.scale)
+            return found
+
+        return dict(qkv=of(self.fused.qkv), o_proj=of(layer.self_attn.o_proj.weight for layer in self.layers),
+                    gate_up=of(self.fused.gate_up), down=of(layer.mlp.down_proj.weight for layer in self.layers),
+                    head=of([self.t3.speech_head.weight]))
+
+    def _weight(self, name: str, i: int, weight: torch.Tensor):
+        """What call `name` of layer i multiplies: its 8-bit copy under an 8-bit format, else `weight`."""
+        return self.quantized[name][i] if self.quantized else weight
+
     def _qkv(self, i: int, layer, x: torch.Tensor):
         """q, k, v of layer i's input x (before its norm)."""
         attn = layer.self_attn
@@ -137,7 +157,8 @@ class StaticT3Forward:
             # once past its wait: the attention kernel after it reads the step's cache position
             # before its own wait.
             launch = dict(self.launch, ahead=False) if i == 0 and self.opens_early else self.launch
-            qkv = self._matvec("qkv", x, self.fused.qkv[i], norm=Norm.of(layer.input_layernorm), launch=launch)
+            qkv = self._matvec("qkv", x, self._weight("qkv", i, self.fused.qkv[i]), norm=Norm.of(layer.input_layernorm),
+                               launch=launch)
         else:
             qkv = F.linear(layer.input_layernorm(x), self.fused.qkv[i])
         kv = self.n_kv_heads * self.head_dim
@@ -150,7 +171,7 @@ class StaticT3Forward:
         if name in self.staged:
             config = self.picks.staged(name, rows, n, k, fusions.get("gated", False))
             return staged_matvec.staged_matvec(x, weight, **fusions, config=config, **(launch or self.launch))
-        config = self.picks.matvec(name, rows, n, k, fusions.get("gated", False))
+        config = self.picks.matvec(name, rows, n, k, fusions.get("gated", False), format=self.eight_bit)
         return fused_matvec.fused_matvec(x, weight, **fusions, config=config, **(launch or self.launch))
 
     def _attention(self, i: int, layer, x: torch.Tensor, positions: torch.Tensor, rows: slice, rotary, mask):
@@ -168,16 +189,16 @@ class StaticT3Forward:
         if mask is None:
             return decode_attention.triton_decode_attention(
                 q, k, v, positions, self.cos, self.sin, self.cache.keys[i], self.cache.values[i],
-                self.arrivals, self.picks.attention(self.capacity), **self.launch)
+                self.arrivals, self.picks.attention(self.capacity), **self.launch, scales=self.cache.scales(i))
         return cached_attention(q, k, v, positions, rows, rotary, self.cache, i, mask)
 
     def _layer(self, i: int, layer, x: torch.Tensor, positions: torch.Tensor, rows: slice, rotary, mask):
         attended = self._attention(i, layer, x, positions, rows, rotary, mask)
         if self.matvec:
-            x = self._matvec("o_proj", attended, layer.self_attn.o_proj.weight, residual=x)
-            act = self._matvec("gate_up", x, self.fused.gate_up[i], norm=Norm.of(layer.post_attention_layernorm),
-                               gated=True)
-            return self._matvec("down", act, layer.mlp.down_proj.weight, residual=x)
+            x = self._matvec("o_proj", attended, self._weight("o_proj", i, layer.self_attn.o_proj.weight), residual=x)
+            act = self._matvec("gate_up", x, self._weight("gate_up", i, self.fused.gate_up[i]),
+                               norm=Norm.of(layer.post_attention_layernorm), gated=True)
+            return self._matvec("down", act, self._weight("down", i, layer.mlp.down_proj.weight), residual=x)
         x = x + layer.self_attn.o_proj(attended)
         normed = layer.post_attention_layernorm(x)
         return x + (layer.mlp(normed) if self.fused is None else self.fused.mlp(i, layer, normed))
@@ -212,7 +233,8 @@ class StaticT3Forward:
         x = x[:, -1] if last is None else x.index_select(1, last)[:, 0]
         if self.matvec:
             head = self.t3.speech_head
-            return self._matvec("head", x, head.weight, bias=head.bias, norm=Norm.of(self.t3.tfmr.norm))
+            return self._matvec("head", x, self._weight("head", 0, head.weight), bias=head.bias,
+                                norm=Norm.of(self.t3.tfmr.norm))
         return self.t3.speech_head(self.t3.tfmr.norm(x))
 
 

@@ -24,6 +24,11 @@ written, so there is no race between the writer and the readers.
 A program's first block of earlier slots (`first_block`) is loaded apart from the rest:
 under `launch_ahead` it streams in before the kernel waits for the ones before it.
 
+An int8 cache (`QUANTIZED`, the `int8_kv_cache` step) holds codes and an fp32 scale per slot and
+head (`kernels/quantized.py`). The kernel widens each block as it loads it, and writes the new
+key and value as codes, rounded as `quantized.quantize_rows` rounds them. It attends to the new
+slot as later steps will read it, dequantized, so that every step sees one cache.
+
 The decoder takes the kernel for one-token steps on CUDA (`kernel_applies`);
 otherwise, and as the reference, `t3_forward.cached_attention`: transformers' rotary,
 `StaticKVCache.update` and SDPA under a mask.
@@ -35,12 +40,16 @@ from dataclasses import dataclass
 import torch
 
 from chatterbox_lab.kernels import fused_matvec
+from chatterbox_lab.kernels.quantized import LARGEST, ROUNDING_MAGIC
 
 triton = fused_matvec.triton
 if triton is not None:
     import triton.language as tl
     if fused_matvec.PDL_AVAILABLE:
         from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    # The int8 format's constants as a kernel reads them (`kernels/quantized.py`).
+    INT8_LARGEST = tl.constexpr(LARGEST["int8"])
+    ROUNDING = tl.constexpr(ROUNDING_MAGIC)
 
 # Slots per loop iteration, and the least a program is given.
 BLOCK_SLOTS = 64
@@ -97,21 +106,40 @@ if triton is not None:
         return row, head, kv_head, pos, cache_row, start, tl.minimum(start + stretch, pos), stretch
 
     @triton.jit
+    def _int8_codes(x, scale):
+        """fp32 `x` as int8 codes of `scale` (kept in fp32), rounded ties to even as PyTorch rounds."""
+        codes = (tl.math.div_rn(x, scale) + ROUNDING) - ROUNDING
+        return tl.minimum(tl.maximum(codes, -INT8_LARGEST), INT8_LARGEST)
+
+    @triton.jit
+    def _int8_row(x):
+        """One row `x` (fp32) as `quantized.quantize_rows` makes it: codes (fp32) and the row's scale."""
+        largest = tl.max(tl.abs(x), axis=0)
+        scale = tl.where(largest > 0, tl.math.div_rn(largest, tl.full([], INT8_LARGEST, tl.float32)), 1.0)
+        return _int8_codes(x, scale), scale
+
+    @triton.jit
     def _slot_block(keys_ptr, values_ptr, cache_row, first, end, part, D: tl.constexpr, BLOCK: tl.constexpr,
-                    PARTS: tl.constexpr):
+                    PARTS: tl.constexpr, key_scales_ptr=None, value_scales_ptr=None, QUANTIZED: tl.constexpr = False):
         """The cached keys and values of slots [first, first + BLOCK) below `end`: keys (BLOCK, D),
-        values (BLOCK, D // PARTS), the value dimensions of share `part`."""
+        values (BLOCK, D // PARTS), the value dimensions of share `part`; an int8 cache's widened and
+        scaled, in fp32."""
         DV: tl.constexpr = D // PARTS
         ok = (first + tl.arange(0, BLOCK)) < end
         slot = (cache_row + first + tl.arange(0, BLOCK))[:, None] * D
         keys = tl.load(keys_ptr + slot + tl.arange(0, D)[None, :], mask=ok[:, None], other=0.0)
         values = tl.load(values_ptr + slot + part * DV + tl.arange(0, DV)[None, :], mask=ok[:, None], other=0.0)
+        if QUANTIZED:
+            scales_at = cache_row + first + tl.arange(0, BLOCK)
+            keys = keys.to(tl.float32) * tl.load(key_scales_ptr + scales_at, mask=ok, other=0.0)[:, None]
+            values = values.to(tl.float32) * tl.load(value_scales_ptr + scales_at, mask=ok, other=0.0)[:, None]
         return keys, values
 
     @triton.jit
     def first_block(pos_ptr, stride_pos, cos_ptr, sin_ptr, keys_ptr, values_ptr, capacity, row_head, split, part,
                     HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-                    BLOCK: tl.constexpr, SPLIT_FILLED: tl.constexpr, PARTS: tl.constexpr):
+                    BLOCK: tl.constexpr, SPLIT_FILLED: tl.constexpr, PARTS: tl.constexpr, key_scales_ptr=None,
+                    value_scales_ptr=None, QUANTIZED: tl.constexpr = False):
         """What `attend` reads of memory no kernel of this step writes: the first block of this
         program's stretch, its keys and values written by earlier steps, and the rotary table's rows
         at the position (fp32), so that a programmatic dependent may load them before its wait and
@@ -120,7 +148,8 @@ if triton is not None:
         finished."""
         _, _, _, pos, cache_row, start, end, _ = _stretch(pos_ptr, stride_pos, capacity, row_head, split, HEADS,
                                                           KV_HEADS, SPLITS, BLOCK, SPLIT_FILLED)
-        keys, values = _slot_block(keys_ptr, values_ptr, cache_row, start, end, part, D, BLOCK, PARTS)
+        keys, values = _slot_block(keys_ptr, values_ptr, cache_row, start, end, part, D, BLOCK, PARTS,
+                                   key_scales_ptr, value_scales_ptr, QUANTIZED)
         d = tl.arange(0, D)
         cos = tl.load(cos_ptr + pos * D + d).to(tl.float32)
         sin = tl.load(sin_ptr + pos * D + d).to(tl.float32)
@@ -143,7 +172,8 @@ if triton is not None:
                keys_ptr, values_ptr, out_ptr, stride_out, partial_ptr, arrivals_ptr,
                capacity, scale, row_head, split, part, first_keys, first_values, cos, sin, HEADS: tl.constexpr,
                KV_HEADS: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr,
-               SPLIT_FILLED: tl.constexpr, PARTS: tl.constexpr):
+               SPLIT_FILLED: tl.constexpr, PARTS: tl.constexpr, key_scales_ptr=None, value_scales_ptr=None,
+               QUANTIZED: tl.constexpr = False):
         """Stretch `split`, value share `part`, of (row, head) `row_head`: one program's share of the
         kernel, with the stretch's first block and the rotary rows already loaded (`first_block`).
         `SPLIT_FILLED`: the stretches divide the filled slots, not the whole capacity (for a
@@ -158,7 +188,18 @@ if triton is not None:
         q = _rotated(q_ptr + row * stride_q + head * D, cos, sin, D).to(tl.float32) * tl.cast(scale, tl.float32)
         k_new = _rotated(k_ptr + row * stride_k + kv_head * D, cos, sin, D)
         v_new = tl.load(v_ptr + row * stride_v + kv_head * D + dv)
-        if (split == 0) & (part == 0) & (head % (HEADS // KV_HEADS) == 0):
+        writes = (split == 0) & (part == 0) & (head % (HEADS // KV_HEADS) == 0)
+        if QUANTIZED:
+            k_codes, k_scale = _int8_row(k_new.to(tl.float32))
+            v_codes, v_scale = _int8_row(tl.load(v_ptr + row * stride_v + kv_head * D + d).to(tl.float32))
+            if writes:
+                tl.store(keys_ptr + (cache_row + pos) * D + d, k_codes.to(tl.int8))
+                tl.store(values_ptr + (cache_row + pos) * D + d, v_codes.to(tl.int8))
+                tl.store(key_scales_ptr + cache_row + pos, k_scale)
+                tl.store(value_scales_ptr + cache_row + pos, v_scale)
+            k_new = k_codes * k_scale
+            v_new = _int8_codes(v_new.to(tl.float32), v_scale) * v_scale
+        elif writes:
             tl.store(keys_ptr + (cache_row + pos) * D + d, k_new)
             tl.store(values_ptr + (cache_row + pos) * D + d, tl.load(v_ptr + row * stride_v + kv_head * D + d))
 
@@ -170,7 +211,8 @@ if triton is not None:
             best, total, acc = _fold(best, total, acc, q, first_keys, first_values,
                                      (start + tl.arange(0, BLOCK)) < end)
         for first in range(start + BLOCK, end, BLOCK):
-            keys, values = _slot_block(keys_ptr, values_ptr, cache_row, first, end, part, D, BLOCK, PARTS)
+            keys, values = _slot_block(keys_ptr, values_ptr, cache_row, first, end, part, D, BLOCK, PARTS,
+                                       key_scales_ptr, value_scales_ptr, QUANTIZED)
             best, total, acc = _fold(best, total, acc, q, keys, values, (first + tl.arange(0, BLOCK)) < end)
         if (pos >= start) & (pos < start + stretch):
             score = tl.sum(k_new.to(tl.float32) * q, axis=0)
@@ -212,7 +254,8 @@ if triton is not None:
                                  partial_ptr, arrivals_ptr, capacity, scale,
                                  HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr,
                                  SPLITS: tl.constexpr, BLOCK: tl.constexpr, PARTS: tl.constexpr, PDL: tl.constexpr,
-                                 AHEAD: tl.constexpr):
+                                 AHEAD: tl.constexpr, key_scales_ptr=None, value_scales_ptr=None,
+                                 QUANTIZED: tl.constexpr = False):
         row_head = tl.program_id(0)
         split = tl.program_id(1) // PARTS
         part = tl.program_id(1) % PARTS
@@ -225,12 +268,14 @@ if triton is not None:
             gdc_wait()
             gdc_launch_dependents()
         keys, values, cos, sin = first_block(pos_ptr, stride_pos, cos_ptr, sin_ptr, keys_ptr, values_ptr, capacity,
-                                             row_head, split, part, HEADS, KV_HEADS, D, SPLITS, BLOCK, False, PARTS)
+                                             row_head, split, part, HEADS, KV_HEADS, D, SPLITS, BLOCK, False, PARTS,
+                                             key_scales_ptr, value_scales_ptr, QUANTIZED)
         if PDL and AHEAD:
             gdc_wait()
         attend(q_ptr, k_ptr, v_ptr, stride_q, stride_k, stride_v, pos_ptr, stride_pos,
                keys_ptr, values_ptr, out_ptr, stride_out, partial_ptr, arrivals_ptr, capacity, scale,
-               row_head, split, part, keys, values, cos, sin, HEADS, KV_HEADS, D, SPLITS, BLOCK, False, PARTS)
+               row_head, split, part, keys, values, cos, sin, HEADS, KV_HEADS, D, SPLITS, BLOCK, False, PARTS,
+               key_scales_ptr, value_scales_ptr, QUANTIZED)
 
 
 def kernel_applies(q: torch.Tensor) -> bool:
@@ -271,17 +316,24 @@ def attention_launch(q, k, v, positions, cos, sin, keys, values, arrivals, confi
 
 
 def triton_decode_attention(q, k, v, positions, cos, sin, keys, values, arrivals, config: AttentionConfig,
-                            pdl: bool = False, ahead: bool = False):
+                            pdl: bool = False, ahead: bool = False, scales: tuple | None = None):
     """`t3_forward.cached_attention` for one query position as one kernel: q (B, 1, heads * D),
     k and v (B, 1, kv_heads * D) at `positions` ((1,) shared, or (B, 1) one per row), written
     into `keys` and `values` (B, kv_heads, capacity, D), the whole cache of one layer.
     `arrivals`: an int32 counter per (row, head), zero, kept zero between calls by the kernel.
     `pdl`, `ahead`: launched as a programmatic dependent of the kernel before it, as
-    `fused_matvec.triton_matvec` is."""
+    `fused_matvec.triton_matvec` is. `scales`: an int8 cache's (key scales, value scales), each
+    (B, kv_heads, capacity) fp32, `keys` and `values` then holding its codes."""
     from torch.library import wrap_triton
 
     args, constexprs, out = attention_launch(q, k, v, positions, cos, sin, keys, values, arrivals, config)
     rows, heads = q.size(0), constexprs["HEADS"]
+    quantized = {}
+    if scales is not None:
+        if keys.dtype != torch.int8 or any(s.shape != keys.shape[:-1] or s.dtype != torch.float32 for s in scales):
+            raise ValueError("an int8 cache takes int8 keys and values and an fp32 scale per (row, kv head, slot)")
+        quantized = dict(key_scales_ptr=scales[0], value_scales_ptr=scales[1], QUANTIZED=True)
     wrap_triton(_decode_attention_kernel)[(rows * heads, config.splits * config.parts)](
-        *args, **constexprs, PDL=pdl, AHEAD=ahead, num_warps=config.warps, **({"launch_pdl": True} if pdl else {}))
+        *args, **constexprs, **quantized, PDL=pdl, AHEAD=ahead, num_warps=config.warps,
+        **({"launch_pdl": True} if pdl else {}))
     return out.view(rows, 1, q.size(-1))

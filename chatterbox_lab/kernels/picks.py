@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from chatterbox_lab.kernels import decode_attention, fused_matvec, fused_sampling, staged_matvec
+from chatterbox_lab.kernels import decode_attention, fused_matvec, fused_sampling, quantized, staged_matvec
 from chatterbox_lab.kernels.decode_attention import AttentionConfig
 from chatterbox_lab.kernels.experimental import persistent_layer
 from chatterbox_lab.kernels.experimental.persistent_layer import LayerConfig
@@ -27,7 +27,10 @@ from chatterbox_lab.kernels.fused_sampling import SamplingConfig
 from chatterbox_lab.kernels.staged_matvec import StagedConfig
 
 MATVEC_CALLS = ("qkv", "o_proj", "gate_up", "down", "head")
-KNOBS = ("attention",) + MATVEC_CALLS + ("sampling", "layer")
+# A matvec's picks per weight format: 8-bit rows are half the bytes of bf16 ones, so another
+# configuration may be fastest. The knob of call `qkv` under int8 weights is `qkv_int8`.
+FORMAT_CALLS = tuple(f"{call}_{format}" for format in quantized.FORMATS for call in MATVEC_CALLS)
+KNOBS = ("attention",) + MATVEC_CALLS + FORMAT_CALLS + ("sampling", "layer")
 _KINDS = {"attention": (AttentionConfig,), "sampling": (SamplingConfig,), "layer": (LayerConfig,)}
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
 
@@ -85,8 +88,12 @@ class KernelPicks:
         object.__setattr__(self, "calls", tuple(sorted(calls.items())))
         object.__setattr__(self, "by_name", calls)
 
-    def matvec(self, call: str, rows: int, n: int, k: int, gated: bool = False) -> KernelConfig:
-        pick = self.by_name.get(call) if rows == self.rows else None
+    def matvec(self, call: str, rows: int, n: int, k: int, gated: bool = False,
+               format: str | None = None) -> KernelConfig:
+        """`format`: the 8-bit weight format the call reads (None: the model's dtype), whose picks
+        are kept apart."""
+        knob = f"{call}_{format}" if format else call
+        pick = self.by_name.get(knob) if rows == self.rows else None
         return pick if isinstance(pick, KernelConfig) else fused_matvec.default_config(n, k, gated)
 
     def staged(self, call: str, rows: int, n: int, k: int, gated: bool = False) -> StagedConfig:
