@@ -276,7 +276,8 @@ def plot_stages(stages_by_name: dict, ax=None, title: str = ""):
         ax.barh(names, widths, left=left, color=colour, label=stage)
         left = [a + b for a, b in zip(left, widths)]
     ax.set_xlabel("seconds")
-    ax.legend(ncol=len(STAGES), fontsize="small", loc="lower right")
+    # Outside the axes, on the right: inside, it covers the longest bars.
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title(title)
     ax.figure.tight_layout()
     return ax.figure
@@ -337,13 +338,14 @@ def plot_rungs(doc: dict, title: str | None = None):
     rate.bar(names, [rungs[n]["t3_decode_tok_s"] for n in names], color="tab:green")
     floors = [rungs[n].get("floor_tok_s") for n in names]
     if all(floors):
-        rate.plot(names, floors, "k_", markersize=40, markeredgewidth=2, label="bandwidth floor")
+        rate.plot(names, floors, "k_", markersize=40, markeredgewidth=2)
         for i, n in enumerate(names):
             rate.annotate(f"{rungs[n]['fraction_of_floor']:.0%}", (i, rungs[n]["t3_decode_tok_s"]),
                           ha="center", va="bottom", fontsize=8)
-        rate.legend(loc="upper left")
+        # Named in the title, not a legend: a legend box would sit on some rung's bar.
+        rate.set_title("black line: bandwidth floor; label: share of it reached", fontsize="medium")
     rate.set_ylabel("T3 decode tokens/s")
-    rate.tick_params(axis="x", rotation=20)
+    _slanted_labels(rate)
     plot_counts(rungs, ax=counts)
     counts.set_title("per token")
     prov = doc["provenance"]
@@ -425,9 +427,17 @@ def plot_counts(rungs: dict, keys=("gpu_kernels_per_token", "host_launches_per_t
     for i, key in enumerate(keys):
         values = [rungs[n].get(key) or 0 for n in names]
         ax.bar(x + i * width, values, width, label=key.replace("_", " "))
-    ax.set_xticks(x + width * (len(keys) - 1) / 2, names, rotation=20)
+    ax.set_xticks(x + width * (len(keys) - 1) / 2, names)
+    _slanted_labels(ax)
     ax.set_yscale("symlog")
-    tallest = max([rungs[n].get(k) or 0 for n in names for k in keys] + [1])
-    ax.set_ylim(0, tallest * 30)  # room above the bars for the legend on the log scale
-    ax.legend(loc="upper right")
+    ax.set_ylim(bottom=0)
+    # Outside the axes, on the right: inside, it covers the tallest bars.
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return ax
+
+
+def _slanted_labels(ax):
+    """Rung names slanted and anchored at their right end, so long neighbours do not collide."""
+    for label in ax.get_xticklabels():
+        label.set_rotation(30)
+        label.set_horizontalalignment("right")
