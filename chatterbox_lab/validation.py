@@ -164,3 +164,75 @@ def check_flow_steps(flow_steps: int | None) -> None:
     """None (upstream's count) or a whole number of Euler steps, at least 1."""
     if flow_steps is not None and (isinstance(flow_steps, bool) or not isinstance(flow_steps, int) or flow_steps < 1):
         raise ValueError(f"flow_steps must be a whole number >= 1 (upstream uses 10) or None, got {flow_steps!r}")
+
+
+# The three models of chatterbox-tts 0.1.7, by the name every entry point takes: `ChatterboxTTS`,
+# `ChatterboxTurboTTS` and `ChatterboxMultilingualTTS`.
+TTS_MODELS = ("original", "turbo", "multilingual")
+# Upstream's multilingual model speaks these (`chatterbox.mtl_tts.SUPPORTED_LANGUAGES`).
+LANGUAGES = ("ar", "da", "de", "el", "en", "es", "fi", "fr", "he", "hi", "it", "ja", "ko", "ms", "nl", "no",
+             "pl", "pt", "ru", "sv", "sw", "tr", "zh")
+# Languages whose text upstream prepares with an optional package (import name, package name). Without
+# it upstream logs a warning and speaks unprepared text (no readings for kanji, no stress marks), so
+# such a language is refused here until its package is installed.
+LANGUAGE_PACKAGES = {
+    "ja": ("pykakasi", "pykakasi"),
+    "he": ("dicta_onnx", "dicta-onnx"),
+    "ru": ("russian_text_stresser", "russian-text-stresser"),
+    "zh": ("spacy_pkuseg", "spacy-pkuseg"),
+}
+# Chinese text becomes Cangjie codes through this table, which upstream fetches from the hub beside its
+# weights; here it must already be in the checkpoint directory.
+CANGJIE_FILE = "Cangjie5_TC.json"
+# Upstream Turbo asserts its reference clip is longer than this (its prompt is 375 tokens of 25 per second).
+TURBO_MIN_VOICE_S = 5.0
+# Sampling fields upstream Turbo accepts and ignores (it logs one warning); refused here instead.
+TURBO_IGNORES = ("cfg_weight", "min_p")
+
+
+def check_model(model) -> str:
+    if model not in TTS_MODELS:
+        raise ValueError(f"unknown model {model!r}: choose one of {', '.join(TTS_MODELS)}")
+    return model
+
+
+def check_language(model: str, language, checkpoint_dir: Path | None = None) -> str | None:
+    """`language` for `model`: None for the English-only models, one of LANGUAGES for multilingual,
+    refused where it needs an optional package that is missing (or, for Chinese, the Cangjie table)."""
+    import importlib.util
+
+    if check_model(model) != "multilingual":
+        if language not in (None, "en"):
+            raise ValueError(f"the {model} model speaks English only, got language {language!r}: "
+                             f"use model 'multilingual' for other languages")
+        return None
+    if not isinstance(language, str) or language.lower() not in LANGUAGES:
+        raise ValueError(f"unknown language {str(language)[:20]!r} for the multilingual model: "
+                         f"choose one of {', '.join(LANGUAGES)}")
+    language = language.lower()
+    if language in LANGUAGE_PACKAGES:
+        module, package = LANGUAGE_PACKAGES[language]
+        if importlib.util.find_spec(module) is None:
+            raise ValueError(f"language {language!r} needs the optional package {package!r}, which is not "
+                             f"installed: install it (pip install {package}) or choose another language")
+    if language == "zh" and (checkpoint_dir is None or not (Path(checkpoint_dir) / CANGJIE_FILE).is_file()):
+        raise ValueError(f"language 'zh' needs {CANGJIE_FILE} (from ResembleAI/chatterbox) in the checkpoint "
+                         f"directory; nothing is fetched over the network")
+    return language
+
+
+def check_turbo_sampling(**given) -> None:
+    """Refuse the sampling fields Turbo has no use for, which upstream would silently ignore."""
+    ignored = [name for name in TURBO_IGNORES if given.get(name) is not None]
+    if ignored:
+        raise ValueError(f"{' and '.join(ignored)} {'do' if len(ignored) > 1 else 'does'} not apply to the turbo "
+                         f"model (it has no classifier-free guidance and no min-p, and upstream would ignore "
+                         f"{'them' if len(ignored) > 1 else 'it'} without a word): leave it out; turbo samples "
+                         f"with temperature, top_k, top_p and repetition_penalty")
+
+
+def check_turbo_voice(seconds: float) -> float:
+    if seconds <= TURBO_MIN_VOICE_S:
+        raise ValueError(f"the reference clip is {seconds:.1f} s long; the turbo model needs one longer than "
+                         f"{TURBO_MIN_VOICE_S:g} s (upstream asserts it): record or choose a longer clip")
+    return seconds

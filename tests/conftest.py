@@ -33,6 +33,27 @@ def tiny_tts():
     return tts
 
 
+@pytest.fixture(scope="session")
+def tiny_turbo():
+    """Upstream's ChatterboxTurboTTS on the tiny synthetic checkpoint, a voice prepared without
+    upstream's loudness step: under NumPy 2 its float64 gain makes the clip float64, which the
+    speech tokenizer refuses."""
+    from chatterbox_lab.loading.models import load_tts
+
+    tts = load_tts(model="turbo", preset="tiny", device="cpu")
+    tts.prepare_conditionals(str(_voice("alto")), norm_loudness=False)
+    return tts
+
+
+@pytest.fixture(scope="session")
+def tiny_multilingual():
+    from chatterbox_lab.loading.models import load_tts
+
+    tts = load_tts(model="multilingual", preset="tiny", device="cpu")
+    tts.prepare_conditionals(str(_voice("alto")))
+    return tts
+
+
 def _voice(name):
     from chatterbox_lab.pipeline.voices import voice_path
 

@@ -1,14 +1,16 @@
-"""One call to a ready `ChatterboxTTS`: a local checkpoint, the hub, or the synthetic default."""
+"""One call to a ready upstream model (`ChatterboxTTS`, `ChatterboxTurboTTS` or
+`ChatterboxMultilingualTTS`): a local checkpoint, the hub, or the synthetic default."""
 from __future__ import annotations
 
+import contextlib
 import pickle
 import warnings
 from pathlib import Path
 
 import torch
 
-from chatterbox_lab.loading.architecture import check_preset, upstream_constructors
-from chatterbox_lab.validation import check_tokenizer_file
+from chatterbox_lab.loading.architecture import check_preset, upstream_constructors, upstream_module
+from chatterbox_lab.validation import CANGJIE_FILE, check_model, check_tokenizer_file
 from chatterbox_lab.loading.checkpoint import check_checkpoint_dir, ensure_synthetic, read_marker, use_compile_caches
 
 DEVICES = ("cpu", "cuda", "mps")
@@ -19,6 +21,9 @@ DEVICES = ("cpu", "cuda", "mps")
 # always produces exactly the number of valid tokens a benchmark asks for. It is
 # finite on purpose: -inf becomes NaN in the CFG combination cond + w*(cond - uncond).
 SPECIAL_TOKEN_BIAS = -1.0e4
+# The class of each model, in upstream's module of that model, and its name in messages.
+CLASSES = {"original": "ChatterboxTTS", "turbo": "ChatterboxTurboTTS", "multilingual": "ChatterboxMultilingualTTS"}
+FAMILY_NAMES = {"original": "Chatterbox", "turbo": "Chatterbox Turbo", "multilingual": "Chatterbox Multilingual"}
 
 
 def resolve_device(device: str | None = None) -> str:
@@ -39,48 +44,75 @@ def default_preset(device: str) -> str:
 
 
 def guard_special_tokens(t3) -> None:
-    """Give T3's speech head a bias that keeps a synthetic model off the special tokens."""
+    """Give T3's speech head a bias that keeps a synthetic model off the special tokens: a new
+    one for the Llama T3s, added to the bias Turbo's GPT-2 head has of its own."""
+    if is_guarded(t3):
+        raise ValueError("speech head is already guarded; refusing to guard it twice")
     head = t3.speech_head
-    if head.bias is not None:
-        raise ValueError("speech head already has a bias; refusing to guard it twice")
     first_special = t3.hp.start_speech_token
-    guarded = torch.nn.Linear(head.in_features, head.out_features, bias=True,
-                              device=head.weight.device, dtype=head.weight.dtype)
+    if head.bias is None:
+        guarded = torch.nn.Linear(head.in_features, head.out_features, bias=True,
+                                  device=head.weight.device, dtype=head.weight.dtype)
+        with torch.no_grad():
+            guarded.weight.copy_(head.weight)
+            guarded.bias.zero_()
+        t3.speech_head = head = guarded
     with torch.no_grad():
-        guarded.weight.copy_(head.weight)
-        guarded.bias.zero_()
-        guarded.bias[first_special:] = SPECIAL_TOKEN_BIAS
-    t3.speech_head = guarded
+        head.bias[first_special:] += SPECIAL_TOKEN_BIAS
 
 
 def is_guarded(t3) -> bool:
-    return t3.speech_head.bias is not None
+    bias = t3.speech_head.bias
+    return bias is not None and bool((bias[t3.hp.start_speech_token:] <= SPECIAL_TOKEN_BIAS / 2).all())
 
 
-def load_tts(source: str | Path = "synthetic", *, preset: str | None = None, device: str | None = None):
-    """Return a ready `chatterbox.tts.ChatterboxTTS`.
+@contextlib.contextmanager
+def cangjie_from(directory: Path):
+    """Multilingual's tokenizer fetches its Cangjie table from the hub as it is built; this hands it the
+    copy in the checkpoint `directory` instead, or nothing (then Chinese is refused by
+    `validation.check_language`), so loading never reaches the network."""
+    from chatterbox.models.tokenizers import tokenizer
+
+    def local_only(repo_id, filename, cache_dir=None, **_):
+        path = Path(directory) / filename
+        if filename != CANGJIE_FILE or not path.is_file():
+            raise FileNotFoundError(f"{filename} is not in {directory}, and nothing is fetched")
+        return str(path)
+
+    saved = tokenizer.hf_hub_download
+    tokenizer.hf_hub_download = local_only
+    try:
+        yield
+    finally:
+        tokenizer.hf_hub_download = saved
+
+
+def load_tts(source: str | Path = "synthetic", *, model: str = "original", preset: str | None = None,
+             device: str | None = None):
+    """Return a ready upstream model: `chatterbox.tts.ChatterboxTTS` (model "original"),
+    `ChatterboxTurboTTS` ("turbo") or `ChatterboxMultilingualTTS` ("multilingual").
 
     source: "synthetic" (default; built once and cached, see `checkpoint.py`),
-            "hub" (downloads ResembleAI/chatterbox; needs network), or the path
-            of a checkpoint directory in the upstream layout.
+            "hub" (downloads the model's ResembleAI repository; needs network), or the path
+            of a checkpoint directory in that model's upstream layout.
     preset: "full" or "tiny", synthetic only; defaults to full on a GPU, tiny on a CPU.
     device: "cuda", "cpu", "mps" or "cuda:N"; defaults to the GPU when there is one.
     """
     use_compile_caches()
-    from chatterbox.tts import ChatterboxTTS
+    upstream = getattr(upstream_module(check_model(model)), CLASSES[model])
 
     device = resolve_device(device)
     if source == "hub":
         if preset not in (None, "full"):
             raise ValueError("the hub checkpoint is the full model; preset applies to 'synthetic' only")
-        return ChatterboxTTS.from_pretrained(device)
+        return upstream.from_pretrained(device)
 
     if source == "synthetic":
         preset = check_preset(preset or default_preset(device))
-        directory = ensure_synthetic(preset)
+        directory = ensure_synthetic(preset, model=model)
     else:
-        directory = check_checkpoint_dir(Path(source))
-        if (directory / "tokenizer.json").is_file():  # upstream would stop at a bad one with a traceback
+        directory = check_checkpoint_dir(Path(source), model)
+        if model == "original":  # upstream would stop at a bad one with a traceback
             check_tokenizer_file(directory / "tokenizer.json")
     marker = read_marker(directory)
     if marker is None and preset not in (None, "full"):
@@ -90,19 +122,20 @@ def load_tts(source: str | Path = "synthetic", *, preset: str | None = None, dev
     with warnings.catch_warnings():
         # Upstream asks for output_attentions=True and newer transformers warn on every call.
         warnings.filterwarnings("ignore", message=".*output_attentions.*")
-        with upstream_constructors(model_preset):
+        with upstream_constructors(model_preset, model), cangjie_from(directory):
             try:
-                tts = ChatterboxTTS.from_local(directory, device)
+                tts = upstream.from_local(directory, device)
             except RuntimeError as exc:
                 if "size mismatch" not in str(exc) and "Missing key" not in str(exc):
                     raise
-                raise ValueError(f"the weights in {directory} do not fit the {model_preset} Chatterbox "
+                raise ValueError(f"the weights in {directory} do not fit the {model_preset} {FAMILY_NAMES[model]} "
                                  f"architecture (wrong-shape or missing tensors): "
                                  f"{str(exc).splitlines()[0]}") from None
             except pickle.UnpicklingError as exc:
                 raise ValueError(f"{directory / 'conds.pt'} is not a plain tensor file and was refused "
                                  f"(loaded with weights_only=True): {str(exc).splitlines()[0]}") from None
     tts.checkpoint_dir = Path(directory)
+    tts.model = model
     tts.preset = model_preset
     tts.synthetic = marker is not None
     if tts.synthetic:
