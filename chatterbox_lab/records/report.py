@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from chatterbox_lab import registry
+from chatterbox_lab.pipeline.synthesis import STAGES
 from chatterbox_lab.records import results, spread
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,9 +40,25 @@ def headline_rungs() -> tuple[tuple[str, str], ...]:
 def headline_section(gpu: str = HEADLINE_GPU) -> str:
     """T3 decode rate, its ratio to upstream's, its share of the memory floor and the real-time factor
     of each headline rung: the median of the committed records that count for it, with their range."""
+    rows = [spread_table(headline_rungs(), gpu)]
+    return "\n".join([
+        *rows, "",
+        f"Measured on an **{gpu}**, preset `{spread.PRESET}`, {spread.TOKENS} speech tokens "
+        f"({spread.TOKENS / 25:.2f} s of audio). Each cell is the median over the committed records, with "
+        "the lowest and highest in brackets; each record is the median of its runs in one process. A guide "
+        "rung counts every record of it; the recommended rungs count only records of today's step set "
+        "([docs/records.md](docs/records.md)). RTF is wall time over audio time: below 1 is faster than "
+        "real time."])
+
+
+def spread_table(rungs, gpu: str = HEADLINE_GPU) -> str:
+    """One row per rung (a name, or a (name, what it runs) pair): how many records count for it, and
+    the median and range across them of its T3 rate, its ratio to upstream's, its share of the floor
+    and its real-time factor."""
     rows = ["| rung | what runs | records | T3 tok/s | x upstream | of the floor | RTF |",
             "|---|---|---|---|---|---|---|"]
-    for rung, what in headline_rungs():
+    for entry in rungs:
+        rung, what = (entry, _what_runs(entry)) if isinstance(entry, str) else entry
         found = spread.records_of(rung, gpu)
         if not found:  # a step promoted or demoted since the last ladder run: `bench --ladder` measures it
             rows.append(f"| `{rung}` | {what} | 0 | not yet measured with these steps | - | - | - |")
@@ -52,14 +69,13 @@ def headline_section(gpu: str = HEADLINE_GPU) -> str:
         speedup = "1x" if rung == spread.UPSTREAM else spread.speedup_spread(rung, gpu).text(suffix="x")
         rows.append(f"| `{rung}` | {what} | {len(found)} | {rate.text()} | {speedup} | "
                     f"{floor.text(digits=2, suffix='%')} | {rtf.text()} |")
-    return "\n".join([
-        *rows, "",
-        f"Measured on an **{gpu}**, preset `{spread.PRESET}`, {spread.TOKENS} speech tokens "
-        f"({spread.TOKENS / 25:.2f} s of audio). Each cell is the median over the committed records, with "
-        "the lowest and highest in brackets; each record is the median of its runs in one process. A guide "
-        "rung counts every record of it; the recommended rungs count only records of today's step set "
-        "([docs/records.md](docs/records.md)). RTF is wall time over audio time: below 1 is faster than "
-        "real time."])
+    return "\n".join(rows)
+
+
+def _what_runs(rung: str) -> str:
+    if rung == spread.UPSTREAM:
+        return "upstream's own loop"
+    return registry.STEPS[rung].summary if rung in registry.STEPS else f"the {rung} steps"
 
 
 def results_section() -> str:
@@ -129,7 +145,6 @@ def soak_section() -> str:
             f"at the end. The service time is S3Gen's eager flow, not T3.")
 
 
-STAGES = ("conditioning", "t3", "s3gen_flow", "hifigan", "watermark")
 S3GEN_STAGES = ("s3gen_flow", "hifigan", "watermark")
 
 
