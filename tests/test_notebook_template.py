@@ -31,7 +31,7 @@ def _sections(notebook) -> dict:
 
 
 def _outputs_text(cell) -> str:
-    return "".join(json.dumps(output.get("data", {})) + output.get("text", "") for output in cell.get("outputs", []))
+    return "".join(json.dumps(output.get("data", {}), ensure_ascii=False) + output.get("text", "") for output in cell.get("outputs", []))
 
 
 @pytest.mark.parametrize("name", _catalog())
