@@ -73,6 +73,29 @@ def say(args) -> Path:
         session.close()
 
 
+def corpus(args, parser) -> int:
+    """The corpus job. It exits 0 once its share is through, failed lines included (the manifest
+    says why): under torchrun a non-zero exit of one process stops the others."""
+    from chatterbox_lab.serving.corpus import check_job, run_corpus
+
+    try:
+        check_job(args.texts, args.out, args.batch, args.max_new_tokens)
+        check_checkpoint_tokenizer(args.checkpoint)
+        with sigterm_as_interrupt():
+            summary = run_corpus(args.texts, args.out, batch=args.batch, max_new_tokens=args.max_new_tokens,
+                                 progress=not args.no_progress, source=args.checkpoint, preset=args.preset,
+                                 device=args.device, s3gen_steps=_s3gen_steps(args))
+    except (ValueError, OSError) as exc:
+        parser.error(str(exc))
+    except KeyboardInterrupt:
+        print("interrupted: the finished lines are kept; run the same command again to resume", file=sys.stderr)
+        return 130
+    print(f"{summary.written} written, {summary.skipped} done before, {summary.failed} failed "
+          f"(reasons in {summary.manifest}); {summary.audio_s:.1f} s of audio in {summary.wall_s:.1f} s "
+          f"({summary.audio_s_per_s:.1f} audio s/s)")
+    return 0
+
+
 @contextlib.contextmanager
 def sigterm_as_interrupt():
     """A kill (SIGTERM) ends the block as Ctrl-C does, through its clean-up: no temporary file is left."""
@@ -176,7 +199,27 @@ def main(argv=None) -> int:
     y.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     y.add_argument("--chunk", action="store_true",
                    help="text of any length, spoken sentence chunk by chunk (--max-new-tokens bounds each)")
+    c = sub.add_parser("corpus", help="speak a JSON-lines file of texts into one WAV per line and a manifest; "
+                                      "resumes where a stopped run left off; shards by rank under torchrun "
+                                      "(docs/corpus.md)")
+    c.add_argument("texts", type=Path, help="one JSON object per line: id, text, voice (a bundled name or an audio "
+                                            "path relative to this file), optional sampling values "
+                                            f"({', '.join(f.name for f in dataclasses.fields(SamplingParams))}), "
+                                            "seed (the line then runs alone, reproducibly) and model ('original')")
+    c.add_argument("--out", type=Path, required=True,
+                   help="folder for <id>.wav and the manifest (manifest.jsonl; manifest.rank<R>.jsonl under torchrun)")
+    c.add_argument("--batch", type=int, default=32,
+                   help="utterances T3 decodes at once; the KV cache grows with it (default: %(default)s)")
+    c.add_argument("--max-new-tokens", type=int, default=1000, help="speech tokens per line at most, 25 per second")
+    c.add_argument("--checkpoint", default="synthetic", help="'synthetic', 'hub' or a checkpoint directory")
+    c.add_argument("--preset", choices=PRESETS, help="synthetic model size (default: full on GPU, tiny on CPU)")
+    c.add_argument("--device", help="cuda, cpu or cuda:N (default: cuda:LOCAL_RANK when a GPU is present)")
+    c.add_argument("--s3gen", nargs="*", choices=S3GEN_STEPS, metavar="STEP",
+                   help=f"S3Gen's steps (no STEP: all of {', '.join(S3GEN_STEPS)}); default: the recommended ones")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    if args.command == "corpus":
+        return corpus(args, c)
     if args.command == "say":
         try:
             with sigterm_as_interrupt():

@@ -212,12 +212,15 @@ class BatchSynthesis:
 
 def synthesize_many(tts, texts: list[str], voices, *, decoder: T3Decoder, max_new_tokens: int = 1000,
                     sampling: SamplingParams = SamplingParams(), watermark: bool = True,
-                    progress: bool = False, flow_steps: int | None = None) -> BatchSynthesis:
+                    progress: bool = False, flow_steps: int | None = None, voice_cache=None,
+                    cancelled=None) -> BatchSynthesis:
     """Many utterances: T3 decodes `decoder.streams` of them at a time (`generate_batch`), each
     with its own voice (`voices`: one for all, or one per text), then S3Gen's flow runs once for
     each voice's utterances of the batch (`tokens_to_speeches`). A last batch that is not full is
     topped up with copies of its last utterance, whose output is dropped: the captured step has
-    a fixed batch size. `flow_steps` as in `synthesize`."""
+    a fixed batch size. `flow_steps` as in `synthesize`. `voice_cache`: a `VoiceCache` kept
+    between calls (a session's), so a voice is prepared once, not once per call. `cancelled`: as
+    in `synthesize`, asked at each of the decoder's stop checks and before each batch's S3Gen."""
     from chatterbox.models.s3gen.const import S3GEN_SR
     from tqdm.auto import tqdm
 
@@ -234,7 +237,7 @@ def synthesize_many(tts, texts: list[str], voices, *, decoder: T3Decoder, max_ne
 
     def clock(stage):
         return timed_stage(tts.device, seconds, stage)
-    cache = VoiceCache(tts, capacity=len(set(map(str, voices))))
+    cache = voice_cache or VoiceCache(tts, capacity=len(set(map(str, voices))))
     conds = [cache.use(v) for v in voices]
     n = decoder.streams
     speeches = [None] * len(texts)
@@ -245,7 +248,9 @@ def synthesize_many(tts, texts: list[str], voices, *, decoder: T3Decoder, max_ne
             with clock("t3"):
                 result = decoder.generate_batch([conds[i].t3 for i in padded],
                                                 [text_tokens_for(tts, texts[i]) for i in padded], max_new_tokens,
-                                                sampling)
+                                                sampling, cancelled=cancelled)
+            if cancelled is not None and cancelled():
+                raise Cancelled(f"stopped after T3, before S3Gen, with {first} of {len(texts)} utterances made")
             by_voice = {}
             for i, tokens in zip(batch, result.all_tokens):
                 by_voice.setdefault(id(conds[i]), []).append((i, tokens))

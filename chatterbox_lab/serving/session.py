@@ -10,6 +10,7 @@ fresh host copy, never a view of a buffer the next request overwrites.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import secrets
@@ -28,7 +29,7 @@ from chatterbox_lab.decode.decoder import T3Decoder
 from chatterbox_lab.decode.plan import device_kind
 from chatterbox_lab.kernels.picks import KernelPicks, shipped_for
 from chatterbox_lab.loading.models import load_tts
-from chatterbox_lab.pipeline.synthesis import Cancelled, synthesize, synthesize_long
+from chatterbox_lab.pipeline.synthesis import Cancelled, synthesize, synthesize_long, synthesize_many
 from chatterbox_lab.pipeline.voices import Reference, VoiceCache, bundled_voices, read_reference, voice_path
 from chatterbox_lab.sampling import SamplingParams
 from chatterbox_lab.validation import (MAX_LONG_TEXT_CHARS, MAX_TEXT_CHARS, check_number, check_output_path,
@@ -127,6 +128,9 @@ class TTSSession:
         self._named: dict[str, Reference] = {}
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatterbox_lab-model",
                                           initializer=own_cudagraph_state)
+        # The decoder of the last batch size asked for (`submit_many`): its KV cache and captured
+        # step are sized for that many utterances, so only one such decoder is kept at a time.
+        self._batch_decoder: T3Decoder | None = None
         self.warmup_s: float | None = None
 
     def register_voice(self, voice_id: str, audio) -> str:
@@ -203,25 +207,54 @@ class TTSSession:
         chunk. `cancelled`: a callable asked at each stop check (when the request reaches the
         worker, and between sentence chunks); once it answers True the request stops there
         with `pipeline.Cancelled`, freeing the worker for the next."""
+        text = self.check_text(text, chunk)
+        n, sampling = self._check_decoding(max_new_tokens, sampling)
+        exaggeration, seed = check_number("exaggeration", exaggeration), check_seed(seed)
+        voice = self._resolve(voice)
+        return self._worker.submit(self._run, text, voice, sampling, n, exaggeration, seed, chunk, cancelled)
+
+    def submit_many(self, texts: list, voices: list, *, sampling: SamplingParams = SamplingParams(),
+                    max_new_tokens: int | None = None, streams: int | None = None, cancelled=None) -> Future:
+        """Many utterances with one set of sampling values, checked as `submit` checks one, then
+        queued on the worker as one request; the future's result is a `Speech` per text, in order,
+        each with the stage times of all of them (`pipeline.synthesize_many`). T3 decodes `streams`
+        of them at a time (default: all), with the session's steps, picks and voice cache."""
+        texts = [self.check_text(text) for text in texts]
+        n, sampling = self._check_decoding(max_new_tokens, sampling)
+        voices = [self._resolve(voice) for voice in voices]
+        streams = streams or len(texts)
+        if isinstance(streams, bool) or not isinstance(streams, int) or streams < 1:
+            raise ValueError(f"streams must be a positive integer, got {streams!r}")
+        return self._worker.submit(self._run_many, texts, voices, sampling, n, streams, cancelled)
+
+    def check_text(self, text, chunk: bool = False) -> str:
+        """`text`, refused unless this session's model can speak it (`chunk`: any length)."""
         text = check_text(text, max_chars=MAX_LONG_TEXT_CHARS if chunk else MAX_TEXT_CHARS)
-        check_representable(text, self.tts.tokenizer)
+        return check_representable(text, self.tts.tokenizer)
+
+    def _check_decoding(self, max_new_tokens, sampling) -> tuple[int, SamplingParams]:
         n = check_token_count(max_new_tokens if max_new_tokens is not None else self.max_new_tokens)
         if n > self.max_new_tokens:
             raise ValueError(f"max_new_tokens {n} is over this session's limit of {self.max_new_tokens}: "
                              f"create the session with a larger max_new_tokens")
         if not isinstance(sampling, SamplingParams):
             raise TypeError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
-        exaggeration, seed = check_number("exaggeration", exaggeration), check_seed(seed)
-        voice = self._resolve(voice)
-        return self._worker.submit(self._run, text, voice, sampling, n, exaggeration, seed, chunk, cancelled)
+        return n, sampling
 
     def synthesize(self, text, voice="alto", **options) -> Speech:
         """`submit` (same keywords) and wait for the speech. An interrupted wait (Ctrl-C)
         cancels the request, which stops at its next stop check."""
+        return self._wait(self.submit, text, voice, **options)
+
+    def synthesize_many(self, texts: list, voices: list, **options) -> list[Speech]:
+        """`submit_many` (same keywords) and wait for the speeches; cancelled as `synthesize` is."""
+        return self._wait(self.submit_many, texts, voices, **options)
+
+    @staticmethod
+    def _wait(submit, *args, **options):
         interrupted = threading.Event()
         asked = options.pop("cancelled", None)
-        future = self.submit(text, voice, cancelled=lambda: interrupted.is_set() or bool(asked and asked()),
-                             **options)
+        future = submit(*args, cancelled=lambda: interrupted.is_set() or bool(asked and asked()), **options)
         try:
             return future.result()
         except BaseException:
@@ -241,21 +274,46 @@ class TTSSession:
         """On the worker thread: every model call of the session happens here."""
         if cancelled is not None and cancelled():
             raise Cancelled("the caller gave up before the request started")
-        try:
+        with _out_of_memory_explained("use shorter text or fewer max_new_tokens"):
             self.tts.conds = self.voices.use(voice, exaggeration)
             if seed is not None:
                 torch.manual_seed(seed)
             options = dict(decoder=self.decoder, max_new_tokens=n, sampling=sampling)
             result = (synthesize_long(self.tts, text, cancelled=cancelled, **options) if chunk
                       else synthesize(self.tts, text, cancelled=cancelled, **options))
-        except torch.cuda.OutOfMemoryError as exc:
-            torch.cuda.empty_cache()
-            raise MemoryError(
-                "the GPU ran out of memory for this request: use shorter text or fewer max_new_tokens, "
-                "a smaller max_new_tokens for the session (its KV cache is sized from it), or free "
-                f"memory held by other processes ({exc})") from None
-        return Speech(wav=np.array(result.wav, dtype=np.float32, copy=True), sample_rate=result.sample_rate,
-                      seconds=dict(result.seconds))
+        return _speech(result, result.seconds)
+
+    def _run_many(self, texts, voices, sampling, n, streams, cancelled) -> list[Speech]:
+        """On the worker thread, as `_run`."""
+        if cancelled is not None and cancelled():
+            raise Cancelled("the caller gave up before the request started")
+        with _out_of_memory_explained("use fewer streams, shorter text or fewer max_new_tokens"):
+            if self._batch_decoder is None or self._batch_decoder.streams != streams:
+                self._batch_decoder = None  # its memory is free before the next is built
+                self._batch_decoder = T3Decoder(self.tts.t3, self.decoder.steps, max_new_tokens=self.max_new_tokens,
+                                                max_text_tokens=MAX_TEXT_CHARS, streams=streams,
+                                                picks=self.decoder.picks)
+            result = synthesize_many(self.tts, texts, voices, decoder=self._batch_decoder, max_new_tokens=n,
+                                     sampling=sampling, voice_cache=self.voices, cancelled=cancelled)
+        return [_speech(speech, result.seconds) for speech in result.speeches]
 
     def close(self) -> None:
         self._worker.shutdown(wait=True)
+
+
+def _speech(result, seconds: dict) -> Speech:
+    """A fresh host copy of a synthesis: never a view of a buffer the next request overwrites."""
+    return Speech(wav=np.array(result.wav, dtype=np.float32, copy=True), sample_rate=result.sample_rate,
+                  seconds=dict(seconds))
+
+
+@contextlib.contextmanager
+def _out_of_memory_explained(advice: str):
+    """A GPU out-of-memory error as a `MemoryError` that says what to change, its cached blocks freed."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as exc:
+        torch.cuda.empty_cache()
+        raise MemoryError(
+            f"the GPU ran out of memory for this request: {advice}, a smaller max_new_tokens for the session "
+            f"(its KV cache is sized from it), or free memory held by other processes ({exc})") from None
