@@ -210,3 +210,32 @@ def test_matvec_picks_are_kept_per_weight_format():
     assert picks.matvec("gate_up", 2, 4096, 1024, True, format="int8") == KernelConfig(16, 1024, 8)
     assert picks.matvec("gate_up", 2, 4096, 1024, True, format="fp8") == default_config(4096, 1024, True)
     assert KernelPicks.from_json(picks.to_json()) == picks
+
+
+def test_the_8_bit_floor_counts_one_byte_a_matvec_weight_and_its_scales(tiny_tts):
+    from chatterbox_lab.measure import roofline
+
+    t3 = tiny_tts.t3
+    linears = [m for part in (t3.tfmr.layers, t3.speech_head) for m in part.modules()
+               if isinstance(m, torch.nn.Linear)]
+    eight_bit = roofline.weight_bytes_per_step(t3, "int8")
+    assert roofline.weight_bytes_per_step(t3) - eight_bit == sum(
+        m.weight.numel() * (m.weight.element_size() - 1) - 4 * m.weight.size(0) for m in linears)
+    head_dim = t3.cfg.hidden_size // t3.cfg.num_attention_heads
+    ratio = roofline.kv_bytes_per_step(t3, 100, cache_format="int8") / roofline.kv_bytes_per_step(t3, 100)
+    assert ratio == pytest.approx((1 + 4 / head_dim) / t3.speech_head.weight.element_size())
+    floors = [roofline.floor(t3, 1e12, 50, 32, **formats)["floor_tok_s"]
+              for formats in ({}, dict(weights_format="int8", cache_format="int8"))]
+    assert floors[1] > floors[0]
+
+
+def test_torchao_rungs_say_how_to_get_torchao_where_it_is_missing():
+    from chatterbox_lab.measure import torchao_baseline
+
+    reason = torchao_baseline.missing_reason("torchao_int8", "cpu")
+    try:
+        import torchao  # noqa: F401
+    except ImportError:
+        assert f"pip install torchao=={torchao_baseline.VERSION}" in reason
+    else:
+        assert "needs a CUDA GPU" in reason

@@ -56,22 +56,36 @@ def _median_seconds(work, on_gpu: bool, repeats: int) -> float:
     return statistics.median(times)
 
 
-def weight_bytes_per_step(t3) -> int:
-    """Weights a step reads: every decoder layer, the final norm and the speech head."""
-    modules = (t3.tfmr.layers, t3.tfmr.norm, t3.speech_head)
-    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+# An 8-bit row's fp32 scale (`kernels/quantized.py`): a weight row's, or a cache slot's per head.
+SCALE_BYTES = 4
 
 
-def kv_bytes_per_step(t3, position: float, batch: int = 2) -> float:
-    """KV cache a step reads at `position` (filled slots), both CFG rows, all layers."""
+def weight_bytes_per_step(t3, weights_format: str | None = None) -> int:
+    """Weights a step reads: every decoder layer, the final norm and the speech head. With an 8-bit
+    `weights_format`, the linear layers' weights (the matvecs') take one byte each and a scale a row."""
+    total = 0
+    for part in (t3.tfmr.layers, t3.tfmr.norm, t3.speech_head):
+        for module in part.modules():
+            for name, p in module.named_parameters(recurse=False):
+                eight_bit = weights_format and isinstance(module, torch.nn.Linear) and name == "weight"
+                total += p.numel() + SCALE_BYTES * p.size(0) if eight_bit else p.numel() * p.element_size()
+    return total
+
+
+def kv_bytes_per_step(t3, position: float, batch: int = 2, cache_format: str = "model") -> float:
+    """KV cache a step reads at `position` (filled slots), both CFG rows, all layers; an int8 cache's
+    codes and its scale per slot and head."""
     cfg = t3.cfg
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    element = t3.speech_head.weight.element_size()
+    element = 1 + SCALE_BYTES / head_dim if cache_format == "int8" else t3.speech_head.weight.element_size()
     return 2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * head_dim * position * element
 
 
-def floor(t3, bandwidth: float, prompt_len: int, tokens: int) -> dict:
-    """Floor of the decode at its mean position (prompt + half the generated tokens)."""
-    step_bytes = weight_bytes_per_step(t3) + kv_bytes_per_step(t3, prompt_len + tokens / 2)
+def floor(t3, bandwidth: float, prompt_len: int, tokens: int, weights_format: str | None = None,
+          cache_format: str = "model") -> dict:
+    """Floor of the decode at its mean position (prompt + half the generated tokens), with the
+    weights and the cache in the formats given."""
+    step_bytes = weight_bytes_per_step(t3, weights_format) + kv_bytes_per_step(t3, prompt_len + tokens / 2,
+                                                                              cache_format=cache_format)
     seconds = step_bytes / bandwidth
     return dict(bytes_per_step=step_bytes, floor_ms_per_token=seconds * 1e3, floor_tok_s=1 / seconds)
