@@ -65,3 +65,26 @@ def test_real_weights_keep_their_quality_in_8_bits():
     found = quality.check_quality(os.environ["CHATTERBOX_CHECKPOINT"])
     for step, figures in found.items():
         assert figures.get("skipped") or figures["within_tolerance"], (step, figures)
+
+
+def test_the_bench_measures_8_bit_rungs_with_their_quality_floor_and_batches(tiny_tts, monkeypatch, capsys):
+    """An 8-bit rung's record: its quality against bf16, the floor of its formats, its batches beside
+    the last rung's; a torchao rung without torchao (or off a GPU) is skipped, saying why."""
+    import functools
+
+    from chatterbox_lab.measure import bench
+    from chatterbox_lab.measure.bench import BenchConfig, run
+
+    monkeypatch.setattr(bench.quality, "format_quality", functools.partial(quality.format_quality, audio=False))
+    tts = copy.copy(tiny_tts)
+    tts.t3 = copy.deepcopy(tiny_tts.t3)  # the quality's decoders cast T3 to bf16 in place
+    doc = run(BenchConfig(rungs=("int8_kv_cache", "torchao_int8"), tokens=8, repeats=1, profile=False, device="cpu",
+                          batch_sizes=(2,), batch_rungs=("int8_kv_cache",)), progress=False, tts=tts)
+    assert "torchao" in doc["skipped_rungs"]["torchao_int8"] and "skipped: " in capsys.readouterr().err
+    rung = doc["rungs"]["int8_kv_cache"]
+    assert rung["cache_format"] == "int8" and rung["weights_format"] == "model" and rung["fraction_of_floor"] > 0
+    figures = doc["quality"]["int8_kv_cache"]
+    assert figures["tokens"] == 8 and "same_draw_agreement" in figures and "within_tolerance" in figures
+    assert doc["batch_by_rung"]["int8_kv_cache"]["streams"]["2"]["kv_cache_mib"] > 0
+    with pytest.raises(ValueError, match="batch rungs .* cannot batch"):
+        BenchConfig(rungs=("recommended",), batch_sizes=(2,), batch_rungs=("torchao_int8",), device="cpu").resolved()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -29,7 +30,8 @@ from chatterbox_lab.decode import precision
 from chatterbox_lab.decode.decoder import T3Decoder, prompt_len_for, text_tokens_for
 from chatterbox_lab.decode.plan import device_kind, unsupported_steps
 from chatterbox_lab.kernels.picks import KernelPicks, shipped_for
-from chatterbox_lab.measure import equivalence, flops, memory, profiling, roofline
+from chatterbox_lab.kernels.quantized import FORMATS as EIGHT_BIT_FORMATS
+from chatterbox_lab.measure import equivalence, flops, memory, profiling, quality, roofline, torchao_baseline
 from chatterbox_lab.records import report, results
 from chatterbox_lab.records.report import batch_table, summary_table  # noqa: F401 (the bench's tables)
 from chatterbox_lab.tuning import chain_tuning, sweeps
@@ -45,12 +47,14 @@ from chatterbox_lab.pipeline.voices import prepare_voice, voice_path
 
 # A rung is a named set of T3 steps. `upstream_fp32` is upstream's own loop; a step's name is that
 # step and every non-experimental step before it in ladder order; an experimental step's name is
-# `recommended` with that step added; `recommended` is the registry's preset for the device. Timed in
-# this order: the fp32 rungs first (bf16 casts T3 in place), `recommended` last, so the batches,
-# the stream, the many utterances and S3Gen's rungs decode with it.
+# `recommended` with that step added; `recommended` is the registry's preset for the device; a
+# torchao rung is the `compiled` rung's steps on a copy of T3 that torchao quantized
+# (`torchao_baseline`). Timed in this order: the fp32 rungs first (bf16 casts T3 in place),
+# `recommended` last, so the batches, the stream, the many utterances and S3Gen's rungs decode with it.
 _SUPPORTED = tuple(n for n in registry.T3_STEPS if registry.STEPS[n].status != "experimental")
 EXPERIMENTAL_RUNGS = tuple(n for n in registry.T3_STEPS if registry.STEPS[n].status == "experimental")
-RUNGS = ("upstream_fp32", *_SUPPORTED, *EXPERIMENTAL_RUNGS, "recommended")
+TORCHAO_RUNGS = torchao_baseline.RUNGS
+RUNGS = ("upstream_fp32", *_SUPPORTED, *EXPERIMENTAL_RUNGS, *TORCHAO_RUNGS, "recommended")
 # What `--ladder` (so `make bench`) runs: upstream, the guide's four rungs and the recommended set.
 LADDER_RUNGS = ("upstream_fp32", *registry.GUIDE, "recommended")
 # Steps whose Triton kernels sum in their own order: checked by logits and by tokens for the same
@@ -62,6 +66,8 @@ def rung_status(rung: str) -> str:
     """"upstream", or the status of the rung's step in the registry (`recommended` for that rung)."""
     if rung == "upstream_fp32":
         return "upstream"
+    if rung in TORCHAO_RUNGS:
+        return "library"
     return "recommended" if rung == "recommended" else registry.STEPS[rung].status
 
 
@@ -73,6 +79,8 @@ def rung_steps(rung: str, device: str | None = None) -> frozenset:
     recommended = frozenset(registry.preset("recommended", device_kind(device)))
     if rung == "recommended":
         return recommended
+    if rung in TORCHAO_RUNGS:
+        return rung_steps("compiled", device)
     if rung in EXPERIMENTAL_RUNGS:
         steps = recommended | {rung} | registry.requirements(rung)
     else:
@@ -105,6 +113,7 @@ class BenchConfig:
     checks: bool = False
     trace_dir: str | None = None
     batch_sizes: tuple = ()        # utterances decoded together, measured with the last rung's steps
+    batch_rungs: tuple = ()        # and with each of these rungs' steps too (an 8-bit cache against bf16)
     stream: bool = False           # also time streamed speech (first audio) with the last rung's steps
     many: int = 0                  # also synthesize this many utterances together (x_realtime)
     many_flow_steps: int | None = None  # and again with this many Euler steps of the flow (not 10)
@@ -133,6 +142,12 @@ class BenchConfig:
         last = ordered[-1] if ordered else "upstream_fp32"
         if (self.batch_sizes or self.many) and "embed_cache" not in rung_steps(last, device):
             raise ValueError("batching needs a last rung at or past embed_cache (e.g. --ladder)")
+        unbatched = [r for r in self.batch_rungs if r not in RUNGS or r in TORCHAO_RUNGS
+                     or "embed_cache" not in rung_steps(r, device)]
+        if unbatched:
+            raise ValueError(f"batch rungs {unbatched} cannot batch: give rungs of ours at or past embed_cache")
+        if self.batch_rungs and not self.batch_sizes:
+            raise ValueError("batch rungs are measured at the batch sizes: give those too (--batch N ...)")
         if self.stream and last == "upstream_fp32":
             raise ValueError("streaming needs a decoder rung as the last one (e.g. --ladder)")
         s3gen_steps = tuple(step for step in S3GEN_STEPS if step in check_s3gen_steps(self.s3gen_steps))
@@ -272,13 +287,24 @@ def measure_steps(tts, steps, cfg: BenchConfig, voice: Path, bar=None, bandwidth
             stages_s={stage: _median([r.seconds[stage] for r in cached]) for stage in cached[0].seconds},
             raw=dict(e2e_s=[r.e2e_s for r in cached], audio_s=[r.audio_s for r in cached]))
     if bandwidth:
-        figures.update(roofline.floor(tts.t3, bandwidth, prompt_len, figures["tokens"]))
-        figures["fraction_of_floor"] = figures["t3_decode_tok_s"] / figures["floor_tok_s"]
+        plan = decoder.plan if decoder is not None else None
+        figures.update(floor_figures(tts, bandwidth, prompt_len, figures,
+                                     plan.weights if plan and plan.weights in EIGHT_BIT_FORMATS else None,
+                                     plan.cache_format if plan else "model"))
     if decoder is not None:
         figures["kv_cache_mib"] = decoder.forward.cache.nbytes() / 2**20 if decoder.forward else None
     if cfg.profile:
         figures.update(profile_steps(tts, steps, cfg, trace, decoder))
     return figures, runs[0]
+
+
+def floor_figures(tts, bandwidth: float, prompt_len: int, figures: dict, weights_format: str | None,
+                  cache_format: str) -> dict:
+    """The memory floor of a rung's decode with its weights and cache in their formats (8-bit ones
+    read half the bytes), and the rung's share of it."""
+    found = roofline.floor(tts.t3, bandwidth, prompt_len, figures["tokens"], weights_format, cache_format)
+    return dict(found, weights_format=weights_format or "model", cache_format=cache_format,
+                fraction_of_floor=figures["t3_decode_tok_s"] / found["floor_tok_s"])
 
 
 def profile_steps(tts, steps, cfg: BenchConfig, trace: Path | None = None, decoder: T3Decoder | None = None) -> dict:
@@ -328,12 +354,13 @@ def measure_s3gen_rungs(tts, cfg: BenchConfig, voice: Path, doc: dict, decoder: 
             results.write(doc, partial, overwrite=True)
 
 
-def measure_batch(tts, cfg: BenchConfig, streams: int) -> dict:
-    """`streams` utterances decoded together with the last rung's steps, all to `cfg.tokens`."""
+def measure_batch(tts, cfg: BenchConfig, streams: int, steps=None) -> dict:
+    """`streams` utterances decoded together with `steps` (None: the last rung's), all to `cfg.tokens`."""
     text_tokens = text_tokens_for(tts, cfg.text)
     capacity = _capacity(tts, cfg)
     build_start = time.perf_counter()
-    decoder = T3Decoder(tts.t3, _t3_steps(cfg), max_cache_len=capacity, streams=streams, picks=cfg.picks)
+    decoder = T3Decoder(tts.t3, _t3_steps(cfg) if steps is None else steps, max_cache_len=capacity, streams=streams,
+                        picks=cfg.picks)
     build_s = time.perf_counter() - build_start
 
     def run(seed):
@@ -499,6 +526,14 @@ def run(config: BenchConfig, progress: bool = True, tts=None, partial: Path | No
     """Every rung, then the batch sizes. `partial`: rewritten after each measurement, so a run
     cut short still leaves what it measured."""
     cfg = config.resolved()
+    # The library baseline is optional: its rungs are left out, saying why, where it cannot run.
+    skipped = {rung: why for rung in cfg.rungs if rung in TORCHAO_RUNGS
+               and (why := torchao_baseline.missing_reason(rung, cfg.device))}
+    for why in skipped.values():
+        print(f"skipped: {why}", file=sys.stderr)
+    cfg = replace(cfg, rungs=tuple(rung for rung in cfg.rungs if rung not in skipped))
+    if not cfg.rungs:
+        raise ValueError("every rung asked for was skipped (above): nothing to measure")
     start = time.perf_counter()
     if tts is None:
         tts = load_tts(cfg.source, preset=cfg.preset, device=cfg.device)
@@ -508,6 +543,8 @@ def run(config: BenchConfig, progress: bool = True, tts=None, partial: Path | No
         device=cfg.device, preset=tts.preset, text=cfg.text, tokens=cfg.tokens, repeats=cfg.repeats,
         voice=voice.name, seed=cfg.seed, source=str(cfg.source), synthetic=tts.synthetic,
         sampling=asdict(cfg.sampling), load_s=load_s), rungs={}, checks={})
+    if skipped:
+        doc["skipped_rungs"] = skipped
 
     bandwidth = roofline.copy_bandwidth(cfg.device)
     flop_rate = roofline.matmul_rate(cfg.device)
@@ -557,15 +594,22 @@ def run(config: BenchConfig, progress: bool = True, tts=None, partial: Path | No
     casts = any("bf16" in rung_steps(rung, cfg.device) for rung in cfg.rungs)
     kept = precision.weights_restored(tts.t3) if cfg.profile and "upstream_fp32" in cfg.rungs and casts \
         else contextlib.nullcontext()
+    # The 8-bit rungs' quality is measured against upstream's fp32 logits, computed while T3 is fp32.
+    reference = None
+    if any(rung in quality.EIGHT_BIT_STEPS for rung in cfg.rungs):
+        prepare_voice(tts, voice)
+        reference = quality.fp32_reference(tts, text_tokens_for(tts, cfg.text), cfg.tokens, cfg.seed)
+        doc["quality"] = {}
     with kept:
-        cfg = _time_everything(tts, cfg, voice, doc, checks, bandwidth, flop_rate, progress, partial)
+        cfg = _time_everything(tts, cfg, voice, doc, checks, bandwidth, flop_rate, progress, partial, reference)
     doc["picks"] = cfg.picks.to_json()
     doc["provenance"]["run_s"] = time.perf_counter() - start  # the whole run, the model's load included
     if cfg.profile:
         prepare_voice(tts, voice)
         for rung in tqdm(cfg.rungs, desc="profile", disable=not progress):
             trace = profiling.trace_path_for(cfg.trace_dir, rung) if cfg.trace_dir else None
-            doc["rungs"][rung].update(profile_steps(tts, rung_steps(rung, cfg.device), cfg, trace))
+            doc["rungs"][rung].update(profile_steps(tts, rung_steps(rung, cfg.device), cfg, trace,
+                                                    _torchao_decoder(tts, rung, cfg)))
     if "upstream_fp32" in doc["rungs"]:
         base = doc["rungs"]["upstream_fp32"]["t3_decode_tok_s"]
         for figures in doc["rungs"].values():
@@ -573,12 +617,20 @@ def run(config: BenchConfig, progress: bool = True, tts=None, partial: Path | No
     return results.validate(doc)
 
 
+def _torchao_decoder(tts, rung: str, cfg: BenchConfig) -> T3Decoder | None:
+    """For a torchao rung, a decoder on its quantized copy of T3; None for any other rung."""
+    if rung not in TORCHAO_RUNGS:
+        return None
+    return torchao_baseline.decoder(tts.t3, rung, rung_steps(rung, cfg.device), max_cache_len=_capacity(tts, cfg))
+
+
 def _time_everything(tts, cfg: BenchConfig, voice: Path, doc: dict, checks: dict | None,
                      bandwidth: float | None, flop_rate: float | None, progress: bool,
-                     partial: Path | None) -> BenchConfig:
+                     partial: Path | None, reference: dict | None = None) -> BenchConfig:
     """Every rung, then the S3Gen rungs, the batch sizes, the stream and the many utterances, timed
     into `doc` (with the checks that need the bf16 model, after the fp32 rungs). Returns `cfg` with
-    the picks the rungs ran with (tuned, with `cfg.tune`)."""
+    the picks the rungs ran with (tuned, with `cfg.tune`). `reference`: `quality.fp32_reference`,
+    which the 8-bit rungs' quality is measured against."""
     total = (len(cfg.rungs) + len(cfg.s3gen_steps)) * (cfg.repeats + 1)
     decoder = None
     # Tuned in the chain (or set to a record's picks) just before the first captured rung: after the
@@ -602,8 +654,18 @@ def _time_everything(tts, cfg: BenchConfig, voice: Path, doc: dict, checks: dict
             if cfg.s3gen_steps and rung == cfg.rungs[-1] and rung != "upstream_fp32":
                 decoder = T3Decoder(tts.t3, rung_steps(rung, cfg.device), max_cache_len=_capacity(tts, cfg),
                                     picks=cfg.picks)
-            doc["rungs"][rung] = measure_rung(tts, rung, cfg, voice, bar, bandwidth, decoder)
+            doc["rungs"][rung] = measure_rung(tts, rung, cfg, voice, bar, bandwidth,
+                                              _torchao_decoder(tts, rung, cfg) or decoder)
             doc["rungs"][rung]["status"] = rung_status(rung)
+            if rung in TORCHAO_RUNGS and bandwidth:
+                doc["rungs"][rung].update(floor_figures(
+                    tts, bandwidth, prompt_len_for(tts.t3, text_tokens_for(tts, cfg.text)), doc["rungs"][rung],
+                    torchao_baseline.FORMAT[rung], "model"))
+            if rung in quality.EIGHT_BIT_STEPS:
+                bar.set_postfix_str(f"{rung}: quality")
+                doc["quality"][rung] = quality.format_quality(
+                    tts, rung_steps(rung, cfg.device), rung, reference, cfg.text, cfg.tokens,
+                    cfg.seed, cfg.sampling, capacity=_capacity(tts, cfg))
             if partial:
                 results.write(doc, partial, overwrite=True)
         if cfg.s3gen_steps:
@@ -615,6 +677,13 @@ def _time_everything(tts, cfg: BenchConfig, voice: Path, doc: dict, checks: dict
             doc["batch"]["streams"][str(n)] = measure_batch(tts, cfg, n)
             if partial:
                 results.write(doc, partial, overwrite=True)
+        for rung in cfg.batch_rungs:
+            steps = rung_steps(rung, cfg.device)
+            found = doc.setdefault("batch_by_rung", {})[rung] = dict(steps=sorted(steps), streams={})
+            for n in tqdm(cfg.batch_sizes, desc=f"batch {rung}", disable=not progress):
+                found["streams"][str(n)] = measure_batch(tts, cfg, n, steps)
+                if partial:
+                    results.write(doc, partial, overwrite=True)
     if cfg.stream or cfg.many:
         doc["end_to_end"] = {}
         if cfg.stream:
