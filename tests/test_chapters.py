@@ -106,3 +106,22 @@ def test_a_committed_trace_splits_into_steps_of_one_length():
         chapters.results.RESULTS_DIR.parents[1] / "data/traces/h100/folded_prologue.pt.trace.json.gz"))
     assert len(lengths) >= 4 and max(lengths) < 1.1 * min(lengths)
     json.dumps(lengths)
+
+
+def test_the_chapters_record_is_asked_for_every_taught_rung_the_bench_knows():
+    from chatterbox_lab.measure.bench import RUNGS
+
+    rungs = chapters.bench_rungs()
+    assert set(rungs) <= set(RUNGS)
+    taught = {n for n in (name for steps in chapters.CHAPTERS.values() for name in steps)
+              if registry.STEPS[n].status == "recommended"}
+    assert taught <= set(rungs)
+
+
+def test_a_new_record_is_read_step_by_step_against_the_rung_before_it():
+    doc = {"rungs": {"dependent_launch": {"t3_decode_tok_s": 1000.0}, "launch_ahead": {"t3_decode_tok_s": 1100.0},
+                     "recommended": {"t3_decode_tok_s": 1600.0}, "head_handoff": {"t3_decode_tok_s": 1400.0}}}
+    table = chapters.record_gains_table(doc)
+    assert "| `launch_ahead` | 1,100 | `dependent_launch` | 1.100x |" in table
+    assert "| `head_handoff` | 1,400 | `recommended` | 0.875x |" in table
+    assert "| `dependent_launch` | 1,000 | `captured_graph` | - |" in table

@@ -239,3 +239,28 @@ def cache_read_ms(doc: dict) -> dict[int, tuple[float, float]]:
     bandwidth = doc["roofline"]["copy_bandwidth_gb_s"] * 1e9
     return {int(n): (figures["kv_cache_mib"] * 2**20 / bandwidth * 1e3, figures["ms_per_step"])
             for n, figures in doc["batch"]["streams"].items()}
+
+
+def bench_rungs() -> tuple:
+    """The rungs of the one record every chapter's plot can read: upstream's loop, the guide's last
+    rung, and each recommended step the chapters teach, in ladder order (the bench's `--experimental`
+    adds the appendix's rungs)."""
+    taught = {name for steps in CHAPTERS.values() for name in steps}
+    return ("upstream_fp32", "compiled", *(name for name in registry.T3_STEPS
+                                           if name in taught and registry.STEPS[name].status == "recommended"))
+
+
+def record_gains_table(doc: dict) -> str:
+    """Each chapter step `doc` measured: its rate and its gain over the rung before it in that one
+    process (an experimental step's, over the recommended rung): the table a new record is read by."""
+    rows = ["| chapter | step | T3 tok/s | over | gain |", "|---|---|---|---|---|"]
+    for chapter, steps in CHAPTERS.items():
+        for name in steps:
+            rate = doc["rungs"].get(name, {}).get("t3_decode_tok_s")
+            if not rate:
+                continue
+            over = "recommended" if registry.STEPS[name].status == "experimental" else rung_before(name)
+            base = doc["rungs"].get(over, {}).get("t3_decode_tok_s")
+            gain = f"{rate / base:.3f}x" if base else "-"
+            rows.append(f"| {chapter} | `{name}` | {rate:,.0f} | `{over}` | {gain} |")
+    return "\n".join(rows)
