@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as dt
+import json
 import os
 import re
 import signal
@@ -43,7 +44,7 @@ def check_checkpoint_tokenizer(checkpoint) -> None:
 def say(args) -> Path:
     """One utterance into a WAV file; every cheap check runs before the model loads."""
     from chatterbox_lab.decode.plan import device_kind
-    from chatterbox_lab.loading.models import load_tts
+    from chatterbox_lab.loading.models import resolve_device
     from chatterbox_lab.pipeline.voices import read_reference
     from chatterbox_lab.registry import preset
     from chatterbox_lab.serving.session import TTSSession
@@ -59,18 +60,22 @@ def say(args) -> Path:
     check_output_path(args.out, args.overwrite)
     voice = read_reference(args.voice)
     check_checkpoint_tokenizer(args.checkpoint)
-    tts = load_tts(args.checkpoint, preset=args.preset, device=args.device)
     # T3's recommended steps capture their graphs in seconds; S3Gen's steps that start with a
     # torch.compile of their own take longer than one utterance gains, so they are left out.
-    kind = device_kind(tts.device)
-    session = TTSSession(tts=tts, steps="recommended", s3gen_steps=preset("recommended", kind, "s3gen", compiles=False),
-                         max_new_tokens=tokens)
+    kind = device_kind(resolve_device(args.device))
+    session = TTSSession(args.checkpoint, preset=args.preset, device=args.device, steps="recommended",
+                         s3gen_steps=preset("recommended", kind, "s3gen", compiles=False), max_new_tokens=tokens,
+                         progress=True)
     try:
-        return session.synthesize_to_file(args.out, text, voice, overwrite=args.overwrite, sampling=sampling,
-                                          max_new_tokens=tokens, exaggeration=exaggeration, seed=seed,
-                                          chunk=args.chunk)
+        speech = session.synthesize(text, voice, sampling=sampling, max_new_tokens=tokens,
+                                    exaggeration=exaggeration, seed=seed, chunk=args.chunk)
+        path = speech.save(args.out, args.overwrite)
     finally:
         session.close()
+    if args.timings:
+        # The first request pays the decoder's captures and S3Gen's, so its stages are start-up too.
+        print(json.dumps({"startup_s": session.startup_s, "first_request_s": speech.seconds}), file=sys.stderr)
+    return path
 
 
 def corpus(args, parser) -> int:
@@ -177,6 +182,9 @@ def main(argv=None) -> int:
                    help="first N requests from one client at HIGH tokens with a cached voice: the lone latency")
     k.add_argument("--time-limit", type=float, default=600,
                    help="seconds; requests not started by then are counted as not_started")
+    k.add_argument("--startup", action="store_true",
+                   help="first time two fresh processes' start-up to their first request: from empty compile "
+                        "caches, then warm")
     k.add_argument("--preset", choices=PRESETS)
     k.add_argument("--device")
     k.add_argument("--s3gen", nargs="*", choices=S3GEN_STEPS, metavar="STEP",
@@ -197,6 +205,8 @@ def main(argv=None) -> int:
     y.add_argument("--exaggeration", type=float, default=0.5, help="emotion intensity, 0 to 2; default: %(default)s")
     y.add_argument("--seed", type=int)
     y.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    y.add_argument("--timings", action="store_true",
+                   help="print the seconds of each start-up stage and of the request's stages, as JSON, to stderr")
     y.add_argument("--chunk", action="store_true",
                    help="text of any length, spoken sentence chunk by chunk (--max-new-tokens bounds each)")
     c = sub.add_parser("corpus", help="speak a JSON-lines file of texts into one WAV per line and a manifest; "
@@ -236,9 +246,9 @@ def main(argv=None) -> int:
 
         doc = soak_document(requests=args.requests, clients=args.clients, tokens=tuple(args.tokens),
                             lone_requests=args.lone, preset=args.preset, device=args.device,
-                            time_limit_s=args.time_limit, s3gen_steps=_s3gen_steps(args))
+                            time_limit_s=args.time_limit, s3gen_steps=_s3gen_steps(args), startup=args.startup)
         out = results.write(doc, args.out, overwrite=args.overwrite)
-        print({k: v for k, v in doc["rungs"]["soak"].items() if k != "rss_every_50"})
+        print({k: v for k, v in doc["rungs"]["soak"].items() if not k.endswith("_every_50")})
         print(f"wrote {out}")
         report = doc["rungs"]["soak"]
         return 0 if report["errors"] == 0 and report["not_started"] == 0 else 1
@@ -256,8 +266,9 @@ def main(argv=None) -> int:
         if warning:
             print(f"warning: {warning}", file=sys.stderr)
         session = TTSSession(args.checkpoint, preset=args.preset, device=args.device,
-                             s3gen_steps=_s3gen_steps(args))
-        print(f"warm-up (compile and capture): {session.warmup():.1f} s")
+                             s3gen_steps=_s3gen_steps(args), progress=True)
+        session.warmup()
+        print(f"ready after {sum(session.startup_s.values()):.1f} s of start-up")
         uvicorn.run(create_app(session), host=args.host, port=args.port)
         return 0
     if args.command == "ship-picks":

@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # The GPU records of the product's default path, in one call per part:
 #   bash scripts/gpu_records.sh ladder   `bench --ladder` in one fresh process (wall time recorded)
-#   bash scripts/gpu_records.sh soak     the HTTP soak with the default (recommended) steps, started
-#                                        from empty compile caches
+#   bash scripts/gpu_records.sh soak     the HTTP soak with the default (recommended) steps, after two
+#                                        fresh processes' start-up: from empty compile caches, then warm
 #   bash scripts/gpu_records.sh say      `say` against upstream's loop, each a fresh process
+#   bash scripts/gpu_records.sh startup  only the two fresh processes' start-up
 # Writes under $OUT (or ./gpu-out) and prints a short summary last. Wheels for packages the machine
-# lacks may sit in .whl/ (installed into /tmp/site first).
+# lacks may sit in .whl*/ folders (installed into /tmp/site first).
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+wheels=$(ls .whl*/*.whl 2>/dev/null)
+if [ -n "$wheels" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $wheels \
         || exit 1
     export PYTHONPATH=/tmp/site:$PWD
 fi
@@ -29,10 +31,14 @@ ladder)
     grep -v "^\(bench\|profile\|Sampling\|USDT\)" "$OUT/ladder.log" | tail -30
     ;;
 soak)
-    rm -rf "$CHATTERBOX_LAB_CACHE/compile"
-    python3 -m chatterbox_lab soak --requests 1000 --clients 4 --tokens 256 256 --lone 30 \
+    python3 -m chatterbox_lab soak --requests 1000 --clients 4 --tokens 256 256 --lone 30 --startup \
         --time-limit "${SOAK_TIME_LIMIT:-330}" --out "$OUT/soak.json" > "$OUT/soak.log" 2>&1
-    echo "soak (cold caches): exit $?"; tail -2 "$OUT/soak.log" | cut -c1-1500
+    echo "soak: exit $?"; tail -2 "$OUT/soak.log" | cut -c1-2500
+    ;;
+startup)
+    python3 -c "import json; from chatterbox_lab.measure.startup import cold_and_warm; print(json.dumps(cold_and_warm()))" \
+        > "$OUT/startup.json" 2> "$OUT/startup.log"
+    echo "startup: exit $?"; cat "$OUT/startup.json"
     ;;
 say)
     python3 scripts/say_vs_upstream.py "$OUT/say.json" "${SAY_REPEATS:-3}" > "$OUT/say.log" 2>&1

@@ -351,6 +351,7 @@ def test_ctrl_c_stops_a_chunked_say_promptly_and_cleanly(tmp_path):
     import signal
     import subprocess
     import sys
+    import threading
     import time
 
     # Many chunks: the signal must land while they are spoken, well before the last one.
@@ -360,12 +361,21 @@ def test_ctrl_c_stops_a_chunked_say_promptly_and_cleanly(tmp_path):
         process = subprocess.Popen([sys.executable, "-m", "chatterbox_lab", "say", text, "--chunk", "--out", str(out),
                                     "--preset", "tiny", "--device", "cpu", "--max-new-tokens=64"],
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        # Loading the tiny model takes seconds; the sentence chunks then take far longer.
-        time.sleep(12)
-        assert process.poll() is None, process.communicate()
+        # Signalled once its start-up bar shows all stages done (on a busy machine the imports
+        # alone may take many seconds), and a little later, while the sentence chunks are spoken.
+        stderr_parts = []
+        reader = threading.Thread(target=lambda: stderr_parts.extend(iter(lambda: process.stderr.read(1), "")))
+        reader.start()
+        deadline = time.monotonic() + 120
+        while "3/3" not in "".join(stderr_parts) and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.2)
+        time.sleep(2)
+        assert process.poll() is None, "".join(stderr_parts)
         signalled = time.monotonic()
         process.send_signal(sent)
-        _, stderr = process.communicate(timeout=60)
+        process.wait(timeout=60)
+        reader.join()
+        stderr = "".join(stderr_parts)
         # The longest stretch with no stop check is one voice preparation (upstream's speech tokenizer)
         # or one S3Gen pass: seconds, up to about ten on a loaded 2-core machine. Before stop checks
         # reached the decoder, the same signal took over a minute.

@@ -16,6 +16,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
+
 from chatterbox_lab.decode.compiled_step import compile_counters
 from chatterbox_lab.pipeline.synthesis import SAMPLES_PER_TOKEN
 
@@ -62,7 +64,9 @@ class LoopbackServer:
 
 
 def run_soak(url: str, voices: list[str], requests: int = 500, clients: int = 4, tokens=TOKENS,
-             seed: int = 0, time_limit_s: float = 600, progress: bool = True) -> dict:
+             seed: int = 0, time_limit_s: float = 600, progress: bool = True, gpu: bool = False) -> dict:
+    """`gpu`: the server runs in this process on a GPU, whose allocated memory is then sampled with
+    the host's."""
     import httpx
     import soundfile as sf
     from tqdm.auto import tqdm
@@ -73,7 +77,7 @@ def run_soak(url: str, voices: list[str], requests: int = 500, clients: int = 4,
                  top_p=rng.choice([0.8, 0.95, 1.0]), min_p=rng.choice([0.02, 0.05, 0.1]),
                  repetition_penalty=rng.choice([1.0, 1.2, 1.5]), seed=i) for i in range(requests)]
     deadline = time.monotonic() + time_limit_s
-    errors, latencies, bad_lengths, rss_trace = [], [], [], []
+    errors, latencies, bad_lengths, rss_trace, gpu_trace = [], [], [], [], []
     not_started = []
     done = iter(range(1, requests + 1))
     counting = threading.Lock()
@@ -102,6 +106,8 @@ def run_soak(url: str, voices: list[str], requests: int = 500, clients: int = 4,
             n = next(done)
             if n % 50 == 0:
                 rss_trace.append((n, round(rss_mib(), 1)))
+                if gpu:
+                    gpu_trace.append((n, round(torch.cuda.memory_allocated() / 2**20, 1)))
 
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool, tqdm(total=requests, desc="soak", unit="request",
@@ -120,25 +126,29 @@ def run_soak(url: str, voices: list[str], requests: int = 500, clients: int = 4,
                 p99_s=latencies[math.ceil(0.99 * len(latencies)) - 1] if latencies else None,
                 recompiles=after["recompiles"] - before["recompiles"],
                 new_frames=after["frames_compiled"] - before["frames_compiled"],
-                rss_start_mib=rss_start, rss_end_mib=rss_mib(), rss_every_50=rss_trace)
+                rss_start_mib=rss_start, rss_end_mib=rss_mib(), rss_every_50=rss_trace,
+                **({"gpu_allocated_every_50": gpu_trace} if gpu else {}))
 
 
 def soak_document(requests: int = 500, clients: int = 4, tokens=TOKENS, lone_requests: int = 0, preset=None,
-                  device=None, time_limit_s: float = 600, s3gen_steps="recommended") -> dict:
+                  device=None, time_limit_s: float = 600, s3gen_steps="recommended", startup: bool = False) -> dict:
     """Start a session (default steps, or `s3gen_steps`, see `TTSSession`), serve it on loopback and
     soak it: first `lone_requests` from one client at the longest of `tokens` with the voice the
     warm-up cached (the lone latency), then `requests` from `clients` clients, texts and both bundled
     voices mixed. Returns a results document; `startup_s` is the time from creating the session to
-    the end of its warm-up, when the first request can be served."""
-    import torch
-
+    the end of its warm-up, when the first request can be served, and `startup_stages_s` its
+    stages. `startup`: first measure a fresh process's start-up from empty compile caches and
+    then warm (`startup.cold_and_warm`), before this process touches the GPU."""
+    from chatterbox_lab.measure.startup import cold_and_warm
     from chatterbox_lab.records import results
     from chatterbox_lab.s3gen.s3gen_steps import s3gen_steps_of
     from chatterbox_lab.serving.server import create_app
     from chatterbox_lab.serving.session import TTSSession
 
+    fresh_starts = cold_and_warm(preset, device, s3gen_steps, max(tokens)) if startup else None
     start = time.perf_counter()
-    session = TTSSession(preset=preset, device=device, max_new_tokens=max(tokens), s3gen_steps=s3gen_steps)
+    session = TTSSession(preset=preset, device=device, max_new_tokens=max(tokens), s3gen_steps=s3gen_steps,
+                         progress=True)
     lone = None
     try:
         warmup_s = session.warmup()
@@ -151,14 +161,16 @@ def soak_document(requests: int = 500, clients: int = 4, tokens=TOKENS, lone_req
             if lone_requests:
                 longest = max(tokens)
                 lone = run_soak(server.url, ["alto"], requests=lone_requests, clients=1, tokens=(longest, longest),
-                                time_limit_s=time_limit_s)
+                                time_limit_s=time_limit_s, gpu=on_gpu)
             report = run_soak(server.url, ["alto", "tenor"], requests=requests, clients=clients, tokens=tokens,
-                              time_limit_s=time_limit_s)
+                              time_limit_s=time_limit_s, gpu=on_gpu)
     finally:
         session.close()  # its worker thread, not left to the interpreter's exit
-    report.update(warmup_s=warmup_s, startup_s=startup_s)
+    report.update(warmup_s=warmup_s, startup_s=startup_s, startup_stages_s=session.startup_s)
+    if fresh_starts is not None:
+        report["fresh_process_startup"] = fresh_starts
     if lone is not None:
-        report["lone_client"] = {k: v for k, v in lone.items() if k != "rss_every_50"}
+        report["lone_client"] = {k: v for k, v in lone.items() if not k.endswith("_every_50")}
     if on_gpu:
         report.update(gpu_allocated_start_mib=gpu_start, gpu_allocated_end_mib=torch.cuda.memory_allocated() / 2**20,
                       peak_vram_mib=torch.cuda.max_memory_allocated() / 2**20)

@@ -48,6 +48,10 @@ class Synthesis:
         return sum(self.seconds.values())
 
 
+# The stages of one synthesis, in order: the keys of `Synthesis.seconds`.
+STAGES = ("conditioning", "t3", "s3gen_flow", "hifigan", "watermark")
+
+
 @contextlib.contextmanager
 def timed_stage(device, seconds: dict, stage: str):
     """Wall time of the block added to seconds[stage], device work included: a stage that
@@ -91,13 +95,14 @@ def upstream_t3(tts, text_tokens, max_new_tokens, sampling: SamplingParams, stop
 def synthesize(tts, text: str, *, voice=None, decoder: T3Decoder | None = None, max_new_tokens: int = 1000,
                sampling: SamplingParams = SamplingParams(), exaggeration: float = 0.5,
                stop_on_eos: bool = True, watermark: bool = True, flow_steps: int | None = None,
-               cancelled=None) -> Synthesis:
+               cancelled=None, on_stage=None) -> Synthesis:
     """One utterance. `voice`: a reference audio path (conditioning is then timed), or
     None to use the voice prepared last. `decoder=None` runs upstream's T3 loop.
     `flow_steps`: Euler steps of S3Gen's flow, None for upstream's (10); fewer is faster
     and changes the audio (`s3gen_steps.fewer_flow_steps_error` measures by how much).
     `cancelled`: a callable asked at each of the decoder's stop checks and before S3Gen; when it
-    answers True, `Cancelled` is raised there (upstream's loop cannot be stopped)."""
+    answers True, `Cancelled` is raised there (upstream's loop cannot be stopped). `on_stage`:
+    called with each stage's name as the stage begins, for a progress bar."""
     from chatterbox.models.s3gen.const import S3GEN_SR
 
     from chatterbox_lab.pipeline.voices import voice_or_prepared
@@ -107,6 +112,8 @@ def synthesize(tts, text: str, *, voice=None, decoder: T3Decoder | None = None, 
     seconds = {}
 
     def clock(stage):
+        if on_stage is not None:
+            on_stage(stage)
         return timed_stage(tts.device, seconds, stage)
     with torch.inference_mode():
         with clock("conditioning"):

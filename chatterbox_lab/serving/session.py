@@ -25,11 +25,12 @@ import numpy as np
 import torch
 
 from chatterbox_lab import registry
-from chatterbox_lab.decode.decoder import T3Decoder
+from chatterbox_lab.decode.decoder import T3Decoder, sync_device
 from chatterbox_lab.decode.plan import device_kind
 from chatterbox_lab.kernels.picks import KernelPicks, shipped_for
 from chatterbox_lab.loading.models import load_tts
-from chatterbox_lab.pipeline.synthesis import Cancelled, synthesize, synthesize_long, synthesize_many
+from chatterbox_lab.pipeline.synthesis import (STAGES, Cancelled, synthesize, synthesize_long, synthesize_many,
+                                               timed_stage)
 from chatterbox_lab.pipeline.voices import Reference, VoiceCache, bundled_voices, read_reference, voice_path
 from chatterbox_lab.sampling import SamplingParams
 from chatterbox_lab.validation import (MAX_LONG_TEXT_CHARS, MAX_TEXT_CHARS, check_number, check_output_path,
@@ -98,6 +99,46 @@ class Speech:
         return path
 
 
+class StageBar:
+    """Named start-up stages: each one's wall seconds (device work included) go into `seconds`,
+    and a progress bar ticks once per stage, naming the one running, so a long compile reads as
+    progress and not as a hang. Stages are timed by `stage` blocks, or `begin` marks each start
+    of stages timed elsewhere (the pipeline's, which `end` then records)."""
+
+    def __init__(self, what: str, names: tuple, seconds: dict, progress: bool):
+        from tqdm.auto import tqdm
+
+        self.what, self.seconds, self.running = what, seconds, None
+        self.bar = tqdm(total=len(names), desc=what, unit="stage", disable=not progress)
+
+    def __enter__(self) -> StageBar:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.set_description(self.what)
+        self.bar.close()
+
+    def begin(self, name: str) -> None:
+        if self.running is not None:
+            self.bar.update()
+        self.running = name
+        self.bar.set_description(f"{self.what}: {name}")
+
+    def end(self, seconds: dict) -> None:
+        self.seconds.update(seconds)
+        self.bar.update()
+        self.running = None
+
+    @contextlib.contextmanager
+    def stage(self, name: str, device=None):
+        self.begin(name)
+        start = time.perf_counter()
+        yield
+        if device is not None:
+            sync_device(device)
+        self.end({name: time.perf_counter() - start})
+
+
 class TTSSession:
     """`steps`: T3's steps (`registry.T3_STEPS`), or a preset's name (`registry.PRESETS`).
     `s3gen_steps`: S3Gen's (`registry.S3GEN_STEPS`) or a preset's name, applied to the session's
@@ -108,21 +149,28 @@ class TTSSession:
 
     def __init__(self, source="synthetic", *, preset=None, device=None, steps="recommended",
                  s3gen_steps="recommended", picks: KernelPicks | None = None, max_new_tokens: int = 1000,
-                 voices: int = 8, max_registered_voices: int = MAX_REGISTERED_VOICES, tts=None):
+                 voices: int = 8, max_registered_voices: int = MAX_REGISTERED_VOICES, tts=None,
+                 progress: bool = False):
         from chatterbox_lab.s3gen.s3gen_steps import apply_s3gen_steps
 
-        self.tts = tts if tts is not None else load_tts(source, preset=preset, device=device)
-        kind = device_kind(self.tts.device)
-        if isinstance(steps, str):
-            steps = registry.preset(steps, kind)
-        if isinstance(s3gen_steps, str):
-            s3gen_steps = registry.preset(s3gen_steps, kind, model="s3gen")
-        apply_s3gen_steps(self.tts, s3gen_steps)
         self.max_new_tokens = check_token_count(max_new_tokens)
-        if picks is None and kind != "cpu":
-            picks = shipped_for(torch.cuda.get_device_name(self.tts.device))
-        self.decoder = T3Decoder(self.tts.t3, steps, max_new_tokens=max_new_tokens,
-                                 max_text_tokens=MAX_TEXT_CHARS, picks=picks)
+        # Seconds per start-up stage, these three and then the warm-up's (`warmup`).
+        self.startup_s: dict[str, float] = {}
+        with StageBar("start-up", ("load", "s3gen_steps", "t3_decoder"), self.startup_s, progress) as stages:
+            with stages.stage("load"):
+                self.tts = tts if tts is not None else load_tts(source, preset=preset, device=device)
+            kind = device_kind(self.tts.device)
+            if isinstance(steps, str):
+                steps = registry.preset(steps, kind)
+            if isinstance(s3gen_steps, str):
+                s3gen_steps = registry.preset(s3gen_steps, kind, model="s3gen")
+            with stages.stage("s3gen_steps", self.tts.device):
+                apply_s3gen_steps(self.tts, s3gen_steps)
+            if picks is None and kind != "cpu":
+                picks = shipped_for(torch.cuda.get_device_name(self.tts.device))
+            with stages.stage("t3_decoder", self.tts.device):
+                self.decoder = T3Decoder(self.tts.t3, steps, max_new_tokens=max_new_tokens,
+                                         max_text_tokens=MAX_TEXT_CHARS, picks=picks)
         self.voices = VoiceCache(self.tts, capacity=voices)
         self.max_registered_voices = max_registered_voices
         self._named: dict[str, Reference] = {}
@@ -185,18 +233,21 @@ class TTSSession:
         return found
 
     def warmup(self, voice="alto", progress: bool = True) -> float:
-        """Compile and capture the decode step now, not in the first request; returns seconds."""
-        from tqdm.auto import tqdm
-
-        compiled = self.decoder.plan.graph != "none"
-        what = "warm-up: compile and capture the decode step" if compiled else "warm-up"
-        start = time.perf_counter()
-        # One step that lasts the whole compile: the bar shows the time spent, which is all there is to show.
-        with tqdm(total=1, desc=what, disable=not progress) as bar:
-            self.synthesize("Warming up the decoder.", voice=voice, max_new_tokens=min(32, self.max_new_tokens))
-            bar.update()
-        self.warmup_s = time.perf_counter() - start
+        """Run one short request now, so that the decoder's captures and S3Gen's compiles are paid
+        here and not by the first caller; returns its seconds. Its stages (the voice, then the
+        pipeline's) join `startup_s`: on a first use each is mostly its capture or compile."""
+        with StageBar("warm-up", ("voice", *STAGES), self.startup_s, progress) as stages:
+            start = time.perf_counter()
+            self._worker.submit(self._warm, voice, stages).result()
+            self.warmup_s = time.perf_counter() - start
         return self.warmup_s
+
+    def _warm(self, voice, stages: StageBar) -> None:
+        with stages.stage("voice", self.tts.device):
+            self.tts.conds = self.voices.use(self._resolve(voice))
+        result = synthesize(self.tts, "Warming up the decoder.", decoder=self.decoder,
+                            max_new_tokens=min(32, self.max_new_tokens), on_stage=stages.begin)
+        stages.end(result.seconds)
 
     def submit(self, text, voice="alto", *, sampling: SamplingParams = SamplingParams(),
                max_new_tokens: int | None = None, exaggeration: float = 0.5, seed: int | None = None,
@@ -275,13 +326,17 @@ class TTSSession:
         if cancelled is not None and cancelled():
             raise Cancelled("the caller gave up before the request started")
         with _out_of_memory_explained("use shorter text or fewer max_new_tokens"):
-            self.tts.conds = self.voices.use(voice, exaggeration)
+            # The voice is prepared here, not in `synthesize`: its time (none for a cached voice)
+            # is the request's conditioning stage.
+            conditioning = {}
+            with timed_stage(self.tts.device, conditioning, "conditioning"):
+                self.tts.conds = self.voices.use(voice, exaggeration)
             if seed is not None:
                 torch.manual_seed(seed)
             options = dict(decoder=self.decoder, max_new_tokens=n, sampling=sampling)
             result = (synthesize_long(self.tts, text, cancelled=cancelled, **options) if chunk
                       else synthesize(self.tts, text, cancelled=cancelled, **options))
-        return _speech(result, result.seconds)
+        return _speech(result, {**result.seconds, **conditioning})
 
     def _run_many(self, texts, voices, sampling, n, streams, cancelled) -> list[Speech]:
         """On the worker thread, as `_run`."""
