@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from chatterbox_lab.pipeline.voices import Reference, read_reference
+from chatterbox_lab.pipeline.voices import Reference, bundled_voices, read_reference
 from chatterbox_lab.sampling import SamplingParams
 from chatterbox_lab.validation import check_seed, check_token_count
 
@@ -177,23 +177,18 @@ def parse_line(index: int, item: dict, *, check_text, voices: dict, base: Path) 
         seed = check_seed(item.get("seed"))
     except (ValueError, TypeError) as exc:
         raise BadLine(str(exc)) from None
+    model = check_model(item.get("model", "original"))
     voice = item["voice"]
     if not isinstance(voice, str):
         raise BadLine(f"voice must be a bundled voice's name or an audio path, got {str(voice)[:40]!r}")
-    if voice not in voices:
+    if voice not in voices:  # a reference, or why it was refused: each voice is read once
         try:
-            voices[voice] = read_reference(voice if _is_bundled(voice) else base / Path(voice).expanduser())
+            voices[voice] = read_reference(voice if voice in bundled_voices() else base / Path(voice).expanduser())
         except (ValueError, OSError) as exc:
-            voices[voice] = BadLine(str(exc))
-    if isinstance(voices[voice], BadLine):
-        raise voices[voice]
-    return CorpusLine(index, item["id"], text, voices[voice], sampling, seed, check_model(item.get("model", "original")))
-
-
-def _is_bundled(voice: str) -> bool:
-    from chatterbox_lab.pipeline.voices import bundled_voices
-
-    return voice in bundled_voices()
+            voices[voice] = str(exc)
+    if isinstance(voices[voice], str):
+        raise BadLine(voices[voice])
+    return CorpusLine(index, item["id"], text, voices[voice], sampling, seed, model)
 
 
 def read_manifest(out: Path) -> dict:
