@@ -30,11 +30,17 @@ from chatterbox_lab.decode.t3_forward import DynamicT3Forward, StaticT3Forward, 
 STOP_CHECK_INTERVAL = 16
 
 
-def text_tokens_for(tts, text: str) -> torch.Tensor:
-    """Upstream's text preparation: punctuation clean-up, tokens, CFG pair, start/stop ids."""
-    from chatterbox.tts import punc_norm
+def text_tokens_for(tts, text: str, language: str | None = None) -> torch.Tensor:
+    """Upstream's text preparation: punctuation clean-up, tokens, CFG pair, start/stop ids.
+    `language`: the multilingual model's language id, whose tag leads the text."""
+    if language is None:
+        from chatterbox.tts import punc_norm
 
-    tokens = tts.tokenizer.text_to_tokens(punc_norm(text)).to(tts.device)
+        tokens = tts.tokenizer.text_to_tokens(punc_norm(text)).to(tts.device)
+    else:
+        from chatterbox.mtl_tts import punc_norm
+
+        tokens = tts.tokenizer.text_to_tokens(punc_norm(text), language_id=language).to(tts.device)
     tokens = torch.cat([tokens, tokens], dim=0)
     tokens = F.pad(tokens, (1, 0), value=tts.t3.hp.start_text_token)
     return F.pad(tokens, (0, 1), value=tts.t3.hp.stop_text_token)
