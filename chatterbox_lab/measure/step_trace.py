@@ -5,7 +5,8 @@ A step begins where the one before it has sampled its token. Where the step samp
 kernel (`fused_sampling` on), that is the end of `_sample_kernel`, which also splits a graph that
 replays many steps at once (`multi_step_graph`). Before that, each step is one graph launch, and
 a step begins with the first kernel its launch ran (the kernels of a replayed graph carry their
-launch's correlation id).
+launch's correlation id). Upstream's eager loop has neither: there a step is split at the first
+pass of its vocabulary sort, which PyTorch's top-p sampling runs once per token.
 
 Under the profiler every kernel of a replayed graph runs slower, so a trace's step is longer than
 the bench's timed one; compare traces with each other, never with a record's rate.
@@ -15,6 +16,9 @@ from __future__ import annotations
 from chatterbox_lab.measure.profiling import GRAPH_LAUNCHES, kernel_spans, steps_window
 
 SAMPLING_KERNEL = "_sample_kernel"
+# PyTorch's own sampling sorts the vocabulary once per token (top-p), so the first pass of each sort
+# marks a step where neither a sampling kernel nor a graph launch does: upstream's eager loop.
+SORT_PASS = "DeviceRadixSortHistogramKernel"
 
 
 def step_boundaries(trace: dict) -> list[float]:
@@ -38,10 +42,13 @@ def step_boundaries(trace: dict) -> list[float]:
         correlation = e.get("args", {}).get("correlation")
         if e.get("cat") == "kernel" and correlation in launches and lo <= e["ts"] < hi:
             firsts[correlation] = min(firsts.get(correlation, e["ts"]), e["ts"])
-    if len(firsts) < 2:
-        raise ValueError("the trace shows neither sampling kernels nor graph launches to split its decode "
-                         "steps at: pass a trace of a captured step (`compiled` or later)")
-    return sorted(firsts.values())
+    if len(firsts) >= 2:
+        return sorted(firsts.values())
+    sorts = [start for name, start, _ in spans if SORT_PASS in name]
+    if len(sorts) < 3:
+        raise ValueError("the trace shows no sampling kernels, graph launches or vocabulary sorts to split its "
+                         "decode steps at: pass a trace of a decode of several tokens, recorded on a GPU")
+    return sorts
 
 
 def step_lengths_us(trace: dict) -> list[float]:
