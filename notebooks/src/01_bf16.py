@@ -1,41 +1,34 @@
 # %% [markdown]
 # # 01 · bf16: half the bytes per weight
 #
-# **The idea.** Decoding one token multiplies a batch of two vectors (the CFG
-# pair) by every weight matrix of T3: two multiply-adds per weight, and each
-# weight is read from memory once. In fp32 that is about 1 FLOP per byte read,
-# while an H100 can do about 300 FLOPs in the time it reads one byte of HBM. So
-# whenever the GPU, and not the host, sets the pace of a decode step, the pace
-# is set by memory bandwidth, and storing the weights in bfloat16 halves the
-# bytes: up to twice as fast per step, and about 1 GB less memory for T3's
-# 0.5 B parameters.
+# The first rung of the ladder stores T3's weights in bfloat16 (bf16).
+# It halves the memory, and on its own it makes upstream's loop *slower*.
+# This notebook shows both, and why. Terms are in the [glossary](../docs/glossary.md).
 #
-# **Why bf16 and not fp16.** bf16 keeps fp32's 8-bit exponent, so nothing that
-# fits in fp32 overflows and no scaling is needed; it keeps 8 bits of
-# significand, so each value is rounded by at most 2⁻⁹ ≈ 0.2 % of itself.
-# Through 30 layers those roundings add up, and a sampled token can flip where
-# two candidates were nearly tied. So bf16 is checked on **logits**, not
-# tokens: the fp32 reference and the bf16 decoder are both fed the same token
-# sequence (teacher forcing), and their next-token logits must agree within a
-# relative error of 5 %.
+# ## What you will learn
 #
-# **Why it may not help yet.** Notebook 00 showed that upstream's loop is
-# bound by the host: the GPU sits idle most of each step, waiting for the
-# next of over a thousand kernel launches. Making each kernel faster does not make the
-# host issue them faster. This notebook measures what bf16 does on its own.
+# - Why a decode step is bound by memory once the host stops setting its pace.
+# - What bf16 keeps and loses against fp32, and how to check a model that no longer gives identical tokens.
+# - Why a faster kernel does not help a loop that waits for the host.
+#
+# **Prerequisites:** [00 · the baseline](00_baseline.ipynb).
+#
+# **Runtime:** about a minute on a CPU; a few minutes on a GPU.
 
 # %%
 import matplotlib.pyplot as plt
 import torch
 from IPython.display import Audio, Markdown, display
 
-from chatterbox_lab.measure import bench, equivalence
-from chatterbox_lab.records import results
+from chatterbox_lab import show_code
+from chatterbox_lab.decode import precision
 from chatterbox_lab.decode.decoder import T3Decoder, text_tokens_for
-from chatterbox_lab.registry import ladder_prefix
 from chatterbox_lab.loading.models import load_tts
+from chatterbox_lab.measure import bench, equivalence
 from chatterbox_lab.pipeline.synthesis import synthesize
 from chatterbox_lab.pipeline.voices import voice_path
+from chatterbox_lab.records import report, results, spread
+from chatterbox_lab.registry import ladder_prefix
 
 tts = load_tts()  # synthetic checkpoint: full on a GPU, tiny on a CPU
 tts.prepare_conditionals(str(voice_path("alto")))
@@ -43,17 +36,44 @@ text_tokens = text_tokens_for(tts, "Half the bytes, the same words.")
 print(f"device {tts.device}, preset {tts.preset}, T3 dtype {tts.t3.speech_head.weight.dtype}")
 
 # %% [markdown]
-# ## Before casting: the fp32 reference
+# ## Why
 #
-# The bf16 step casts T3 **in place** (one copy of the weights on the device,
-# so the memory figures below are bf16's own). Everything that needs the fp32
-# model runs first:
+# Decoding one token multiplies two vectors, the CFG pair, by every weight matrix of T3.
+# That is two multiply-adds per weight, and each weight is read from memory once.
+# In fp32 this is about 1 FLOP per byte read.
+# An H100 can do about 300 FLOPs in the time it reads one byte of its memory.
+# So when the GPU sets the pace of a step, memory bandwidth sets the GPU's pace.
+# Storing the weights in bf16 halves the bytes: up to twice as fast per step, and about 1 GB less memory.
 #
-# - the decoder every later notebook builds on, with no step switched on, must
-#   give exactly upstream's tokens for the same seed;
-# - the tokens upstream samples (seed 0, 24 of them) and upstream's fp32 logits
-#   for that sequence, computed in one full-sequence forward, are kept as the
-#   reference for the bf16 check further down.
+# **Why bf16 and not fp16.**
+# bf16 keeps fp32's 8-bit exponent, so nothing that fits in fp32 overflows and no scaling is needed.
+# Its significand has 8 bits, the leading one included.
+# So rounding to bf16 changes a value by at most its unit roundoff, 2⁻⁸ ≈ 0.39 % of itself.
+# Through 30 layers those roundings add up, and a sampled token can flip where two candidates were nearly tied.
+# So bf16 is checked on **logits**, not tokens.
+# Both models are fed the same token sequence (teacher forcing), and their next-token logits must agree within 5 %.
+#
+# **Why it may not help yet.**
+# Notebook 00 showed that the host sets the pace of upstream's loop.
+# Making each kernel faster does not make the host launch them faster.
+
+# %% [markdown]
+# ## The change
+#
+# The decoder casts T3 in place when its plan says bf16, where the device supports it.
+# `weights_restored` undoes the cast exactly, so one process can measure fp32 and bf16 rungs in turn.
+
+# %%
+show_code(precision.supports, precision.t3_in_dtype, precision.weights_restored)
+
+# %% [markdown]
+# ## Proof
+#
+# ### Before casting: the fp32 reference
+#
+# The cast happens in place, so everything that needs the fp32 model runs first.
+# The decoder with no step switched on must give exactly upstream's tokens for the same seed.
+# Upstream's 24 sampled tokens and its fp32 logits for them are kept for the bf16 check below.
 
 # %%
 identity = equivalence.token_identity(tts, text_tokens, [()], n=24, seed=0)
@@ -66,66 +86,24 @@ print("reference logits:", tuple(reference.shape), "(steps, CFG pair, vocabulary
 print("decoder without steps gives upstream's tokens:", identity)
 
 # %% [markdown]
-# ## Measure on this machine
+# ### Measure on this machine
 #
-# Upstream fp32, then the decoder with bf16 weights (the bench casts T3 here).
-# On a CPU these are the tiny model's numbers: its step is a few hundred small
-# operators, so per-operator overhead sets the pace, and whether bf16 helps at
-# all depends on whether the CPU has bf16 matrix instructions. They show that
-# the rung runs and what it costs here, not what it does on a GPU.
+# Upstream fp32 against the decoder with bf16 weights; the bench casts T3 in place after upstream's runs.
+# On a CPU the tiny model's step is a few hundred small operators, so per-operator overhead sets the pace.
+# These numbers show that the rung runs, not what it does on a GPU.
 
 # %%
 local = bench.run(bench.BenchConfig(rungs=("upstream_fp32", "bf16"), tokens=32, repeats=2), tts=tts, progress=False)
 display(Markdown(bench.summary_table(local)))
-print("T3 dtype now:", tts.t3.speech_head.weight.dtype)
 
 # %% [markdown]
-# ## The same on an H100 (committed run)
-
-# %%
-h100 = results.latest_gpu_result()
-shown = {k: h100["rungs"][k] for k in ("upstream_fp32", "bf16")}
-display(Markdown(f"**{h100['provenance']['gpu']}**, torch {h100['provenance']['torch']}, "
-                 f"{h100['provenance']['tokens']} tokens"))
-display(Markdown(results.markdown_table({"rungs": shown})))
-
-fig, axes = plt.subplots(1, 2, figsize=(9, 3))
-for ax, (key, label) in zip(axes, {"t3_decode_tok_s": "T3 tokens/s", "peak_vram_mib": "peak memory, MiB"}.items()):
-    ax.bar(list(shown), [r[key] for r in shown.values()], color=["tab:gray", "tab:orange"])
-    ax.set_title(label + " (H100)")
-plt.tight_layout()
-plt.show()
-
-# %% [markdown]
-# **What the H100 shows.** Memory drops as expected: the peak falls by about
-# half of T3's fp32 weights. Speed goes the *wrong* way: in every committed
-# H100 run bf16 decodes fewer tokens per second than upstream's fp32. The step is still launched kernel by kernel
-# from Python, so its time is the host's time, and bf16 makes the host's work
-# larger, not smaller: in an eager loop PyTorch's scaled-dot-product attention
-# dispatches bf16 inputs to cuDNN, whose per-call host overhead is larger than
-# that of the kernel fp32 gets, and the bf16 step launches more kernels per
-# token (the table above). The bytes saved on the GPU are real, but
-# the GPU was not what the loop waited for. They pay off once launches stop
-# dominating: that takes a step with fixed shapes (02, 03) replayed as a CUDA
-# graph (04).
-
-# %%
-# NBVAL_CHECK_OUTPUT
-base, half = shown["upstream_fp32"], shown["bf16"]
-print("bf16 alone slower than upstream fp32 on the H100:", half["t3_decode_tok_s"] < base["t3_decode_tok_s"])
-print("bf16 peak memory lower by more than 0.5 GiB:", base["peak_vram_mib"] - half["peak_vram_mib"] > 512)
-print("still one host launch per kernel:",
-      abs(half["gpu_kernels_per_token"] - half["host_launches_per_token"]) < 1)
-
-# %% [markdown]
-# ## Is it the same model? Logits under teacher forcing
+# ### Is it the same model? Logits under teacher forcing
 #
-# A bf16 decoder (dynamic cache, as upstream) is fed the 24 reference tokens
-# and its next-token logits are compared with the fp32 reference: the largest,
-# over the 24 steps, of ‖bf16 − fp32‖ / ‖fp32‖.
+# A bf16 decoder is fed the 24 reference tokens.
+# Its error is the largest, over the 24 steps, of ‖bf16 − fp32‖ / ‖fp32‖ of the next-token logits.
 
 # %%
-decoder = T3Decoder(tts.t3, ("bf16",))
+decoder = T3Decoder(tts.t3, ("bf16",))  # T3 is bf16 already: the bench cast it
 error = equivalence.relative_error(equivalence.forced_logits(decoder, tts.conds.t3, text_tokens, forced), reference)
 print(f"relative logit error here: {error:.2e}")
 
@@ -135,34 +113,94 @@ print("bf16 logits within tolerance:", error < equivalence.BF16_LOGIT_TOLERANCE)
 print("tolerance:", equivalence.BF16_LOGIT_TOLERANCE)
 
 # %% [markdown]
-# The committed H100 run made the same checks on the full model, over 64
-# tokens, for every rung:
+# ### On an H100: every committed record
+#
+# The rate is a median with its lowest and highest value across records.
+# The speed-up is taken within each record, one process, then spread across records.
+
+# %%
+h100 = results.latest_gpu_result()
+card = h100["provenance"]["gpu"]
+display(Markdown(f"**{card}**, median (lowest–highest) across records\n\n" + report.spread_table(("upstream_fp32", "bf16"), card)))
+
+records = spread.records_of("bf16", card)
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+for ax, (key, label) in zip(axes, {"t3_decode_tok_s": "T3 tokens/s", "peak_vram_mib": "peak memory, MiB"}.items()):
+    for i, rung in enumerate(("upstream_fp32", "bf16")):
+        values = [doc["rungs"][rung][key] for _, doc in records]
+        ax.scatter([i] * len(values), values, color=("tab:gray", "tab:orange")[i], s=30)
+    ax.set_xticks([0, 1], ["upstream_fp32", "bf16"])
+    ax.set_xlim(-0.6, 1.6)
+    ax.set_title(f"{label}, one dot per record")
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# Memory drops as expected: the peak falls by about half of T3's fp32 weights.
+# Speed goes the *wrong* way, in every committed record.
+# The step is still launched kernel by kernel from Python, so its time is the host's time.
+# In an eager loop PyTorch sends bf16 attention to cuDNN, whose host overhead per call is larger.
+# The bf16 step also launches more kernels per token.
+# The bytes saved on the GPU are real, but the GPU was not what the loop waited for.
+# They pay off once launches stop dominating: a step with fixed shapes (02, 03) replayed as a CUDA graph (04).
 
 # %%
 # NBVAL_CHECK_OUTPUT
+paired = [doc["rungs"] for _, doc in records if "upstream_fp32" in doc["rungs"]]
+print("bf16 alone slower than upstream fp32 in every record:",
+      all(r["bf16"]["t3_decode_tok_s"] < r["upstream_fp32"]["t3_decode_tok_s"] for r in paired))
+print("bf16 peak memory lower by more than 0.5 GiB in every record:",
+      all(r["upstream_fp32"]["peak_vram_mib"] - r["bf16"]["peak_vram_mib"] > 512 for r in paired))
 checks = results.latest_gpu_checks()
-print("fp32 token identity with upstream:", checks["fp32_token_identity"])
-print(f"bf16 relative logit error {checks['bf16_logit_rel_error']:.1e} "
-      f"within {checks['bf16_logit_tolerance']}:", checks["bf16_within_tolerance"])
+print(f"full model on the GPU, bf16 logits within {checks['bf16_logit_tolerance']}:", checks["bf16_within_tolerance"])
 
 # %% [markdown]
-# ## Listen
+# ### Listen
 #
-# The bf16 decoder in the full pipeline (two seconds of the synthetic model's
-# babble: the point is that it runs end to end).
+# The bf16 decoder in the full pipeline: it runs end to end.
 
 # %%
 torch.manual_seed(0)
 speech = synthesize(tts, "Half the bytes, the same words.", decoder=T3Decoder(tts.t3, ladder_prefix("bf16")),
                     max_new_tokens=50)
-print({stage: f"{s:.3f} s" for stage, s in speech.seconds.items()})
 Audio(speech.wav, rate=speech.sample_rate)
 
 # %%
 # NBVAL_CHECK_OUTPUT
 print("speech tokens:", speech.speech_tokens.numel())
-print("audio seconds:", speech.audio_s)
 
 # %% [markdown]
-# Next: [02 · static KV cache](02_static_cache.ipynb) fixes the shapes and
-# addresses of the attention cache, the precondition for a CUDA graph.
+# ## Summary
+#
+# - bf16 halves the bytes per weight and keeps fp32's range; it rounds each value by at most 2⁻⁸ ≈ 0.39 %.
+# - A bf16 model is checked on its logits under teacher forcing, since sampled tokens may flip at near ties.
+# - On its own, bf16 makes upstream's host-bound loop slower in every committed H100 record; the saved bytes count only after launches stop dominating.
+#
+# ## Exercises
+#
+# **1. Check the unit roundoff.**
+# Round a million random fp32 values to bf16 and back.
+# The largest relative change should be at most 2⁻⁸, and close to it.
+
+# %%
+x = torch.randn(1_000_000)
+worst = ((x.bfloat16().float() - x) / x).abs().max().item()
+print(f"largest relative rounding error: {worst:.5f}; 2⁻⁸ = {2 ** -8:.5f}, 2⁻⁹ = {2 ** -9:.5f}")
+assert 2 ** -9 < worst <= 2 ** -8
+
+# %% [markdown]
+# **2. Range: bf16 against fp16.**
+# fp16 has more significand bits but a 5-bit exponent.
+# Cast 70,000 to each format and see which one overflows.
+
+# %%
+big = torch.tensor(70_000.0)
+print("fp16:", big.half().item(), "| bf16:", big.bfloat16().item())
+assert torch.isinf(big.half()) and torch.isfinite(big.bfloat16())
+
+# %% [markdown]
+# **3. Longer teacher forcing.**
+# Run the logit check over 48 tokens instead of 24 (you need the fp32 model: reload it with `load_tts()`).
+# Does the error stay within the 5 % tolerance?
+#
+# Next: [02 · static KV cache](02_static_cache.ipynb) fixes the shapes and addresses of the attention cache.
