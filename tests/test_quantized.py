@@ -239,3 +239,64 @@ def test_torchao_rungs_say_how_to_get_torchao_where_it_is_missing():
         assert f"pip install torchao=={torchao_baseline.VERSION}" in reason
     else:
         assert "needs a CUDA GPU" in reason
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits, parts", [(8, 1), (2, 4)])
+def test_the_attention_kernel_on_an_int8_cache_on_the_gpu(splits, parts):
+    """The full model's heads in bf16: the kernel against SDPA over the dequantized int8 cache. The
+    new slot's codes may differ by one step where the kernel's rotary rounds k differently."""
+    from chatterbox_lab.decode.t3_forward import cached_attention
+    from chatterbox_lab.kernels import decode_attention
+    from chatterbox_lab.kernels.decode_attention import AttentionConfig
+
+    torch.manual_seed(7)
+    rows, heads, kv_heads, head_dim, capacity = 2, 16, 16, 64, 512
+    cos, sin = (torch.randn(capacity, head_dim // 2, device="cuda").repeat(1, 2).bfloat16() for _ in range(2))
+    positions = torch.tensor([300], device="cuda")
+    q, k, v = (torch.randn(rows, 1, n * head_dim, device="cuda", dtype=torch.bfloat16) for n in (heads, kv_heads,
+                                                                                                 kv_heads))
+    from chatterbox_lab.decode.kv_cache import StaticKVCache
+
+    caches = [StaticKVCache(1, rows, kv_heads, capacity, head_dim, torch.bfloat16, "cuda", format="int8")
+              for _ in range(2)]
+    history = [torch.randn(rows, kv_heads, capacity, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    for cache in caches:
+        cache.update(0, torch.arange(capacity, device="cuda"), *history)
+    arrivals = torch.zeros(rows * heads, dtype=torch.int32, device="cuda")
+    got = decode_attention.triton_decode_attention(q, k, v, positions, cos, sin, caches[0].keys[0],
+                                                   caches[0].values[0], arrivals,
+                                                   AttentionConfig(splits, parts, 64, 4), scales=caches[0].scales(0))
+    want = cached_attention(q, k, v, positions, slice(None), (cos[positions][None], sin[positions][None]), caches[1], 0,
+                            caches[1].mask(positions))
+    assert float((got.float() - want.float()).norm() / want.float().norm()) < 2e-2
+    for name in ("keys", "values"):
+        assert (getattr(caches[0], name)[0].int() - getattr(caches[1], name)[0].int()).abs().max() <= 1, name
+    torch.testing.assert_close(caches[0].key_scales[0], caches[1].key_scales[0], rtol=1e-2, atol=0)
+    assert not arrivals.any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("step", ["int8_weights", "fp8_weights", "int8_kv_cache"])
+def test_the_8_bit_steps_capture_one_graph_and_stay_near_bf16(step):
+    """The full synthetic model's recommended set with each 8-bit step: the step captures and replays,
+    and its teacher-forced logits stay within the step's tolerance of the bf16 path's."""
+    from chatterbox_lab import registry
+    from chatterbox_lab.decode.decoder import T3Decoder, text_tokens_for
+    from chatterbox_lab.decode.plan import device_kind, unsupported_steps
+    from chatterbox_lab.loading.models import load_tts
+    from chatterbox_lab.measure import equivalence, quality
+
+    if step in unsupported_steps("cuda"):
+        pytest.skip(f"{step} needs a Hopper or later GPU")
+    tts = load_tts(device="cuda")
+    tts.prepare_conditionals(str(__import__("chatterbox_lab").voice_path("alto")))
+    text_tokens = text_tokens_for(tts, "Eight bits a weight, measured.")
+    recommended = frozenset(registry.preset("recommended", device_kind("cuda"))) - {"multi_step_graph"}
+    eight_bit = T3Decoder(tts.t3, quality.with_step(recommended, step), max_cache_len=512)
+    forced = eight_bit.generate(tts.conds.t3, text_tokens, 48, stop_on_eos=False).tokens
+    bf16 = T3Decoder(tts.t3, recommended, max_cache_len=512)
+    error = equivalence.relative_error(equivalence.forced_logits(eight_bit, tts.conds.t3, text_tokens, forced),
+                                       equivalence.forced_logits(bf16, tts.conds.t3, text_tokens, forced))
+    print(f"{step}: teacher-forced logits against bf16's, relative error {error:.4f}")
+    assert error < quality.LOGIT_TOLERANCE[step]
