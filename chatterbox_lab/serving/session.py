@@ -175,11 +175,18 @@ class TTSSession:
         self.max_registered_voices = max_registered_voices
         self._named: dict[str, Reference] = {}
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatterbox_lab-model",
-                                          initializer=own_cudagraph_state)
+                                          initializer=self._start_worker)
         # The decoder of the last batch size asked for (`submit_many`): its KV cache and captured
         # step are sized for that many utterances, so only one such decoder is kept at a time.
         self._batch_decoder: T3Decoder | None = None
         self.warmup_s: float | None = None
+
+    def _start_worker(self) -> None:
+        own_cudagraph_state()
+        # A new thread's current device is cuda:0, and Triton kernels and graph captures run on the
+        # current device: a model on another card (cuda:LOCAL_RANK under torchrun) needs its own.
+        if torch.device(self.tts.device).type == "cuda":
+            torch.cuda.set_device(self.tts.device)
 
     def register_voice(self, voice_id: str, audio) -> str:
         """Name a reference recording (a path, a bundled name or a `Reference`), checked and
