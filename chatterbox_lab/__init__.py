@@ -34,6 +34,7 @@ _PUBLIC = {
     "stream_speech": "chatterbox_lab.pipeline.streaming",
     "preset": "chatterbox_lab.registry",
     "BenchConfig": "chatterbox_lab.measure.bench",
+    "check_quality": "chatterbox_lab.measure.quality",
     "show_code": "chatterbox_lab.source",
 }
 __all__ = sorted(_PUBLIC) + ["registry"]
