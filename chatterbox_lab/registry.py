@@ -22,13 +22,14 @@ from dataclasses import dataclass
 
 STATUSES = ("guide", "recommended", "experimental")
 RUNS_ON = ("cpu", "cuda", "hopper")
-MODELS = ("t3", "s3gen")
+# The ladders: the Llama T3 of the original and multilingual models, S3Gen, and Turbo's GPT-2 T3.
+MODELS = ("t3", "s3gen", "turbo")
 
 
 @dataclass(frozen=True)
 class Step:
     name: str
-    model: str                 # "t3" or "s3gen"
+    model: str                 # "t3" or "s3gen" (Turbo's ladder is the T3 steps marked `turbo`)
     status: str                # one of STATUSES
     runs_on: str               # one of RUNS_ON
     module: str                # where it is implemented, relative to the package
@@ -46,23 +47,27 @@ class Step:
     # Starts with a torch.compile of its own: tens of seconds from empty caches, so it pays off over
     # many requests, not one (`say` leaves it out).
     compiles: bool = False
+    # Turbo's GPT-2 T3 runs this T3 step too. The others are Llama-shaped (RMSNorm, rotary positions,
+    # separate q/k/v, a gated SiLU MLP, a CFG pair of rows) and do not apply to it.
+    turbo: bool = False
 
 
 # What 8-bit weights take over from: kernels that read weights in the model's dtype only.
 _WHOLE_LAYER_AND_STAGED = ("staged_weights", "staged_head", "head_handoff", "persistent_layers")
 
 _T3 = (
-    Step("bf16", "t3", "guide", "cpu", "decode/precision.py", "T3 weights in bfloat16"),
+    Step("bf16", "t3", "guide", "cpu", "decode/precision.py", "T3 weights in bfloat16", turbo=True),
     Step("static_cache", "t3", "guide", "cpu", "decode/kv_cache.py",
-         "fixed KV buffers and positions as device tensors", helps_on_cpu=True),
+         "fixed KV buffers and positions as device tensors", helps_on_cpu=True, turbo=True),
     Step("embed_cache", "t3", "guide", "cpu", "decode/embed_cache.py",
-         "the step's input embedding as two device lookups", helps_on_cpu=True),
+         "the step's input embedding as two device lookups", helps_on_cpu=True, turbo=True),
     Step("compiled", "t3", "guide", "cuda", "decode/compiled_step.py",
-         "the one-token step under torch.compile as one CUDA graph", needs=("static_cache", "embed_cache")),
+         "the one-token step under torch.compile as one CUDA graph", needs=("static_cache", "embed_cache"),
+         turbo=True),
     Step("fused_projections", "t3", "recommended", "cpu", "decode/fused_projections.py",
          "q/k/v as one matmul and gate/up as another", needs=("static_cache",)),
     Step("sampling_in_graph", "t3", "recommended", "cuda", "decode/decoder.py",
-         "sampling and the token write inside the captured step", needs=("compiled",)),
+         "sampling and the token write inside the captured step", needs=("compiled",), turbo=True),
     Step("fused_matvec", "t3", "recommended", "cuda", "kernels/fused_matvec.py",
          "each matmul of the step a Triton kernel with its norm, gate or residual folded in",
          needs=("fused_projections",), exact=False),
@@ -145,6 +150,7 @@ STEPS: dict[str, Step] = {step.name: step for step in _T3 + _S3GEN}
 # In ladder order: each step after the ones it needs.
 T3_STEPS = tuple(step.name for step in _T3)
 S3GEN_STEPS = tuple(step.name for step in _S3GEN)
+TURBO_STEPS = tuple(step.name for step in _T3 if step.turbo)
 GUIDE = tuple(name for name in T3_STEPS if STEPS[name].status == "guide")
 PRESETS = ("guide", "recommended", "all")
 
@@ -169,10 +175,20 @@ def dependents(name: str) -> frozenset:
     return frozenset(other for other in STEPS if name in requirements(other))
 
 
+def ladder(model: str) -> tuple:
+    """The steps of `model` (one of MODELS), in ladder order."""
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r} of the registry: choose from {', '.join(MODELS)}")
+    return {"t3": T3_STEPS, "s3gen": S3GEN_STEPS, "turbo": TURBO_STEPS}[model]
+
+
 def check(names, model: str | None = None) -> frozenset:
     """`names` as a set of known steps (of `model`, if given), each with what it needs."""
     names = frozenset(names)
-    known = T3_STEPS if model == "t3" else S3GEN_STEPS if model == "s3gen" else tuple(STEPS)
+    known = ladder(model) if model else tuple(STEPS)
+    if model == "turbo" and (llama_only := sorted(names & set(T3_STEPS) - set(known))):
+        raise ValueError(f"steps {llama_only} are the original's Llama-shaped T3 steps and do not apply to "
+                         f"Turbo's GPT-2 T3: choose from {', '.join(known)}")
     unknown = sorted(names - set(known))
     if unknown:
         what = f"{model} steps" if model else "steps"
@@ -194,7 +210,7 @@ def runs_on(name: str, device_kind: str) -> bool:
 def preset(name: str, device_kind: str = "hopper", model: str = "t3", compiles: bool = True) -> tuple:
     """A named step set of `model`, in ladder order, for a device of `device_kind`.
 
-    - `guide`: the guide's four steps (T3 only);
+    - `guide`: the guide's four steps (T3 and Turbo only);
     - `recommended`: the fastest set measured on a GPU, less what `device_kind` cannot run; on a CPU,
       the steps that help there;
     - `all`: every step `device_kind` can run, the experimental ones included.
@@ -205,7 +221,7 @@ def preset(name: str, device_kind: str = "hopper", model: str = "t3", compiles: 
         raise ValueError(f"unknown preset {name!r}: choose from {', '.join(PRESETS)}")
     if device_kind not in RUNS_ON:
         raise ValueError(f"unknown device kind {device_kind!r}: choose from {', '.join(RUNS_ON)}")
-    names = T3_STEPS if model == "t3" else S3GEN_STEPS
+    names = ladder(model)
     if name == "guide":
         chosen = [n for n in names if STEPS[n].status == "guide"]
     elif name == "all":
@@ -231,7 +247,7 @@ def ladder_prefix(rung: str) -> frozenset:
 def markdown_table(model: str = "t3") -> str:
     """The README's step table for `model`: generated, so it cannot drift from this registry."""
     rows = ["| step | status | runs on | module | what changes |", "|---|---|---|---|---|"]
-    for name in (T3_STEPS if model == "t3" else S3GEN_STEPS):
+    for name in ladder(model):
         s = STEPS[name]
         status = s.status + (f" (`{s.evidence}`)" if s.evidence else " (not yet timed on a GPU)" if s.unmeasured
                              else "")

@@ -49,17 +49,36 @@ class SamplingParams:
             check_number(f.name, getattr(self, f.name))
 
 
+@dataclass(frozen=True)
+class TurboSamplingParams:
+    """Upstream `ChatterboxTurboTTS.generate` defaults. `top_k`: 0 keeps every token, as upstream's
+    loop does when it leaves the warper out."""
+    temperature: float = 0.8
+    top_k: int = 1000
+    top_p: float = 0.95
+    repetition_penalty: float = 1.2
+
+    def __post_init__(self):
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            check_number(name, getattr(self, name))
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be a whole number >= 0 (0 keeps every token), got {self.top_k!r}")
+
+
 class DeviceSampling:
-    """Sampling values as 0-d float32 tensors on the device, updated in place per request."""
+    """Sampling values as 0-d float32 tensors on the device, updated in place per request: those of
+    `SamplingParams`, or with `turbo`, those of `TurboSamplingParams`."""
 
     NAMES = ("temperature", "cfg_weight", "repetition_penalty", "min_p", "one_minus_top_p")
+    TURBO_NAMES = ("temperature", "top_k", "repetition_penalty", "one_minus_top_p")
 
-    def __init__(self, device):
-        self.values = {n: torch.zeros((), device=device, dtype=torch.float32) for n in self.NAMES}
+    def __init__(self, device, turbo: bool = False):
+        names = self.TURBO_NAMES if turbo else self.NAMES
+        self.values = {n: torch.zeros((), device=device, dtype=torch.float32) for n in names}
         for t in self.values.values():
             torch._dynamo.mark_static_address(t)
 
-    def set(self, params: SamplingParams) -> None:
+    def set(self, params) -> None:
         for name, t in self.values.items():
             # 1 - top_p is formed in double precision, as transformers' TopP warper does.
             value = 1 - params.top_p if name == "one_minus_top_p" else getattr(params, name)
@@ -75,11 +94,7 @@ def next_token_probs(logits: torch.Tensor, seen: torch.Tensor, sampling: DeviceS
     cond, uncond = logits[0::2], logits[1::2]
     scores = cond + sampling["cfg_weight"] * (cond - uncond)
 
-    # transformers' RepetitionPenaltyLogitsProcessor on every id generated so far.
-    penalty = sampling["repetition_penalty"]
-    penalised = torch.where(scores < 0, scores * penalty, scores / penalty)
-    scores = torch.where(seen, penalised, scores)
-
+    scores = repetition_penalised(scores, seen, sampling)
     scores = scores / sampling["temperature"]
 
     # MinPLogitsWarper: drop tokens less likely than min_p times the best one.
@@ -87,8 +102,12 @@ def next_token_probs(logits: torch.Tensor, seen: torch.Tensor, sampling: DeviceS
     top = probs.amax(dim=-1, keepdim=True)
     scores = scores.masked_fill(probs < sampling["min_p"] * top, -float("inf"))
 
-    # TopPLogitsWarper: drop the least likely tokens whose mass stays within 1 - top_p,
-    # always keeping the most likely one.
+    return torch.softmax(top_p_filtered(scores, sampling), dim=-1)
+
+
+def top_p_filtered(scores: torch.Tensor, sampling: DeviceSampling) -> torch.Tensor:
+    """transformers' TopPLogitsWarper: drop the least likely tokens whose mass stays within
+    1 - top_p, always keeping the most likely one."""
     sorted_scores, order = torch.sort(scores, descending=False)
     # One scan per utterance: Inductor 2.11 fails to generate a scan over several rows
     # that reads a per-row value such as the softmax's maximum (pytorch/pytorch#180221).
@@ -96,9 +115,33 @@ def next_token_probs(logits: torch.Tensor, seen: torch.Tensor, sampling: DeviceS
     drop_sorted = cumulative <= sampling["one_minus_top_p"]
     drop_sorted[..., -1:] = False
     drop = drop_sorted.scatter(1, order, drop_sorted)
-    scores = scores.masked_fill(drop, -float("inf"))
+    return scores.masked_fill(drop, -float("inf"))
 
-    return torch.softmax(scores, dim=-1)
+
+def turbo_token_probs(logits: torch.Tensor, seen: torch.Tensor, sampling: DeviceSampling) -> torch.Tensor:
+    """logits (n, V), one row per utterance (Turbo has no CFG) -> probabilities (n, V), by the
+    processors of upstream's `T3.inference_turbo` in its order: temperature, top-k, top-p, then the
+    repetition penalty. Each is the identity at its neutral value (temperature 1, top_k 0, top_p 1,
+    penalty 1), where upstream leaves it out: dividing or multiplying by 1 is exact."""
+    scores = logits.float() / sampling["temperature"]
+
+    # TopKLogitsWarper: drop what scores below the k-th best. Its threshold is read from one full
+    # sort at a device index, since torch.topk takes k as a host number.
+    vocab = scores.size(-1)
+    k = sampling["top_k"].long()
+    k = torch.where(k > 0, k.clamp(max=vocab), vocab)
+    threshold = torch.sort(scores, dim=-1, descending=True).values.index_select(-1, (k - 1).view(1))
+    scores = scores.masked_fill(scores < threshold, -float("inf"))
+
+    scores = top_p_filtered(scores, sampling)
+    return torch.softmax(repetition_penalised(scores, seen, sampling), dim=-1)
+
+
+def repetition_penalised(scores: torch.Tensor, seen: torch.Tensor, sampling: DeviceSampling) -> torch.Tensor:
+    """transformers' RepetitionPenaltyLogitsProcessor on every id of the mask `seen`."""
+    penalty = sampling["repetition_penalty"]
+    penalised = torch.where(scores < 0, scores * penalty, scores / penalty)
+    return torch.where(seen, penalised, scores)
 
 
 def race_noise(probs: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

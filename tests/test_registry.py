@@ -22,7 +22,7 @@ RESULTS = ROOT / "data" / "results"
 
 
 def _ladder(model):
-    return registry.T3_STEPS if model == "t3" else registry.S3GEN_STEPS
+    return registry.ladder(model)
 
 
 @pytest.mark.parametrize("name", list(registry.STEPS))

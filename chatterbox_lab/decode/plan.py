@@ -60,10 +60,11 @@ class DecodePlan:
     prefill: str          # "eager" | "graph" (a lone utterance's prefill)
 
     @classmethod
-    def resolve(cls, steps, device="cpu") -> "DecodePlan":
-        """The plan for `steps` (checked against the registry) on `device`. Steps the device cannot
-        run are refused; steps that need a GPU's launch machinery change nothing on a CPU."""
-        steps = registry.check(steps, model="t3")
+    def resolve(cls, steps, device="cpu", model: str = "t3") -> "DecodePlan":
+        """The plan for `steps` of `model`'s ladder ("t3", or "turbo" for Turbo's GPT-2 T3), checked
+        against the registry, on `device`. Steps the device cannot run are refused; steps that need a
+        GPU's launch machinery change nothing on a CPU."""
+        steps = registry.check(steps, model=model)
         on_gpu = torch.device(device).type == "cuda"
         if on_gpu:
             missing = sorted(steps & unsupported_steps(device))

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from chatterbox_lab.decode.decoder import T3Decoder
 from chatterbox_lab.decode.embed_cache import upstream_step_embedding
 from chatterbox_lab.pipeline.synthesis import upstream_t3
-from chatterbox_lab.sampling import SamplingParams
+from chatterbox_lab.sampling import SamplingParams, TurboSamplingParams
 
 # Relative L2 error of bf16 logits against fp32, max over steps. bf16 keeps 8 bits of
 # mantissa (relative rounding 2^-9 ~ 2e-3 per value); through 30 layers errors grow.
@@ -39,6 +39,27 @@ def token_identity(tts, text_tokens, steps_list, n: int, seed: int = 0, max_cach
     for steps in tqdm(steps_list, desc="token identity checks", disable=not progress):
         decoder = T3Decoder(tts.t3, steps, max_cache_len=max_cache_len, max_new_tokens=n)
         tokens = seeded_tokens(tts, text_tokens, n, seed, decoder)
+        verdicts["+".join(sorted(steps)) or "none"] = bool(torch.equal(tokens.cpu(), reference.cpu()))
+    return verdicts
+
+
+def turbo_token_identity(tts, text_tokens, steps_list, n: int, seed: int = 0,
+                         sampling: TurboSamplingParams = TurboSamplingParams()) -> dict:
+    """{"+".join(steps): tokens identical to upstream's `T3.inference_turbo`} for each set of the
+    Turbo ladder's steps (fp32 model), `n` tokens from one seed."""
+    from chatterbox_lab.decode.turbo import TurboDecoder
+
+    torch.manual_seed(seed)
+    with torch.inference_mode():
+        # Upstream samples one token from the prefill, then one a loop turn.
+        reference = tts.t3.inference_turbo(tts.conds.t3, text_tokens, temperature=sampling.temperature,
+                                           top_k=sampling.top_k, top_p=sampling.top_p,
+                                           repetition_penalty=sampling.repetition_penalty, max_gen_len=n - 1)
+    verdicts = {}
+    for steps in steps_list:
+        decoder = TurboDecoder(tts.t3, steps, max_new_tokens=n)
+        torch.manual_seed(seed)
+        tokens = decoder.generate(tts.conds.t3, text_tokens, n, sampling).tokens
         verdicts["+".join(sorted(steps)) or "none"] = bool(torch.equal(tokens.cpu(), reference.cpu()))
     return verdicts
 
