@@ -40,12 +40,12 @@ def good_lines(n: int, first: int = 0) -> list:
             for i in range(first, first + n)]
 
 
-def assert_whole(out: Path, rows: dict, ids) -> None:
+def assert_whole(out: Path, rows: dict, ids, tokens: int = TOKENS) -> None:
     """Every id has one ok row and a whole WAV of the length the row says; nothing else is in `out`."""
     for line_id in ids:
         assert rows[line_id]["status"] == "ok", rows[line_id]
         audio, rate = sf.read(out / f"{line_id}.wav")
-        assert len(audio) == TOKENS * SAMPLES_PER_TOKEN and abs(len(audio) / rate - rows[line_id]["audio_s"]) < 1e-3
+        assert len(audio) == tokens * SAMPLES_PER_TOKEN and abs(len(audio) / rate - rows[line_id]["audio_s"]) < 1e-3
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
 
 
@@ -207,3 +207,20 @@ def test_the_example_corpus_is_generated_and_every_line_is_good(session):
     assert len({line.sampling for line in lines}) > 1 and any(line.seed is not None for line in lines)
     lengths = sorted(len(line.text) for line in lines)
     assert lengths[0] < 40 and lengths[-1] > 300
+
+
+@pytest.mark.gpu
+def test_the_job_speaks_every_line_on_the_gpu_with_the_recommended_steps(tmp_path):
+    """The full model with every recommended step of T3 and S3Gen: batches of the session's batched
+    decoder, a last batch topped up, and a seeded line alone."""
+    tokens = 32
+    lines = good_lines(7) + [dict(good_lines(1, first=7)[0], seed=5, temperature=0.7)]
+    texts, out = write_lines(tmp_path / "texts.jsonl", lines), tmp_path / "out"
+    session = TTSSession(device="cuda", max_new_tokens=tokens)
+    try:
+        summary = run_corpus(texts, out, batch=4, max_new_tokens=tokens, session=session, progress=False)
+    finally:
+        session.close()
+    assert (summary.written, summary.failed) == (len(lines), 0)
+    rows = read_manifest(out)
+    assert_whole(out, rows, [line["id"] for line in lines], tokens)
