@@ -39,7 +39,7 @@ from chatterbox_lab.source import show_code
 # reads it. At one utterance the cache is a few megabytes next to a gigabyte of weights. At 64
 # utterances it is gigabytes, and reading it dominates the step.
 #
-# Past eight rows a matmul is no longer thin. There cuBLAS's tiled kernels beat our matvec
+# Past a few rows (`fused_matvec.MAX_ROWS`) a matmul is no longer thin. There cuBLAS's tiled kernels beat our matvec
 # kernels, so the decoder switches back to them.
 
 # %% [markdown]
