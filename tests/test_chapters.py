@@ -125,3 +125,8 @@ def test_a_new_record_is_read_step_by_step_against_the_rung_before_it():
     assert "| `launch_ahead` | 1,100 | `dependent_launch` | 1.100x |" in table
     assert "| `head_handoff` | 1,400 | `recommended` | 0.875x |" in table
     assert "| `dependent_launch` | 1,000 | `captured_graph` | - |" in table
+
+
+def test_a_gain_reads_as_one_sentence_with_its_record_count():
+    assert chapters.gain_line("launch_ahead").startswith("launch_ahead over dependent_launch: ")
+    assert chapters.gain_line("fused_attention", gpu=None).endswith("across one record")

@@ -264,3 +264,13 @@ def record_gains_table(doc: dict) -> str:
             gain = f"{rate / base:.3f}x" if base else "-"
             rows.append(f"| {chapter} | `{name}` | {rate:,.0f} | `{over}` | {gain} |")
     return "\n".join(rows)
+
+
+def gain_line(step: str, gpu: str | None = CARD) -> str:
+    """One sentence of `step_gain`: the step over the rung before it, median and range, and how many
+    records."""
+    gain = step_gain(step, gpu)
+    where = f" {gpu}" if gpu else ""
+    count = "one" if gain.records == 1 else str(gain.records)
+    return f"{step} over {rung_before(step)}: {gain.text(suffix='x')} across {count}{where} record" + \
+        ("s" if gain.records > 1 else "")
