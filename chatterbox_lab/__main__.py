@@ -17,7 +17,8 @@ from chatterbox_lab.loading.architecture import PRESETS
 from chatterbox_lab.measure.bench import (EXPERIMENTAL_RUNGS, LADDER_RUNGS, RUNGS, BenchConfig, batch_table, run,
                                           summary_table)
 from chatterbox_lab.registry import S3GEN_STEPS
-from chatterbox_lab.sampling import SamplingParams
+from chatterbox_lab.sampling import SamplingParams, TurboSamplingParams
+from chatterbox_lab.validation import TTS_MODELS
 
 LOCAL_RESULTS = Path("bench-results")
 
@@ -45,30 +46,35 @@ def say(args) -> Path:
     """One utterance into a WAV file; every cheap check runs before the model loads."""
     from chatterbox_lab.decode.plan import device_kind
     from chatterbox_lab.loading.models import resolve_device
-    from chatterbox_lab.pipeline.voices import read_reference
+    from chatterbox_lab.pipeline.voices import REFERENCE_RATE, read_reference
     from chatterbox_lab.registry import preset
     from chatterbox_lab.serving.session import TTSSession
-    from chatterbox_lab.validation import (MAX_LONG_TEXT_CHARS, MAX_TEXT_CHARS, check_number, check_output_path,
-                                           check_seed, check_text, check_token_count)
+    from chatterbox_lab.validation import (MAX_LONG_TEXT_CHARS, MAX_TEXT_CHARS, check_language, check_number,
+                                           check_output_path, check_seed, check_text, check_token_count,
+                                           check_turbo_voice)
 
     # Arguments that are not UTF-8 reach Python as surrogate escapes; encoding them back
     # gives check_text the original bytes to refuse.
     text = check_text(os.fsencode(args.text), max_chars=MAX_LONG_TEXT_CHARS if args.chunk else MAX_TEXT_CHARS)
-    sampling = SamplingParams(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingParams)})
+    sampling = sampling_of(args)
+    check_language(args.model, args.language)
     tokens = check_token_count(args.max_new_tokens)
     exaggeration, seed = check_number("exaggeration", args.exaggeration), check_seed(args.seed)
     check_output_path(args.out, args.overwrite)
     voice = read_reference(args.voice)
-    check_checkpoint_tokenizer(args.checkpoint)
+    if args.model == "turbo":
+        check_turbo_voice(len(voice.samples) / REFERENCE_RATE)
+    if args.model == "original":
+        check_checkpoint_tokenizer(args.checkpoint)
     # T3's recommended steps capture their graphs in seconds; S3Gen's steps that start with a
     # torch.compile of their own take longer than one utterance gains, so they are left out.
     kind = device_kind(resolve_device(args.device))
-    session = TTSSession(args.checkpoint, preset=args.preset, device=args.device, steps="recommended",
+    session = TTSSession(args.checkpoint, model=args.model, preset=args.preset, device=args.device, steps="recommended",
                          s3gen_steps=preset("recommended", kind, "s3gen", compiles=False), max_new_tokens=tokens,
                          progress=True)
     try:
         speech = session.synthesize(text, voice, sampling=sampling, max_new_tokens=tokens,
-                                    exaggeration=exaggeration, seed=seed, chunk=args.chunk)
+                                    exaggeration=exaggeration, seed=seed, chunk=args.chunk, language=args.language)
         path = speech.save(args.out, args.overwrite)
     finally:
         session.close()
@@ -76,6 +82,20 @@ def say(args) -> Path:
         # The first request pays the decoder's captures and S3Gen's, so its stages are start-up too.
         print(json.dumps({"startup_s": session.startup_s, "first_request_s": speech.seconds}), file=sys.stderr)
     return path
+
+
+def sampling_of(args):
+    """The sampling values `say` was given, over the model's defaults: `SamplingParams`, or for Turbo
+    `TurboSamplingParams`, which refuses the fields Turbo would ignore (cfg_weight, min_p)."""
+    from chatterbox_lab.validation import check_model, check_turbo_sampling
+
+    kind = TurboSamplingParams if check_model(args.model) == "turbo" else SamplingParams
+    if kind is TurboSamplingParams:
+        check_turbo_sampling(cfg_weight=args.cfg_weight, min_p=args.min_p)
+    elif args.top_k is not None:
+        raise ValueError(f"top_k applies to the turbo model only; the {args.model} model samples with min_p and top_p")
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(kind) if getattr(args, f.name) is not None}
+    return kind(**given)
 
 
 def corpus(args, parser) -> int:
@@ -200,8 +220,12 @@ def main(argv=None) -> int:
     y.add_argument("--preset", choices=PRESETS, help="synthetic model size (default: full on GPU, tiny on CPU)")
     y.add_argument("--device", help="cuda, cpu, mps or cuda:N (default: cuda when available)")
     y.add_argument("--max-new-tokens", type=int, default=1000, help="speech tokens at most, 25 per second")
+    y.add_argument("--model", choices=TTS_MODELS, default="original", help="which Chatterbox; default: %(default)s")
+    y.add_argument("--language", help="the multilingual model's language id (en, fr, el, ...)")
     for f in dataclasses.fields(SamplingParams):
-        y.add_argument(f"--{f.name.replace('_', '-')}", type=float, default=f.default, help="default: %(default)s")
+        y.add_argument(f"--{f.name.replace('_', '-')}", type=float,
+                       help=f"default: {f.default} (turbo: {getattr(TurboSamplingParams, f.name, 'refused')})")
+    y.add_argument("--top-k", type=int, help="turbo only; default: 1000, 0 keeps every token")
     y.add_argument("--exaggeration", type=float, default=0.5, help="emotion intensity, 0 to 2; default: %(default)s")
     y.add_argument("--seed", type=int)
     y.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

@@ -26,7 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from chatterbox_lab.decode.decoder import STOP_CHECK_INTERVAL, DecodeResult, sync_device
+from chatterbox_lab.decode.decoder import STOP_CHECK_INTERVAL, Cancelled, DecodeResult, sync_device
 from chatterbox_lab.decode.kv_cache import StaticKVCache, cache_len_for, check_fits
 from chatterbox_lab.decode.plan import DecodePlan
 from chatterbox_lab.decode.precision import t3_in_dtype
@@ -186,8 +186,13 @@ class TurboDecoder:
 
     @torch.inference_mode()
     def generate(self, t3_cond, text_tokens: torch.Tensor, max_new_tokens: int,
-                 sampling: TurboSamplingParams = TurboSamplingParams(), stop_on_eos: bool = True) -> DecodeResult:
-        """Up to `max_new_tokens` tokens, as upstream returns them: (1, n), its stop token removed."""
+                 sampling: TurboSamplingParams = TurboSamplingParams(), stop_on_eos: bool = True,
+                 cancelled=None) -> DecodeResult:
+        """Up to `max_new_tokens` tokens, as upstream returns them: (1, n), its stop token removed.
+        `cancelled`: a callable asked at each stop check; when it answers True, `Cancelled` is raised."""
+        if not isinstance(sampling, TurboSamplingParams):
+            raise TypeError(f"Turbo samples with TurboSamplingParams (temperature, top_k, top_p, repetition_penalty), "
+                            f"got {type(sampling).__name__}: cfg_weight and min_p do not apply to Turbo")
         sync_device(self.device)
         start = time.perf_counter()
         self._begin(t3_cond, text_tokens, max_new_tokens, sampling)
@@ -202,6 +207,8 @@ class TurboDecoder:
             # Every STOP_CHECK_INTERVAL tokens the host looks for the stop token: one sync, not one a token.
             if stop_on_eos and bool((self.tokens[0, :done] == stop).any()):
                 break
+            if cancelled is not None and done < max_new_tokens and cancelled():
+                raise Cancelled(f"stopped after {done} of at most {max_new_tokens} tokens")
         tokens = self.tokens[:, :done].clone()
         sync_device(self.device)
         end = time.perf_counter()

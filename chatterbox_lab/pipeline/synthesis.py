@@ -19,7 +19,8 @@ from transformers.utils import logging as hf_logging
 from chatterbox_lab.pipeline.batched_waveforms import vocode_all, watermark_all
 from chatterbox_lab.decode.decoder import Cancelled, T3Decoder, sync_device, text_tokens_for
 from chatterbox_lab.pipeline.padding import padding_zeroed
-from chatterbox_lab.sampling import SamplingParams
+from chatterbox_lab.decode.turbo import turbo_text_tokens
+from chatterbox_lab.sampling import SamplingParams, TurboSamplingParams
 from chatterbox_lab.validation import MAX_LONG_TEXT_CHARS, check_flow_steps, check_text
 
 TOKENS_PER_SECOND = 25  # S3 speech tokens: 640 samples at 16 kHz each
@@ -63,8 +64,9 @@ def timed_stage(device, seconds: dict, stage: str):
     seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - start
 
 
-def upstream_t3(tts, text_tokens, max_new_tokens, sampling: SamplingParams, stop_on_eos=True):
-    """Upstream `T3.inference` with its prefill timed apart from its decode loop."""
+def upstream_t3(tts, text_tokens, max_new_tokens, sampling, stop_on_eos=True):
+    """Upstream `T3.inference` (Turbo's `T3.inference_turbo`, for `TurboSamplingParams`) with its
+    prefill timed apart from its decode loop."""
     marks = []
 
     def after_forward(module, args, output):
@@ -79,11 +81,17 @@ def upstream_t3(tts, text_tokens, max_new_tokens, sampling: SamplingParams, stop
     try:
         sync_device(tts.device)
         start = time.perf_counter()
-        tokens = tts.t3.inference(
-            t3_cond=tts.conds.t3, text_tokens=text_tokens, max_new_tokens=max_new_tokens,
-            stop_on_eos=stop_on_eos, temperature=sampling.temperature, cfg_weight=sampling.cfg_weight,
-            repetition_penalty=sampling.repetition_penalty, min_p=sampling.min_p, top_p=sampling.top_p,
-        )
+        if isinstance(sampling, TurboSamplingParams):  # one token from the prefill, then one a loop turn
+            tokens = tts.t3.inference_turbo(
+                tts.conds.t3, text_tokens, temperature=sampling.temperature, top_k=sampling.top_k,
+                top_p=sampling.top_p, repetition_penalty=sampling.repetition_penalty,
+                max_gen_len=max_new_tokens - 1)
+        else:
+            tokens = tts.t3.inference(
+                t3_cond=tts.conds.t3, text_tokens=text_tokens, max_new_tokens=max_new_tokens,
+                stop_on_eos=stop_on_eos, temperature=sampling.temperature, cfg_weight=sampling.cfg_weight,
+                repetition_penalty=sampling.repetition_penalty, min_p=sampling.min_p, top_p=sampling.top_p,
+            )
         sync_device(tts.device)
         end = time.perf_counter()
     finally:
@@ -93,16 +101,21 @@ def upstream_t3(tts, text_tokens, max_new_tokens, sampling: SamplingParams, stop
 
 
 def synthesize(tts, text: str, *, voice=None, decoder: T3Decoder | None = None, max_new_tokens: int = 1000,
-               sampling: SamplingParams = SamplingParams(), exaggeration: float = 0.5,
+               sampling: SamplingParams | None = None, exaggeration: float = 0.5,
                stop_on_eos: bool = True, watermark: bool = True, flow_steps: int | None = None,
-               cancelled=None, on_stage=None) -> Synthesis:
+               cancelled=None, on_stage=None, language: str | None = None) -> Synthesis:
     """One utterance. `voice`: a reference audio path (conditioning is then timed), or
     None to use the voice prepared last. `decoder=None` runs upstream's T3 loop.
     `flow_steps`: Euler steps of S3Gen's flow, None for upstream's (10); fewer is faster
     and changes the audio (`s3gen_steps.fewer_flow_steps_error` measures by how much).
     `cancelled`: a callable asked at each of the decoder's stop checks and before S3Gen; when it
     answers True, `Cancelled` is raised there (upstream's loop cannot be stopped). `on_stage`:
-    called with each stage's name as the stage begins, for a progress bar."""
+    called with each stage's name as the stage begins, for a progress bar.
+
+    Turbo (`tts` a `ChatterboxTurboTTS`): `decoder` a `TurboDecoder`, `sampling` a
+    `TurboSamplingParams`, and upstream's three silence tokens end the speech tokens.
+    Multilingual: `language` is the language id whose tag leads the text. `sampling`: None for
+    the model's defaults."""
     from chatterbox.models.s3gen.const import S3GEN_SR
 
     from chatterbox_lab.pipeline.voices import voice_or_prepared
@@ -118,8 +131,11 @@ def synthesize(tts, text: str, *, voice=None, decoder: T3Decoder | None = None, 
     with torch.inference_mode():
         with clock("conditioning"):
             voice_or_prepared(tts, voice, exaggeration)
+        turbo = getattr(tts.t3, "is_gpt", False)
+        if sampling is None:
+            sampling = TurboSamplingParams() if turbo else SamplingParams()
         with clock("t3"):
-            text_tokens = text_tokens_for(tts, text)
+            text_tokens = turbo_text_tokens(tts, text) if turbo else text_tokens_for(tts, text, language)
             if decoder is None:
                 tokens, prefill_s, decode_s, steps = upstream_t3(tts, text_tokens, max_new_tokens, sampling, stop_on_eos)
             else:
@@ -128,6 +144,10 @@ def synthesize(tts, text: str, *, voice=None, decoder: T3Decoder | None = None, 
                 tokens, prefill_s, decode_s, steps = result.tokens, result.prefill_s, result.decode_s, result.steps_run
         if cancelled is not None and cancelled():  # asked once more before S3Gen, the longest stage left
             raise Cancelled("stopped after T3, before S3Gen")
+        if turbo:
+            from chatterbox.models.s3gen.const import S3GEN_SIL
+
+            tokens = torch.cat([tokens, torch.full_like(tokens[:, :3], S3GEN_SIL)], dim=1)
         speech_tokens, wav = tokens_to_speech(tts, tokens, tts.conds.gen, clock, watermark, flow_steps)
     return Synthesis(wav=wav, sample_rate=S3GEN_SR, speech_tokens=speech_tokens, seconds=seconds,
                      t3_prefill_s=prefill_s, t3_decode_s=decode_s, t3_steps=steps)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chatterbox_lab.validation import check_number
+from chatterbox_lab.validation import check_number, check_turbo_voice
 
 VOICES_DIR = Path(__file__).resolve().parents[2] / "data" / "voices"
 MIN_SECONDS = 1.0
@@ -111,8 +111,21 @@ def prepare_voice(tts, voice, exaggeration: float = 0.5):
     exaggeration = check_number("exaggeration", exaggeration)
     reference = read_reference(voice)
     with getattr(tts, VOICE_PREPARATION, lambda _: contextlib.nullcontext())(tts):
-        tts.prepare_conditionals(reference.wav_file(), exaggeration=exaggeration)
+        if getattr(tts.t3, "is_gpt", False):
+            _prepare_turbo_voice(tts, reference)
+        else:
+            tts.prepare_conditionals(reference.wav_file(), exaggeration=exaggeration)
     return tts.conds
+
+
+def _prepare_turbo_voice(tts, reference: Reference) -> None:
+    """Turbo's preparation, its length assertion a clear error. Upstream's loudness step is run here
+    and its result kept in float32: under NumPy 2 its float64 gain makes the clip float64, which the
+    speech tokenizer then refuses. Turbo has no exaggeration input."""
+    check_turbo_voice(len(reference.samples) / REFERENCE_RATE)
+    louder = np.asarray(tts.norm_loudness(reference.samples, REFERENCE_RATE), dtype=np.float32)
+    normalized = Reference(samples=louder, label=reference.label)
+    tts.prepare_conditionals(normalized.wav_file(), exaggeration=0.0, norm_loudness=False)
 
 
 def voice_or_prepared(tts, voice, exaggeration: float = 0.5):

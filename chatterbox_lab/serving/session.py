@@ -31,10 +31,13 @@ from chatterbox_lab.kernels.picks import KernelPicks, shipped_for
 from chatterbox_lab.loading.models import load_tts
 from chatterbox_lab.pipeline.synthesis import (STAGES, Cancelled, synthesize, synthesize_long, synthesize_many,
                                                timed_stage)
-from chatterbox_lab.pipeline.voices import Reference, VoiceCache, bundled_voices, read_reference, voice_path
-from chatterbox_lab.sampling import SamplingParams
-from chatterbox_lab.validation import (MAX_LONG_TEXT_CHARS, MAX_TEXT_CHARS, check_number, check_output_path,
-                                       check_representable, check_seed, check_text, check_token_count,
+from chatterbox_lab.pipeline.voices import (REFERENCE_RATE, Reference, VoiceCache, bundled_voices, read_reference,
+                                            voice_path)
+from chatterbox_lab.decode.turbo import TurboDecoder
+from chatterbox_lab.sampling import SamplingParams, TurboSamplingParams
+from chatterbox_lab.validation import (MAX_LONG_TEXT_CHARS, MAX_TEXT_CHARS, check_language, check_model,
+                                       check_number, check_output_path, check_representable, check_seed,
+                                       check_text, check_token_count, check_turbo_sampling, check_turbo_voice,
                                        check_voice_id)
 
 # Registered voices live in memory (the used seconds: under 1 MB each); this bounds them.
@@ -145,23 +148,28 @@ class TTSSession:
     model in place. Both default to `recommended`: the fastest set measured for this kind of device.
     `picks`: the kernels' configurations; by default those shipped for this card model
     (`kernels.picks.shipped_for`), else the kernels' defaults. With `flow_graphs`, the first request
-    whose length falls in a new bucket captures its graph (tens of milliseconds on a GPU), once."""
+    whose length falls in a new bucket captures its graph (tens of milliseconds on a GPU), once.
+    `model`: "original", "turbo" or "multilingual" (`validation.TTS_MODELS`). Turbo's steps are the
+    registry's Turbo ladder (`registry.TURBO_STEPS`) and its requests take `TurboSamplingParams`;
+    multilingual requests name their `language`."""
 
-    def __init__(self, source="synthetic", *, preset=None, device=None, steps="recommended",
+    def __init__(self, source="synthetic", *, model: str = "original", preset=None, device=None, steps="recommended",
                  s3gen_steps="recommended", picks: KernelPicks | None = None, max_new_tokens: int = 1000,
                  voices: int = 8, max_registered_voices: int = MAX_REGISTERED_VOICES, tts=None,
                  progress: bool = False):
         from chatterbox_lab.s3gen.s3gen_steps import apply_s3gen_steps
 
+        self.model = check_model(model)
         self.max_new_tokens = check_token_count(max_new_tokens)
         # Seconds per start-up stage, these three and then the warm-up's (`warmup`).
         self.startup_s: dict[str, float] = {}
         with StageBar("start-up", ("load", "s3gen_steps", "t3_decoder"), self.startup_s, progress) as stages:
             with stages.stage("load"):
-                self.tts = tts if tts is not None else load_tts(source, preset=preset, device=device)
+                self.tts = tts if tts is not None else load_tts(source, model=model, preset=preset, device=device)
             kind = device_kind(self.tts.device)
+            ladder = "turbo" if model == "turbo" else "t3"
             if isinstance(steps, str):
-                steps = registry.preset(steps, kind)
+                steps = registry.preset(steps, kind, model=ladder)
             if isinstance(s3gen_steps, str):
                 s3gen_steps = registry.preset(s3gen_steps, kind, model="s3gen")
             with stages.stage("s3gen_steps", self.tts.device):
@@ -169,8 +177,12 @@ class TTSSession:
             if picks is None and kind != "cpu":
                 picks = shipped_for(torch.cuda.get_device_name(self.tts.device))
             with stages.stage("t3_decoder", self.tts.device):
-                self.decoder = T3Decoder(self.tts.t3, steps, max_new_tokens=max_new_tokens,
-                                         max_text_tokens=MAX_TEXT_CHARS, picks=picks)
+                if model == "turbo":
+                    self.decoder = TurboDecoder(self.tts.t3, steps, max_new_tokens=max_new_tokens,
+                                                max_text_tokens=MAX_TEXT_CHARS)
+                else:
+                    self.decoder = T3Decoder(self.tts.t3, steps, max_new_tokens=max_new_tokens,
+                                             max_text_tokens=MAX_TEXT_CHARS, picks=picks)
         self.voices = VoiceCache(self.tts, capacity=voices)
         self.max_registered_voices = max_registered_voices
         self._named: dict[str, Reference] = {}
@@ -185,8 +197,9 @@ class TTSSession:
         own_cudagraph_state()
         # A new thread's current device is cuda:0, and Triton kernels and graph captures run on the
         # current device: a model on another card (cuda:LOCAL_RANK under torchrun) needs its own.
-        if torch.device(self.tts.device).type == "cuda":
-            torch.cuda.set_device(self.tts.device)
+        device = torch.device(self.tts.device)
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)
 
     def register_voice(self, voice_id: str, audio) -> str:
         """Name a reference recording (a path, a bundled name or a `Reference`), checked and
@@ -253,23 +266,28 @@ class TTSSession:
         with stages.stage("voice", self.tts.device):
             self.tts.conds = self.voices.use(self._resolve(voice))
         result = synthesize(self.tts, "Warming up the decoder.", decoder=self.decoder,
-                            max_new_tokens=min(32, self.max_new_tokens), on_stage=stages.begin)
+                            max_new_tokens=min(32, self.max_new_tokens), on_stage=stages.begin,
+                            language="en" if self.model == "multilingual" else None)
         stages.end(result.seconds)
 
-    def submit(self, text, voice="alto", *, sampling: SamplingParams = SamplingParams(),
+    def submit(self, text, voice="alto", *, sampling: SamplingParams | TurboSamplingParams | None = None,
                max_new_tokens: int | None = None, exaggeration: float = 0.5, seed: int | None = None,
-               chunk: bool = False, cancelled=None) -> Future:
+               chunk: bool = False, cancelled=None, language: str | None = None) -> Future:
         """Check a request here, in the caller's thread, then queue it on the worker; the
         future's result is its `Speech`. `chunk`: text of any length, spoken sentence chunk
         by sentence chunk (`pipeline.synthesize_long`); `max_new_tokens` then bounds each
         chunk. `cancelled`: a callable asked at each stop check (when the request reaches the
         worker, and between sentence chunks); once it answers True the request stops there
-        with `pipeline.Cancelled`, freeing the worker for the next."""
+        with `pipeline.Cancelled`, freeing the worker for the next. `sampling`: None for the model's
+        defaults. `language`: the multilingual model's language id (`validation.LANGUAGES`)."""
         text = self.check_text(text, chunk)
         n, sampling = self._check_decoding(max_new_tokens, sampling)
+        language = check_language(self.model, language, self.tts.checkpoint_dir)
         exaggeration, seed = check_number("exaggeration", exaggeration), check_seed(seed)
         voice = self._resolve(voice)
-        return self._worker.submit(self._run, text, voice, sampling, n, exaggeration, seed, chunk, cancelled)
+        if self.model == "turbo":  # upstream asserts this deep in its preparation
+            check_turbo_voice(len(read_reference(voice).samples) / REFERENCE_RATE)
+        return self._worker.submit(self._run, text, voice, sampling, n, exaggeration, seed, chunk, cancelled, language)
 
     def submit_many(self, texts: list, voices: list, *, sampling: SamplingParams = SamplingParams(),
                     max_new_tokens: int | None = None, streams: int | None = None, cancelled=None) -> Future:
@@ -277,6 +295,9 @@ class TTSSession:
         queued on the worker as one request; the future's result is a `Speech` per text, in order,
         each with the stage times of all of them (`pipeline.synthesize_many`). T3 decodes `streams`
         of them at a time (default: all), with the session's steps, picks and voice cache."""
+        if self.model != "original":
+            raise ValueError(f"batched decoding runs the original model's decoder only; this session's model is "
+                             f"{self.model}: submit the texts one by one")
         texts = [self.check_text(text) for text in texts]
         n, sampling = self._check_decoding(max_new_tokens, sampling)
         voices = [self._resolve(voice) for voice in voices]
@@ -288,13 +309,24 @@ class TTSSession:
     def check_text(self, text, chunk: bool = False) -> str:
         """`text`, refused unless this session's model can speak it (`chunk`: any length)."""
         text = check_text(text, max_chars=MAX_LONG_TEXT_CHARS if chunk else MAX_TEXT_CHARS)
-        return check_representable(text, self.tts.tokenizer)
+        # Turbo's byte-level tokenizer has a token for any text; the multilingual one prepares text
+        # per language, so only the English model's characters are checked here.
+        return check_representable(text, self.tts.tokenizer) if self.model == "original" else text
 
     def _check_decoding(self, max_new_tokens, sampling) -> tuple[int, SamplingParams]:
         n = check_token_count(max_new_tokens if max_new_tokens is not None else self.max_new_tokens)
         if n > self.max_new_tokens:
             raise ValueError(f"max_new_tokens {n} is over this session's limit of {self.max_new_tokens}: "
                              f"create the session with a larger max_new_tokens")
+        if self.model == "turbo":
+            if isinstance(sampling, SamplingParams):
+                check_turbo_sampling(cfg_weight=sampling.cfg_weight, min_p=sampling.min_p)
+            sampling = TurboSamplingParams() if sampling is None else sampling
+            if not isinstance(sampling, TurboSamplingParams):
+                raise TypeError(f"sampling must be a TurboSamplingParams for the turbo model, got "
+                                f"{type(sampling).__name__}")
+            return n, sampling
+        sampling = SamplingParams() if sampling is None else sampling
         if not isinstance(sampling, SamplingParams):
             raise TypeError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
         return n, sampling
@@ -328,7 +360,7 @@ class TTSSession:
         check_output_path(path, overwrite)
         return self.synthesize(text, voice, **options).save(path, overwrite)
 
-    def _run(self, text, voice, sampling, n, exaggeration, seed, chunk, cancelled) -> Speech:
+    def _run(self, text, voice, sampling, n, exaggeration, seed, chunk, cancelled, language=None) -> Speech:
         """On the worker thread: every model call of the session happens here."""
         if cancelled is not None and cancelled():
             raise Cancelled("the caller gave up before the request started")
@@ -340,7 +372,7 @@ class TTSSession:
                 self.tts.conds = self.voices.use(voice, exaggeration)
             if seed is not None:
                 torch.manual_seed(seed)
-            options = dict(decoder=self.decoder, max_new_tokens=n, sampling=sampling)
+            options = dict(decoder=self.decoder, max_new_tokens=n, sampling=sampling, language=language)
             result = (synthesize_long(self.tts, text, cancelled=cancelled, **options) if chunk
                       else synthesize(self.tts, text, cancelled=cancelled, **options))
         return _speech(result, {**result.seconds, **conditioning})
