@@ -139,11 +139,11 @@ assert all(verdicts.values())
 # at which the card could just read that rung's weights and cache once per token.
 
 # %%
-path, doc = chapters.chapter_record(steps)
+_, doc = chapters.chapter_record(steps)
 chapters.plot_chapter(steps);
 
 # %% [markdown]
-# ### Each step's gain, with its spread
+# ### What each fused kernel gains, with its spread
 #
 # Each gain below is a ratio within one process: the step's rung over the rung before it. The
 # columns give the median and the spread across every committed record, of any card, that measured
@@ -151,9 +151,8 @@ chapters.plot_chapter(steps);
 
 # %%
 display(Markdown(chapters.gains_table(steps, gpu=None)))
-bookkeeping = chapters.step_gain("fused_bookkeeping")
-print(f"fused_bookkeeping on H100s: {bookkeeping.text(suffix='x')} across {bookkeeping.records} records")
-assert bookkeeping.low > 1 and bookkeeping.records >= 5
+print(chapters.gain_line("fused_bookkeeping"))
+assert chapters.step_gain("fused_bookkeeping").low > 1
 
 # %% [markdown]
 # ### Kernels per token, and the steps in a trace
