@@ -300,3 +300,24 @@ def test_the_8_bit_steps_capture_one_graph_and_stay_near_bf16(step):
                                        equivalence.forced_logits(bf16, tts.conds.t3, text_tokens, forced))
     print(f"{step}: teacher-forced logits against bf16's, relative error {error:.4f}")
     assert error < quality.LOGIT_TOLERANCE[step]
+
+
+@pytest.mark.parametrize("format", quantized.FORMATS)
+def test_the_dequantizing_matmul_is_pytorch_on_the_dequantized_weight(interpreted, format):
+    """Under the interpreter, with tiles that do not divide the shape: many rows at one byte a weight."""
+    torch.manual_seed(8)
+    q = quantize(torch.randn(72, 80) / 9, format)
+    x, bias = torch.randn(3, 23, 80), torch.randn(72)
+    got = quantized.triton_quantized_linear(x, q, bias)
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, q.dequantized(), bias), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("format", quantized.FORMATS)
+def test_the_dequantizing_matmul_on_the_gpu(format):
+    torch.manual_seed(9)
+    q = quantize(torch.randn(4096, 1024, device="cuda", dtype=torch.bfloat16) / 32, format)
+    x = torch.randn(300, 1024, device="cuda", dtype=torch.bfloat16)
+    want = torch.nn.functional.linear(x.float(), q.dequantized().float())
+    got = quantized.triton_quantized_linear(x, q).float()
+    assert ((got - want).norm() / want.norm()) < 1e-2

@@ -328,7 +328,9 @@ def triton_decode_attention(q, k, v, positions, cos, sin, keys, values, arrivals
 
     args, constexprs, out = attention_launch(q, k, v, positions, cos, sin, keys, values, arrivals, config)
     rows, heads = q.size(0), constexprs["HEADS"]
-    quantized = {}
+    # Passed even for a cache in the model's dtype (the buffers as placeholders): Inductor's launcher
+    # of a user kernel takes every argument by name.
+    quantized = dict(key_scales_ptr=keys, value_scales_ptr=values, QUANTIZED=False)
     if scales is not None:
         if keys.dtype != torch.int8 or any(s.shape != keys.shape[:-1] or s.dtype != torch.float32 for s in scales):
             raise ValueError("an int8 cache takes int8 keys and values and an fp32 scale per (row, kv head, slot)")

@@ -271,7 +271,7 @@ def matvec_rows(x: torch.Tensor, weight: torch.Tensor, gated: bool, residual: to
 @dataclass
 class MatvecLaunch:
     """A matvec kernel's arguments for `matvec_columns`, its program count, warps and output;
-    `scales`: the 8-bit weight's row scales, as keyword arguments (empty for the model's dtype)."""
+    `scales`: the 8-bit weight's row scales and whether there are any, as keyword arguments."""
     args: tuple
     constexprs: dict
     programs: int
@@ -296,7 +296,9 @@ def matvec_launch(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias:
     constexprs = dict(BIAS=bias is not None, NORM=norm is not None, GATED=gated, RESIDUAL=residual is not None,
                       BLOCK_M=max(2, triton.next_power_of_2(m)), BLOCK_N=config.block_n, BLOCK_K=config.block_k,
                       PDL=pdl, AHEAD=ahead)
-    scales = dict(scale_ptr=scale, SCALED=True) if scale is not None else {}
+    # Passed even when unused (the output as a placeholder): Inductor's launcher of a user kernel
+    # takes every argument by name.
+    scales = dict(scale_ptr=scale if scale is not None else out, SCALED=scale is not None)
     return MatvecLaunch(args, constexprs, triton.cdiv(n, config.block_n), config.warps, out, scales)
 
 

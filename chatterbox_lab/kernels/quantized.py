@@ -14,12 +14,22 @@ per slot and head of the cache) brings each row back to its range. Two formats:
 `quantize` and `dequantize` are the reference the kernels are tested against: a kernel loads the
 8-bit rows, widens them in registers and applies the scale, and must give what PyTorch gives on
 the dequantized rows, up to the order of its sums.
+
+Many rows at once (a prefill, a batch of utterances) go through `quantized_linear`: a tiled
+Triton matmul that widens each tile of codes to the input's dtype (both formats' codes are exact
+in bf16) and scales the sums once, so the weights cross memory once, one byte each.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU install: many rows take the dequantized weight
+    triton = None
 
 FORMATS = ("int8", "fp8")
 STORAGE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
@@ -115,15 +125,60 @@ def scaled_mm_applies(x2: torch.Tensor, weight: QuantizedWeight) -> bool:
             and x2.size(0) >= 16 and x2.size(1) % 16 == 0 and weight.size(0) % 16 == 0)
 
 
+# The dequantizing matmul's tiles: untuned, a common shape for a few hundred rows on an H100.
+MATMUL_BLOCKS = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64)
+
+if triton is not None:
+    @triton.jit
+    def _dequantizing_matmul_kernel(x_ptr, codes_ptr, scale_ptr, bias_ptr, out_ptr, M, N, K,
+                                    stride_x, stride_codes, stride_out, BIAS: tl.constexpr, IEEE: tl.constexpr,
+                                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=(rows < M)[:, None] & (ks < K)[None, :],
+                        other=0.0)
+            # (BLOCK_K, BLOCK_N) of the codes, widened to the input's dtype: exact for both formats.
+            w = tl.load(codes_ptr + cols[None, :] * stride_codes + ks[:, None],
+                        mask=(cols < N)[None, :] & (ks < K)[:, None], other=0.0).to(x.dtype)
+            if IEEE:  # fp32 inputs (tests): no TF32 rounding
+                acc += tl.dot(x, w, input_precision="ieee")
+            else:
+                acc += tl.dot(x, w)
+        acc *= tl.load(scale_ptr + cols, mask=cols < N, other=0.0)[None, :]
+        if BIAS:
+            acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        out_mask = (rows < M)[:, None] & (cols < N)[None, :]
+        tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+def triton_quantized_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`quantized_linear` as the dequantizing Triton matmul (CUDA, or Triton's interpreter on the CPU)."""
+    x2 = x.reshape(-1, x.size(-1))
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    (m, k), n = x2.shape, weight.size(0)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(m, MATMUL_BLOCKS["BLOCK_M"]), triton.cdiv(n, MATMUL_BLOCKS["BLOCK_N"]))
+    _dequantizing_matmul_kernel[grid](x2, weight.codes, weight.scale, bias if bias is not None else out, out, m, n, k,
+                                      x2.stride(0), weight.codes.stride(0), out.stride(0), BIAS=bias is not None,
+                                      IEEE=x.dtype == torch.float32, **MATMUL_BLOCKS)
+    return out.view(*x.shape[:-1], n)
+
+
 def quantized_linear(x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., k) @ weight.T (+ bias) in the model's dtype, for many rows (a prefill, large batches).
     fp8 on Hopper: cuBLAS multiplies fp8 rows (the input quantized per row) by the fp8 weights with
-    both scales, reading the weights' one byte each. Otherwise the weights are dequantized and
-    multiplied: one pass over them, as the matmul's own, which pays off over many rows."""
+    both scales. Otherwise, on CUDA, the dequantizing Triton matmul; on the CPU, PyTorch on the
+    dequantized weight (the reference)."""
     x2 = x.reshape(-1, x.size(-1))
     if scaled_mm_applies(x2, weight):
         codes, x_scale = quantize_rows(x2, "fp8")
         y = torch._scaled_mm(codes, weight.codes.t(), scale_a=x_scale[:, None], scale_b=weight.scale[None, :],
                              bias=bias, out_dtype=weight.dtype)
         return y.view(*x.shape[:-1], -1)
+    if triton is not None and x.is_cuda:
+        return triton_quantized_linear(x, weight, bias)
     return torch.nn.functional.linear(x, weight.dequantized(), bias)
