@@ -5,6 +5,9 @@
 #                                        fresh processes' start-up: from empty compile caches, then warm
 #   bash scripts/gpu_records.sh say      `say` against upstream's loop, each a fresh process
 #   bash scripts/gpu_records.sh startup  only the two fresh processes' start-up
+#   bash scripts/gpu_records.sh corpus   the corpus job over data/corpus/example.jsonl at batch 32 and 64
+#                                        (scripts/corpus_record.py; CORPUS_GPUS="1 2 4 8" runs it under
+#                                        torchrun at each number of GPUs instead)
 # Writes under $OUT (or ./gpu-out) and prints a short summary last. Wheels for packages the machine
 # lacks may sit in .whl*/ folders (installed into /tmp/site first).
 set -uo pipefail
@@ -39,6 +42,12 @@ startup)
     python3 -c "import json; from chatterbox_lab.measure.startup import cold_and_warm; print(json.dumps(cold_and_warm()))" \
         > "$OUT/startup.json" 2> "$OUT/startup.log"
     echo "startup: exit $?"; cat "$OUT/startup.json"
+    ;;
+corpus)
+    # The WAVs (about 5,000 s of audio per run) stay on the machine; only the record comes back.
+    speech=$(mktemp -d)
+    python3 scripts/corpus_record.py "$speech" ${CORPUS_GPUS:+--gpus $CORPUS_GPUS} > "$OUT/corpus.log" 2>&1
+    echo "corpus: exit $?"; cp "$speech/corpus.json" "$OUT/corpus.json"; tail -8 "$OUT/corpus.log"
     ;;
 say)
     python3 scripts/say_vs_upstream.py "$OUT/say.json" "${SAY_REPEATS:-3}" > "$OUT/say.log" 2>&1

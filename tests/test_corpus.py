@@ -60,6 +60,21 @@ def test_the_launcher_environment_picks_the_shard():
         Shard.from_environment(dict(WORLD_SIZE="2"))
 
 
+def test_lines_batch_by_sampling_values_and_few_leftovers_run_alone():
+    from chatterbox_lab.pipeline.voices import Reference
+    from chatterbox_lab.sampling import SamplingParams
+    from chatterbox_lab.serving.corpus import CorpusLine, _batches
+
+    def line(i, seed=None, **sampling):
+        return CorpusLine(i, f"id{i}", "x" * (40 - i), Reference(None, "v"), SamplingParams(**sampling), seed,
+                          "original")
+
+    todo = [line(i) for i in range(35)] + [line(35, temperature=0.5), line(36, seed=1)]
+    batches = [[one.index for one in work] for work in _batches(todo, batch=32)]
+    assert batches[0] == list(range(34, 2, -1))  # sorted by length, shortest first
+    assert batches[1:] == [[2], [1], [0], [35], [36]]
+
+
 def test_manifest_parts_merge_and_a_torn_row_is_skipped(tmp_path):
     part = ManifestPart(tmp_path / "manifest.rank0.jsonl")
     part.append("a", 1, "error", "no voice")

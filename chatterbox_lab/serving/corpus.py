@@ -19,7 +19,7 @@ A bad line gets an error row naming what to change, and the job goes on. The che
 session's (`validation`), so a line is refused here exactly as a request would be.
 
 Unseeded lines run in batches (`TTSSession.submit_many`), sorted by length so that a batch
-pads little, one batch per set of sampling values. A line with a `seed` runs alone, so its
+pads little, one batch per set of sampling values; a group's few leftover lines run alone. A line with a `seed` runs alone, so its
 audio is what `say --seed` gives for it, whatever else the file holds.
 
 Under `torchrun`, each process takes the lines whose index i (from 0, in file order) has
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from concurrent.futures import BrokenExecutor
 import json
 import os
 import re
@@ -52,6 +53,8 @@ SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 FIELDS = ("id", "text", "voice", "seed", "model", *SAMPLING_FIELDS)
 # Ids become file names in DIR: no separators, no leading dot (hidden files and "..").
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# A cut of a sampling group with fewer lines than this share of a batch runs line by line (`_batches`).
+SOLO_SHARE = 8
 # `Speech.save`'s temporary name for DIR/<id>.wav.
 TEMPORARY_PATTERN = re.compile(r"\.(?P<id>.+)\.wav\.[0-9a-f]{8}\.tmp")
 
@@ -267,8 +270,9 @@ def run_corpus(texts, out, *, batch: int = 32, max_new_tokens: int = 1000, shard
         if unfinished and session is None:
             start = time.perf_counter()
             session_options["device"] = shard.device(session_options.get("device"))
-            if str(session_options["device"]).startswith("cuda"):
-                torch.cuda.set_device(session_options["device"])  # graphs and kernels launch on this rank's card
+            device = torch.device(session_options["device"] or "cpu")
+            if device.type == "cuda" and device.index is not None:
+                torch.cuda.set_device(device)  # graphs and kernels launch on this rank's card
             session = opened = open_session("original", max_new_tokens=max_new_tokens, **session_options)
             summary.load_s = time.perf_counter() - start
         start = time.perf_counter()
@@ -349,7 +353,9 @@ def _unfinished(raw_lines, mine, out, manifest, summary) -> list[tuple[int, dict
 
 def _batches(todo: list, batch: int) -> list[list[CorpusLine]]:
     """Seeded lines one by one; the rest grouped by model and sampling values, each group sorted by
-    text length (a batch decodes until its longest line stops) and cut into batches."""
+    text length (a batch decodes until its longest line stops) and cut into batches. A cut with
+    fewer than 1/SOLO_SHARE of a batch's lines runs line by line instead: a batch costs the same
+    however few of its rows are real, and a lone line on the session's own decoder costs far less."""
     seeded = [[line] for line in todo if line.seed is not None]
     groups = {}
     for line in todo:
@@ -358,15 +364,17 @@ def _batches(todo: list, batch: int) -> list[list[CorpusLine]]:
     batches = []
     for group in groups.values():
         group.sort(key=lambda line: len(line.text))
-        batches += [group[start:start + batch] for start in range(0, len(group), batch)]
+        for start in range(0, len(group), batch):
+            cut = group[start:start + batch]
+            batches += [cut] if len(cut) * SOLO_SHARE >= batch else [[line] for line in cut]
     return batches + seeded
 
 
 def _speak(session, work: list, batch: int, max_new_tokens: int) -> list:
-    """(line, its `Speech` or the reason it failed) for one batch, or one seeded line. A failure is
+    """(line, its `Speech` or the reason it failed) for one batch, or one line alone. A failure is
     every one of the batch's lines' reason, and the job goes on."""
     try:
-        if work[0].seed is not None:
+        if len(work) == 1:
             line = work[0]
             speeches = [session.synthesize(line.text, line.voice, sampling=line.sampling,
                                            max_new_tokens=max_new_tokens, seed=line.seed)]
@@ -374,6 +382,8 @@ def _speak(session, work: list, batch: int, max_new_tokens: int) -> list:
             speeches = session.synthesize_many([line.text for line in work], [line.voice for line in work],
                                                sampling=work[0].sampling, max_new_tokens=max_new_tokens,
                                                streams=batch)
+    except BrokenExecutor:
+        raise  # the session cannot run anything: every line after would fail the same way
     except (ValueError, RuntimeError, MemoryError) as exc:
         return [(line, f"{type(exc).__name__}: {exc}") for line in work]
     return list(zip(work, speeches))
