@@ -11,14 +11,36 @@ from chatterbox_lab.decode.kv_cache import StaticKVCache
 from chatterbox_lab.decode.t3_forward import cached_attention
 
 
-def _caches(rows, kv_heads, capacity, head_dim):
-    """Two identical caches, filled with random history."""
-    caches = [StaticKVCache(1, rows, kv_heads, capacity, head_dim, torch.float32, "cpu") for _ in range(2)]
-    for buffer in ("keys", "values"):
-        history = torch.randn(rows, kv_heads, capacity, head_dim)
-        for cache in caches:
-            getattr(cache, buffer)[0].copy_(history)
+def _caches(rows, kv_heads, capacity, head_dim, format="model"):
+    """Two identical caches in `format`, filled with random history (an int8 cache's through `update`)."""
+    caches = [StaticKVCache(1, rows, kv_heads, capacity, head_dim, torch.float32, "cpu", format=format)
+              for _ in range(2)]
+    history = [torch.randn(rows, kv_heads, capacity, head_dim) for _ in range(2)]
+    for cache in caches:
+        if format == "int8":
+            cache.update(0, torch.arange(capacity), *history)
+        else:
+            cache.keys[0].copy_(history[0])
+            cache.values[0].copy_(history[1])
     return caches
+
+
+def _one_step(rows, heads, kv_heads, head_dim, capacity, positions, config, format="model"):
+    """The kernel and PyTorch's path on one random step at `positions` over caches in `format`: the
+    kernel's output, PyTorch's, their caches and the kernel's arrival counters."""
+    cos, sin = (torch.randn(capacity, head_dim // 2).repeat(1, 2) for _ in range(2))
+    q = torch.randn(rows, 1, heads * head_dim)
+    k, v = (torch.randn(rows, 1, kv_heads * head_dim) for _ in range(2))
+    kernel_cache, reference_cache = _caches(rows, kv_heads, capacity, head_dim, format)
+    per_row = positions.dim() == 2
+    rotary = (cos[positions], sin[positions]) if per_row else (cos[positions][None], sin[positions][None])
+    arrivals = torch.zeros(rows * heads, dtype=torch.int32)
+    got = decode_attention.triton_decode_attention(q, k, v, positions, cos, sin, kernel_cache.keys[0],
+                                                   kernel_cache.values[0], arrivals, config,
+                                                   scales=kernel_cache.scales(0))
+    want = cached_attention(q, k, v, positions, slice(None), rotary, reference_cache, 0,
+                            reference_cache.mask(positions))
+    return got, want, kernel_cache, reference_cache, arrivals
 
 
 # (splits, parts, block): stretches combined, value shares, both, and blocks longer than a stretch.
@@ -30,25 +52,30 @@ LAYOUTS = [(1, 1, 64), (2, 1, 64), (4, 1, 64), (1, 4, 64), (1, 2, 256), (2, 4, 1
 @pytest.mark.parametrize("per_row", [False, True])
 def test_kernel_matches_pytorch_attention_under_the_interpreter(interpreted, splits, parts, block, kv_heads, per_row):
     torch.manual_seed(splits * 10 + kv_heads + parts)
-    rows, heads, head_dim, capacity = 4, 4, 32, 192
-    cos, sin = (torch.randn(capacity, head_dim // 2).repeat(1, 2) for _ in range(2))
+    capacity = 192
     # A slot at the start, at a block edge, inside a block and the last one: every stretch shape.
     positions = torch.tensor([[0], [64], [100], [capacity - 1]]) if per_row else torch.tensor([130])
-    q = torch.randn(rows, 1, heads * head_dim)
-    k, v = (torch.randn(rows, 1, kv_heads * head_dim) for _ in range(2))
-    kernel_cache, reference_cache = _caches(rows, kv_heads, capacity, head_dim)
-    rotary = (cos[positions], sin[positions]) if per_row else (cos[positions][None], sin[positions][None])
-    arrivals = torch.zeros(rows * heads, dtype=torch.int32)
-
-    got = decode_attention.triton_decode_attention(q, k, v, positions, cos, sin, kernel_cache.keys[0],
-                                                   kernel_cache.values[0], arrivals,
-                                                   AttentionConfig(splits, parts, block, 4))
-    want = cached_attention(q, k, v, positions, slice(None), rotary, reference_cache, 0,
-                            reference_cache.mask(positions))
+    got, want, kernel_cache, reference_cache, arrivals = _one_step(4, 4, kv_heads, 32, capacity, positions,
+                                                                   AttentionConfig(splits, parts, block, 4))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(kernel_cache.keys[0], reference_cache.keys[0], rtol=1e-6, atol=1e-6)
     assert torch.equal(kernel_cache.values[0], reference_cache.values[0])
     assert not arrivals.any()  # reset for the next call
+
+
+@pytest.mark.parametrize("splits, parts", [(1, 1), (2, 2)])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_the_kernel_reads_and_writes_an_int8_cache_as_pytorch_does(interpreted, splits, parts, per_row):
+    """The kernel widens an int8 cache's codes as it reads them and writes the new slot's codes and
+    scales exactly as `StaticKVCache.update` does; attention matches SDPA over the dequantized cache."""
+    torch.manual_seed(6 + splits + per_row)
+    positions = torch.tensor([[3], [100]]) if per_row else torch.tensor([70])
+    got, want, kernel_cache, reference_cache, arrivals = _one_step(2, 4, 2, 32, 128, positions,
+                                                                   AttentionConfig(splits, parts, 64, 4), "int8")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name in ("keys", "values", "key_scales", "value_scales"):
+        assert torch.equal(getattr(kernel_cache, name)[0], getattr(reference_cache, name)[0]), name
+    assert not arrivals.any()
 
 
 @pytest.mark.parametrize("config, message", [(AttentionConfig(3, 1, 64, 4), "powers of two"),

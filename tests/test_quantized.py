@@ -132,49 +132,6 @@ def test_an_int8_cache_stores_codes_and_reads_back_within_half_a_step():
         StaticKVCache(1, 2, 2, 16, 8, torch.float32, "cpu", format="fp4")
 
 
-def _int8_caches(rows, kv_heads, capacity, head_dim):
-    """Two identical int8 caches, filled with random history written through `update`."""
-    from chatterbox_lab.decode.kv_cache import StaticKVCache
-
-    caches = [StaticKVCache(1, rows, kv_heads, capacity, head_dim, torch.float32, "cpu", format="int8")
-              for _ in range(2)]
-    history = [torch.randn(rows, kv_heads, capacity, head_dim) * 3 for _ in range(2)]
-    for cache in caches:
-        cache.update(0, torch.arange(capacity), *history)
-    return caches
-
-
-@pytest.mark.parametrize("splits, parts", [(1, 1), (2, 2)])
-@pytest.mark.parametrize("per_row", [False, True])
-def test_the_attention_kernel_reads_and_writes_an_int8_cache_as_pytorch_does(interpreted, splits, parts, per_row):
-    """Under the interpreter: the kernel widens the codes as it reads them and writes the new slot's
-    codes and scales exactly as `StaticKVCache.update` does; attention matches SDPA over the
-    dequantized cache."""
-    from chatterbox_lab.decode.t3_forward import cached_attention
-    from chatterbox_lab.kernels import decode_attention
-    from chatterbox_lab.kernels.decode_attention import AttentionConfig
-
-    torch.manual_seed(6 + splits + per_row)
-    rows, heads, kv_heads, head_dim, capacity = 2, 4, 2, 32, 128
-    cos, sin = (torch.randn(capacity, head_dim // 2).repeat(1, 2) for _ in range(2))
-    positions = torch.tensor([[3], [100]]) if per_row else torch.tensor([70])
-    q = torch.randn(rows, 1, heads * head_dim)
-    k, v = (torch.randn(rows, 1, kv_heads * head_dim) for _ in range(2))
-    kernel_cache, reference_cache = _int8_caches(rows, kv_heads, capacity, head_dim)
-    rotary = (cos[positions], sin[positions]) if per_row else (cos[positions][None], sin[positions][None])
-    arrivals = torch.zeros(rows * heads, dtype=torch.int32)
-
-    got = decode_attention.triton_decode_attention(q, k, v, positions, cos, sin, kernel_cache.keys[0],
-                                                   kernel_cache.values[0], arrivals,
-                                                   AttentionConfig(splits, parts, 64, 4), scales=kernel_cache.scales(0))
-    want = cached_attention(q, k, v, positions, slice(None), rotary, reference_cache, 0,
-                            reference_cache.mask(positions))
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    for name in ("keys", "values", "key_scales", "value_scales"):
-        assert torch.equal(getattr(kernel_cache, name)[0], getattr(reference_cache, name)[0]), name
-    assert not arrivals.any()
-
-
 def test_an_int8_cache_refuses_scales_of_the_wrong_shape(interpreted):
     from chatterbox_lab.kernels import decode_attention
     from chatterbox_lab.kernels.decode_attention import AttentionConfig
