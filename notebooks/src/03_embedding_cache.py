@@ -1,46 +1,35 @@
 # %% [markdown]
 # # 03 · Embedding cache: a step made of device data only
 #
-# **The problem.** Each decode step starts by embedding the token just
-# sampled. Upstream does it as `speech_emb(token) +
-# speech_pos_emb.get_fixed_embedding(i + 1)`, and the second term turns the
-# Python int `i + 1` into a new tensor on the device: a host-to-device copy
-# every token, issued by the host and waited for by the step. Then the result
-# is concatenated with itself for the CFG pair, another copy.
+# This rung builds each step's input embedding from device tensors alone.
+# Like the static cache, it is a change in kind, not in speed: it makes the step recordable.
+# Terms are in the [glossary](../docs/glossary.md).
 #
-# **Why that matters more than one copy.** A CUDA graph records kernels and
-# the memory they read, not Python values. A step that takes its position
-# from the host cannot be replayed: the recorded copy would bring in the
-# position of the step it was recorded at, every time. With the static cache
-# (02) the attention positions are already a device tensor; this step does
-# the same for the input embedding, so the whole step becomes a function of
-# device state (the sampled tokens, the step counter, the cache) and one
-# recording can serve every token.
+# ## What you will learn
 #
-# **The change.** Both embedding tables are indexed with device tensors (the
-# token read from the decoder's token buffer, the position from its step
-# counter), added, and *expanded* to the CFG batch, a view rather than a
-# copy. It is a cache in the sense that it reads the model's own tables in
-# place; a precomputed (position × token) table would hold the same numbers
-# in over 4 GB.
+# - Why a Python int inside a step stops it from being replayed as a CUDA graph.
+# - How two table lookups with device indices replace a host-to-device copy per token.
+# - How to see host-to-device copies in a trace.
 #
-# Eagerly this saves one small copy and a few host operators per token out
-# of thousands, so no visible speed-up is expected on its own.
+# **Prerequisites:** [02 · static KV cache](02_static_cache.ipynb).
+#
+# **Runtime:** about a minute on a CPU; a few minutes on a GPU.
 
 # %%
 import collections
 
-import matplotlib.pyplot as plt
 import torch
 from IPython.display import Audio, Markdown, display
 
-from chatterbox_lab.measure import bench, equivalence, profiling
-from chatterbox_lab.records import results
+from chatterbox_lab import show_code
 from chatterbox_lab.decode.decoder import T3Decoder, text_tokens_for
-from chatterbox_lab.registry import ladder_prefix
+from chatterbox_lab.decode.embed_cache import SpeechEmbeddingCache, upstream_step_embedding
 from chatterbox_lab.loading.models import load_tts
+from chatterbox_lab.measure import bench, equivalence, profiling
 from chatterbox_lab.pipeline.synthesis import synthesize
 from chatterbox_lab.pipeline.voices import voice_path
+from chatterbox_lab.records import results, spread
+from chatterbox_lab.registry import ladder_prefix
 
 tts = load_tts()  # synthetic checkpoint: full on a GPU, tiny on a CPU
 tts.prepare_conditionals(str(voice_path("alto")))
@@ -48,10 +37,41 @@ text_tokens = text_tokens_for(tts, "Two lookups, no copies.")
 print(f"device {tts.device}, preset {tts.preset}")
 
 # %% [markdown]
-# ## Same tokens as upstream (fp32)
+# ## Why
 #
-# The embedding cache alone and together with the static cache, against
-# upstream, same seed, before the bench casts T3 to bf16.
+# Each decode step starts by embedding the token just sampled.
+# Upstream adds the token's embedding and the embedding of its position `i + 1`.
+# The position is a Python int, and `get_fixed_embedding` turns it into a new device tensor.
+# That is a host-to-device copy per token, issued by the host and waited for by the step.
+# The result is then concatenated with itself for the CFG pair, another copy.
+#
+# A CUDA graph records kernels and the memory they read, not Python values.
+# A step that takes its position from the host cannot be replayed.
+# The recorded copy would bring in the position of the step it was recorded at, every time.
+# The static cache (02) already made the attention positions a device tensor.
+# This rung does the same for the input embedding.
+# The whole step then reads only device state: the sampled tokens, the step counter and the cache.
+# One recording can serve every token.
+#
+# Eagerly this saves one small copy and a few host operators per token, out of thousands.
+# No visible speed-up is expected on its own.
+
+# %% [markdown]
+# ## The change
+#
+# Ours on the left: both tables are indexed with device tensors, added, and *expanded* to the CFG pair.
+# An expanded tensor is a view, not a copy.
+# On the right, upstream's position lookup, with its `torch.tensor(idx, device=device)` per call.
+
+# %%
+show_code(SpeechEmbeddingCache, beside="chatterbox.models.t3.modules.learned_pos_emb:LearnedPositionEmbeddings.get_fixed_embedding")
+
+# %% [markdown]
+# ## Proof
+#
+# ### Same tokens as upstream (fp32)
+#
+# The embedding cache alone, and together with the static cache, against upstream with the same seed.
 
 # %%
 identity = equivalence.token_identity(tts, text_tokens, [("embed_cache",), ("static_cache", "embed_cache")],
@@ -62,83 +82,107 @@ identity = equivalence.token_identity(tts, text_tokens, [("embed_cache",), ("sta
 print("same tokens as upstream:", identity)
 
 # %% [markdown]
-# ## Measure on this machine
+# ### Measure on this machine
 #
-# The previous rung (bf16 with the static cache) against the same with the
-# embedding cache.
+# The previous rung (bf16 with the static cache) against the same with the embedding cache.
 
 # %%
-local = bench.run(bench.BenchConfig(rungs=("static_cache", "embed_cache"), tokens=32, repeats=2), tts=tts,
+local = bench.run(bench.BenchConfig(rungs=("static_cache", "embed_cache"), tokens=32, repeats=1), tts=tts,
                   progress=False)
 display(Markdown(bench.summary_table(local)))
 
 # %% [markdown]
-# ## The same on an H100 (committed run)
+# ### On an H100: every committed record
+#
+# The ratio of the two rungs within each record, then its spread across records:
 
 # %%
 h100 = results.latest_gpu_result()
-shown = {k: h100["rungs"][k] for k in ("static_cache", "embed_cache")}
+card = h100["provenance"]["gpu"]
+paired = [doc["rungs"] for _, doc in spread.records_of("embed_cache", card) if "static_cache" in doc["rungs"]]
+ratio = spread.of(r["embed_cache"]["t3_decode_tok_s"] / r["static_cache"]["t3_decode_tok_s"] for r in paired)
+display(Markdown(f"**{card}**, {ratio.records} records: the embedding cache runs at "
+                 f"{ratio.text(suffix='x')} the static cache's rate (median, lowest–highest)."))
 figures = ("t3_decode_tok_s", "gpu_kernels_per_token", "host_launches_per_token", "cpu_ops_per_token")
-display(Markdown(results.markdown_table({"rungs": shown}, figures)))
-
-tokens = h100["provenance"]["tokens"]
-per_repeat = {k: [tokens / s for s in r["raw"]["t3_decode_s"]] for k, r in shown.items()}
-fig, ax = plt.subplots(figsize=(6, 3))
-for i, (name, rates) in enumerate(per_repeat.items()):
-    ax.scatter([i] * len(rates), rates, s=40, label=name)
-    ax.hlines(shown[name]["t3_decode_tok_s"], i - 0.2, i + 0.2, color="black")
-ax.set_xticks(range(len(per_repeat)), list(per_repeat))
-ax.set_xlim(-0.6, len(per_repeat) - 0.4)
-ax.set_ylabel("T3 tokens/s")
-ax.set_title("each timed repeat on the H100 (line: median)")
-plt.tight_layout()
-plt.show()
+display(Markdown(results.markdown_table({"rungs": {k: h100["rungs"][k] for k in ("static_cache", "embed_cache")}},
+                                        figures)))
 
 # %% [markdown]
-# **What the H100 shows.** The kernel count does not move (a host-to-device
-# copy is not a kernel), and the host does a few fewer operators per token
-# out of thousands. The medians differ, in either direction from one
-# committed run to the next, and the repeats scatter over a similar range: the eager loop's speed is at
-# the mercy of the host, and a difference this size between two rungs that
-# do nearly the same work is within that noise. Read this rung as a change
-# in *kind*, not in speed: the step's inputs are now all on the device.
+# The kernel count barely moves: a host-to-device copy is not a kernel.
+# The host runs a few fewer operators per token, out of thousands.
+# The rates land on either side from one record to the next.
+# A difference this small between two rungs that do nearly the same work is within the host's noise.
 #
-# The host-to-device copies are visible in the committed traces (8-token
-# profiled runs, prefill included): upstream's loop against the compiled
-# step of notebook 04, which has this change and the static cache.
+# The copies are visible in the committed traces: 8-token profiled runs, prefill included.
+# Upstream's loop is compared with the compiled step of notebook 04, which has this change and the static cache.
 
 # %%
-copies = {}
-for name in ("upstream_fp32", "compiled"):
+def host_to_device_copies(name):
     trace = profiling.load_trace(f"../data/traces/h100/{name}.pt.trace.json.gz")
-    events = collections.Counter(e["name"] for e in trace["traceEvents"] if e.get("cat") == "gpu_memcpy")
-    copies[name] = sum(n for kind, n in events.items() if kind.startswith("Memcpy HtoD"))
+    kinds = collections.Counter(e["name"] for e in trace["traceEvents"] if e.get("cat") == "gpu_memcpy")
+    return sum(n for kind, n in kinds.items() if kind.startswith("Memcpy HtoD"))
+
+
+copies = {name: host_to_device_copies(name) for name in ("upstream_fp32", "compiled")}
 print("host-to-device copies in an 8-token trace:", copies)
 
 # %%
 # NBVAL_CHECK_OUTPUT
-static, cached = shown["static_cache"], shown["embed_cache"]
-print("same kernels per token as the static cache:", static["gpu_kernels_per_token"] == cached["gpu_kernels_per_token"])
-print("fewer host operators per token:", cached["cpu_ops_per_token"] < static["cpu_ops_per_token"])
+print("kernels per token within one of the static cache's, in every record:",
+      all(abs(r["static_cache"]["gpu_kernels_per_token"] - r["embed_cache"]["gpu_kernels_per_token"]) <= 1 for r in paired))
+print("fewer host operators per token in every record:",
+      all(r["embed_cache"]["cpu_ops_per_token"] < r["static_cache"]["cpu_ops_per_token"] for r in paired))
 print("fewer host-to-device copies once the step is device-only:", copies["compiled"] < copies["upstream_fp32"])
 print("fp32 token identity on the H100:",
       {k: results.latest_gpu_checks()["fp32_token_identity"][k] for k in ("embed_cache", "embed_cache+static_cache")})
 
 # %% [markdown]
-# ## Listen
+# ### Listen
 
 # %%
 torch.manual_seed(0)
 speech = synthesize(tts, "Two lookups, no copies.", decoder=T3Decoder(tts.t3, ladder_prefix("embed_cache")),
                     max_new_tokens=50)
-print({stage: f"{s:.3f} s" for stage, s in speech.seconds.items()})
 Audio(speech.wav, rate=speech.sample_rate)
 
 # %%
 # NBVAL_CHECK_OUTPUT
 print("speech tokens:", speech.speech_tokens.numel())
-print("audio seconds:", speech.audio_s)
 
 # %% [markdown]
-# Next: [04 · compile and CUDA graphs](04_compile.ipynb) records the step once
-# and replays it with a single launch per token.
+# ## Summary
+#
+# - Upstream copies a Python int to the device per token for the position embedding, which a CUDA graph cannot replay.
+# - The embedding cache indexes both tables with device tensors and expands the result to the CFG pair as a view.
+# - The step now reads only device state; its speed moves within the host's noise, since it saves a copy out of thousands of operations per token.
+#
+# ## Exercises
+#
+# **1. The same numbers.**
+# Check that the cache's embedding equals upstream's for a few tokens and positions.
+
+# %%
+cache = SpeechEmbeddingCache(tts.t3)
+token = torch.tensor([[7]], device=tts.device)
+for position in (1, 5, 40):
+    ours = cache(token, torch.tensor([position], device=tts.device))
+    assert torch.equal(ours, upstream_step_embedding(tts.t3, token, position)), position
+print("same embeddings as upstream at positions 1, 5 and 40")
+
+# %% [markdown]
+# **2. A view, not a copy.**
+# For one utterance, both rows of the CFG pair share the memory of one embedding.
+# Check it with `data_ptr` and the stride of the batch dimension.
+
+# %%
+pair = cache(token, torch.tensor([5], device=tts.device))
+print("rows:", pair.shape[0], "| batch stride:", pair.stride(0), "| same memory:", pair[0].data_ptr() == pair[1].data_ptr())
+assert pair.stride(0) == 0
+
+# %% [markdown]
+# **3. Why not one big table?**
+# A table indexed by (position, token) would need no addition at all.
+# Work out its size for the full model: 8,194 tokens, 1,024 values each, in bf16, for 256 positions.
+# Compare it with the two tables the cache reads.
+#
+# Next: [04 · compile and CUDA graphs](04_compile.ipynb) records the step once and replays it with one launch per token.
