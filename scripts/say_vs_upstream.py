@@ -4,7 +4,8 @@ Each side runs as its own process, as a user would start it, and is timed from s
 imports, model load, voice conditioning, compile or capture, and the synthesis itself. `say` runs
 first once untimed, so the timed runs find the compile caches warm; upstream's loop has no caches
 to warm. Upstream's side runs the stages of `ChatterboxTTS.generate` (`T3.inference`, S3Gen, the
-watermark) through `synthesize(decoder=None)`, because `generate` cannot bound the token count.
+watermark) through `synthesize(decoder=None)`, because `generate` cannot bound the token count,
+on a model built as `from_local` builds it (`load_tts(skip_init=False)`).
 Each process also reports its own stages (`say --timings`), so the record shows where the time
 goes. Writes one results document: python scripts/say_vs_upstream.py OUT.json [REPEATS]
 """
@@ -31,7 +32,7 @@ from chatterbox_lab.loading.models import load_tts
 from chatterbox_lab.pipeline.synthesis import synthesize
 from chatterbox_lab.pipeline.voices import voice_path
 imported = time.perf_counter()
-tts = load_tts()
+tts = load_tts(skip_init=False)  # built as upstream builds it
 loaded = time.perf_counter()
 torch.manual_seed(0)
 result = synthesize(tts, {text!r}, voice=voice_path("alto"), decoder=None, max_new_tokens={tokens})

@@ -1,5 +1,6 @@
 
 import pytest
+import torch
 
 from chatterbox_lab.loading import checkpoint
 from chatterbox_lab.loading.architecture import build_t3, check_preset
@@ -72,3 +73,32 @@ def test_tiny_t3_is_small():
     from chatterbox_lab.loading.architecture import count_parameters
 
     assert count_parameters(build_t3("tiny")) < 5_000_000
+
+
+def test_building_without_initial_weights_loads_the_same_model(tiny_tts):
+    """The default load skips the random weights the checkpoint overwrites: every weight and
+    buffer equals those of a model built as upstream builds it."""
+    from chatterbox_lab.loading.models import load_tts
+
+    upstream_built = load_tts(preset="tiny", device="cpu", skip_init=False)
+    for part in ("t3", "s3gen", "ve"):
+        ours = dict((*getattr(tiny_tts, part).named_parameters(), *getattr(tiny_tts, part).named_buffers()))
+        theirs = dict((*getattr(upstream_built, part).named_parameters(),
+                       *getattr(upstream_built, part).named_buffers()))
+        assert ours.keys() == theirs.keys(), part
+        for name, tensor in theirs.items():
+            assert torch.equal(ours[name], tensor), f"{part}.{name}"
+
+
+def test_a_weight_the_checkpoint_leaves_unset_is_found(tiny_tts):
+    from chatterbox_lab.loading.models import unloaded_weights, weights_left_for_the_checkpoint
+
+    with weights_left_for_the_checkpoint():
+        layer = torch.nn.Linear(3, 2)
+    assert torch.isnan(layer.weight).all()
+    assert unloaded_weights(tiny_tts) == []
+    tiny_tts.ve.extra = layer
+    try:
+        assert unloaded_weights(tiny_tts) == ["ve.extra.weight", "ve.extra.bias"]
+    finally:
+        del tiny_tts.ve.extra

@@ -87,8 +87,47 @@ def cangjie_from(directory: Path):
         tokenizer.hf_hub_download = saved
 
 
+@contextlib.contextmanager
+def weights_left_for_the_checkpoint():
+    """Build modules without drawing the random weights that `from_local` overwrites at once.
+
+    Upstream's modules draw every weight at construction (torch.nn.init, and transformers'
+    `init_weights` once more for the Llama): most of a load's time on the host, seconds for T3
+    and S3Gen. Here each torch.nn.init function fills its tensor with NaN instead, which costs one
+    write, and transformers' pass is skipped. A weight the checkpoint does not hold then stays
+    NaN, which `unloaded_weights` finds after the load.
+    """
+    from transformers.modeling_utils import PreTrainedModel
+
+    def nan_fill(tensor, *args, **kwargs):
+        with torch.no_grad():
+            return tensor.fill_(float("nan"))
+
+    init_functions = {name: f for name, f in vars(torch.nn.init).items()
+                      if name.endswith("_") and not name.startswith("_") and callable(f)}
+    init_weights = PreTrainedModel.init_weights
+    try:
+        for name in init_functions:
+            setattr(torch.nn.init, name, nan_fill)
+        PreTrainedModel.init_weights = lambda self: None
+        yield
+    finally:
+        for name, f in init_functions.items():
+            setattr(torch.nn.init, name, f)
+        PreTrainedModel.init_weights = init_weights
+
+
+def unloaded_weights(tts) -> list[str]:
+    """Names of the model's floating-point weights and buffers holding NaN: after a load built by
+    `weights_left_for_the_checkpoint`, those the checkpoint did not overwrite."""
+    parts = {part: getattr(tts, part) for part in ("t3", "s3gen", "ve") if hasattr(tts, part)}
+    return [f"{part}.{name}" for part, module in parts.items()
+            for name, tensor in (*module.named_parameters(), *module.named_buffers())
+            if tensor.is_floating_point() and bool(torch.isnan(tensor).any())]
+
+
 def load_tts(source: str | Path = "synthetic", *, model: str = "original", preset: str | None = None,
-             device: str | None = None):
+             device: str | None = None, skip_init: bool = True):
     """Return a ready upstream model: `chatterbox.tts.ChatterboxTTS` (model "original"),
     `ChatterboxTurboTTS` ("turbo") or `ChatterboxMultilingualTTS` ("multilingual").
 
@@ -97,6 +136,9 @@ def load_tts(source: str | Path = "synthetic", *, model: str = "original", prese
             of a checkpoint directory in that model's upstream layout.
     preset: "full" or "tiny", synthetic only; defaults to full on a GPU, tiny on a CPU.
     device: "cuda", "cpu", "mps" or "cuda:N"; defaults to the GPU when there is one.
+    skip_init: build the modules without their random initial weights, which the checkpoint
+            replaces (`weights_left_for_the_checkpoint`); should the checkpoint leave any weight
+            unset, the model is built again as upstream builds it. False: upstream's way only.
     """
     use_compile_caches()
     upstream = getattr(upstream_module(check_model(model)), CLASSES[model])
@@ -124,7 +166,16 @@ def load_tts(source: str | Path = "synthetic", *, model: str = "original", prese
         warnings.filterwarnings("ignore", message=".*output_attentions.*")
         with upstream_constructors(model_preset, model), cangjie_from(directory):
             try:
-                tts = upstream.from_local(directory, device)
+                tts = None
+                if skip_init:
+                    with weights_left_for_the_checkpoint():
+                        tts = upstream.from_local(directory, device)
+                    if unset := unloaded_weights(tts):
+                        warnings.warn(f"{directory} leaves {len(unset)} weights unset (first: {unset[0]}); "
+                                      f"building the model again with upstream's initial weights for them")
+                        tts = None
+                if tts is None:
+                    tts = upstream.from_local(directory, device)
             except RuntimeError as exc:
                 if "size mismatch" not in str(exc) and "Missing key" not in str(exc):
                     raise
