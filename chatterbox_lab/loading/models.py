@@ -93,37 +93,37 @@ def weights_left_for_the_checkpoint():
 
     Upstream's modules draw every weight at construction (torch.nn.init, and transformers'
     `init_weights` once more for the Llama): most of a load's time on the host, seconds for T3
-    and S3Gen. Here each torch.nn.init function fills its tensor with NaN instead, which costs one
-    write, and transformers' pass is skipped. A weight the checkpoint does not hold then stays
-    NaN, which `unloaded_weights` finds after the load.
+    and S3Gen. Here those draws are skipped, leaving each tensor's memory as allocated. Every
+    `load_state_dict` in the block is watched instead: the list this yields collects the keys
+    the loads left missing (upstream loads S3Gen with strict=False), each a weight left unset.
     """
     from transformers.modeling_utils import PreTrainedModel
 
-    def nan_fill(tensor, *args, **kwargs):
-        with torch.no_grad():
-            return tensor.fill_(float("nan"))
+    missing = []
+    load_state_dict = torch.nn.Module.load_state_dict
+
+    def load_and_watch(module, state_dict, strict=True, assign=False):
+        loaded = load_state_dict(module, state_dict, strict=strict, assign=assign)
+        missing.extend(f"{type(module).__name__}.{key}" for key in loaded.missing_keys)
+        return loaded
+
+    def left_for_the_checkpoint(tensor, *args, **kwargs):
+        return tensor
 
     init_functions = {name: f for name, f in vars(torch.nn.init).items()
                       if name.endswith("_") and not name.startswith("_") and callable(f)}
     init_weights = PreTrainedModel.init_weights
     try:
         for name in init_functions:
-            setattr(torch.nn.init, name, nan_fill)
+            setattr(torch.nn.init, name, left_for_the_checkpoint)
         PreTrainedModel.init_weights = lambda self: None
-        yield
+        torch.nn.Module.load_state_dict = load_and_watch
+        yield missing
     finally:
         for name, f in init_functions.items():
             setattr(torch.nn.init, name, f)
         PreTrainedModel.init_weights = init_weights
-
-
-def unloaded_weights(tts) -> list[str]:
-    """Names of the model's floating-point weights and buffers holding NaN: after a load built by
-    `weights_left_for_the_checkpoint`, those the checkpoint did not overwrite."""
-    parts = {part: getattr(tts, part) for part in ("t3", "s3gen", "ve") if hasattr(tts, part)}
-    return [f"{part}.{name}" for part, module in parts.items()
-            for name, tensor in (*module.named_parameters(), *module.named_buffers())
-            if tensor.is_floating_point() and bool(torch.isnan(tensor).any())]
+        torch.nn.Module.load_state_dict = load_state_dict
 
 
 def load_tts(source: str | Path = "synthetic", *, model: str = "original", preset: str | None = None,
@@ -137,8 +137,8 @@ def load_tts(source: str | Path = "synthetic", *, model: str = "original", prese
     preset: "full" or "tiny", synthetic only; defaults to full on a GPU, tiny on a CPU.
     device: "cuda", "cpu", "mps" or "cuda:N"; defaults to the GPU when there is one.
     skip_init: build the modules without their random initial weights, which the checkpoint
-            replaces (`weights_left_for_the_checkpoint`); should the checkpoint leave any weight
-            unset, the model is built again as upstream builds it. False: upstream's way only.
+            replaces (`weights_left_for_the_checkpoint`); should a load leave any weight unset,
+            the model is built again as upstream builds it. False: upstream's way only.
     """
     use_compile_caches()
     upstream = getattr(upstream_module(check_model(model)), CLASSES[model])
@@ -168,9 +168,9 @@ def load_tts(source: str | Path = "synthetic", *, model: str = "original", prese
             try:
                 tts = None
                 if skip_init:
-                    with weights_left_for_the_checkpoint():
+                    with weights_left_for_the_checkpoint() as unset:
                         tts = upstream.from_local(directory, device)
-                    if unset := unloaded_weights(tts):
+                    if unset:
                         warnings.warn(f"{directory} leaves {len(unset)} weights unset (first: {unset[0]}); "
                                       f"building the model again with upstream's initial weights for them")
                         tts = None
