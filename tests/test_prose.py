@@ -13,6 +13,8 @@ prose_stats = sys.modules["prose_stats"] = importlib.util.module_from_spec(_spec
 _spec.loader.exec_module(prose_stats)
 
 README_WORDS, NOTEBOOK_WORDS, MEAN_SENTENCE = 1200, 1500, 22.0
+
+
 def test_prose_leaves_out_code_tables_headings_and_generated_blocks():
     markdown = ("# A heading of many words here\n\nOne sentence here. `TTSSession` runs it.\n\n"
                 "```python\nnot = prose(at, all)\n```\n\n| a | table |\n|---|---|\n\n"
