@@ -127,7 +127,8 @@ def test_the_rungs_leave_the_step_out_where_gluon_is_missing(monkeypatch):
     monkeypatch.setattr(bench, "resolve_device", lambda device: device)
     staged = {"staged_weights", "staged_head"}
     assert plan.device_kind("cuda") == "cuda"
-    assert plan.unsupported_steps("cuda") == staged
+    # fp8 weights are left out with them: the plan takes such a card for one before Hopper.
+    assert plan.unsupported_steps("cuda") == staged | {"fp8_weights"}
     assert not bench.rung_steps("staged_head", "cuda") & staged
     assert "launch_ahead" in bench.rung_steps("staged_head", "cuda")
     experimental = {step for step in registry.T3_STEPS if registry.STEPS[step].status == "experimental"}
