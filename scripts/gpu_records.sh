@@ -5,6 +5,8 @@
 #                                        fresh processes' start-up: from empty compile caches, then warm
 #   bash scripts/gpu_records.sh say      `say` against upstream's loop, each a fresh process
 #   bash scripts/gpu_records.sh startup  only the two fresh processes' start-up
+#   bash scripts/gpu_records.sh eightbit the 8-bit record (`scripts/eightbit_record.py --no-profile`): our
+#                                        8-bit steps and torchao's against bf16, with quality figures
 #   bash scripts/gpu_records.sh corpus   the corpus job over data/corpus/example.jsonl at batch 32 and 64
 #                                        (scripts/corpus_record.py; CORPUS_GPUS="1 2 4 8" runs it under
 #                                        torchrun at each number of GPUs instead)
@@ -52,5 +54,9 @@ corpus)
 say)
     python3 scripts/say_vs_upstream.py "$OUT/say.json" "${SAY_REPEATS:-3}" > "$OUT/say.log" 2>&1
     echo "say vs upstream: exit $?"; tail -2 "$OUT/say.log"
+    ;;
+eightbit)
+    OUT="$OUT" python3 scripts/eightbit_record.py --no-profile > "$OUT/eightbit.log" 2>&1
+    echo "eightbit: exit $?"; grep -v "^\(bench\|batch\|profile\|Sampling\|USDT\)" "$OUT/eightbit.log" | tail -40
     ;;
 esac
