@@ -135,14 +135,23 @@ def soak_section() -> str:
     prov, soak = doc["provenance"], doc["rungs"]["soak"]
     rel = path.relative_to(ROOT)
     after_burn_in = soak["rss_every_50"][0][1]
-    return (f"GPU soak on an **{prov['gpu']}** (preset `{prov['preset']}`, commit `{prov['git_commit'][:7]}`, "
-            f"[`{rel.name}`]({rel})): {soak['completed']}/{soak['requests']} requests from {soak['clients']} "
-            f"clients served, {soak['errors']} errors, {soak['recompiles']} recompiles, {soak['bad_lengths']} "
-            f"WAVs of the wrong length; {soak['requests_per_s']:.2f} requests/s, latency p50 {soak['p50_s']:.2f} s, "
-            f"p99 {soak['p99_s']:.2f} s; host RSS {after_burn_in:,.1f} MiB after 50 requests and "
-            f"{soak['rss_end_mib']:,.1f} MiB at the end; GPU memory allocated "
-            f"{soak['gpu_allocated_start_mib']:,.0f} MiB after warm-up, {soak['gpu_allocated_end_mib']:,.0f} MiB "
-            f"at the end. The service time is S3Gen's eager flow, not T3.")
+    lines = [f"GPU soak on an **{prov['gpu']}** (preset `{prov['preset']}`, commit `{prov['git_commit'][:7]}`, "
+             f"[`{rel.name}`]({rel})), S3Gen steps: {', '.join(prov.get('s3gen_steps') or ['none'])}."]
+    if lone := soak.get("lone_client"):
+        lines.append(f"- One client, {lone['completed']} requests of {max(prov['tokens'])} tokens with a cached voice: "
+                     f"latency p50 {lone['p50_s']:.2f} s.")
+    lines += [f"- {soak['completed']}/{soak['requests']} requests from {soak['clients']} clients, texts and voices "
+              f"mixed: {soak['requests_per_s']:.2f} requests/s, latency p50 {soak['p50_s']:.2f} s, "
+              f"p99 {soak['p99_s']:.2f} s; {soak['errors']} errors, {soak['recompiles']} recompiles, "
+              f"{soak['bad_lengths']} WAVs of the wrong length.",
+              f"- Host RSS {after_burn_in:,.1f} MiB after 50 requests and {soak['rss_end_mib']:,.1f} MiB at the end; "
+              f"GPU memory allocated {soak['gpu_allocated_start_mib']:,.0f} MiB after warm-up and "
+              f"{soak['gpu_allocated_end_mib']:,.0f} MiB at the end.",
+              f"- Start-up, from creating the session to the end of its warm-up: {soak['startup_s']:.1f} s."]
+    if starts := soak.get("fresh_process_startup"):
+        lines.append(f"- A fresh process, from launch to ready: {starts['cold']['ready_s']:.1f} s from empty compile "
+                     f"caches, {starts['warm']['ready_s']:.1f} s with warm ones.")
+    return "\n".join(lines)
 
 
 S3GEN_STAGES = ("s3gen_flow", "hifigan", "watermark")
