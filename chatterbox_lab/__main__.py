@@ -85,17 +85,12 @@ def say(args) -> Path:
 
 
 def sampling_of(args):
-    """The sampling values `say` was given, over the model's defaults: `SamplingParams`, or for Turbo
-    `TurboSamplingParams`, which refuses the fields Turbo would ignore (cfg_weight, min_p)."""
-    from chatterbox_lab.validation import check_model, check_turbo_sampling
+    """The sampling values `say` was given, over the model's defaults (`sampling.sampling_for`)."""
+    from chatterbox_lab.sampling import sampling_for
+    from chatterbox_lab.validation import check_model
 
-    kind = TurboSamplingParams if check_model(args.model) == "turbo" else SamplingParams
-    if kind is TurboSamplingParams:
-        check_turbo_sampling(cfg_weight=args.cfg_weight, min_p=args.min_p)
-    elif args.top_k is not None:
-        raise ValueError(f"top_k applies to the turbo model only; the {args.model} model samples with min_p and top_p")
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(kind) if getattr(args, f.name) is not None}
-    return kind(**given)
+    names = [f.name for f in dataclasses.fields(SamplingParams)] + ["top_k"]
+    return sampling_for(check_model(args.model), **{name: getattr(args, name) for name in names})
 
 
 def corpus(args, parser) -> int:
@@ -188,6 +183,7 @@ def main(argv=None) -> int:
                                      "PUT and DELETE /voices/{id}, GET /health; limits in docs/serving.md")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--model", choices=TTS_MODELS, default="original", help="which Chatterbox; default: %(default)s")
     s.add_argument("--preset", choices=PRESETS)
     s.add_argument("--checkpoint", default="synthetic")
     s.add_argument("--device")
@@ -283,13 +279,14 @@ def main(argv=None) -> int:
         from chatterbox_lab.serving.session import TTSSession
 
         try:
-            check_checkpoint_tokenizer(args.checkpoint)
+            if args.model == "original":
+                check_checkpoint_tokenizer(args.checkpoint)
         except ValueError as exc:
             s.error(str(exc))
         warning = unprotected_exposure(args.host, os.environ.get(API_KEY_VARIABLE))
         if warning:
             print(f"warning: {warning}", file=sys.stderr)
-        session = TTSSession(args.checkpoint, preset=args.preset, device=args.device,
+        session = TTSSession(args.checkpoint, model=args.model, preset=args.preset, device=args.device,
                              s3gen_steps=_s3gen_steps(args), progress=True)
         session.warmup()
         print(f"ready after {sum(session.startup_s.values()):.1f} s of start-up")

@@ -32,7 +32,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from chatterbox_lab.validation import check_number
+from chatterbox_lab.validation import check_number, check_turbo_sampling
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,19 @@ class TurboSamplingParams:
             check_number(name, getattr(self, name))
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be a whole number >= 0 (0 keeps every token), got {self.top_k!r}")
+
+
+def sampling_for(model: str, **given):
+    """A request's sampling values for `model` over that model's defaults: `TurboSamplingParams` for
+    Turbo, which refuses the fields upstream's Turbo would silently ignore; `SamplingParams` else.
+    `given`: the fields the caller set, by name (top_k too), None for those left out."""
+    given = {name: value for name, value in given.items() if value is not None}
+    if model == "turbo":
+        check_turbo_sampling(**given)
+        return TurboSamplingParams(**given)
+    if "top_k" in given:
+        raise ValueError(f"top_k applies to the turbo model only; the {model} model samples with min_p and top_p")
+    return SamplingParams(**given)
 
 
 class DeviceSampling:

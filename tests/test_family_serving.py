@@ -80,3 +80,27 @@ def test_say_refuses_bad_model_fields_before_loading(arguments, message, tmp_pat
     with pytest.raises(SystemExit):
         main(["say", "Hello.", "--out", str(tmp_path / "x.wav"), "--device", "cpu", *arguments])
     assert message in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def turbo_server(turbo_session):
+    from chatterbox_lab.measure.soak import LoopbackServer
+    from chatterbox_lab.serving.server import create_app
+
+    with LoopbackServer(create_app(turbo_session)) as running:
+        yield running
+
+
+def test_turbo_server_speaks_and_refuses_the_fields_turbo_ignores(turbo_server):
+    import httpx
+
+    ok = httpx.post(f"{turbo_server.url}/synthesize", timeout=120,
+                    json={"text": "Hello.", "max_new_tokens": TOKENS, "top_k": 100, "model": "turbo"})
+    assert ok.status_code == 200 and ok.headers["content-type"] == "audio/wav"
+    for body, detail in [({"cfg_weight": 0.5}, "cfg_weight does not apply to the turbo model"),
+                         ({"min_p": 0.1}, "min_p does not apply to the turbo model"),
+                         ({"top_k": -1}, "top_k must be a whole number >= 0"),
+                         ({"language": "fr"}, "speaks English only"),
+                         ({"model": "multilingual"}, "this server serves the turbo model, not 'multilingual'")]:
+        refused = httpx.post(f"{turbo_server.url}/synthesize", json={"text": "Hi.", **body}, timeout=60)
+        assert refused.status_code == 422 and detail in str(refused.json()["detail"]), body

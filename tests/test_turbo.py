@@ -69,3 +69,13 @@ def test_bad_requests_are_refused(tiny_turbo, tiny_tts, text_tokens):
         decoder.generate(tiny_turbo.conds.t3, text_tokens, 8)
     with pytest.raises(ValueError, match="top_k must be a whole number >= 0"):
         TurboSamplingParams(top_k=-1)
+
+
+def test_turbos_floor_reads_its_weights_once_and_one_row_of_cache(tiny_turbo):
+    from chatterbox_lab.measure import roofline
+
+    t3 = tiny_turbo.t3
+    weights = sum(p.numel() * p.element_size() for part in (t3.tfmr.h, t3.tfmr.ln_f, t3.speech_head)
+                  for p in part.parameters())
+    cache = 2 * t3.cfg.n_layer * t3.cfg.hidden_size * (100 + 20 / 2) * 4  # keys and values, fp32, one row
+    assert roofline.floor(t3, 1e9, prompt_len=100, tokens=20)["bytes_per_step"] == weights + cache

@@ -64,7 +64,9 @@ def weight_bytes_per_step(t3, weights_format: str | None = None) -> int:
     """Weights a step reads: every decoder layer, the final norm and the speech head. With an 8-bit
     `weights_format`, the linear layers' weights (the matvecs') take one byte each and a scale a row."""
     total = 0
-    for part in (t3.tfmr.layers, t3.tfmr.norm, t3.speech_head):
+    # Turbo's GPT-2 names its blocks and final norm otherwise than the Llama T3.
+    parts = (t3.tfmr.h, t3.tfmr.ln_f) if getattr(t3, "is_gpt", False) else (t3.tfmr.layers, t3.tfmr.norm)
+    for part in (*parts, t3.speech_head):
         for module in part.modules():
             for name, p in module.named_parameters(recurse=False):
                 eight_bit = weights_format and isinstance(module, torch.nn.Linear) and name == "weight"
@@ -78,14 +80,16 @@ def kv_bytes_per_step(t3, position: float, batch: int = 2, cache_format: str = "
     cfg = t3.cfg
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     element = 1 + SCALE_BYTES / head_dim if cache_format == "int8" else t3.speech_head.weight.element_size()
-    return 2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * head_dim * position * element
+    kv_heads = getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)  # GPT-2 has no grouped heads
+    return 2 * cfg.num_hidden_layers * batch * kv_heads * head_dim * position * element
 
 
 def floor(t3, bandwidth: float, prompt_len: int, tokens: int, weights_format: str | None = None,
           cache_format: str = "model") -> dict:
     """Floor of the decode at its mean position (prompt + half the generated tokens), with the
     weights and the cache in the formats given."""
-    step_bytes = weight_bytes_per_step(t3, weights_format) + kv_bytes_per_step(t3, prompt_len + tokens / 2,
+    rows = 1 if getattr(t3, "is_gpt", False) else 2  # Turbo has no CFG pair
+    step_bytes = weight_bytes_per_step(t3, weights_format) + kv_bytes_per_step(t3, prompt_len + tokens / 2, rows,
                                                                               cache_format=cache_format)
     seconds = step_bytes / bandwidth
     return dict(bytes_per_step=step_bytes, floor_ms_per_token=seconds * 1e3, floor_tok_s=1 / seconds)

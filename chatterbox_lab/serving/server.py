@@ -2,7 +2,8 @@
 
     python -m chatterbox_lab serve --host 127.0.0.1 --port 8000
 
-POST   /synthesize       JSON {text, voice, sampling values, exaggeration, max_new_tokens, seed} -> audio/wav
+POST   /synthesize       JSON {text, voice, sampling values, exaggeration, max_new_tokens, seed, model, language}
+                         -> audio/wav
 POST   /v1/audio/speech  OpenAI's speech request {model, input, voice, response_format, speed} -> audio, streamed
 PUT    /voices/{id}      raw audio bytes (WAV, FLAC, OGG)                                       -> registers a voice
 DELETE /voices/{id}      forgets a registered voice
@@ -33,7 +34,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chatterbox_lab.pipeline.synthesis import Cancelled
-from chatterbox_lab.sampling import SamplingParams
+from chatterbox_lab.sampling import sampling_for
 from chatterbox_lab.serving.session import Speech, TTSSession, VoiceLimitReached
 
 API_KEY_VARIABLE = "CHATTERBOX_LAB_API_KEY"
@@ -71,11 +72,14 @@ class Options(BaseModel):
     exaggeration: float = 0.5
     max_new_tokens: int | None = None
     seed: int | None = None
+    top_k: int | None = None          # Turbo only
+    language: str | None = None       # the multilingual model's language id
 
 
 class SynthesisRequest(Options):
     text: str
     voice: str = "alto"
+    model: str | None = None  # when given, it must be the model this server serves
 
 
 class SpeechRequest(Options):
@@ -212,11 +216,14 @@ def create_app(session: TTSSession, api_key: str | None = None) -> FastAPI:
                                 headers={"Retry-After": "1"})
         gone = threading.Event()
         try:
-            sampling = SamplingParams(**{k: getattr(options, k) for k in SAMPLING_FIELDS})
+            # Only the fields the caller set: a left-out one takes the served model's default, and a
+            # field Turbo would ignore is refused only when it was sent.
+            sampling = sampling_for(session.model, **{k: getattr(options, k) for k in (*SAMPLING_FIELDS, "top_k")
+                                                      if k in options.model_fields_set})
             # A name only: a path would let a caller read files of the server, or probe for them.
             future = session.submit(text, session.named_voice(voice), sampling=sampling,
                                     max_new_tokens=options.max_new_tokens, exaggeration=options.exaggeration,
-                                    seed=options.seed, cancelled=gone.is_set)
+                                    seed=options.seed, cancelled=gone.is_set, language=options.language)
         except Exception as exc:
             raise http_error(exc) from None
         waiting += 1
@@ -265,6 +272,9 @@ def create_app(session: TTSSession, api_key: str | None = None) -> FastAPI:
 
     @app.post("/synthesize")
     async def synthesize(req: SynthesisRequest, request: Request):
+        if req.model is not None and req.model != session.model:
+            raise HTTPException(422, f"this server serves the {session.model} model, not {req.model[:20]!r}: "
+                                     f"send model {session.model!r} or leave it out")
         speech = await speak(request, req.text, req.voice, req)
         return Response(await run_in_threadpool(speech.wav_bytes), media_type="audio/wav")
 
