@@ -102,8 +102,10 @@ def results_section() -> str:
         from chatterbox_lab.records.reference import guide, side_by_side
 
         t3_row, e2e_row = side_by_side(doc)[:2]
+        across = spread.speedup_spread("compiled", prov["gpu"])
         lines += ["", f"Compiled over upstream fp32 on the {prov['gpu']}: **{t3_row['ours_speedup']:.1f}x** T3 decode "
-                      f"rate, {e2e_row['ours_speedup']:.1f}x end to end. The guide claims "
+                      f"rate in this run, {across.text(suffix='x')} across {across.records} records; "
+                      f"{e2e_row['ours_speedup']:.1f}x end to end in this run. The guide claims "
                       f"{guide()['headline_speedup']}x on an RTX 4090, measured end to end with a token "
                       f"count of audio seconds x 50, on another card and host; "
                       f"[`05_reproduce`](notebooks/05_reproduce.ipynb) puts both in the same units."]
