@@ -19,7 +19,9 @@ def test_cli_bench_prints_a_table_and_writes_json(tmp_path, capsys):
     assert "| upstream_fp32 |" in printed and f"wrote {out}" in printed
     doc = json.loads(out.read_text())
     assert list(doc["rungs"]) == ["upstream_fp32", "static_cache"]
+    assert doc["rungs"]["static_cache"]["t3_steps"] == ["bf16", "static_cache"]
     rung = doc["rungs"]["upstream_fp32"]
+    assert rung["t3_steps"] == []
     assert rung["tokens"] == 8 and rung["t3_decode_tok_s"] > 0 and rung["cpu_ops_per_token"] > 50
     assert rung["audio_s"] == pytest.approx(8 / 25)
     trace = profiling.load_trace(rung["trace"])

@@ -666,6 +666,9 @@ def _time_everything(tts, cfg: BenchConfig, voice: Path, doc: dict, checks: dict
                 doc["quality"][rung] = quality.format_quality(
                     tts, rung_steps(rung, cfg.device), rung, reference, cfg.text, cfg.tokens,
                     cfg.seed, cfg.sampling, capacity=_capacity(tts, cfg))
+            # A rung's name alone does not fix its steps once steps are promoted: records of the same
+            # name are compared only where these match (records/spread.py).
+            doc["rungs"][rung]["t3_steps"] = sorted(rung_steps(rung, cfg.device))
             if partial:
                 results.write(doc, partial, overwrite=True)
         if cfg.s3gen_steps:
