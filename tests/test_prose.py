@@ -56,3 +56,10 @@ def test_all_notebook_and_readme_prose_averages_at_most_22_words_a_sentence():
     sources = [prose_stats.README, *prose_stats.catalog_notebooks()]
     every = prose_stats.combined([prose_stats.measure_file(path) for path in sources], "all")
     assert every.mean <= MEAN_SENTENCE, f"{every.mean:.1f} words per sentence over the README and notebooks"
+
+
+def test_readme_first_screen_says_what_it_is_the_headline_and_where_to_start():
+    first_screen = "\n".join(prose_stats.README.read_text().splitlines()[:40])
+    for needed in ("<!-- headline:end -->", "Start here:", "notebooks/00_baseline.ipynb", "CUDA GPU",
+                   "make test", "make bench", "jupyter lab", "Measured on an **"):
+        assert needed in first_screen, f"README's first 40 lines lack {needed!r}"
