@@ -115,7 +115,8 @@ axes[0].scatter(range(len(paired)), [r["static_cache"]["t3_decode_tok_s"] / r["b
 axes[0].axhline(1.0, color="black", linewidth=0.8)
 axes[0].set_xticks(range(len(paired)), [path.stem[-14:] for path, _ in paired], rotation=30, ha="right")
 axes[0].set_title("static cache ÷ bf16, T3 tokens/s")
-profiling.plot_counts(h100["rungs"], keys=("gpu_kernels_per_token", "cpu_ops_per_token"), ax=axes[1])
+profiling.plot_counts({k: h100["rungs"][k] for k in ("upstream_fp32", "bf16", "static_cache")},
+                       keys=("gpu_kernels_per_token", "cpu_ops_per_token"), ax=axes[1])
 axes[1].set_title("per token, latest record")
 plt.tight_layout()
 plt.show()
