@@ -13,7 +13,7 @@
 #
 # **Prerequisites:** Python and a little PyTorch. No GPU is needed: GPU figures come from committed records.
 #
-# **Runtime:** a few minutes on a CPU (the `tiny` preset); a few minutes on a GPU (the `full` preset).
+# **Runtime:** about a minute on a CPU (the `tiny` preset); a few minutes on a GPU (the `full` preset).
 
 # %%
 import collections

@@ -13,7 +13,7 @@
 #
 # **Prerequisites:** [00 · the baseline](00_baseline.ipynb).
 #
-# **Runtime:** a few minutes on a CPU; a few minutes on a GPU.
+# **Runtime:** about a minute on a CPU; a few minutes on a GPU.
 
 # %%
 import matplotlib.pyplot as plt

@@ -13,7 +13,7 @@
 #
 # **Prerequisites:** [02 · static KV cache](02_static_cache.ipynb).
 #
-# **Runtime:** a few minutes on a CPU; a few minutes on a GPU.
+# **Runtime:** about a minute on a CPU; a few minutes on a GPU.
 
 # %%
 import collections

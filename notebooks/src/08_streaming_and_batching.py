@@ -13,7 +13,7 @@
 #
 # **Prerequisites:** [04 · compile](04_compile.ipynb) and [07 · S3Gen](07_s3gen.ipynb).
 #
-# **Runtime:** a few minutes on a CPU (the `tiny` preset); GPU figures come from committed records.
+# **Runtime:** about a minute on a CPU (the `tiny` preset); GPU figures come from committed records.
 
 # %%
 import numpy as np
