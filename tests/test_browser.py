@@ -1,7 +1,8 @@
 """Notebook 00 in a real JupyterLab, driven by headless Chromium: Run All Cells
 gives no error output, the lab bench widget renders and measures a step when its
 Run button is pressed, and a screenshot of it is saved to docs/screenshots/
-(committed, so readers see the widget without running).
+(committed, so readers see the widget without running). A chapter past the guide
+opens from its committed outputs with its summary plot drawn, screenshot beside.
 
 Chromium and chromedriver are Debian's packages (scripts/setup_browser.sh, run by
 `make test`'s setup); nothing is downloaded here. Deselect with -m "not browser".
@@ -33,6 +34,8 @@ REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK = "notebooks/00_baseline.ipynb"
 WIDGET_SELECTOR = ".cblab-lab-bench"
 SCREENSHOT = REPO / "docs" / "screenshots" / "00_baseline_lab_bench.png"
+CHAPTER = "notebooks/06b_owning_the_graph.ipynb"
+CHAPTER_SCREENSHOT = REPO / "docs" / "screenshots" / "06b_owning_the_graph.png"
 WINDOW = (1280, 900)
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -131,7 +134,8 @@ def lab(tmp_path):
     CHATTERBOX_LAB_CACHE, where the synthetic checkpoint is cached."""
     root = tmp_path / "root"
     (root / "notebooks").mkdir(parents=True)
-    shutil.copy2(REPO / NOTEBOOK, root / NOTEBOOK)
+    for notebook in (NOTEBOOK, CHAPTER):
+        shutil.copy2(REPO / notebook, root / notebook)
     shutil.copytree(REPO / "data", root / "data")
 
     home = tmp_path / "jupyter"
@@ -267,6 +271,20 @@ def test_baseline_runs_in_jupyterlab_and_shows_lab_bench(lab, browser):
     browser.execute_script("arguments[0].scrollIntoView({block: arguments[0].offsetHeight < innerHeight * 0.8"
                            " ? 'center' : 'start'})", bench)
     _save_screenshot(browser, SCREENSHOT)
+
+
+def test_a_chapter_opens_with_its_summary_plot(lab, browser):
+    """A reader's first view of a chapter: its committed outputs, nothing run. The first plot
+    has drawn (a non-empty image), and the screenshot shows it."""
+    browser.get(f"{lab['url']}/lab/tree/{CHAPTER}?token={lab['token']}")
+    plots = _wait(browser, KERNEL_START_S,
+                  lambda d: [i for i in d.find_elements(By.CSS_SELECTOR, ".jp-OutputArea-output img")
+                             if d.execute_script("return arguments[0].naturalWidth", i) > 0],
+                  lambda: f"{CHAPTER} showed no drawn plot within {KERNEL_START_S} s; server log:\n"
+                          f"{_tail(lab['log'])}")
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", plots[0])
+    time.sleep(1)  # the scroll settles before the capture
+    _save_screenshot(browser, CHAPTER_SCREENSHOT)
 
 
 def _visible(element, xpath):

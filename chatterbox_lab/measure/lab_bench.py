@@ -127,8 +127,9 @@ class StepPicker(widgets.VBox):
 
     def __init__(self, title: str, steps=()):
         chosen = registry.check(steps, model="t3")
+        # The right margin keeps each step's name beside its own box, well apart from the next box.
         self.boxes = {step: widgets.Checkbox(value=step in chosen, description=step, indent=False,
-                                             layout=widgets.Layout(width="auto"))
+                                             layout=widgets.Layout(width="auto", margin="0 1.6em 0 0"))
                       for step in registry.T3_STEPS}
         for step, box in self.boxes.items():
             box.observe(functools.partial(self._keep_valid, step), names="value")
