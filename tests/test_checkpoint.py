@@ -75,21 +75,24 @@ def test_tiny_t3_is_small():
     assert count_parameters(build_t3("tiny")) < 5_000_000
 
 
-def test_building_without_initial_weights_loads_the_same_model(tiny_tts):
+@pytest.mark.parametrize("model, fixture", [("original", "tiny_tts"), ("turbo", "tiny_turbo"),
+                                            ("multilingual", "tiny_multilingual")])
+def test_building_without_initial_weights_loads_the_same_model(model, fixture, request):
     """The default load skips the random weights the checkpoint overwrites: every weight and
-    buffer equals those of a model built as upstream builds it."""
+    buffer equals those of a model built as upstream builds it, for each model of the family."""
     from chatterbox_lab.loading.models import load_tts
 
-    upstream_built = load_tts(preset="tiny", device="cpu", skip_init=False)
+    ours = request.getfixturevalue(fixture)
+    upstream_built = load_tts(model=model, preset="tiny", device="cpu", skip_init=False)
 
     def parts(tts):
         return {"t3": tts.t3, "s3gen": tts.s3gen, "ve": tts.ve, "watermarker": tts.watermarker.perth_net}
     for part, module in parts(upstream_built).items():
-        ours = dict((*parts(tiny_tts)[part].named_parameters(), *parts(tiny_tts)[part].named_buffers()))
-        theirs = dict((*module.named_parameters(), *module.named_buffers()))
-        assert ours.keys() == theirs.keys(), part
-        for name, tensor in theirs.items():
-            assert torch.equal(ours[name], tensor), f"{part}.{name}"
+        loaded = dict((*parts(ours)[part].named_parameters(), *parts(ours)[part].named_buffers()))
+        built = dict((*module.named_parameters(), *module.named_buffers()))
+        assert loaded.keys() == built.keys(), part
+        for name, tensor in built.items():
+            assert torch.equal(loaded[name], tensor), f"{model}: {part}.{name}"
 
 
 def test_a_weight_a_load_leaves_unset_is_reported():
