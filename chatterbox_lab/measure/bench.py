@@ -32,6 +32,7 @@ from chatterbox_lab.decode.plan import device_kind, unsupported_steps
 from chatterbox_lab.kernels.picks import KernelPicks, shipped_for
 from chatterbox_lab.kernels.quantized import FORMATS as EIGHT_BIT_FORMATS
 from chatterbox_lab.measure import equivalence, flops, memory, profiling, quality, roofline, torchao_baseline
+from chatterbox_lab.measure.equivalence import DEFAULT_TEXT
 from chatterbox_lab.records import report, results
 from chatterbox_lab.records.report import batch_table, summary_table  # noqa: F401 (the bench's tables)
 from chatterbox_lab.tuning import chain_tuning, sweeps
@@ -90,8 +91,6 @@ def rung_steps(rung: str, device: str | None = None) -> frozenset:
 
 # Token counts of the two profiled T3 runs whose difference gives per-token counts.
 PROFILE_TOKENS = (8, 24)
-DEFAULT_TEXT = ("Every step of this workbook is measured, profiled and checked against the "
-                "upstream path, so a speed-up you read here is one you can reproduce.")
 
 
 @dataclass

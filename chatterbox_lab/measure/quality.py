@@ -164,9 +164,7 @@ def check_quality(checkpoint, formats=EIGHT_BIT_STEPS, text: str | None = None, 
         raise ValueError(f"unknown 8-bit steps {unknown}: choose from {', '.join(EIGHT_BIT_STEPS)}")
     tts = load_tts(checkpoint, preset=preset, device=device)
     prepare_voice(tts, voice_path(voice))
-    from chatterbox_lab.measure.bench import DEFAULT_TEXT
-
-    text = text or DEFAULT_TEXT
+    text = text or equivalence.DEFAULT_TEXT
     reference = fp32_reference(tts, text_tokens_for(tts, text), tokens, seed)
     recommended = frozenset(registry.preset("recommended", device_kind(device)))
     found = {}
