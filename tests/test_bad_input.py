@@ -345,12 +345,7 @@ def test_a_bad_seed_is_refused_before_the_model_loads(tmp_path, capsys, monkeypa
     assert raised.value.code == 2 and "seed must be an integer from 0 to 2**64 - 1" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("signal_name", [
-    "SIGINT",
-    pytest.param("SIGTERM", marks=pytest.mark.xfail(
-        strict=False, reason="known defect: a SIGTERM while chunks are spoken may end the process with "
-                             "'terminate called without an active exception' after its message")),
-])
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
 def test_ctrl_c_stops_a_chunked_say_promptly_and_cleanly(tmp_path, signal_name):
     """SIGINT or SIGTERM in the middle of `say --chunk`: a short message, no traceback,
     no file and no temporary file left, within a few seconds of the signal."""

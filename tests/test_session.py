@@ -3,6 +3,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
 from chatterbox_lab.kernels.picks import KernelPicks
 from chatterbox_lab.pipeline.synthesis import SAMPLES_PER_TOKEN
@@ -78,11 +79,18 @@ def test_worker_thread_gets_its_own_cudagraph_state():
     def worker():
         own_cudagraph_state()
         seen.append(trees.get_obj(trees.local, "tree_manager_containers"))
+        # Nothing in C++ thread-local storage: its release at thread exit needs the GIL,
+        # which a worker ending during interpreter shutdown cannot take (the process aborts).
+        seen.append(torch._C._is_key_in_tls("tree_manager_containers"))
 
     thread = threading.Thread(target=worker)
     thread.start()
     thread.join()
-    assert seen == [{}]
+    assert seen == [{}, False]
+
+
+def test_the_session_worker_holds_nothing_its_exit_must_release_under_the_gil(session):
+    assert session._worker.submit(torch._C._is_key_in_tls, "tree_manager_containers").result() is False
 
 
 def test_a_registered_voice_is_prepared_before_its_first_request(session, tmp_path):

@@ -48,6 +48,11 @@ class VoiceLimitReached(Exception):
     """Registering one more voice would pass the session's bound."""
 
 
+def import_cudagraph_trees() -> None:
+    """Import torch's CUDA-graph trees on the calling thread (see `own_cudagraph_state`)."""
+    import torch._inductor.cudagraph_trees  # noqa: F401
+
+
 def own_cudagraph_state() -> None:
     """Give the calling thread its own CUDA-graph-tree state (run once on the worker).
 
@@ -55,6 +60,14 @@ def own_cudagraph_state() -> None:
     (or threads autograd spawned) and fail an assertion anywhere else, e.g. on a
     worker started after another thread already compiled; torch 2.13 creates
     the state per thread itself. This does the same on older versions.
+
+    The state goes into the thread's Python `threading.local` only. torch's own
+    set-up, run by the thread that first imports the trees, also stashes it in
+    C++ thread-local storage, for autograd's threads. That copy is released by
+    the thread's C++ exit handlers, which need the GIL. When a worker ends while
+    the interpreter shuts down, they cannot take it, and the process aborts
+    ("terminate called without an active exception"). So the session imports
+    the trees on its own thread (`import_cudagraph_trees`), never on the worker.
     """
     from torch._inductor import cudagraph_trees as trees
 
@@ -62,8 +75,6 @@ def own_cudagraph_state() -> None:
         return
     trees.local.tree_manager_containers = {}
     trees.local.tree_manager_locks = defaultdict(threading.Lock)
-    torch._C._stash_obj_in_tls("tree_manager_containers", trees.local.tree_manager_containers)
-    torch._C._stash_obj_in_tls("tree_manager_locks", trees.local.tree_manager_locks)
 
 
 @dataclass
@@ -186,6 +197,7 @@ class TTSSession:
         self.voices = VoiceCache(self.tts, capacity=voices)
         self.max_registered_voices = max_registered_voices
         self._named: dict[str, Reference] = {}
+        import_cudagraph_trees()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatterbox_lab-model",
                                           initializer=self._start_worker)
         # The decoder of the last batch size asked for (`submit_many`): its KV cache and captured
