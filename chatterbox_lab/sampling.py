@@ -79,26 +79,45 @@ def sampling_for(model: str, **given):
 
 
 class DeviceSampling:
-    """Sampling values as 0-d float32 tensors on the device, updated in place per request: those of
-    `SamplingParams`, or with `turbo`, those of `TurboSamplingParams`."""
+    """Sampling values as float32 tensors on the device, updated in place per request: those of
+    `SamplingParams`, or with `turbo`, those of `TurboSamplingParams`. One set for every utterance
+    (0-d tensors), or with `rows`, a set per utterance ((rows, 1) tensors, which broadcast over
+    each utterance's row of scores): utterances of different requests decoded together."""
 
     NAMES = ("temperature", "cfg_weight", "repetition_penalty", "min_p", "one_minus_top_p")
     TURBO_NAMES = ("temperature", "top_k", "repetition_penalty", "one_minus_top_p")
 
-    def __init__(self, device, turbo: bool = False):
+    def __init__(self, device, turbo: bool = False, rows: int | None = None):
         names = self.TURBO_NAMES if turbo else self.NAMES
-        self.values = {n: torch.zeros((), device=device, dtype=torch.float32) for n in names}
+        shape = () if rows is None else (rows, 1)
+        self.rows = rows
+        self.values = {n: torch.zeros(shape, device=device, dtype=torch.float32) for n in names}
         for t in self.values.values():
             torch._dynamo.mark_static_address(t)
 
     def set(self, params) -> None:
+        """`params`: one set for every utterance, or with `rows`, a sequence of one set per utterance."""
+        per_row = isinstance(params, (list, tuple))
+        if per_row and len(params) != (self.rows or 1):
+            raise ValueError(f"expected {self.rows or 1} sets of sampling values, one per utterance, got {len(params)}")
         for name, t in self.values.items():
-            # 1 - top_p is formed in double precision, as transformers' TopP warper does.
-            value = 1 - params.top_p if name == "one_minus_top_p" else getattr(params, name)
-            t.fill_(value)
+            if per_row:
+                t.copy_(torch.tensor([[_value(p, name)] for p in params], dtype=torch.float64).view(t.shape))
+            else:
+                t.fill_(_value(params, name))
 
     def __getitem__(self, name):
         return self.values[name]
+
+    @property
+    def row_stride(self) -> int:
+        """How far apart two utterances' values are: 0 when they share one set."""
+        return 0 if self.rows is None else 1
+
+
+def _value(params, name: str) -> float:
+    # 1 - top_p is formed in double precision, as transformers' TopP warper does.
+    return 1 - params.top_p if name == "one_minus_top_p" else getattr(params, name)
 
 
 def next_token_probs(logits: torch.Tensor, seen: torch.Tensor, sampling: DeviceSampling) -> torch.Tensor:

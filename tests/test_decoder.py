@@ -144,6 +144,22 @@ def test_batched_utterances_match_one_at_a_time(tiny_tts, three_utterances, step
     assert result.aggregate_tok_s == pytest.approx(3 * result.decode_tok_s)
 
 
+@pytest.mark.parametrize("steps", [("static_cache", "embed_cache"), TOP])
+def test_each_utterance_of_a_batch_keeps_its_own_sampling_values(tiny_tts, three_utterances, steps):
+    """Requests decoded together: each stream's values (CFG weight, penalty, temperature) give it the
+    tokens it gets alone with them. Greedy top-p makes the draws irrelevant, so tokens must match."""
+    conds, texts = three_utterances
+    values = [GREEDY, SamplingParams(top_p=1e-6, cfg_weight=0.0, repetition_penalty=2.0),
+              SamplingParams(top_p=1e-6, temperature=0.5, cfg_weight=0.9, repetition_penalty=1.0)]
+    result = T3Decoder(tiny_tts.t3, steps, streams=3, max_new_tokens=20).generate_batch(
+        conds, texts, 20, values, stop_on_eos=False)
+    single = T3Decoder(tiny_tts.t3, steps, max_new_tokens=20)
+    alone = [single.generate(c, t, 20, v, stop_on_eos=False).tokens for c, t, v in zip(conds, texts, values)]
+    assert all(torch.equal(a, b) for a, b in zip(alone, result.all_tokens))
+    # The values matter: with the first stream's values, the second stream's tokens differ.
+    assert not torch.equal(single.generate(conds[1], texts[1], 20, GREEDY, stop_on_eos=False).tokens, alone[1])
+
+
 def test_prompts_of_one_length_share_a_prefill_and_keep_their_own_tokens(tiny_tts, three_utterances):
     conds, texts = three_utterances
     texts = [texts[0], texts[0], texts[1]]  # two voices, one text: one prefill for both, one for the third

@@ -90,3 +90,35 @@ def test_shapes_are_checked():
     with pytest.raises(ValueError, match=r"expected logits \(2n, V\)"):
         fused_sampling.triton_sample(torch.zeros(3, 8), torch.zeros(2, 8, dtype=torch.bool), sampling,
                                      torch.ones(2, 8), torch.zeros((), dtype=torch.bool))
+
+
+def test_each_utterance_may_bring_its_own_sampling_values(interpreted):
+    """Requests decoded together keep their own values: the kernel reads each utterance's set and
+    picks the tokens PyTorch's path picks with per-utterance values and the same noise."""
+    rows = list(CASES.values())
+    sampling = DeviceSampling("cpu", rows=len(rows))
+    sampling.set(rows)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        logits = torch.randn(2 * len(rows), VOCAB) * 3
+        seen = torch.rand(len(rows), VOCAB) < 0.05
+        noise = torch.empty(len(rows), VOCAB).exponential_(1)
+        want = torch.argmax(next_token_probs(logits, seen, sampling) / noise, dim=-1, keepdim=True)
+        got = fused_sampling.triton_sample(logits, seen, sampling, noise, torch.zeros((), dtype=torch.bool))
+        assert torch.equal(got, want), seed
+
+
+def test_per_utterance_values_give_each_row_the_probabilities_it_gets_alone():
+    rows = list(CASES.values())
+    batched = DeviceSampling("cpu", rows=len(rows))
+    batched.set(rows)
+    torch.manual_seed(0)
+    logits = torch.randn(2 * len(rows), VOCAB) * 3
+    seen = torch.rand(len(rows), VOCAB) < 0.05
+    together = next_token_probs(logits, seen, batched)
+    for i, params in enumerate(rows):
+        alone = DeviceSampling("cpu")
+        alone.set(params)
+        assert torch.equal(together[i:i + 1], next_token_probs(logits[2 * i:2 * i + 2], seen[i:i + 1], alone)), params
+    with pytest.raises(ValueError, match="one per utterance"):
+        batched.set(rows[:2])

@@ -181,3 +181,91 @@ def test_registered_voices_are_kept_in_memory(session, tmp_path):
         session.delete_voice("gone")
     with pytest.raises(FileNotFoundError):
         session.synthesize("Now gone.", "gone", max_new_tokens=TOKENS)
+
+
+@pytest.fixture
+def batching(session):
+    """The module's session, decoding up to four waiting requests together, and a way to hold its
+    worker busy so that requests queue behind it."""
+    session.batch_requests = 4
+    release = threading.Event()
+    yield session, release
+    release.set()
+    session.batch_requests = 1
+
+
+def _hold_worker(session, release):
+    session._worker.submit(release.wait)
+
+
+def test_waiting_requests_are_decoded_together_each_with_its_own_values(batching):
+    from chatterbox_lab.sampling import SamplingParams
+
+    session, release = batching
+    session.warmup(progress=False)
+    assert "batches" in session.startup_s and set(session._request_decoders) == {2, 4}
+    # Each stream's tokens with its own values: tests/test_decoder.py. Here, the session's part.
+    before = session.batches_served.copy()
+    _hold_worker(session, release)
+    futures = [session.submit("A first request.", "alto", sampling=SamplingParams(top_p=1e-6), max_new_tokens=TOKENS),
+               session.submit("A second request.", "tenor", sampling=SamplingParams(temperature=1.1, top_p=0.9),
+                              max_new_tokens=TOKENS - 3, exaggeration=0.9),
+               session.submit("A third.", "alto", max_new_tokens=TOKENS + 2)]
+    release.set()
+    speeches = [f.result(timeout=120) for f in futures]
+    assert session.batches_served - before == {3: 1}
+    assert [len(s.wav) for s in speeches] == [n * SAMPLES_PER_TOKEN for n in (TOKENS, TOKENS - 3, TOKENS + 2)]
+    assert all(np.isfinite(s.wav).all() for s in speeches)
+    assert all(s.seconds["t3"] == speeches[0].seconds["t3"] for s in speeches)  # one decode for all three
+
+
+def test_a_request_with_a_seed_runs_alone(batching):
+    session, release = batching
+    before = session.batches_served.copy()
+    _hold_worker(session, release)
+    futures = [session.submit("Seeded.", "alto", max_new_tokens=TOKENS, seed=3) for _ in range(2)]
+    release.set()
+    first, second = (f.result(timeout=120).wav for f in futures)
+    np.testing.assert_array_equal(first, second)
+    assert session.batches_served == before
+
+
+def test_a_request_given_up_or_failing_leaves_the_rest_of_its_batch_served(batching, monkeypatch):
+    from chatterbox_lab.pipeline.synthesis import Cancelled
+
+    session, release = batching
+    use = session.voices.use
+
+    def use_failing_for_tenor(voice, exaggeration=0.5):
+        if "tenor" in str(voice):
+            raise RuntimeError("this voice could not be prepared")
+        return use(voice, exaggeration)
+
+    monkeypatch.setattr(session.voices, "use", use_failing_for_tenor)
+    _hold_worker(session, release)
+    gone = session.submit("Its caller left.", "alto", max_new_tokens=TOKENS, cancelled=lambda: True)
+    failing = session.submit("Its voice fails.", "tenor", max_new_tokens=TOKENS)
+    served = [session.submit("Served.", "alto", max_new_tokens=TOKENS) for _ in range(2)]
+    release.set()
+    with pytest.raises(Cancelled):
+        gone.result(timeout=120)
+    with pytest.raises(RuntimeError, match="could not be prepared"):
+        failing.result(timeout=120)
+    assert [len(f.result(timeout=120).wav) for f in served] == [TOKENS * SAMPLES_PER_TOKEN] * 2
+
+
+@pytest.mark.parametrize("value, message", [(0, "from 1 to 64"), (65, "from 1 to 64"), (True, "whole number"),
+                                            ("2", "whole number")])
+def test_batch_requests_out_of_range_is_refused(session, value, message):
+    with pytest.raises(ValueError, match=message):
+        session.batch_requests = value
+    assert session.batch_requests == 1
+
+
+def test_batching_needs_the_static_cache_and_the_original_model(session):
+    from chatterbox_lab.serving.session import check_batch_requests
+
+    with pytest.raises(ValueError, match="static_cache and embed_cache"):
+        TTSSession(tts=session.tts, steps=(), batch_requests=2)
+    with pytest.raises(ValueError, match="turbo model serves one request at a time"):
+        check_batch_requests(2, "turbo")

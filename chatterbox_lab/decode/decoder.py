@@ -116,7 +116,8 @@ class T3Decoder:
         self.t3 = t3_in_dtype(t3, torch.bfloat16) if plan.weights != "fp32" else t3
         self.device = device
         self.dtype = self.t3.speech_head.weight.dtype
-        self.sampling = DeviceSampling(device)
+        # Several streams may be several requests, each with its own sampling values.
+        self.sampling = DeviceSampling(device, rows=streams if streams > 1 else None)
         self.embedding = SpeechEmbeddingCache(self.t3) if plan.embedding == "cached" else None
         # Decode state lives on the device at fixed addresses, so a captured step reads
         # and advances it without any host data: per utterance the tokens sampled so far,
@@ -253,16 +254,18 @@ class T3Decoder:
         cache; returns its logits (2, V)."""
         return self.prefill_streams([t3_cond], [text_tokens], max_new_tokens, cfg_weight, first_stream=stream)
 
-    def prefill_streams(self, t3_conds: list, text_tokens: list, max_new_tokens: int, cfg_weight: float,
+    def prefill_streams(self, t3_conds: list, text_tokens: list, max_new_tokens: int, cfg_weight,
                         first_stream: int = 0) -> torch.Tensor:
         """`prefill` for consecutive streams from `first_stream`; returns their logits (2 per stream, V).
+        `cfg_weight`: one for all, or one per stream.
         Neighbouring streams with prompts of one length share a forward pass: an eager prefill
         is launch-bound, so one pass for many utterances costs far less than a pass each."""
         limit = self.tokens.size(1) - 1
         if not 1 <= max_new_tokens <= limit:
             raise ValueError(f"max_new_tokens must be between 1 and {limit} (T3's speech position table), "
                              f"got {max_new_tokens}")
-        prompts = [self._prompt(cond, text, cfg_weight) for cond, text in zip(t3_conds, text_tokens)]
+        weights = cfg_weight if isinstance(cfg_weight, (list, tuple)) else [cfg_weight] * len(t3_conds)
+        prompts = [self._prompt(cond, text, weight) for cond, text, weight in zip(t3_conds, text_tokens, weights)]
         hp = self.t3.hp
         for stream, prompt in enumerate(prompts, start=first_stream):
             self.prompt_len_t[stream] = prompt.size(1)
@@ -316,9 +319,10 @@ class T3Decoder:
 
     @torch.inference_mode()
     def generate_batch(self, t3_conds: list, text_tokens: list, max_new_tokens: int,
-                       sampling: SamplingParams = SamplingParams(), stop_on_eos: bool = True,
+                       sampling: SamplingParams | list = SamplingParams(), stop_on_eos: bool = True,
                        cancelled=None) -> DecodeResult:
-        """One utterance per stream (voices and texts may differ); each stops at its own stop token.
+        """One utterance per stream (voices, texts and `sampling`, one set for all or a list of one
+        per stream, may differ); each stops at its own stop token.
         `cancelled`: a callable asked at each stop check; when it answers True, `Cancelled` is
         raised there, and the decoder is ready for the next request."""
         sync_device(self.device)
@@ -358,7 +362,7 @@ class T3Decoder:
                 yield _cut_at_stop(self.tokens[:1, sent:done].clone(), self.t3.hp.stop_speech_token), last
                 sent = done
 
-    def _begin(self, t3_conds: list, text_tokens: list, max_new_tokens: int, sampling: SamplingParams) -> None:
+    def _begin(self, t3_conds: list, text_tokens: list, max_new_tokens: int, sampling) -> None:
         """Prefill every stream and sample its first token; synchronized at the end."""
         if not len(t3_conds) == len(text_tokens) == self.streams:
             raise ValueError(f"this decoder decodes {self.streams} utterance(s) at once; got "
@@ -368,7 +372,8 @@ class T3Decoder:
         self.step_index.zero_()
         self.nonfinite.zero_()
         self.stopped.zero_()
-        logits = self.prefill_streams(t3_conds, text_tokens, max_new_tokens, sampling.cfg_weight)
+        cfg_weight = [s.cfg_weight for s in sampling] if isinstance(sampling, (list, tuple)) else sampling.cfg_weight
+        logits = self.prefill_streams(t3_conds, text_tokens, max_new_tokens, cfg_weight)
         probs = self._probs(logits)
         sync_device(self.device)
         sample_token(probs, out=self.tokens[:, :1])

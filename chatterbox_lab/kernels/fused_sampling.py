@@ -92,7 +92,7 @@ if triton is not None:
 
     @triton.jit
     def _sample_kernel(logits_ptr, stride_logits, seen_ptr, stride_seen, noise_ptr, stride_noise,
-                       temperature_ptr, cfg_weight_ptr, penalty_ptr, min_p_ptr, one_minus_top_p_ptr,
+                       temperature_ptr, cfg_weight_ptr, penalty_ptr, min_p_ptr, one_minus_top_p_ptr, stride_sampling,
                        out_ptr, nonfinite_ptr, tokens_ptr, stride_tokens, step_ptr, arrivals_ptr,
                        prompt_len_ptr, token_table_ptr, position_table_ptr, embeds_ptr, positions_ptr, V,
                        BLOCK: tl.constexpr, TAIL: tl.constexpr, PDL: tl.constexpr, WRITE_TOKEN: tl.constexpr,
@@ -112,11 +112,12 @@ if triton is not None:
         # (by the prologue, or by the step before's sampling kernel, whose early dependent holds its
         # own until that kernel has finished): under a programmatic launch they load during the wait.
         seen = _row(seen_ptr + utterance * stride_seen, ids, V, 0, MASKED) != 0
-        cfg_weight = tl.load(cfg_weight_ptr)
-        penalty = tl.load(penalty_ptr)
-        temperature = tl.load(temperature_ptr)
-        min_p = tl.load(min_p_ptr)
-        allowed = tl.load(one_minus_top_p_ptr)
+        # One set of sampling values for all (stride 0), or each utterance its own.
+        cfg_weight = tl.load(cfg_weight_ptr + utterance * stride_sampling)
+        penalty = tl.load(penalty_ptr + utterance * stride_sampling)
+        temperature = tl.load(temperature_ptr + utterance * stride_sampling)
+        min_p = tl.load(min_p_ptr + utterance * stride_sampling)
+        allowed = tl.load(one_minus_top_p_ptr + utterance * stride_sampling)
         if PDL:
             gdc_wait()  # the logits are the kernel before's work
         if WRITE_TOKEN:
@@ -234,6 +235,8 @@ def triton_sample(logits: torch.Tensor, seen: torch.Tensor, sampling: DeviceSamp
     if logits.shape != (2 * n, vocab) or noise.shape != (n, vocab):
         raise ValueError(f"expected logits (2n, V) and noise (n, V) for seen (n, V) = {tuple(seen.shape)}, got "
                          f"{tuple(logits.shape)} and {tuple(noise.shape)}")
+    if sampling.rows not in (None, n):
+        raise ValueError(f"sampling values for {sampling.rows} utterances, logits for {n}")
     if logits.stride(-1) != 1 or noise.stride(-1) != 1 or seen.stride(-1) != 1:
         raise ValueError("the kernel reads rows of contiguous values")
     if next_input is not None and write_token is None:
@@ -251,6 +254,7 @@ def triton_sample(logits: torch.Tensor, seen: torch.Tensor, sampling: DeviceSamp
     wrap_triton(_sample_kernel)[(n,)](
         logits, logits.stride(0), seen, seen_stride, noise, noise_stride,
         *(sampling[name] for name in DeviceSampling.NAMES),  # the kernel's parameters are in this order
+        sampling.row_stride,
         tokens if out is None else out, nonfinite, tokens, tokens.stride(0), step_index, arrivals, *sources, vocab,
         BLOCK=block, TAIL=tail, PDL=pdl, WRITE_TOKEN=write_token is not None, NEXT_INPUT=next_input is not None,
         MASKED=block > vocab, EARLY=early, LONE=n == 1, **constants, num_warps=warps or default_warps(block),

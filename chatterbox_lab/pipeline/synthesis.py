@@ -237,17 +237,19 @@ class BatchSynthesis:
         return self.audio_s / self.wall_s
 
 
-def synthesize_many(tts, texts: list[str], voices, *, decoder: T3Decoder, max_new_tokens: int = 1000,
-                    sampling: SamplingParams = SamplingParams(), watermark: bool = True,
+def synthesize_many(tts, texts: list[str], voices, *, decoder: T3Decoder, max_new_tokens=1000,
+                    sampling=SamplingParams(), exaggeration=0.5, watermark: bool = True,
                     progress: bool = False, flow_steps: int | None = None, voice_cache=None,
                     cancelled=None) -> BatchSynthesis:
     """Many utterances: T3 decodes `decoder.streams` of them at a time (`generate_batch`), each
     with its own voice (`voices`: one for all, or one per text), then S3Gen's flow runs once for
     each voice's utterances of the batch (`tokens_to_speeches`). A last batch that is not full is
     topped up with copies of its last utterance, whose output is dropped: the captured step has
-    a fixed batch size. `flow_steps` as in `synthesize`. `voice_cache`: a `VoiceCache` kept
-    between calls (a session's), so a voice is prepared once, not once per call. `cancelled`: as
-    in `synthesize`, asked at each of the decoder's stop checks and before each batch's S3Gen."""
+    a fixed batch size. `max_new_tokens`, `sampling` and `exaggeration` are one for all, or one per
+    text (utterances of different requests: a batch decodes to its longest, and each keeps its own
+    first tokens). `flow_steps` as in `synthesize`. `voice_cache`: a `VoiceCache` kept between calls
+    (a session's), so a voice is prepared once, not once per call. `cancelled`: as in `synthesize`,
+    asked at each of the decoder's stop checks and before each batch's S3Gen."""
     from chatterbox.models.s3gen.const import S3GEN_SR
     from tqdm.auto import tqdm
 
@@ -259,13 +261,16 @@ def synthesize_many(tts, texts: list[str], voices, *, decoder: T3Decoder, max_ne
         voices = [voices] * len(texts)
     if len(voices) != len(texts) or not texts:
         raise ValueError(f"give one voice for all texts or one per text: {len(texts)} texts, {len(voices)} voices")
+    tokens_each, sampling_each, exaggeration_each = (
+        _one_per_text(value, len(texts), name) for value, name in
+        ((max_new_tokens, "max_new_tokens"), (sampling, "sampling"), (exaggeration, "exaggeration")))
     start = time.perf_counter()
     seconds = {}
 
     def clock(stage):
         return timed_stage(tts.device, seconds, stage)
     cache = voice_cache or VoiceCache(tts, capacity=len(set(map(str, voices))))
-    conds = [cache.use(v) for v in voices]
+    conds = [cache.use(v, e) for v, e in zip(voices, exaggeration_each)]
     n = decoder.streams
     speeches = [None] * len(texts)
     with torch.inference_mode(), tqdm(total=len(texts), desc="utterances", disable=not progress) as bar:
@@ -274,13 +279,14 @@ def synthesize_many(tts, texts: list[str], voices, *, decoder: T3Decoder, max_ne
             padded = batch + [batch[-1]] * (n - len(batch))
             with clock("t3"):
                 result = decoder.generate_batch([conds[i].t3 for i in padded],
-                                                [text_tokens_for(tts, texts[i]) for i in padded], max_new_tokens,
-                                                sampling, cancelled=cancelled)
+                                                [text_tokens_for(tts, texts[i]) for i in padded],
+                                                max(tokens_each[i] for i in batch),
+                                                [sampling_each[i] for i in padded], cancelled=cancelled)
             if cancelled is not None and cancelled():
                 raise Cancelled(f"stopped after T3, before S3Gen, with {first} of {len(texts)} utterances made")
             by_voice = {}
             for i, tokens in zip(batch, result.all_tokens):
-                by_voice.setdefault(id(conds[i]), []).append((i, tokens))
+                by_voice.setdefault(id(conds[i]), []).append((i, tokens[:, :tokens_each[i]]))
             for group in by_voice.values():
                 made = tokens_to_speeches(tts, [tokens for _, tokens in group], conds[group[0][0]].gen, clock,
                                           watermark, flow_steps)
@@ -290,3 +296,12 @@ def synthesize_many(tts, texts: list[str], voices, *, decoder: T3Decoder, max_ne
                 bar.update(len(group))
     sync_device(tts.device)
     return BatchSynthesis(speeches, time.perf_counter() - start, seconds)
+
+
+def _one_per_text(value, count: int, name: str) -> list:
+    """`value` for each of `count` texts: a list of one per text as it is, else `value` repeated."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != count:
+            raise ValueError(f"give one {name} for all texts or one per text: {count} texts, {len(value)} values")
+        return list(value)
+    return [value] * count

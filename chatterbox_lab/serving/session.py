@@ -2,7 +2,8 @@
 
 The decoder's captured step, its KV cache and upstream's `tts.conds` are shared,
 mutable state, so requests run one at a time: concurrent callers queue instead
-of corrupting each other's graphs or voices. They run on one dedicated worker
+of corrupting each other's graphs or voices. With `batch_requests`, the requests
+waiting when the worker frees up are decoded together, as one batch. They run on one dedicated worker
 thread, not merely under a lock, because torch.compile's CUDA-graph trees keep
 per-thread state: a step captured on one thread and replayed from a server's
 pool of threads is not supported (pytorch/pytorch#123177). Each result is a
@@ -16,9 +17,9 @@ import os
 import secrets
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,8 @@ from chatterbox_lab.validation import (MAX_LONG_TEXT_CHARS, MAX_TEXT_CHARS, chec
 
 # Registered voices live in memory (the used seconds: under 1 MB each); this bounds them.
 MAX_REGISTERED_VOICES = 32
+# Requests decoded together at most: each batch size keeps a decoder with its own KV cache.
+MAX_BATCH_REQUESTS = 64
 
 
 class VoiceLimitReached(Exception):
@@ -162,16 +165,24 @@ class TTSSession:
     whose length falls in a new bucket captures its graph (tens of milliseconds on a GPU), once.
     `model`: "original", "turbo" or "multilingual" (`validation.TTS_MODELS`). Turbo's steps are the
     registry's Turbo ladder (`registry.TURBO_STEPS`) and its requests take `TurboSamplingParams`;
-    multilingual requests name their `language`."""
+    multilingual requests name their `language`.
+
+    `batch_requests`: how many waiting requests T3 may decode together (the original model). When
+    the worker frees up, it takes every request waiting, up to this many, and decodes them as one
+    batch, each with its own text, voice, sampling values and length. A request with a seed, or
+    with `chunk`, runs alone: a seed's tokens must not depend on which requests came with it. Each
+    batch size in use (powers of two) gets its own decoder and KV cache, captured by `warmup`.
+    1 (the default) serves one request at a time; it may be changed between requests."""
 
     def __init__(self, source="synthetic", *, model: str = "original", preset=None, device=None, steps="recommended",
                  s3gen_steps="recommended", picks: KernelPicks | None = None, max_new_tokens: int = 1000,
-                 voices: int = 8, max_registered_voices: int = MAX_REGISTERED_VOICES, tts=None,
-                 progress: bool = False):
+                 voices: int = 8, max_registered_voices: int = MAX_REGISTERED_VOICES, batch_requests: int = 1,
+                 tts=None, progress: bool = False):
         from chatterbox_lab.s3gen.s3gen_steps import apply_s3gen_steps
 
         self.model = check_model(model)
         self.max_new_tokens = check_token_count(max_new_tokens)
+        check_batch_requests(batch_requests, model)  # a cheap check, before the model loads
         # Seconds per start-up stage, these three and then the warm-up's (`warmup`).
         self.startup_s: dict[str, float] = {}
         with StageBar("start-up", ("load", "s3gen_steps", "t3_decoder"), self.startup_s, progress) as stages:
@@ -203,7 +214,25 @@ class TTSSession:
         # The decoder of the last batch size asked for (`submit_many`): its KV cache and captured
         # step are sized for that many utterances, so only one such decoder is kept at a time.
         self._batch_decoder: T3Decoder | None = None
+        # Requests that may be decoded together, and a decoder for each batch size in use.
+        self._waiting: deque[_Waiting] = deque()
+        self._waiting_lock = threading.Lock()
+        self._request_decoders: dict[int, T3Decoder] = {}
+        self.batches_served: Counter[int] = Counter()  # batch size -> how many batches
         self.warmup_s: float | None = None
+        self.batch_requests = batch_requests  # and against the decoder's steps
+
+    @property
+    def batch_requests(self) -> int:
+        return self._batch_requests
+
+    @batch_requests.setter
+    def batch_requests(self, value: int) -> None:
+        value = check_batch_requests(value, self.model)
+        if value > 1 and not (self.decoder.plan.cache == "static" and self.decoder.plan.embedding == "cached"):
+            raise ValueError("batch_requests > 1 decodes several utterances at once, which needs the static_cache "
+                             "and embed_cache steps: add them, or serve one request at a time (batch_requests=1)")
+        self._batch_requests = value
 
     def _start_worker(self) -> None:
         own_cudagraph_state()
@@ -267,8 +296,10 @@ class TTSSession:
     def warmup(self, voice="alto", progress: bool = True) -> float:
         """Run one short request now, so that the decoder's captures and S3Gen's compiles are paid
         here and not by the first caller; returns its seconds. Its stages (the voice, then the
-        pipeline's) join `startup_s`: on a first use each is mostly its capture or compile."""
-        with StageBar("warm-up", ("voice", *STAGES), self.startup_s, progress) as stages:
+        pipeline's) join `startup_s`: on a first use each is mostly its capture or compile. With
+        `batch_requests`, one batch of each size follows ("batches")."""
+        names = ("voice", *STAGES, *(("batches",) if self.batch_requests > 1 else ()))
+        with StageBar("warm-up", names, self.startup_s, progress) as stages:
             start = time.perf_counter()
             self._worker.submit(self._warm, voice, stages).result()
             self.warmup_s = time.perf_counter() - start
@@ -277,10 +308,15 @@ class TTSSession:
     def _warm(self, voice, stages: StageBar) -> None:
         with stages.stage("voice", self.tts.device):
             self.tts.conds = self.voices.use(self._resolve(voice))
-        result = synthesize(self.tts, "Warming up the decoder.", decoder=self.decoder,
-                            max_new_tokens=min(32, self.max_new_tokens), on_stage=stages.begin,
+        text, tokens = "Warming up the decoder.", min(32, self.max_new_tokens)
+        result = synthesize(self.tts, text, decoder=self.decoder, max_new_tokens=tokens, on_stage=stages.begin,
                             language="en" if self.model == "multilingual" else None)
         stages.end(result.seconds)
+        if self.batch_requests > 1:
+            with stages.stage("batches", self.tts.device):
+                for size in batch_sizes(self.batch_requests):
+                    synthesize_many(self.tts, [text] * size, self._resolve(voice), decoder=self._request_decoder(size),
+                                    max_new_tokens=tokens, voice_cache=self.voices)
 
     def submit(self, text, voice="alto", *, sampling: SamplingParams | TurboSamplingParams | None = None,
                max_new_tokens: int | None = None, exaggeration: float = 0.5, seed: int | None = None,
@@ -299,6 +335,13 @@ class TTSSession:
         voice = self._resolve(voice)
         if self.model == "turbo":  # upstream asserts this deep in its preparation
             check_turbo_voice(len(read_reference(voice).samples) / REFERENCE_RATE)
+        if self.batch_requests > 1 and not chunk and seed is None:
+            waiting = _Waiting(text, voice, sampling, n, exaggeration, cancelled)
+            # Queued before its job: a job that runs at once finds it waiting.
+            with self._waiting_lock:
+                self._waiting.append(waiting)
+            self._worker.submit(self._run_waiting)
+            return waiting.future
         return self._worker.submit(self._run, text, voice, sampling, n, exaggeration, seed, chunk, cancelled, language)
 
     def submit_many(self, texts: list, voices: list, *, sampling: SamplingParams = SamplingParams(),
@@ -403,8 +446,111 @@ class TTSSession:
                                      sampling=sampling, voice_cache=self.voices, cancelled=cancelled)
         return [_speech(speech, result.seconds) for speech in result.speeches]
 
+    def _run_waiting(self) -> None:
+        """On the worker: the oldest waiting requests, up to `batch_requests`, decoded together. Each
+        request queues one of these jobs; a job that finds none waiting was served by an earlier one."""
+        with self._waiting_lock:
+            taken = [self._waiting.popleft() for _ in range(min(self.batch_requests, len(self._waiting)))]
+        group = []
+        for waiting in taken:
+            if not waiting.future.set_running_or_notify_cancel():
+                continue
+            if waiting.gave_up():
+                waiting.future.set_exception(Cancelled("the caller gave up before the request started"))
+                continue
+            group.append(waiting)
+        if len(group) == 1:
+            self._run_alone(group[0])
+        elif group:
+            self._run_together(group)
+
+    def _run_alone(self, waiting: _Waiting) -> None:
+        try:
+            speech = self._run(waiting.text, waiting.voice, waiting.sampling, waiting.max_new_tokens,
+                               waiting.exaggeration, None, False, waiting.cancelled)
+        except Exception as exc:
+            waiting.future.set_exception(exc)
+        else:
+            waiting.future.set_result(speech)
+
+    def _run_together(self, group: list[_Waiting]) -> None:
+        """Several requests as one batch: each voice is prepared on its own (a failure is that request's
+        alone), then one `synthesize_many`. The batch stops early only once every caller has gone."""
+        conditioning, ready = {}, []
+        for waiting in group:
+            seconds = {}
+            try:
+                with timed_stage(self.tts.device, seconds, "conditioning"):
+                    self.voices.use(waiting.voice, waiting.exaggeration)
+            except Exception as exc:
+                waiting.future.set_exception(exc)
+                continue
+            conditioning[id(waiting)] = seconds
+            ready.append(waiting)
+        if len(ready) == 1:  # the others' voices failed
+            self._run_alone(ready[0])
+        if len(ready) <= 1:
+            return
+        size = next(size for size in batch_sizes(self.batch_requests) if size >= len(ready))
+        try:
+            with _out_of_memory_explained("send shorter text or fewer max_new_tokens, or lower batch_requests"):
+                result = synthesize_many(
+                    self.tts, [w.text for w in ready], [w.voice for w in ready],
+                    decoder=self._request_decoder(size),
+                    max_new_tokens=[w.max_new_tokens for w in ready], sampling=[w.sampling for w in ready],
+                    exaggeration=[w.exaggeration for w in ready], voice_cache=self.voices,
+                    cancelled=lambda: all(w.gave_up() for w in ready))
+        except Exception as exc:  # every request of the batch learns why
+            for waiting in ready:
+                waiting.future.set_exception(exc)
+            return
+        self.batches_served[len(ready)] += 1
+        for waiting, speech in zip(ready, result.speeches):
+            if waiting.gave_up():
+                waiting.future.set_exception(Cancelled("the caller gave up while its batch was decoded"))
+            else:
+                waiting.future.set_result(_speech(speech, {**result.seconds, **conditioning[id(waiting)]}))
+
+    def _request_decoder(self, size: int) -> T3Decoder:
+        """The decoder for batches of `size` requests, built on first use."""
+        if size not in self._request_decoders:
+            self._request_decoders[size] = T3Decoder(self.tts.t3, self.decoder.steps, streams=size,
+                                                     max_new_tokens=self.max_new_tokens,
+                                                     max_text_tokens=MAX_TEXT_CHARS, picks=self.decoder.picks)
+        return self._request_decoders[size]
+
     def close(self) -> None:
         self._worker.shutdown(wait=True)
+
+
+@dataclass(eq=False)
+class _Waiting:
+    """A request waiting to be decoded with others (`TTSSession.batch_requests`)."""
+    text: str
+    voice: Reference | Path
+    sampling: SamplingParams
+    max_new_tokens: int
+    exaggeration: float
+    cancelled: object  # a callable, or None
+    future: Future = field(default_factory=Future)
+
+    def gave_up(self) -> bool:
+        return self.cancelled is not None and bool(self.cancelled())
+
+
+def batch_sizes(batch_requests: int) -> list[int]:
+    """The batch sizes a session with `batch_requests` decodes: powers of two from 2, and the bound."""
+    sizes = [1 << i for i in range(1, batch_requests.bit_length()) if 1 << i < batch_requests]
+    return [*sizes, batch_requests] if batch_requests > 1 else []
+
+
+def check_batch_requests(value, model: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_BATCH_REQUESTS:
+        raise ValueError(f"batch_requests must be a whole number from 1 to {MAX_BATCH_REQUESTS}, got {value!r}")
+    if value > 1 and model != "original":
+        raise ValueError(f"batch_requests > 1 batches the original model's decoder only; the {model} model serves "
+                         f"one request at a time (batch_requests=1)")
+    return value
 
 
 def _speech(result, seconds: dict) -> Speech:
