@@ -21,6 +21,8 @@ from chatterbox_lab.sampling import SamplingParams, TurboSamplingParams
 from chatterbox_lab.validation import TTS_MODELS
 
 LOCAL_RESULTS = Path("bench-results")
+BATCH_REQUESTS_HELP = ("decode up to N waiting requests together, each with its own values (requests with a seed "
+                       "run alone); default: 1, one at a time, until a soak record shows batching faster")
 
 
 def default_output(doc: dict) -> Path:
@@ -189,6 +191,7 @@ def main(argv=None) -> int:
     s.add_argument("--device")
     s.add_argument("--s3gen", nargs="*", choices=S3GEN_STEPS, metavar="STEP",
                    help=f"S3Gen's steps (no STEP: all of {', '.join(S3GEN_STEPS)}); default: the recommended ones")
+    s.add_argument("--batch-requests", type=int, default=1, metavar="N", help=BATCH_REQUESTS_HELP)
     k = sub.add_parser("soak", help="serve on 127.0.0.1 and soak it with concurrent clients; writes one JSON")
     k.add_argument("--requests", type=int, default=500)
     k.add_argument("--clients", type=int, default=4)
@@ -198,6 +201,9 @@ def main(argv=None) -> int:
                    help="first N requests from one client at HIGH tokens with a cached voice: the lone latency")
     k.add_argument("--time-limit", type=float, default=600,
                    help="seconds; requests not started by then are counted as not_started")
+    k.add_argument("--batch-requests", type=int, default=1, metavar="N",
+                   help="N > 1: send the requests without seeds, first to the session serving one at a time, then "
+                        "decoding up to N waiting requests together (both recorded)")
     k.add_argument("--startup", action="store_true",
                    help="first time two fresh processes' start-up to their first request: from empty compile "
                         "caches, then warm")
@@ -266,7 +272,8 @@ def main(argv=None) -> int:
 
         doc = soak_document(requests=args.requests, clients=args.clients, tokens=tuple(args.tokens),
                             lone_requests=args.lone, preset=args.preset, device=args.device,
-                            time_limit_s=args.time_limit, s3gen_steps=_s3gen_steps(args), startup=args.startup)
+                            time_limit_s=args.time_limit, s3gen_steps=_s3gen_steps(args), startup=args.startup,
+                            batch_requests=args.batch_requests)
         out = results.write(doc, args.out, overwrite=args.overwrite)
         print({k: v for k, v in doc["rungs"]["soak"].items() if not k.endswith("_every_50")})
         print(f"wrote {out}")
@@ -276,18 +283,19 @@ def main(argv=None) -> int:
         import uvicorn
 
         from chatterbox_lab.serving.server import API_KEY_VARIABLE, create_app, unprotected_exposure
-        from chatterbox_lab.serving.session import TTSSession
+        from chatterbox_lab.serving.session import TTSSession, check_batch_requests
 
         try:
             if args.model == "original":
                 check_checkpoint_tokenizer(args.checkpoint)
+            check_batch_requests(args.batch_requests, args.model)
         except ValueError as exc:
             s.error(str(exc))
         warning = unprotected_exposure(args.host, os.environ.get(API_KEY_VARIABLE))
         if warning:
             print(f"warning: {warning}", file=sys.stderr)
         session = TTSSession(args.checkpoint, model=args.model, preset=args.preset, device=args.device,
-                             s3gen_steps=_s3gen_steps(args), progress=True)
+                             s3gen_steps=_s3gen_steps(args), batch_requests=args.batch_requests, progress=True)
         session.warmup()
         print(f"ready after {sum(session.startup_s.values()):.1f} s of start-up")
         uvicorn.run(create_app(session), host=args.host, port=args.port)

@@ -130,6 +130,21 @@ def test_soak_command_with_s3gen_steps(tmp_path, capsys):
     assert doc["provenance"]["s3gen_steps"] == sorted(S3GEN_STEPS)
 
 
+def test_soak_command_compares_batched_requests_with_one_at_a_time(tmp_path):
+    import json
+
+    from chatterbox_lab.__main__ import main
+
+    out = tmp_path / "soak.json"
+    assert main(["soak", "--requests", "16", "--clients", "8", "--preset", "tiny", "--device", "cpu",
+                 "--batch-requests", "4", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())["rungs"]["soak"]
+    for phase in (report, report["one_at_a_time"]):
+        assert phase["completed"] == 16 and phase["errors"] == 0 and phase["bad_lengths"] == 0, phase
+        assert phase["recompiles"] == 0 and phase["x_realtime"] > 0
+    assert report["batch_requests"] == 4 and max(map(int, report["batches_served"])) > 1, report["batches_served"]
+
+
 # Hostile use, one test per class of defect. Each asserts the status and the message a
 # caller sees, and that the server keeps serving valid requests afterwards.
 

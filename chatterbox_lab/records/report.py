@@ -153,6 +153,11 @@ def soak_section() -> str:
     if starts := soak.get("fresh_process_startup"):
         lines.append(f"- A fresh process, from launch to ready: {starts['cold']['ready_s']:.1f} s from empty compile "
                      f"caches, {starts['warm']['ready_s']:.1f} s with warm ones.")
+    if one := soak.get("one_at_a_time"):
+        lines.append(f"- The same requests without seeds, up to {soak['batch_requests']} decoded together: "
+                     f"{soak['requests_per_s']:.2f} requests/s ({soak['x_realtime']:.0f}x real time), against "
+                     f"{one['requests_per_s']:.2f} requests/s ({one['x_realtime']:.0f}x) one at a time; latency p50 "
+                     f"{soak['p50_s']:.2f} s against {one['p50_s']:.2f} s.")
     return "\n".join(lines)
 
 

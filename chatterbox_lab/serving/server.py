@@ -7,7 +7,7 @@ POST   /synthesize       JSON {text, voice, sampling values, exaggeration, max_n
 POST   /v1/audio/speech  OpenAI's speech request {model, input, voice, response_format, speed} -> audio, streamed
 PUT    /voices/{id}      raw audio bytes (WAV, FLAC, OGG)                                       -> registers a voice
 DELETE /voices/{id}      forgets a registered voice
-GET    /health           device, preset, warm-up time, voices
+GET    /health           device, preset, warm-up time, batch_requests, voices
 
 A voice is always a name here, bundled or registered, never a path on the server.
 With the API key variable set, every request needs `Authorization: Bearer <key>`.
@@ -242,7 +242,7 @@ def create_app(session: TTSSession, api_key: str | None = None) -> FastAPI:
     @app.get("/health")
     def health():
         return dict(status="ok", device=str(session.tts.device), preset=session.tts.preset,
-                    warmup_s=session.warmup_s, voices=session.voice_names())
+                    warmup_s=session.warmup_s, batch_requests=session.batch_requests, voices=session.voice_names())
 
     @app.put("/voices/{voice_id}")
     async def register_voice(voice_id: str, request: Request):
