@@ -60,7 +60,7 @@ def test_the_launcher_environment_picks_the_shard():
         Shard.from_environment(dict(WORLD_SIZE="2"))
 
 
-def test_lines_batch_by_sampling_values_and_few_leftovers_run_alone():
+def test_lines_of_any_sampling_values_batch_together_and_few_leftovers_run_alone():
     from chatterbox_lab.pipeline.voices import Reference
     from chatterbox_lab.sampling import SamplingParams
     from chatterbox_lab.serving.corpus import CorpusLine, _batches
@@ -71,8 +71,10 @@ def test_lines_batch_by_sampling_values_and_few_leftovers_run_alone():
 
     todo = [line(i) for i in range(35)] + [line(35, temperature=0.5), line(36, seed=1)]
     batches = [[one.index for one in work] for work in _batches(todo, batch=32)]
-    assert batches[0] == list(range(34, 2, -1))  # sorted by length, shortest first
-    assert batches[1:] == [[2], [1], [0], [35], [36]]
+    assert batches[0] == [35, *range(34, 3, -1)]  # sorted by length, shortest first, each with its own values
+    assert batches[1:] == [[3, 2, 1, 0], [36]]  # 4 lines are 1/8 of a batch: still batched; the seeded alone
+    todo = [line(i) for i in range(35)]
+    assert [[one.index for one in work] for work in _batches(todo, batch=32)][1:] == [[2], [1], [0]]
 
 
 def test_manifest_parts_merge_and_a_torn_row_is_skipped(tmp_path):
@@ -142,6 +144,18 @@ def test_a_session_batch_reuses_its_prepared_voices(session):
                                        max_new_tokens=TOKENS, streams=2)
     assert session.voices.prepared_count == prepared
     assert [len(s.wav) for s in speeches] == [TOKENS * SAMPLES_PER_TOKEN] * 3
+
+
+def test_a_session_batch_takes_one_set_of_sampling_values_per_text(session):
+    from chatterbox_lab.sampling import SamplingParams
+
+    values = [SamplingParams(temperature=0.6), SamplingParams(top_p=0.9)]
+    speeches = session.synthesize_many(["One.", "Two."], ["alto", "tenor"], sampling=values, max_new_tokens=TOKENS)
+    assert [len(s.wav) for s in speeches] == [TOKENS * SAMPLES_PER_TOKEN] * 2
+    with pytest.raises(ValueError, match="one per text: 2 texts, 1 sets"):
+        session.submit_many(["One.", "Two."], ["alto", "tenor"], sampling=values[:1])
+    with pytest.raises(TypeError, match="must be a SamplingParams"):
+        session.submit_many(["One.", "Two."], ["alto", "tenor"], sampling=[values[0], 0.5])
 
 
 def test_an_interrupted_job_keeps_its_finished_lines_and_leaves_no_temporary_file(session, tmp_path, monkeypatch):

@@ -19,8 +19,8 @@ A bad line gets an error row naming what to change, and the job goes on. The che
 session's (`validation`), so a line is refused here exactly as a request would be.
 
 Unseeded lines run in batches (`TTSSession.submit_many`), sorted by length so that a batch
-pads little, one batch per set of sampling values; a group's few leftover lines run alone. A line with a `seed` runs alone, so its
-audio is what `say --seed` gives for it, whatever else the file holds.
+pads little, each line with its own sampling values; a few leftover lines run alone. A line with
+a `seed` runs alone, so its audio is what `say --seed` gives for it, whatever else the file holds.
 
 Under `torchrun`, each process takes the lines whose index i (from 0, in file order) has
 i % WORLD_SIZE == RANK, runs on `cuda:LOCAL_RANK`, and appends its own manifest part
@@ -53,7 +53,7 @@ SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 FIELDS = ("id", "text", "voice", "seed", "model", *SAMPLING_FIELDS)
 # Ids become file names in DIR: no separators, no leading dot (hidden files and "..").
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-# A cut of a sampling group with fewer lines than this share of a batch runs line by line (`_batches`).
+# A cut of a model's lines with fewer lines than this share of a batch runs line by line (`_batches`).
 SOLO_SHARE = 8
 # `Speech.save`'s temporary name for DIR/<id>.wav.
 TEMPORARY_PATTERN = re.compile(r"\.(?P<id>.+)\.wav\.[0-9a-f]{8}\.tmp")
@@ -352,7 +352,7 @@ def _unfinished(raw_lines, mine, out, manifest, summary) -> list[tuple[int, dict
 
 
 def _batches(todo: list, batch: int) -> list[list[CorpusLine]]:
-    """Seeded lines one by one; the rest grouped by model and sampling values, each group sorted by
+    """Seeded lines one by one; the rest grouped by model, each group sorted by
     text length (a batch decodes until its longest line stops) and cut into batches. A cut with
     fewer than 1/SOLO_SHARE of a batch's lines runs line by line instead: a batch costs the same
     however few of its rows are real, and a lone line on the session's own decoder costs far less."""
@@ -360,7 +360,7 @@ def _batches(todo: list, batch: int) -> list[list[CorpusLine]]:
     groups = {}
     for line in todo:
         if line.seed is None:
-            groups.setdefault((line.model, line.sampling), []).append(line)
+            groups.setdefault(line.model, []).append(line)
     batches = []
     for group in groups.values():
         group.sort(key=lambda line: len(line.text))
@@ -380,7 +380,8 @@ def _speak(session, work: list, batch: int, max_new_tokens: int) -> list:
                                            max_new_tokens=max_new_tokens, seed=line.seed)]
         else:
             speeches = session.synthesize_many([line.text for line in work], [line.voice for line in work],
-                                               sampling=work[0].sampling, max_new_tokens=max_new_tokens,
+                                               sampling=[line.sampling for line in work],
+                                               max_new_tokens=max_new_tokens,
                                                streams=batch)
     except BrokenExecutor:
         raise  # the session cannot run anything: every line after would fail the same way

@@ -344,17 +344,24 @@ class TTSSession:
             return waiting.future
         return self._worker.submit(self._run, text, voice, sampling, n, exaggeration, seed, chunk, cancelled, language)
 
-    def submit_many(self, texts: list, voices: list, *, sampling: SamplingParams = SamplingParams(),
+    def submit_many(self, texts: list, voices: list, *, sampling: SamplingParams | list = SamplingParams(),
                     max_new_tokens: int | None = None, streams: int | None = None, cancelled=None) -> Future:
-        """Many utterances with one set of sampling values, checked as `submit` checks one, then
-        queued on the worker as one request; the future's result is a `Speech` per text, in order,
+        """Many utterances, with one set of sampling values or a list of one per text, checked as
+        `submit` checks one, then queued on the worker as one request; the future's result is a `Speech` per text, in order,
         each with the stage times of all of them (`pipeline.synthesize_many`). T3 decodes `streams`
         of them at a time (default: all), with the session's steps, picks and voice cache."""
         if self.model != "original":
             raise ValueError(f"batched decoding runs the original model's decoder only; this session's model is "
                              f"{self.model}: submit the texts one by one")
         texts = [self.check_text(text) for text in texts]
-        n, sampling = self._check_decoding(max_new_tokens, sampling)
+        if isinstance(sampling, (list, tuple)):
+            if len(sampling) != len(texts):
+                raise ValueError(f"give one set of sampling values for all texts or one per text: {len(texts)} "
+                                 f"texts, {len(sampling)} sets")
+            n = self._check_decoding(max_new_tokens, None)[0]
+            sampling = [self._check_decoding(n, values)[1] for values in sampling]
+        else:
+            n, sampling = self._check_decoding(max_new_tokens, sampling)
         voices = [self._resolve(voice) for voice in voices]
         streams = streams or len(texts)
         if isinstance(streams, bool) or not isinstance(streams, int) or streams < 1:
