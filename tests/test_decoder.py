@@ -1,4 +1,5 @@
 import copy
+from unittest import mock
 
 import pytest
 import torch
@@ -160,14 +161,19 @@ def test_each_utterance_of_a_batch_keeps_its_own_sampling_values(tiny_tts, three
     assert not torch.equal(single.generate(conds[1], texts[1], 20, GREEDY, stop_on_eos=False).tokens, alone[1])
 
 
-def test_prompts_of_one_length_share_a_prefill_and_keep_their_own_tokens(tiny_tts, three_utterances):
+def test_prompts_of_any_lengths_share_one_prefill_and_keep_their_own_tokens(tiny_tts, three_utterances):
+    """Each prompt padded at its end to the longest, one forward pass for all: each row's logits are
+    read at its own last position, and its padding's cache slots are overwritten before they are read."""
     conds, texts = three_utterances
-    texts = [texts[0], texts[0], texts[1]]  # two voices, one text: one prefill for both, one for the third
+    assert len({t.size(-1) for t in texts}) == 3
     steps = ("static_cache", "embed_cache")
     batch = T3Decoder(tiny_tts.t3, steps, streams=3, max_new_tokens=20)
     single = T3Decoder(tiny_tts.t3, steps, max_new_tokens=20)
+    forward = type(batch.forward)
     with torch.inference_mode():
-        logits = batch.prefill_streams(conds, texts, 20, cfg_weight=0.5)
+        with mock.patch.object(forward, "__call__", autospec=True, side_effect=forward.__call__) as passes:
+            logits = batch.prefill_streams(conds, texts, 20, cfg_weight=0.5)
+        assert passes.call_count == 1
         for i, (cond, text) in enumerate(zip(conds, texts)):
             torch.testing.assert_close(logits[2 * i: 2 * i + 2], single.prefill(cond, text, 20, cfg_weight=0.5),
                                        rtol=1e-5, atol=1e-5)

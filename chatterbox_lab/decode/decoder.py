@@ -6,7 +6,7 @@ the tokens plug into upstream's S3Gen. The steps are resolved once into a
 `DecodePlan` (`plan.py`), and everything here reads the plan's fields.
 
 Any number of utterances decode together (`streams`): each is a CFG pair of rows,
-with its own prompt, position, repetition mask and stop.
+with its own prompt, position, repetition mask, sampling values and stop.
 """
 from __future__ import annotations
 
@@ -258,8 +258,11 @@ class T3Decoder:
                         first_stream: int = 0) -> torch.Tensor:
         """`prefill` for consecutive streams from `first_stream`; returns their logits (2 per stream, V).
         `cfg_weight`: one for all, or one per stream.
-        Neighbouring streams with prompts of one length share a forward pass: an eager prefill
-        is launch-bound, so one pass for many utterances costs far less than a pass each."""
+
+        All the prompts go through one forward pass, each padded at its end to the longest: an eager
+        prefill is launch-bound, so one pass for many utterances costs far less than a pass each. A
+        row's logits are read at its own last position. Its padding writes cache slots past its
+        prompt, which its decode overwrites, one slot per step, before attention may read them."""
         limit = self.tokens.size(1) - 1
         if not 1 <= max_new_tokens <= limit:
             raise ValueError(f"max_new_tokens must be between 1 and {limit} (T3's speech position table), "
@@ -276,21 +279,16 @@ class T3Decoder:
                 raise ValueError("without static_cache the decoder prefills one utterance")
             self._active_forward = DynamicT3Forward(self.t3)
             return self._active_forward(prompts[0])
-        logits, start = [], 0
-        while start < len(prompts):
-            length = prompts[start].size(1)
-            end = start + 1
-            while end < len(prompts) and prompts[end].size(1) == length:
-                end += 1
-            check_fits(length, max_new_tokens, self.capacity)
-            rows = slice(2 * (first_stream + start), 2 * (first_stream + end))
-            embeds = torch.cat(prompts[start:end])
-            if self.prefill_graphs is not None:  # a lone utterance: all rows
-                logits.append(self.prefill_graphs(embeds))
-            else:
-                logits.append(self.forward(embeds, torch.arange(length, device=self.device), rows=rows))
-            start = end
-        return torch.cat(logits)
+        lengths = [prompt.size(1) for prompt in prompts]
+        longest = max(lengths)
+        check_fits(longest, max_new_tokens, self.capacity)
+        if self.prefill_graphs is not None:  # a lone utterance: all rows
+            return self.prefill_graphs(prompts[0])
+        rows = slice(2 * first_stream, 2 * (first_stream + len(prompts)))
+        embeds = torch.cat([F.pad(prompt, (0, 0, 0, longest - prompt.size(1))) for prompt in prompts])
+        last = None if min(lengths) == longest else \
+            torch.tensor([length - 1 for length in lengths for _ in range(2)], device=self.device)
+        return self.forward(embeds, torch.arange(longest, device=self.device), rows=rows, last=last)
 
     def _prompt(self, t3_cond, text_tokens: torch.Tensor, cfg_weight: float) -> torch.Tensor:
         """One utterance's prompt embeddings (2, L, dim), CFG pair, as upstream builds them."""

@@ -214,7 +214,7 @@ class StaticT3Forward:
                  block_mask=None, last: torch.Tensor | None = None) -> torch.Tensor:
         """embeds (B, T, dim) for cache rows `rows` at positions (T,) shared by the rows, or
         (B, 1) one per row -> speech logits of the last position (B, V), or of index `last`
-        (a (1,) tensor) along T. `block_mask` (`filled_cache_mask`, one step only): flex
+        along T (a (1,) tensor for every row, or (B,), one per row). `block_mask` (`filled_cache_mask`, one step only): flex
         attention over the filled cache instead of SDPA over the whole allocation."""
         if self.attention_kernel and rows == slice(None) and decode_attention.kernel_applies(embeds):
             mask = rotary = None
@@ -230,7 +230,12 @@ class StaticT3Forward:
                 x = self.whole_layer(i, x, positions)
             else:
                 x = self._layer(i, layer, x, positions, rows, rotary, mask)
-        x = x[:, -1] if last is None else x.index_select(1, last)[:, 0]
+        if last is None:
+            x = x[:, -1]
+        elif last.numel() == 1:
+            x = x.index_select(1, last)[:, 0]
+        else:
+            x = x[torch.arange(x.size(0), device=x.device), last]
         if self.matvec:
             head = self.t3.speech_head
             return self._matvec("head", x, self._weight("head", 0, head.weight), bias=head.bias,

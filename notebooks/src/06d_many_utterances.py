@@ -49,7 +49,8 @@ from chatterbox_lab.source import show_code
 #
 # A batched decoder (`T3Decoder(streams=N)`) gives each utterance one CFG pair of rows. Its prefill
 # writes each prompt into its own rows of the cache, and records its length, so each utterance
-# decodes from its own position. Prompts of one length share a forward pass.
+# decodes from its own position. All prompts share one forward pass, each padded at its end to the
+# longest; a row's logits are read at its own last position.
 
 # %%
 show_code(lab.T3Decoder.prefill_streams)
