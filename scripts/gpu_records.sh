@@ -7,6 +7,8 @@
 #   bash scripts/gpu_records.sh startup  only the two fresh processes' start-up
 #   bash scripts/gpu_records.sh eightbit the 8-bit record (`scripts/eightbit_record.py --no-profile`): our
 #                                        8-bit steps and torchao's against bf16, with quality figures
+#   bash scripts/gpu_records.sh batching the HTTP soak with 16 clients, the same unseeded requests served
+#                                        one at a time and then up to 16 decoded together
 #   bash scripts/gpu_records.sh corpus   the corpus job over data/corpus/example.jsonl at batch 32 and 64
 #                                        (scripts/corpus_record.py; CORPUS_GPUS="1 2 4 8" runs it under
 #                                        torchrun at each number of GPUs instead)
@@ -39,6 +41,11 @@ soak)
     python3 -m chatterbox_lab soak --requests 1000 --clients 4 --tokens 256 256 --lone 30 --startup \
         --time-limit "${SOAK_TIME_LIMIT:-330}" --out "$OUT/soak.json" > "$OUT/soak.log" 2>&1
     echo "soak: exit $?"; tail -2 "$OUT/soak.log" | cut -c1-2500
+    ;;
+batching)
+    python3 -m chatterbox_lab soak --requests "${BATCHING_REQUESTS:-480}" --clients 16 --tokens 256 256 \
+        --batch-requests 16 --time-limit "${SOAK_TIME_LIMIT:-240}" --out "$OUT/batching.json" > "$OUT/batching.log" 2>&1
+    echo "batching soak: exit $?"; tail -2 "$OUT/batching.log" | cut -c1-2500
     ;;
 startup)
     python3 -c "import json; from chatterbox_lab.measure.startup import cold_and_warm; print(json.dumps(cold_and_warm()))" \
