@@ -2,12 +2,12 @@
 
 The decoder's captured step, its KV cache and upstream's `tts.conds` are shared,
 mutable state, so requests run one at a time: concurrent callers queue instead
-of corrupting each other's graphs or voices. With `batch_requests`, the requests
-waiting when the worker frees up are decoded together, as one batch. They run on one dedicated worker
+of corrupting each other's graphs or voices. Requests run on one dedicated worker
 thread, not merely under a lock, because torch.compile's CUDA-graph trees keep
 per-thread state: a step captured on one thread and replayed from a server's
 pool of threads is not supported (pytorch/pytorch#123177). Each result is a
-fresh host copy, never a view of a buffer the next request overwrites.
+fresh host copy, never a view of a buffer the next request overwrites. With
+`batch_requests`, the requests waiting when the worker frees up run as one batch.
 """
 from __future__ import annotations
 
@@ -171,8 +171,9 @@ class TTSSession:
     the worker frees up, it takes every request waiting, up to this many, and decodes them as one
     batch, each with its own text, voice, sampling values and length. A request with a seed, or
     with `chunk`, runs alone: a seed's tokens must not depend on which requests came with it. Each
-    batch size in use (powers of two) gets its own decoder and KV cache, captured by `warmup`.
-    1 (the default) serves one request at a time; it may be changed between requests."""
+    batch size in use (powers of two up to it) gets its own decoder and KV cache, captured by
+    `warmup`: their caches add up to under twice `batch_requests` utterances' caches. 1 (the
+    default) serves one request at a time; it may be changed between requests."""
 
     def __init__(self, source="synthetic", *, model: str = "original", preset=None, device=None, steps="recommended",
                  s3gen_steps="recommended", picks: KernelPicks | None = None, max_new_tokens: int = 1000,
@@ -347,9 +348,10 @@ class TTSSession:
     def submit_many(self, texts: list, voices: list, *, sampling: SamplingParams | list = SamplingParams(),
                     max_new_tokens: int | None = None, streams: int | None = None, cancelled=None) -> Future:
         """Many utterances, with one set of sampling values or a list of one per text, checked as
-        `submit` checks one, then queued on the worker as one request; the future's result is a `Speech` per text, in order,
-        each with the stage times of all of them (`pipeline.synthesize_many`). T3 decodes `streams`
-        of them at a time (default: all), with the session's steps, picks and voice cache."""
+        `submit` checks one, then queued on the worker as one request; the future's result is a
+        `Speech` per text, in order, each with the stage times of all of them
+        (`pipeline.synthesize_many`). T3 decodes `streams` of them at a time (default: all), with
+        the session's steps, picks and voice cache."""
         if self.model != "original":
             raise ValueError(f"batched decoding runs the original model's decoder only; this session's model is "
                              f"{self.model}: submit the texts one by one")
