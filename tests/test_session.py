@@ -90,6 +90,17 @@ def test_worker_thread_gets_its_own_cudagraph_state():
 
 
 def test_the_session_worker_holds_nothing_its_exit_must_release_under_the_gil(session):
+    """With Inductor's graphs (`compiled`, not our own capture), the worker gets its own tree state
+    in Python only: the trees were imported on the session's thread, not the worker."""
+    from torch._inductor import cudagraph_trees as trees
+
+    compiled = TTSSession(tts=session.tts, steps=("static_cache", "embed_cache", "compiled"))
+    try:
+        state = compiled._worker.submit(lambda: (hasattr(trees.local, "tree_manager_containers"),
+                                                 torch._C._is_key_in_tls("tree_manager_containers"))).result()
+    finally:
+        compiled.close()
+    assert state == (True, False)
     assert session._worker.submit(torch._C._is_key_in_tls, "tree_manager_containers").result() is False
 
 

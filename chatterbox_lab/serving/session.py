@@ -70,7 +70,8 @@ def own_cudagraph_state() -> None:
     the thread's C++ exit handlers, which need the GIL. When a worker ends while
     the interpreter shuts down, they cannot take it, and the process aborts
     ("terminate called without an active exception"). So the session imports
-    the trees on its own thread (`import_cudagraph_trees`), never on the worker.
+    the trees on its own thread (`import_cudagraph_trees`), never on the worker;
+    and only when its decoder uses them (Inductor's graphs: about a second of imports).
     """
     from torch._inductor import cudagraph_trees as trees
 
@@ -209,7 +210,10 @@ class TTSSession:
         self.voices = VoiceCache(self.tts, capacity=voices)
         self.max_registered_voices = max_registered_voices
         self._named: dict[str, Reference] = {}
-        import_cudagraph_trees()
+        # Only a step compiled by Inductor with its CUDA graphs needs the trees; our own captures do not.
+        self._graph_trees = self.decoder.plan.graph == "inductor"
+        if self._graph_trees:
+            import_cudagraph_trees()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chatterbox_lab-model",
                                           initializer=self._start_worker)
         # The decoder of the last batch size asked for (`submit_many`): its KV cache and captured
@@ -236,7 +240,8 @@ class TTSSession:
         self._batch_requests = value
 
     def _start_worker(self) -> None:
-        own_cudagraph_state()
+        if self._graph_trees:
+            own_cudagraph_state()
         # A new thread's current device is cuda:0, and Triton kernels and graph captures run on the
         # current device: a model on another card (cuda:LOCAL_RANK under torchrun) needs its own.
         device = torch.device(self.tts.device)
