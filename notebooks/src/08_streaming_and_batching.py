@@ -9,6 +9,7 @@
 #
 # - How streaming hands T3's tokens to S3Gen in chunks, and what a listener waits for.
 # - How long text is split at sentence ends without losing a word.
+# - How a session decodes the requests that wait together, each with its own values.
 # - How fast a batch could go, from the FLOPs of one utterance and the card's matmul rate.
 #
 # **Prerequisites:** [04 · compile](04_compile.ipynb) and [07 · S3Gen](07_s3gen.ipynb).
@@ -20,12 +21,12 @@ import numpy as np
 import torch
 from IPython.display import Audio, Markdown, display
 
-from chatterbox_lab import show_code
+from chatterbox_lab import TTSSession, show_code
 from chatterbox_lab.decode.decoder import T3Decoder
 from chatterbox_lab.loading.models import load_tts
 from chatterbox_lab.pipeline.long_text import split_text
 from chatterbox_lab.pipeline.streaming import playback_waits, seam_error, stream_speech
-from chatterbox_lab.pipeline.synthesis import synthesize, synthesize_long, synthesize_many
+from chatterbox_lab.pipeline.synthesis import SAMPLES_PER_TOKEN, synthesize, synthesize_long, synthesize_many
 from chatterbox_lab.pipeline.voices import voice_path
 from chatterbox_lab.records import report, results, spread
 from chatterbox_lab.s3gen.s3gen_steps import fewer_flow_steps_error
@@ -143,6 +144,28 @@ alone = [synthesize(tts, t, voice=voice_path(v), decoder=decoder, max_new_tokens
 print("each utterance as when synthesized alone:", [torch.equal(a, s.speech_tokens) for a, s in zip(alone, many.speeches)])
 
 # %% [markdown]
+# ### Requests served together
+#
+# A server's requests arrive one by one, not as a list.
+# `TTSSession(batch_requests=N)` decodes the requests that wait while its worker is busy as one batch.
+# Each request keeps its own text, voice, sampling values and length.
+# Here four requests arrive at once: the first may find the worker free, and the rest wait and decode together.
+
+# %%
+session = TTSSession(tts=tts, batch_requests=4)
+lengths = (8, 12, 16, 20)
+futures = [session.submit(t, v, sampling=SamplingParams(temperature=temperature), max_new_tokens=n)
+           for t, v, temperature, n in zip(texts, voices, (0.6, 0.8, 1.0, 1.2), lengths)]
+served = [future.result() for future in futures]
+session.close()
+print("batches served, by number of requests:", dict(session.batches_served))
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print("some requests decoded together:", max(session.batches_served) > 1)
+print("each request its own length:", [len(s.wav) for s in served] == [n * SAMPLES_PER_TOKEN for n in lengths])
+
+# %% [markdown]
 # ### How fast could a batch go?
 #
 # The bench counts one utterance's floating-point operations on upstream's eager modules with PyTorch's FLOP counter.
@@ -192,6 +215,7 @@ print("fewer steps, larger difference:", errors[2] > errors[5] > 0)
 # ## Summary
 #
 # - Streaming hands tokens to S3Gen in chunks, so the first audio is ready after one short chunk; the joined pieces are as long as the whole utterance.
+# - A session decodes the requests that wait together, each with its own values and length.
 # - Long text is split at sentence ends into chunks that fit one utterance, and every word is kept in order.
 # - A batch is bound by arithmetic; across committed records it stays below its FLOP ceiling, which at ten flow steps is below 2,000x real time.
 #
