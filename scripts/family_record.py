@@ -85,7 +85,6 @@ def turbo_rungs(device: str, tokens: int, bandwidth: float) -> tuple[dict, dict]
             rtf=statistics.median(s.e2e_s / s.audio_s for s in whole),
             first_chunk_audio_ms=1e3 * statistics.median(s.e2e_s for s in first),
             gpu_kernels_per_token=counts["gpu_kernels"], host_launches_per_token=counts["host_launches"])
-    del tts, voices
     return rungs, checks
 
 
@@ -109,7 +108,6 @@ def llama_rung(model: str, device: str, tokens: int, language: str | None) -> tu
         return result.steps_run, result.decode_s
 
     figures = dict(steps=sorted(steps), t3_decode_tok_s=median_tok_s(t3_only), language=language)
-    del tts, decoder
     return figures, checks
 
 

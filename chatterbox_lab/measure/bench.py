@@ -515,7 +515,7 @@ def configure_chain(tts, cfg: BenchConfig, voice: Path) -> tuple[dict, KernelPic
     found["steps"] = sorted(_chain_steps(cfg))
     found["started_from"] = cfg.picks.source
     picks = replace(decoder.picks, source="chain tuning in this run", gpu=_gpu_name(cfg.device))
-    del decoder
+    decoder = None  # its cache and graphs freed before the rungs (`decode` reads this same name)
     gc.collect()
     torch.cuda.empty_cache()
     return found, picks
