@@ -495,6 +495,8 @@ class TTSSession:
             seconds = {}
             try:
                 with timed_stage(self.tts.device, seconds, "conditioning"):
+                    # Read once: the batch below finds the prepared voice by this Reference's key.
+                    waiting.voice = read_reference(waiting.voice)
                     self.voices.use(waiting.voice, waiting.exaggeration)
             except Exception as exc:
                 waiting.future.set_exception(exc)
